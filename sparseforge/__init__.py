@@ -1,0 +1,27 @@
+"""sparseforge: a compiler for sparse attention patterns.
+
+The public API lives here and only here (DESIGN section 2).
+"""
+
+from .ir.nodes import (
+    Pattern,
+    causal,
+    chunks,
+    documents,
+    full,
+    global_queries,
+    per_head,
+    prefix_lm,
+    sinks,
+    sliding_window,
+    window,
+)
+from .planner.plan import Plan, plan
+from .reference import dense_mask, reference_attention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Pattern", "Plan", "causal", "chunks", "dense_mask", "documents", "full", "global_queries",
+    "per_head", "plan", "prefix_lm", "reference_attention", "sinks", "sliding_window", "window",
+]

@@ -1,0 +1,256 @@
+"""The planner: from a canonical pattern and problem sizes to a ``Plan`` (plain data).
+
+A plan fixes everything a kernel is specialised on: the tile configuration, the token
+permutation (dilation groups as strided views), the closed-form segments per query
+tile and whether they are walked one by one or as one hull. It is built once per
+(pattern, sizes, dtype, target) and reused; ``explain()`` and ``save_png()`` show it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..ir.canonicalize import canonicalize
+from ..ir.nodes import Documents, Pattern, PerHead, Window, walk
+from ..semantics import pair_mask
+from .ranges import TileSegment, hull_segment, tile_segments
+from .schedule import GroupGeometry, group_geometry, visit_matrices
+from .tiles import TARGETS, TileConfig, candidate_configs, estimated_cost, padded_head_dim
+
+log = logging.getLogger("sparseforge")
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+SCHEDULES = ("segments", "hull")
+
+
+def dtype_name(dtype) -> str:
+    if isinstance(dtype, torch.dtype):
+        for name, dt in DTYPES.items():
+            if dt == dtype:
+                return name
+    elif isinstance(dtype, str) and dtype in DTYPES:
+        return dtype
+    raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)} (or the torch dtype)")
+
+
+@dataclass(frozen=True)
+class TileStats:
+    q_tiles: int
+    kv_tiles: int
+    visited: int
+    full: int
+    useful_pairs: int
+    computed_pairs: int
+    mask_pairs: int  # Lq * Lkv
+
+    @property
+    def partial(self) -> int:
+        return self.visited - self.full
+
+    @property
+    def utilisation(self) -> float:
+        return self.useful_pairs / self.computed_pairs if self.computed_pairs else 1.0
+
+    @property
+    def density(self) -> float:
+        return self.useful_pairs / self.mask_pairs if self.mask_pairs else 0.0
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """One generated kernel: a head pattern, its permutation, segments and schedule."""
+
+    pattern: Pattern  # canonical pattern of these heads, in original coordinates
+    analysed: Pattern  # what segments and the kernel predicate use (group-local if groups > 1)
+    groups: int  # dilation groups made contiguous via strided views; 1 = no permutation
+    segments: tuple[TileSegment, ...]
+    schedule: str  # "segments": walk each sorted segment; "hull": one covering range
+    heads: tuple[int, ...] | None  # query heads served; None = all
+    stats: TileStats = field(compare=False)
+
+    @property
+    def walked_segments(self) -> tuple[TileSegment, ...]:
+        return self.segments if self.schedule == "segments" else (hull_segment(list(self.segments)),)
+
+    @property
+    def has_documents(self) -> bool:
+        return any(isinstance(n, Documents) for n in walk(self.analysed))
+
+
+@dataclass(frozen=True)
+class Plan:
+    pattern: Pattern
+    q_len: int
+    kv_len: int
+    head_dim: int
+    dtype: str
+    target: str
+    config: TileConfig
+    kernels: tuple[KernelPlan, ...]
+
+    @property
+    def block_m(self) -> int:
+        return self.config.block_m
+
+    @property
+    def block_n(self) -> int:
+        return self.config.block_n
+
+    @property
+    def padded_head_dim(self) -> int:
+        return padded_head_dim(self.head_dim)
+
+    def geometry(self, kernel: KernelPlan) -> list[GroupGeometry]:
+        return group_geometry(self.q_len, self.kv_len, kernel.groups)
+
+    def explain(self) -> str:
+        from .explain import explain
+
+        return explain(self)
+
+    def save_png(self, path, *, max_tokens: int = 1024) -> None:
+        from .picture import save_png
+
+        save_png(self, path, max_tokens=max_tokens)
+
+
+def _check_len(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"plan({name}={value!r}): expected an int >= 0")
+    return value
+
+
+def _check_block(name: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or value < 16 or value & (value - 1)):
+        raise ValueError(f"plan({name}={value!r}): expected a power of two >= 16")
+
+
+def default_target(device: torch.device | None = None) -> str:
+    if device is not None and device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return "sm_90" if major >= 9 else "sm_80"
+    return "cpu"
+
+
+def plan(pattern: Pattern, *, q_len: int, kv_len: int, head_dim: int, dtype="bfloat16",
+         target: str = "cpu", block_m: int | None = None, block_n: int | None = None,
+         schedule: str | None = None, groups: int | None = None) -> Plan:
+    """Plan ``pattern`` for the given sizes. ``block_m``/``block_n``/``schedule``/``groups``
+    override the cost model (tests and benchmarks use this)."""
+    if not isinstance(pattern, Pattern):
+        raise TypeError(f"plan(pattern={type(pattern).__name__}): expected a sparseforge pattern")
+    q_len, kv_len = _check_len("q_len", q_len), _check_len("kv_len", kv_len)
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or not 1 <= head_dim <= 256:
+        raise ValueError(f"plan(head_dim={head_dim!r}): expected an int in [1, 256]")
+    dtype = dtype_name(dtype)
+    if target not in TARGETS:
+        raise ValueError(f"plan(target={target!r}): expected one of {', '.join(TARGETS)}")
+    _check_block("block_m", block_m)
+    _check_block("block_n", block_n)
+    if schedule is not None and schedule not in SCHEDULES:
+        raise ValueError(f"plan(schedule={schedule!r}): expected one of {', '.join(SCHEDULES)}")
+    canonical = canonicalize(pattern)
+    heads = _head_groups(canonical)
+
+    configs = candidate_configs(target, head_dim, dtype)
+    if block_m or block_n:
+        base = configs[0]
+        configs = [TileConfig(block_m or base.block_m, block_n or base.block_n, base.num_warps,
+                              base.num_stages, base.efficiency, base.tile_overhead)]
+    best = None
+    for cfg in configs:
+        choices = [_choose_kernel(p, h, q_len, kv_len, cfg, schedule, groups) for p, h in heads]
+        cost = sum(c[0] for c in choices)
+        if best is None or cost < best[0]:
+            best = (cost, cfg, choices)
+    _, cfg, choices = best
+    kernels = tuple(
+        KernelPlan(p, analysed, g, tuple(segs), sched, h,
+                   _stats(p, analysed, g, segs, sched, q_len, kv_len, cfg))
+        for (_, p, analysed, g, segs, sched), (_, h) in zip(choices, heads))
+    return Plan(canonical, q_len, kv_len, head_dim, dtype, target, cfg, kernels)
+
+
+def _head_groups(canonical: Pattern) -> list[tuple[Pattern, tuple[int, ...] | None]]:
+    """Distinct head patterns and the heads using each (one kernel per distinct pattern)."""
+    if not isinstance(canonical, PerHead):
+        return [(canonical, None)]
+    order: dict[Pattern, list[int]] = {}
+    for h, p in enumerate(canonical.patterns):
+        order.setdefault(p, []).append(h)
+    return [(p, tuple(hs)) for p, hs in order.items()]
+
+
+def _permutations(pattern: Pattern) -> list[tuple[int, Pattern]]:
+    """(groups, pattern in group-local coordinates) options for this head pattern."""
+    options = [(1, pattern)]
+    if isinstance(pattern, Window) and pattern.dilation > 1:
+        options.append((pattern.dilation, Window(pattern.left, pattern.right, 1)))
+    return options
+
+
+def _choose_kernel(pattern, heads, q_len, kv_len, cfg, schedule, groups):
+    best = None
+    for g, analysed in _permutations(pattern):
+        if groups is not None and g != groups:
+            continue
+        segs = tile_segments(analysed)
+        for sched in (SCHEDULES if len(segs) > 1 else ("segments",)):
+            if schedule is not None and len(segs) > 1 and sched != schedule:
+                continue
+            walked = segs if sched == "segments" else [hull_segment(segs)]
+            visited = partial = 0
+            for geo in group_geometry(q_len, kv_len, g):
+                v, f = visit_matrices(walked, geo.q_len, geo.kv_len, cfg.block_m, cfg.block_n)
+                visited += int(v.sum())
+                partial += int((v & ~f).sum())
+            # walking several segments costs a little per query tile: prefer the hull on ties
+            cost = estimated_cost(cfg, visited, partial) * (1.0 + 0.02 * (len(walked) - 1))
+            if best is None or cost < best[0]:
+                best = (cost, pattern, analysed, g, segs, sched)
+    if best is None:
+        raise ValueError(f"plan(groups={groups!r}): not a valid permutation for {pattern!r}")
+    return best
+
+
+def _stats(pattern, analysed, groups, segments, schedule, q_len, kv_len, cfg) -> TileStats:
+    walked = list(segments) if schedule == "segments" else [hull_segment(list(segments))]
+    bm, bn = cfg.block_m, cfg.block_n
+    q_tiles = kv_tiles = visited = full_tiles = useful = 0
+    for geo in group_geometry(q_len, kv_len, groups):
+        v, f = visit_matrices(walked, geo.q_len, geo.kv_len, bm, bn)
+        q_tiles += v.shape[0]
+        kv_tiles = max(kv_tiles, v.shape[1] if v.ndim == 2 else 0)
+        visited += int(v.sum())
+        full_tiles += int(f.sum())
+        useful += _useful_pairs(pattern, geo, groups, v, f, q_len, kv_len, bm, bn)
+    return TileStats(q_tiles, kv_tiles, visited, full_tiles, useful, visited * bm * bn,
+                     q_len * kv_len)
+
+
+def _useful_pairs(pattern, geo, groups, visit, full, q_len, kv_len, bm, bn, chunk=2048) -> int:
+    """Allowed pairs inside visited tiles: full tiles by area, partial ones evaluated."""
+    if visit.size == 0:
+        return 0
+    rows = np.minimum((np.arange(visit.shape[0]) + 1) * bm, geo.q_len) - np.arange(visit.shape[0]) * bm
+    cols = np.minimum((np.arange(visit.shape[1]) + 1) * bn, geo.kv_len) - np.arange(visit.shape[1]) * bn
+    total = int((full * rows[:, None] * cols[None, :]).sum())
+    tq, tk = np.nonzero(visit & ~full)
+    r = torch.arange(bm)
+    c = torch.arange(bn)
+    for s in range(0, len(tq), chunk):
+        mt = torch.from_numpy(tq[s:s + chunk])
+        nt = torch.from_numpy(tk[s:s + chunk])
+        t_rows = mt[:, None] * bm + r[None, :]  # group-local
+        t_cols = nt[:, None] * bn + c[None, :]
+        i = geo.q_start + t_rows * groups
+        j = geo.kv_start + t_cols * groups
+        ok = pair_mask(pattern, i[:, :, None], j[:, None, :], q_len, kv_len)
+        ok = ok & (t_rows < geo.q_len)[:, :, None] & (t_cols < geo.kv_len)[:, None, :]
+        total += int(ok.sum()) // (ok.shape[0] if ok.dim() == 4 else 1)
+    return total

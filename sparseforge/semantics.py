@@ -1,0 +1,106 @@
+"""The semantics table of DESIGN section 3, written literally with torch integer ops.
+
+``pair_mask`` is the one definition of "which pairs interact" on the torch side: the
+oracle (``dense_mask``) evaluates it on the full grid, and the CPU execution path
+evaluates it on gathered tiles. Keep it a transcription of the table, not an
+optimisation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .ir.nodes import (
+    Causal,
+    Chunks,
+    Documents,
+    Empty,
+    Full,
+    GlobalQueries,
+    Intersection,
+    Pattern,
+    PerHead,
+    Sinks,
+    Union,
+    Window,
+)
+
+
+def pair_mask(pattern: Pattern, i: torch.Tensor, j: torch.Tensor, q_len: int,
+              kv_len: int) -> torch.Tensor:
+    """Bool tensor: may query row ``i`` attend key ``j`` (broadcast shapes).
+
+    A batched ``documents`` pattern adds a leading batch dimension.
+    """
+    p = i + (kv_len - q_len)
+    return _eval(pattern, i, p, j, q_len, kv_len)
+
+
+def _eval(pat: Pattern, i, p, j, q_len, kv_len) -> torch.Tensor:
+    if isinstance(pat, Full):
+        return ~_no_pairs(p, j)
+    if isinstance(pat, Empty):
+        return _no_pairs(p, j)
+    if isinstance(pat, Causal):
+        return j <= p
+    if isinstance(pat, Window):
+        off = j - p
+        d = pat.dilation
+        return (torch.remainder(off, d) == 0) & (off >= -pat.left * d) & (off <= pat.right * d)
+    if isinstance(pat, Sinks):
+        return (j < pat.n) | _no_pairs(p, j)
+    if isinstance(pat, GlobalQueries):
+        return (p < pat.n) | _no_pairs(p, j)
+    if isinstance(pat, Chunks):
+        return torch.div(p, pat.size, rounding_mode="floor") == torch.div(
+            j, pat.size, rounding_mode="floor")
+    if isinstance(pat, Documents):
+        return _documents(pat, i, p, j, q_len, kv_len)
+    if isinstance(pat, Union):
+        out = _eval(pat.parts[0], i, p, j, q_len, kv_len)
+        for part in pat.parts[1:]:
+            out = out | _eval(part, i, p, j, q_len, kv_len)
+        return out
+    if isinstance(pat, Intersection):
+        out = _eval(pat.parts[0], i, p, j, q_len, kv_len)
+        for part in pat.parts[1:]:
+            out = out & _eval(part, i, p, j, q_len, kv_len)
+        return out
+    if isinstance(pat, PerHead):
+        raise ValueError("per_head: evaluate one head's pattern at a time (see dense_mask)")
+    raise TypeError(f"pattern node {type(pat).__name__} has no semantics")
+
+
+def _no_pairs(p: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """All-false mask with the broadcast shape of the pair grid."""
+    return torch.zeros(torch.broadcast_shapes(p.shape, j.shape), dtype=torch.bool, device=p.device)
+
+
+def document_ids(pat: Documents, q_len: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-query and per-key document ids, ``[B or 1, Lq]`` and ``[B or 1, Lkv]`` (int64)."""
+    if pat.kv_ids is None:
+        ids = pat.ids if pat.ids.dim() == 2 else pat.ids[None]
+        if ids.shape[-1] != kv_len:
+            raise ValueError(f"documents(ids): ids has length {ids.shape[-1]}, "
+                             f"expected kv_len={kv_len}")
+        if q_len > kv_len:
+            raise ValueError(f"documents(ids): q_len={q_len} > kv_len={kv_len}; pass query ids "
+                             "and kv_ids separately")
+        ids = ids.long()
+        return ids[:, kv_len - q_len:], ids
+    qi = pat.ids if pat.ids.dim() == 2 else pat.ids[None]
+    ki = pat.kv_ids if pat.kv_ids.dim() == 2 else pat.kv_ids[None]
+    if qi.shape[-1] != q_len:
+        raise ValueError(f"documents(ids): ids has length {qi.shape[-1]}, expected q_len={q_len}")
+    if ki.shape[-1] != kv_len:
+        raise ValueError(f"documents(kv_ids): kv_ids has length {ki.shape[-1]}, "
+                         f"expected kv_len={kv_len}")
+    return qi.long(), ki.long()
+
+
+def _documents(pat: Documents, i, p, j, q_len, kv_len) -> torch.Tensor:
+    ids_q, ids_k = document_ids(pat, q_len, kv_len)
+    ids_q, ids_k = ids_q.to(i.device), ids_k.to(j.device)
+    iq = ids_q[:, i.clamp(0, q_len - 1)]  # [B, *i.shape]; out-of-range rows are masked later
+    ik = ids_k[:, j.clamp(0, kv_len - 1)]
+    return iq == ik
