@@ -18,10 +18,11 @@ from .ir.nodes import (
 )
 from .planner.plan import Plan, plan
 from .reference import dense_mask, reference_attention
+from .runtime.dispatch import attention
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
-    "Pattern", "Plan", "causal", "chunks", "dense_mask", "documents", "full", "global_queries",
+    "Pattern", "Plan", "attention", "causal", "chunks", "dense_mask", "documents", "full", "global_queries",
     "per_head", "plan", "prefix_lm", "reference_attention", "sinks", "sliding_window", "window",
 ]

@@ -50,18 +50,18 @@ from .symbolic import (
 Expr = sympy.Expr
 
 
-# Raw bounds of a segment, as symbols: ``NORMALISE`` turns them into the walked range.
+# Raw bounds of a segment, and its normalised bounds, as symbols. ``NORMALISE`` is the
+# sequence of steps (each may use the ones before) that turns raw bounds into the walked
+# range: lo <= full_lo <= full_hi <= hi, full tiles entirely below Lkv, empty ranges empty.
 RAW_LO, RAW_HI, RAW_FULL_LO, RAW_FULL_HI = sympy.symbols("lo_raw hi_raw flo_raw fhi_raw",
                                                          integer=True)
-_LO = clamp(RAW_LO, 0, KV_TILES)
-_HI = clamp(RAW_HI, _LO, KV_TILES)
-_FULL_LO = clamp(RAW_FULL_LO, _LO, _HI)
-NORMALISE = {  # lo <= full_lo <= full_hi <= hi, full tiles entirely below Lkv
-    "lo": _LO,
-    "hi": _HI,
-    "full_lo": _FULL_LO,
-    "full_hi": sympy.Max(_FULL_LO, sympy.Min(RAW_FULL_HI, _HI, KV_FULL_TILES)),
-}
+LO, HI, FULL_LO, FULL_HI = sympy.symbols("lo hi flo fhi", integer=True)
+NORMALISE = (
+    (LO, clamp(RAW_LO, 0, KV_TILES)),
+    (HI, clamp(RAW_HI, LO, KV_TILES)),
+    (FULL_LO, clamp(RAW_FULL_LO, LO, HI)),
+    (FULL_HI, sympy.Max(FULL_LO, sympy.Min(RAW_FULL_HI, HI, KV_FULL_TILES))),
+)
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,9 @@ class TileSegment:
         env = dict(env)
         env[RAW_LO], env[RAW_HI], env[RAW_FULL_LO], env[RAW_FULL_HI] = (
             evaluate(e, env) for e in (self.lo, self.hi, self.full_lo, self.full_hi))
-        return tuple(evaluate(NORMALISE[k], env) for k in ("lo", "hi", "full_lo", "full_hi"))
+        for symbol, expr in NORMALISE:
+            env[symbol] = evaluate(expr, env)
+        return env[LO], env[HI], env[FULL_LO], env[FULL_HI]
 
     def subs(self, values: dict) -> TileSegment:
         return TileSegment(*(sympy.sympify(e).subs(values)

@@ -1,0 +1,107 @@
+"""Render the forward kernel of a planned head pattern from its jinja2 template.
+
+The template is filled from a typed context (``ForwardKernelSource``) holding only
+validated integers, booleans, enum names and expressions printed by our own printers.
+The same plan renders byte-identical source, so the cache key is stable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+import jinja2
+
+from .._version import __version__
+from ..planner.plan import KernelPlan, Plan
+from ..planner.ranges import (
+    FULL_HI,
+    FULL_LO,
+    HI,
+    LO,
+    NORMALISE,
+    RAW_FULL_HI,
+    RAW_FULL_LO,
+    RAW_HI,
+    RAW_LO,
+)
+from ..planner.symbolic import BLOCK_M, BLOCK_N, TRITON_NAMES, to_triton
+from .predicate import slug, triton_predicate
+
+FORWARD_TEMPLATE_VERSION = 1
+_DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+@lru_cache(maxsize=1)
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("sparseforge", "templates"),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        keep_trailing_newline=True,
+    )
+
+
+@dataclass(frozen=True)
+class ForwardKernelSource:
+    name: str  # readable kernel name, e.g. fwd_window-l255-r0_bm128_bn64_d128_bf16
+    source: str
+    sha256: str
+    kernel_index: int  # which of the plan's kernels this is
+    launch_options: tuple  # (("num_warps", 4), ("num_stages", 3))
+
+    @property
+    def module_stem(self) -> str:
+        return f"{self.name}_{self.sha256[:16]}"
+
+
+def kernel_name(plan: Plan, kernel: KernelPlan) -> str:
+    pattern_slug = slug(kernel.pattern)
+    if len(pattern_slug) > 60:
+        pattern_slug = pattern_slug[:48] + "-" + hashlib.sha256(pattern_slug.encode()).hexdigest()[:8]
+    name = (f"fwd_{pattern_slug}_bm{plan.block_m}_bn{plan.block_n}_d{plan.head_dim}_"
+            f"{_DTYPE_SHORT[plan.dtype]}")
+    return re.sub(r"[^0-9A-Za-z_]", "_", name)
+
+
+def _segment_texts(kernel: KernelPlan, s: int, seg, tiles: dict) -> dict:
+    names = dict(TRITON_NAMES)
+    names.update({RAW_LO: f"lo_raw{s}", RAW_HI: f"hi_raw{s}", RAW_FULL_LO: f"flo_raw{s}",
+                  RAW_FULL_HI: f"fhi_raw{s}", LO: f"lo{s}", HI: f"hi{s}", FULL_LO: f"flo{s}",
+                  FULL_HI: f"fhi{s}"})
+    seg = seg.subs(tiles)
+    out = {k: to_triton(getattr(seg, k)) for k in ("lo", "hi", "full_lo", "full_hi")}
+    # normalisation steps refer to this segment's raw bounds and to earlier steps
+    for (symbol, expr), key in zip(NORMALISE, ("lo", "hi", "full_lo", "full_hi")):
+        out[f"norm_{key}"] = to_triton(expr, names)
+    return out
+
+
+def render_forward(plan: Plan, kernel_index: int = 0) -> ForwardKernelSource:
+    kernel = plan.kernels[kernel_index]
+    tiles = {BLOCK_M: plan.block_m, BLOCK_N: plan.block_n}
+    segments = [_segment_texts(kernel, s, seg, tiles) for s, seg in enumerate(kernel.walked_segments)]
+    n = len(segments)
+    sort_pairs = [(j, j + 1) for i in range(n) for j in range(n - 1 - i)]
+    name = kernel_name(plan, kernel)
+    context = dict(
+        version=__version__,
+        template_version=FORWARD_TEMPLATE_VERSION,
+        name=name,
+        pattern_repr=repr(kernel.pattern),
+        schedule=kernel.schedule,
+        groups=kernel.groups,
+        segments=segments,
+        sort_pairs=sort_pairs,
+        predicate=triton_predicate(kernel.analysed),
+        has_documents=kernel.has_documents,
+        d_padded=plan.padded_head_dim != plan.head_dim,
+        dot_precision=', input_precision="ieee"' if plan.dtype == "float32" else "",
+        longest_first=False,
+    )
+    source = _environment().get_template("forward.py.jinja").render(**context)
+    digest = hashlib.sha256(source.encode()).hexdigest()
+    options = (("num_warps", plan.config.num_warps), ("num_stages", plan.config.num_stages))
+    return ForwardKernelSource(name, source, digest, kernel_index, options)

@@ -1,0 +1,186 @@
+"""On-disk and in-memory cache of rendered kernel modules.
+
+Rendered source is written under the cache directory (a readable mirror that tools and
+people can open) and the module is executed from the source we rendered, with the file
+as its ``__file__``. Entries are keyed by content: the file name carries the sha256 of
+(source, Triton version), and an entry whose bytes differ from the rendered source
+(truncated, edited, planted) is rewritten; its contents are never executed. Writes are atomic (temporary file
+plus ``os.replace``) under a cross-process ``filelock``; a cache directory that other
+users can write to is refused, because anyone who can write there can run code as us.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import linecache
+import logging
+import os
+import stat
+import sys
+import tempfile
+import threading
+import types
+from pathlib import Path
+from types import ModuleType
+
+import filelock
+import triton
+
+log = logging.getLogger("sparseforge")
+
+ENV_CACHE_DIR = "SPARSEFORGE_CACHE_DIR"
+_modules: dict[tuple[str, bool], ModuleType] = {}
+_lock = threading.Lock()
+_fallback_dir: Path | None = None
+
+
+class UnsafeCacheDirectory(PermissionError):
+    """The cache directory is writable by other users (or not ours)."""
+
+
+def cache_root() -> Path:
+    env = os.environ.get(ENV_CACHE_DIR)
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sparseforge"
+
+
+def check_directory_is_private(path: Path) -> None:
+    """Refuse a directory that someone else owns or that group/others may write to."""
+    st = path.stat()
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise UnsafeCacheDirectory(
+            f"cache directory {path} is owned by uid {st.st_uid}, not by you (uid {os.getuid()}); "
+            f"set {ENV_CACHE_DIR} to a directory of your own")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UnsafeCacheDirectory(
+            f"cache directory {path} is writable by other users (mode {stat.filemode(st.st_mode)}); "
+            f"run `chmod go-w {path}` or set {ENV_CACHE_DIR} to a private directory")
+
+
+def kernel_dir() -> Path:
+    """The versioned directory for kernel sources; created private (0700) if missing."""
+    root = cache_root()
+    path = root / f"kernels-triton{triton.__version__}"
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for p in (root, path):
+            check_directory_is_private(p)
+        probe = path / ".write-probe"
+        probe.touch()
+        probe.unlink()
+        return path
+    except UnsafeCacheDirectory:
+        raise
+    except OSError as exc:
+        return _private_fallback(f"cache directory {path} is not writable ({exc})")
+
+
+def _private_fallback(reason: str) -> Path:
+    global _fallback_dir
+    if _fallback_dir is None:
+        _fallback_dir = Path(tempfile.mkdtemp(prefix="sparseforge-"))
+        log.warning("%s; using a private temporary directory %s for this process",
+                    reason, _fallback_dir)
+    return _fallback_dir
+
+
+def source_key(source: str) -> str:
+    text = f"{source}\0triton={triton.__version__}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def write_if_different(path: Path, data: str) -> bool:
+    """Atomically make ``path`` hold ``data``; True if it had to be (re)written."""
+    payload = data.encode()
+    with contextlib.suppress(FileNotFoundError):
+        if path.read_bytes() == payload:
+            return False
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return True
+
+
+@contextlib.contextmanager
+def triton_interpret(enabled: bool):
+    """Import a module with ``@triton.jit`` bound to the interpreter (CPU tensors) or not."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        old = knobs.runtime.interpret
+        knobs.runtime.interpret = enabled
+        try:
+            yield
+        finally:
+            knobs.runtime.interpret = old
+    else:  # Triton < 3.4 reads the environment
+        old = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1" if enabled else "0"
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop("TRITON_INTERPRET", None)
+            else:
+                os.environ["TRITON_INTERPRET"] = old
+
+
+def interpreter_active() -> bool:
+    """True when Triton runs kernels in its interpreter (TRITON_INTERPRET=1 at import)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def load_kernel_module(stem: str, source: str, *, interpret: bool) -> ModuleType:
+    """Import the module holding ``source`` (written to the cache if needed).
+
+    ``interpret=True`` gives interpreter functions (needs the interpreter active, see
+    ``interpreter_active``); ``False`` gives ``JITFunction``s, which can always be
+    cross-compiled with ``triton.compile`` even in an interpreting process.
+    """
+    key = source_key(source)
+    with _lock:
+        cached = _modules.get((key, interpret))
+        if cached is not None:
+            return cached
+        directory = kernel_dir()
+        path = directory / f"{stem}_{key[:16]}.py"
+        with filelock.FileLock(str(path) + ".lock"):
+            # re-check under the lock: another process may have written it meanwhile
+            if write_if_different(path, source):
+                log.debug("wrote kernel source %s", path)
+        module = _exec_verified(path, source, interpret)
+        _modules[(key, interpret)] = module
+        return module
+
+
+def _exec_verified(path: Path, source: str, interpret: bool) -> ModuleType:
+    """Execute the source we rendered (not whatever the file holds now) as a module at
+    ``path``. ``linecache`` is primed with the same text so ``triton.jit``, which reads
+    kernel source through ``inspect``, sees exactly what runs."""
+    mod_name = f"sparseforge_kernels.{path.stem}{'_interp' if interpret else ''}"
+    module = types.ModuleType(mod_name)
+    module.__file__ = str(path)
+    linecache.cache[str(path)] = (len(source), None, source.splitlines(True), str(path))
+    code = compile(source, str(path), "exec")
+    sys.modules[mod_name] = module
+    with triton_interpret(interpret):
+        exec(code, module.__dict__)
+    return module
+
+
+def clear_memory_cache() -> None:
+    with _lock:
+        _modules.clear()

@@ -1,0 +1,147 @@
+"""``sf.attention``: validate, find the plan, run it on the chosen backend.
+
+A warm call is: input checks, two dictionary lookups (canonical pattern, plan) and the
+launch. Canonicalisation and planning run once per pattern object and problem shape.
+Plans are keyed by the pattern's structure (document-id tensors are run-time data
+passed to the kernel, not part of the key).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..ir.canonicalize import canonicalize
+from ..ir.nodes import Pattern
+from ..planner.plan import Plan, _head_groups, default_target, dtype_name, plan
+from ..reference import reference_attention
+from . import torch_exec, triton_launch
+from .cache import interpreter_active
+from .validate import check_attention_inputs
+
+log = logging.getLogger("sparseforge")
+BACKENDS = ("auto", "triton", "torch", "reference")
+
+
+@dataclass(frozen=True)
+class CompiledPattern:
+    canonical: Pattern
+    key: str  # structural key: equal for patterns that render the same kernels
+    head_patterns: tuple[Pattern, ...]  # per kernel, in the plan's kernel order
+
+
+_patterns: dict[int, tuple[Pattern, CompiledPattern]] = {}
+_plans: dict[tuple, Plan] = {}
+
+
+def compile_pattern(pattern: Pattern) -> CompiledPattern:
+    hit = _patterns.get(id(pattern))
+    if hit is not None and hit[0] is pattern:
+        return hit[1]
+    canonical = canonicalize(pattern)
+    compiled = CompiledPattern(canonical, repr(canonical),
+                               tuple(p for p, _ in _head_groups(canonical)))
+    if len(_patterns) > 4096:
+        _patterns.clear()
+    _patterns[id(pattern)] = (pattern, compiled)  # holding the pattern keeps its id unique
+    return compiled
+
+
+def cached_plan(compiled: CompiledPattern, q_len: int, kv_len: int, head_dim: int, dtype,
+                target: str) -> Plan:
+    key = (compiled.key, q_len, kv_len, head_dim, dtype, target)
+    found = _plans.get(key)
+    if found is None:
+        found = plan(compiled.canonical, q_len=q_len, kv_len=kv_len, head_dim=head_dim,
+                     dtype=dtype_name(dtype), target=target)
+        _plans[key] = found
+        log.debug("planned %s", key)
+    return found
+
+
+def _resolve_backend(backend: str, q: torch.Tensor) -> tuple[str, str]:
+    """(executor, plan target) for the requested backend and the tensors' device."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        backend = "triton" if q.is_cuda else "torch"
+    if backend == "triton":
+        if q.is_cuda:
+            return "triton", default_target(q.device)
+        if q.device.type != "cpu":
+            raise ValueError(f"backend='triton': tensors on {q.device} are not supported")
+        if not interpreter_active():
+            raise ValueError("backend='triton' with CPU tensors runs Triton's interpreter, which "
+                             "must be enabled before Triton is imported: set TRITON_INTERPRET=1 "
+                             "in the environment (or use backend='torch' on CPU)")
+        return "interpret", "interpret"
+    return backend, "cpu"
+
+
+def _forward(executor: str, p: Plan, compiled: CompiledPattern, q, k, v, scale: float):
+    b, hq, lq, _ = q.shape
+    out = torch.zeros_like(q)
+    lse = torch.full((b, hq, lq), float("-inf"), dtype=torch.float32, device=q.device)
+    if executor == "torch":
+        torch_exec.run_forward(p, compiled.head_patterns, q, k, v, out, lse, scale)
+    else:
+        triton_launch.run_forward(p, compiled.head_patterns, q.contiguous(), k.contiguous(),
+                                  v.contiguous(), out, lse, scale,
+                                  interpret=executor == "interpret")
+    return out, lse
+
+
+class _KernelForwardRecomputeBackward(torch.autograd.Function):
+    """Generated forward kernel; gradients by re-running the plan with torch ops.
+
+    A stop-gap until the generated backward kernels land: exact, but not fast.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, executor, p, compiled, scale):
+        ctx.save_for_backward(q, k, v)
+        ctx.args = (p, compiled, scale)
+        return _forward(executor, p, compiled, q, k, v, scale)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v = ctx.saved_tensors
+        p, compiled, scale = ctx.args
+        cpu_plan = cached_plan(compiled, p.q_len, p.kv_len, p.head_dim, p.dtype, "cpu")
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            out, lse = _forward("torch", cpu_plan, compiled, *leaves, scale)
+            outputs, grads = [out], [grad_out]
+            if grad_lse is not None:
+                finite = torch.isfinite(lse)
+                outputs.append(torch.where(finite, lse, torch.zeros_like(lse)))
+                grads.append(torch.where(finite, grad_lse, torch.zeros_like(grad_lse)))
+            dq, dk, dv = torch.autograd.grad(outputs, leaves, grads, allow_unused=True)
+        return dq, dk, dv, None, None, None, None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, *,
+              scale: float | None = None, enable_gqa: bool = False, return_lse: bool = False,
+              backend: str = "auto"):
+    """Sparse attention of ``q`` [B, Hq, Lq, D] over ``k``/``v`` [B, Hkv, Lkv, D].
+
+    Returns ``out`` [B, Hq, Lq, D] (and ``lse`` [B, Hq, Lq], natural log, if
+    ``return_lse``). A query with no allowed key gives 0 and lse ``-inf``.
+    """
+    shape = check_attention_inputs(q, k, v, pattern, scale=scale, enable_gqa=enable_gqa)
+    executor, target = _resolve_backend(backend, q)
+    if executor == "reference":
+        out, lse = reference_attention(q, k, v, pattern, scale=shape.scale,
+                                       enable_gqa=enable_gqa, return_lse=True)
+        return (out, lse) if return_lse else out
+    compiled = compile_pattern(pattern)
+    p = cached_plan(compiled, shape.q_len, shape.kv_len, shape.head_dim, q.dtype, target)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if executor != "torch" and needs_grad:
+        out, lse = _KernelForwardRecomputeBackward.apply(q, k, v, executor, p, compiled,
+                                                         shape.scale)
+    else:
+        out, lse = _forward(executor, p, compiled, q, k, v, shape.scale)
+    return (out, lse) if return_lse else out

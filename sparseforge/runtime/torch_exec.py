@@ -1,0 +1,125 @@
+"""The CPU path: execute a plan's tile schedule with torch ops.
+
+It consumes the same closed-form segments as the kernel (evaluated per query tile), so
+it is a second, independent consumer of the plan. Query tiles are grouped by how many
+kv tiles they visit; each group gathers its kv tiles (block gather), runs one batched
+matmul per slice of kv tiles, and merges slices with an online softmax. The token
+predicate is evaluated only on partial tiles; full tiles take no mask.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..planner.plan import KernelPlan, Plan
+from ..planner.schedule import visit_matrices
+from ..semantics import pair_mask
+
+# Upper bound on score elements materialised at once (per q-tile group, per kv slice).
+_SCORE_BUDGET = 1 << 24
+
+
+def run_forward(plan: Plan, call_kernels, q, k, v, out, lse, scale: float) -> None:
+    b, hq, lq, _ = q.shape
+    hkv, lkv = k.shape[1], k.shape[2]
+    if lq == 0:
+        return
+    compute = torch.float32 if q.dtype != torch.float64 else torch.float64
+    for kernel, call_pattern in zip(plan.kernels, call_kernels):
+        heads = list(range(hq)) if kernel.heads is None else list(kernel.heads)
+        for geo in plan.geometry(kernel):
+            if geo.q_len == 0:
+                continue
+            rows = slice(geo.q_start, None, kernel.groups)
+            cols = slice(geo.kv_start, None, kernel.groups)
+            qg = q[:, heads, rows].to(compute)
+            kg = k[:, :, cols].to(compute)
+            vg = v[:, :, cols].to(compute)
+            o, l_ = _run_group(plan, kernel, call_pattern, geo, qg, kg, vg, heads, hq // hkv,
+                               scale, (lq, lkv))
+            out[:, heads, rows] = o.to(out.dtype)
+            lse[:, heads, rows] = l_
+
+
+def _run_group(plan: Plan, kernel: KernelPlan, pattern, geo, q, k, v, heads, group, scale,
+               totals):
+    """Attention of one dilation group; q: [B, Hsel, Lg, D], k/v: [B, Hkv, Lkg, D]."""
+    bm, bn = plan.block_m, plan.block_n
+    b, hs, lq, d = q.shape
+    lk = k.shape[2]
+    visit, full = visit_matrices(list(kernel.walked_segments), lq, lk, bm, bn)
+    tq, tk = visit.shape
+    kv_heads = torch.tensor([h // group for h in heads])
+    # pad to whole tiles: [B, Hsel, Tq, BM, D] and [B, Hsel, Tk, BN, D]
+    qt = torch.nn.functional.pad(q, (0, 0, 0, tq * bm - lq)).view(b, hs, tq, bm, d)
+    kt = torch.nn.functional.pad(k, (0, 0, 0, tk * bn - lk))[:, kv_heads].view(b, hs, tk, bn, d)
+    vt = torch.nn.functional.pad(v, (0, 0, 0, tk * bn - lk))[:, kv_heads].view(b, hs, tk, bn, d)
+    out = q.new_zeros(b, hs, tq, bm, d)
+    lse = q.new_full((b, hs, tq, bm), float("-inf"))
+    counts = visit.sum(1)
+    order = np.argsort(counts, kind="stable")
+    start = 0
+    while start < tq:
+        count = int(counts[order[start]])
+        stop = start
+        while stop < tq and counts[order[stop]] == count:
+            stop += 1
+        tiles_q = order[start:stop]
+        if count > 0:
+            per_batch = max(1, _SCORE_BUDGET // max(1, b * hs * bm * bn * count))
+            for s in range(0, len(tiles_q), per_batch):
+                sel = tiles_q[s:s + per_batch]
+                o, l_ = _attend(pattern, geo, kernel.groups, plan, qt[:, :, sel], kt, vt,
+                                visit[sel], full[sel], sel, lk, scale, totals)
+                out[:, :, sel] = o
+                lse[:, :, sel] = l_
+        start = stop
+    return out.view(b, hs, tq * bm, d)[:, :, :lq], lse.view(b, hs, tq * bm)[:, :, :lq]
+
+
+def _attend(pattern, geo, groups, plan, q, kt, vt, visit, full, tiles_q, lk, scale, totals):
+    """All visited tiles of a batch of query tiles with equal visit counts."""
+    bm, bn = plan.block_m, plan.block_n
+    nq, count = visit.shape[0], int(visit[0].sum())
+    kv_idx = torch.from_numpy(np.nonzero(visit)[1].reshape(nq, count))
+    is_full = torch.from_numpy(np.take_along_axis(full, kv_idx.numpy(), axis=1))
+    kg = kt[:, :, kv_idx]  # [B, H, nq, C, BN, D]
+    vg = vt[:, :, kv_idx]
+    b, h = q.shape[:2]
+    s = torch.matmul(q, kg.flatten(3, 4).transpose(-1, -2)) * scale  # [B, H, nq, BM, C*BN]
+    allowed = _tile_mask(pattern, geo, groups, tiles_q, kv_idx, is_full, bm, bn, lk, totals)
+    s = s.masked_fill(~allowed.view(allowed.shape[0], 1, nq, bm, count * bn)
+                      if allowed.dim() == 5 else ~allowed.view(nq, bm, count * bn), float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    p = torch.exp(s - m)
+    l_ = p.sum(-1, keepdim=True)
+    o = torch.matmul(p, vg.flatten(3, 4)) / torch.where(l_ == 0, torch.ones_like(l_), l_)
+    lse = torch.where(l_ == 0, torch.full_like(l_, float("-inf")), m + torch.log(l_))
+    return o, lse.squeeze(-1)
+
+
+def _tile_mask(pattern, geo, groups, tiles_q, kv_idx, is_full, bm, bn, lk, totals):
+    """Bool [(B,) nq, BM, C, BN]: full tiles all true, partial ones from the predicate.
+
+    ``totals`` are the original (not group-local) lengths the predicate is defined on.
+    """
+    nq, count = kv_idx.shape
+    q_len_total, kv_len_total = totals
+    allowed = torch.ones(nq, bm, count, bn, dtype=torch.bool)
+    part = (~is_full).nonzero()
+    if len(part):
+        qi, ci = part[:, 0], part[:, 1]
+        t_rows = torch.from_numpy(np.asarray(tiles_q))[qi][:, None] * bm + torch.arange(bm)
+        t_cols = kv_idx[qi, ci][:, None] * bn + torch.arange(bn)
+        i = geo.q_start + t_rows * groups
+        j = geo.kv_start + t_cols * groups
+        ok = pair_mask(pattern, i[:, :, None], j[:, None, :], q_len_total, kv_len_total)
+        ok = ok & (t_cols < lk)[:, None, :]
+        if ok.dim() == 4:  # batched documents
+            allowed = allowed.expand(ok.shape[0], -1, -1, -1, -1).clone()
+            allowed[:, qi, :, ci] = ok.permute(1, 0, 2, 3)  # advanced dims come first
+        else:
+            allowed[qi, :, ci] = ok
+    return allowed
