@@ -6,7 +6,7 @@ import torch
 
 from .ir.canonicalize import canonicalize
 from .ir.nodes import Pattern, PerHead
-from .runtime.validate import check_attention_inputs
+from .runtime.validate import SUPPORTED_DTYPES, check_attention_inputs
 from .semantics import pair_mask
 
 
@@ -43,7 +43,8 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patte
     Rows with no allowed key give output 0 and lse ``-inf``. Returns ``out`` in the
     dtype of ``q`` (and ``lse`` in float32 if ``return_lse``).
     """
-    shape = check_attention_inputs(q, k, v, pattern, scale=scale, enable_gqa=enable_gqa)
+    shape = check_attention_inputs(q, k, v, pattern, scale=scale, enable_gqa=enable_gqa,
+                                   dtypes=SUPPORTED_DTYPES + (torch.float64,))
     canonical = canonicalize(pattern)
     mask = dense_mask(canonical, shape.q_len, shape.kv_len, device=q.device)
     if mask.dim() == 3:  # per-head [H, Lq, Lkv]

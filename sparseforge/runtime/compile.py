@@ -88,7 +88,7 @@ def forward_signature(plan: Plan, kernel_index: int) -> tuple[dict, dict]:
         sig[name] = "i32"
     sig["qk_scale"] = "fp32"
     constexprs = {"BLOCK_M": plan.block_m, "BLOCK_N": plan.block_n, "HEAD_DIM": plan.head_dim,
-                  "D_PAD": plan.padded_head_dim, "GROUPS": kernel.groups}
+                  "D_PAD": plan.padded_head_dim, "GROUPS": kernel.groups, "DOT_UPCAST": False}
     for name in constexprs:
         sig[name] = "constexpr"
     for name in ("stride_qd", "stride_kd", "stride_vd", "stride_od"):
@@ -126,6 +126,6 @@ def compile_forward(plan: Plan, kernel_index: int, arch: str):
     cubin = compiled.asm["cubin"]
     usage = resource_usage(cubin)
     info = CompiledKernelInfo(src.name, arch, "forward", usage["registers"], usage["local"],
-                              usage["stack"], usage["shared"] or compiled.metadata.shared,
+                              usage["stack"], compiled.metadata.shared,
                               usage["uses_wgmma"], src.sha256, len(cubin))
     return compiled, info

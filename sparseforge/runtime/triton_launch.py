@@ -82,15 +82,16 @@ def run_forward(plan: Plan, call_kernels, q, k, v, out, lse, scale: float, inter
         for first_head, n_heads in head_runs(kernel.heads, hq):
             grid = (g * tiles_per_group, b * n_heads)
             _launch(fn, grid, src, plan, g, q, k, v, out, lse, extra, n_heads, first_head,
-                    hq // hkv, lq, lkv, tiles_per_group, scale)
+                    hq // hkv, lq, lkv, tiles_per_group, scale, interpret)
 
 
 def _launch(fn, grid, src, plan, g, q, k, v, out, lse, extra, n_heads, first_head, kv_group, lq,
-            lkv, tiles_per_group, scale):
+            lkv, tiles_per_group, scale, interpret):
     fn[grid](
         q, k, v, out, lse, *extra,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
         n_heads, first_head, kv_group, lq, lkv, tiles_per_group, scale * LOG2E,
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, HEAD_DIM=plan.head_dim,
-        D_PAD=plan.padded_head_dim, GROUPS=g, **dict(src.launch_options),
+        D_PAD=plan.padded_head_dim, GROUPS=g, DOT_UPCAST=interpret and q.dtype == torch.bfloat16,
+        **dict(src.launch_options),
     )

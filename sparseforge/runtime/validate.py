@@ -24,16 +24,17 @@ class AttentionShape:
     scale: float
 
 
-def check_attention_inputs(q, k, v, pattern, *, scale=None, enable_gqa=False) -> AttentionShape:
+def check_attention_inputs(q, k, v, pattern, *, scale=None, enable_gqa=False,
+                           dtypes=SUPPORTED_DTYPES) -> AttentionShape:
     """Validate q/k/v/pattern/scale as SDPA and FlexAttention users expect; name the culprit."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name}: expected 4 dims [B, H, L, D], got shape {tuple(t.shape)}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name}: dtype {t.dtype} is not supported; use float16, bfloat16 "
-                            "or float32")
+        if t.dtype not in dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise TypeError(f"{name}: dtype {t.dtype} is not supported; use one of {names}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):

@@ -1,0 +1,81 @@
+"""The template variants: one plan per branch of the forward template.
+
+Each entry exercises a distinct path through ``forward.py.jinja`` (segment count and
+sorting, hull schedule, dilation groups, document ids, padded head dims, each dtype and
+head-dim class with its tile config). The test suite compiles all of them to cubin for
+sm_80 and sm_90; run ``python -m sparseforge.runtime.variants`` to do the same by hand.
+Cross-compilation must run in a process where Triton's interpreter is off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+
+from ..ir import nodes as ir
+from ..planner.plan import Plan, plan
+
+L = 4096
+
+
+def template_variants() -> dict[str, Plan]:
+    ids = torch.zeros(L, dtype=torch.long)
+    shapes = {
+        "one_segment": (ir.causal(), 128, "bfloat16", {}),
+        "sorted_segments": (ir.sliding_window(512) | ir.sinks(4), 128, "bfloat16",
+                            {"schedule": "segments"}),
+        "hull_schedule": (ir.sliding_window(512) | ir.sinks(4), 64, "float16",
+                          {"schedule": "hull"}),
+        "three_segments": (ir.global_queries(16) | ir.window(64, 64) | ir.sinks(8), 64, "bfloat16",
+                           {"schedule": "segments"}),
+        "dilation_groups": (ir.window(64, 64, dilation=4), 64, "bfloat16", {"groups": 4}),
+        "documents": (ir.documents(ids) & ir.causal(), 64, "bfloat16", {}),
+        "chunks": (ir.chunks(1000) & ir.causal(), 64, "float16", {}),
+    }
+    for d in (16, 64, 80, 128, 256):
+        shapes[f"bf16_d{d}"] = (ir.sliding_window(1024), d, "bfloat16", {})
+    for d in (32, 96, 256):
+        shapes[f"fp32_d{d}"] = (ir.sliding_window(1024), d, "float32", {})
+    shapes["fp16_d48"] = (ir.sliding_window(1024), 48, "float16", {})
+    return {name: plan(p, q_len=L, kv_len=L, head_dim=d, dtype=dt, target="sm_90", **kw)
+            for name, (p, d, dt, kw) in shapes.items()}
+
+
+def _compile_one(job: tuple[str, str]) -> dict:
+    from .compile import compile_forward
+
+    name, arch = job
+    p = template_variants()[name]
+    out = []
+    for index in range(len(p.kernels)):
+        _, info = compile_forward(p, index, arch)
+        out.append({"variant": name, **info.to_dict(), "block_m": p.block_m,
+                    "block_n": p.block_n, "num_warps": p.config.num_warps})
+    return out
+
+
+def compile_all(archs=("sm_80", "sm_90"), workers: int = 2) -> list[dict]:
+    jobs = [(name, arch) for name in template_variants() for arch in archs]
+    with ProcessPoolExecutor(workers) as pool:
+        return [info for infos in pool.map(_compile_one, jobs) for info in infos]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="sm_80,sm_90")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("unset TRITON_INTERPRET: cross-compilation needs the compiler", file=sys.stderr)
+        return 2
+    json.dump(compile_all(tuple(args.arch.split(",")), args.workers), sys.stdout, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

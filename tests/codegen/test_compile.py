@@ -1,0 +1,36 @@
+"""Every template variant compiles to cubin for sm_80 and sm_90 on this CPU-only machine,
+with no register spills, and sm_90 bf16/fp16 kernels use wgmma (HGMMA in SASS)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sparseforge.runtime.variants import template_variants
+
+ARCHS = ("sm_80", "sm_90")
+
+
+@pytest.fixture(scope="session")
+def compiled():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "sparseforge.runtime.variants", "--arch",
+                           ",".join(ARCHS)], env=env, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {(r["variant"], r["arch"]): r for r in json.loads(proc.stdout)}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("variant", list(template_variants()))
+def test_variant_compiles_without_spills(compiled, variant, arch):
+    info = compiled[(variant, arch)]
+    assert info["cubin_size"] > 0
+    assert info["spills"] == 0 and info["stack"] == 0, (
+        f"{info['name']} on {arch} spills: local={info['spills']} stack={info['stack']} bytes "
+        f"(BLOCK_M={info['block_m']} BLOCK_N={info['block_n']} warps={info['num_warps']})")
+    assert 0 < info["registers"] <= 255
+    assert info["shared_memory"] <= (227 if arch == "sm_90" else 163) * 1024
+    if arch == "sm_90" and "fp32" not in variant:
+        assert info["uses_wgmma"], f"{info['name']}: no HGMMA in sm_90 SASS"

@@ -1,0 +1,22 @@
+"""Test session setup: Triton's interpreter on (it must be set before Triton is imported)
+and a private kernel cache per session."""
+
+import os
+import tempfile
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+_CACHE = tempfile.mkdtemp(prefix="sparseforge-test-cache-")
+os.environ.setdefault("SPARSEFORGE_CACHE_DIR", _CACHE)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

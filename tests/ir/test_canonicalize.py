@@ -1,0 +1,61 @@
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import sparseforge as sf
+from sparseforge.ir import Empty, Full, Window, canonicalize, expression_dag, is_empty
+from tests.strategies import static_patterns
+
+
+def test_flatten_and_sort():
+    a = (sf.sinks(4) | sf.causal()) | (sf.chunks(8) | sf.sinks(4))
+    c = canonicalize(a)
+    assert repr(c) == "(causal() | chunks(8) | sinks(4))"
+
+
+def test_full_and_empty_absorb():
+    assert canonicalize(sf.full() & sf.causal()) == sf.causal()
+    assert canonicalize(sf.full() | sf.causal()) == Full()
+    assert canonicalize(sf.sinks(0) | sf.causal()) == sf.causal()
+    assert canonicalize(sf.sinks(0) & sf.causal()) == Empty()
+    assert is_empty(sf.global_queries(0) & sf.window(3, 3))
+    assert is_empty(sf.per_head([sf.sinks(0), sf.global_queries(0) & sf.causal()]))
+    assert not is_empty(sf.causal())
+
+
+def test_windows_merge():
+    assert canonicalize(sf.window(3, 1) | sf.window(1, 5)) == Window(3, 5)
+    assert canonicalize(sf.window(3, 1) & sf.window(1, 5)) == Window(1, 1)
+    assert canonicalize(sf.causal() & sf.window(7, 4)) == Window(7, 0)
+    assert canonicalize(sf.causal() | sf.sliding_window(9)) == sf.causal()
+    kept = canonicalize(sf.window(3, 1, 2) | sf.window(1, 5))
+    assert repr(kept) == "(window(left=1, right=5) | window(left=3, right=1, dilation=2))"
+
+
+def test_counts_and_chunks_merge():
+    assert canonicalize(sf.sinks(4) | sf.sinks(9)) == sf.sinks(9)
+    assert canonicalize(sf.sinks(4) & sf.sinks(9)) == sf.sinks(4)
+    assert canonicalize(sf.chunks(4) & sf.chunks(16)) == sf.chunks(4)
+    assert canonicalize(sf.chunks(4) | sf.chunks(16)) == sf.chunks(16)
+
+
+def test_per_head_of_equal_patterns_collapses():
+    assert canonicalize(sf.per_head([sf.causal(), sf.full() & sf.causal()])) == sf.causal()
+
+
+def test_dag_shares_subexpressions():
+    shared = sf.window(5, 5)
+    dag = expression_dag((shared | sf.sinks(1)) & (shared | sf.causal()))
+    assert sum(1 for n in dag.nodes if n == shared) == 1
+    assert dag.in_degree(shared) == 2
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pattern=static_patterns(), lq=st.integers(1, 48), lkv=st.integers(1, 48))
+def test_canonicalisation_preserves_the_mask(pattern, lq, lkv):
+    assert torch.equal(sf.dense_mask(pattern, lq, lkv), sf.dense_mask(canonicalize(pattern), lq, lkv))
+
+
+def test_canonical_form_is_stable():
+    p = (sf.sinks(4) | sf.window(3, 3)) & sf.causal()
+    assert canonicalize(canonicalize(p)) == canonicalize(p)
