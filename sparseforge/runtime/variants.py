@@ -23,7 +23,7 @@ from ..planner.plan import Plan, plan
 L = 4096
 
 
-def template_variants() -> dict[str, Plan]:
+def template_variants(target: str = "sm_90") -> dict[str, Plan]:
     ids = torch.zeros(L, dtype=torch.long)
     shapes = {
         "one_segment": (ir.causal(), 128, "bfloat16", {}),
@@ -42,7 +42,7 @@ def template_variants() -> dict[str, Plan]:
     for d in (32, 96, 256):
         shapes[f"fp32_d{d}"] = (ir.sliding_window(1024), d, "float32", {})
     shapes["fp16_d48"] = (ir.sliding_window(1024), 48, "float16", {})
-    return {name: plan(p, q_len=L, kv_len=L, head_dim=d, dtype=dt, target="sm_90", **kw)
+    return {name: plan(p, q_len=L, kv_len=L, head_dim=d, dtype=dt, target=target, **kw)
             for name, (p, d, dt, kw) in shapes.items()}
 
 
@@ -50,7 +50,7 @@ def _compile_one(job: tuple[str, str]) -> dict:
     from .compile import compile_forward
 
     name, arch = job
-    p = template_variants()[name]
+    p = template_variants(arch)[name]
     out = []
     for index in range(len(p.kernels)):
         _, info = compile_forward(p, index, arch)

@@ -1,0 +1,58 @@
+import pytest
+
+import sparseforge as sf
+from sparseforge.planner.ranges import tile_segments
+
+
+def test_explain_reports_tiles_density_and_utilisation():
+    p = sf.plan(sf.sliding_window(256) | sf.sinks(4), q_len=4096, kv_len=4096, head_dim=64,
+                target="sm_90")
+    text = p.explain()
+    for word in ("visited", "full", "partial", "density", "utilisation", "no index tensor"):
+        assert word in text
+    st = p.kernels[0].stats
+    assert st.visited < st.q_tiles * st.kv_tiles * 0.2
+    assert 0 < st.utilisation <= 1 and st.full > 0
+    # the allowed pairs counted inside visited tiles are all the mask's pairs
+    assert st.useful_pairs == int(sf.dense_mask(p.pattern, 4096, 4096).sum())
+
+
+def test_dilation_groups_raise_utilisation():
+    pattern = sf.window(64, 64, dilation=4)
+    grouped = sf.plan(pattern, q_len=4096, kv_len=4096, head_dim=64, target="sm_90")
+    flat = sf.plan(pattern, q_len=4096, kv_len=4096, head_dim=64, target="sm_90", groups=1)
+    assert grouped.kernels[0].groups == 4
+    assert grouped.kernels[0].stats.utilisation > 2 * flat.kernels[0].stats.utilisation
+    assert grouped.kernels[0].stats.full > 0 and flat.kernels[0].stats.full == 0
+    assert grouped.kernels[0].stats.useful_pairs == flat.kernels[0].stats.useful_pairs
+
+
+def test_hull_fallback_when_segments_do_not_pay():
+    # the sinks' tile is inside the window's range for every query tile: one hull suffices
+    p = sf.plan(sf.window(4000, 0) | sf.sinks(4), q_len=4096, kv_len=4096, head_dim=64,
+                target="sm_90")
+    assert p.kernels[0].schedule == "hull"
+    sparse = sf.plan(sf.sliding_window(256) | sf.sinks(4), q_len=32768, kv_len=32768,
+                     head_dim=64, target="sm_90")
+    assert sparse.kernels[0].schedule == "segments"
+
+
+def test_plan_is_data_and_reused():
+    a = sf.plan(sf.causal(), q_len=100, kv_len=100, head_dim=32)
+    b = sf.plan(sf.causal(), q_len=100, kv_len=100, head_dim=32)
+    assert a == b and hash(a) == hash(b)
+    assert len(tile_segments(sf.causal() | sf.sinks(3))) == 2
+
+
+@pytest.mark.parametrize("target, d, dtype", [("sm_90", 128, "bfloat16"), ("sm_80", 64, "float16"),
+                                               ("sm_90", 256, "float32"), ("cpu", 64, "float32")])
+def test_tile_config_by_target(target, d, dtype):
+    p = sf.plan(sf.causal(), q_len=2048, kv_len=2048, head_dim=d, dtype=dtype, target=target)
+    assert p.block_m >= 16 and p.block_n >= 16
+    assert f"BLOCK_M={p.block_m}" in p.explain()
+
+
+def test_save_png(tmp_path):
+    p = sf.plan(sf.sliding_window(64) | sf.sinks(2), q_len=300, kv_len=300, head_dim=32)
+    p.save_png(tmp_path / "plan.png")
+    assert (tmp_path / "plan.png").read_bytes()[:4] == b"\x89PNG"
