@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -23,7 +24,8 @@ from ..planner.plan import Plan, plan
 L = 4096
 
 
-def template_variants(target: str = "sm_90") -> dict[str, Plan]:
+def variant_specs() -> dict[str, tuple]:
+    """name -> (pattern, head_dim, dtype, plan overrides)."""
     ids = torch.zeros(L, dtype=torch.long)
     shapes = {
         "one_segment": (ir.causal(), 128, "bfloat16", {}),
@@ -42,15 +44,24 @@ def template_variants(target: str = "sm_90") -> dict[str, Plan]:
     for d in (32, 96, 256):
         shapes[f"fp32_d{d}"] = (ir.sliding_window(1024), d, "float32", {})
     shapes["fp16_d48"] = (ir.sliding_window(1024), 48, "float16", {})
-    return {name: plan(p, q_len=L, kv_len=L, head_dim=d, dtype=dt, target=target, **kw)
-            for name, (p, d, dt, kw) in shapes.items()}
+    return shapes
+
+
+def variant_plan(name: str, target: str = "sm_90") -> Plan:
+    p, d, dt, kw = variant_specs()[name]
+    return plan(p, q_len=L, kv_len=L, head_dim=d, dtype=dt, target=target, **kw)
+
+
+def template_variants(target: str = "sm_90") -> dict[str, Plan]:
+    return {name: variant_plan(name, target) for name in variant_specs()}
 
 
 def _compile_one(job: tuple[str, str]) -> dict:
     from .compile import compile_forward
 
+    torch.set_num_threads(1)
     name, arch = job
-    p = template_variants(arch)[name]
+    p = variant_plan(name, arch)
     out = []
     for index in range(len(p.kernels)):
         _, info = compile_forward(p, index, arch)
@@ -60,8 +71,10 @@ def _compile_one(job: tuple[str, str]) -> dict:
 
 
 def compile_all(archs=("sm_80", "sm_90"), workers: int = 2) -> list[dict]:
-    jobs = [(name, arch) for name in template_variants() for arch in archs]
-    with ProcessPoolExecutor(workers) as pool:
+    jobs = [(name, arch) for name in variant_specs() for arch in archs]
+    # spawn, not fork: a forked child of a process that ran torch ops can deadlock in
+    # torch's thread pool
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         return [info for infos in pool.map(_compile_one, jobs) for info in infos]
 
 
