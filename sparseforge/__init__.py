@@ -3,6 +3,7 @@
 The public API lives here and only here (DESIGN section 2).
 """
 
+from ._version import __version__ as __version__
 from .ir.nodes import (
     Pattern,
     causal,
@@ -19,8 +20,6 @@ from .ir.nodes import (
 from .planner.plan import Plan, plan
 from .reference import dense_mask, reference_attention
 from .runtime.dispatch import attention
-
-from ._version import __version__
 
 __all__ = [
     "Pattern", "Plan", "attention", "causal", "chunks", "dense_mask", "documents", "full", "global_queries",

@@ -61,7 +61,7 @@ def plan_cmd(pattern: str = typer.Argument(..., help="pattern expression, e.g. "
 def bench(length: int = typer.Option(4096), repeats: int = typer.Option(5),
           flex: bool = typer.Option(True, help="also time compiled FlexAttention")):
     """CPU benchmark vs SDPA (and FlexAttention), plus warm dispatch overhead."""
-    from bench.cpu_sliding_window import main as run
+    from .benchmarks import main as run
 
     run(length=length, repeats=repeats, with_flex=flex)
 

@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 
+from .benchmarks import best
 from .ir.nodes import sinks, sliding_window
 from .planner.plan import plan
 from .reference import dense_mask, reference_attention
 from .runtime.dispatch import attention
-
-
-def _best_of(fn, repeats: int) -> float:
-    fn()  # warm: planning, caches, allocator
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def run_demo(length: int = 4096, window: int = 256, n_sinks: int = 4, heads: int = 4,
@@ -29,8 +18,8 @@ def run_demo(length: int = 4096, window: int = 256, n_sinks: int = 4, heads: int
     q, k, v = (torch.randn(1, heads, length, head_dim) for _ in range(3))
     p = plan(pattern, q_len=length, kv_len=length, head_dim=head_dim, dtype="float32", target="cpu")
     mask = dense_mask(pattern, length, length)
-    ours = _best_of(lambda: attention(q, k, v, pattern), repeats)
-    sdpa = _best_of(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+    ours = best(lambda: attention(q, k, v, pattern), repeats)
+    sdpa = best(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask),
                     repeats)
     out = attention(q, k, v, pattern)
     ref = reference_attention(q, k, v, pattern)

@@ -9,8 +9,8 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 _CACHE = tempfile.mkdtemp(prefix="sparseforge-test-cache-")
 os.environ.setdefault("SPARSEFORGE_CACHE_DIR", _CACHE)
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 
 def pytest_collection_modifyitems(config, items):

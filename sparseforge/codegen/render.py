@@ -74,7 +74,7 @@ def _segment_texts(kernel: KernelPlan, s: int, seg, tiles: dict) -> dict:
     seg = seg.subs(tiles)
     out = {k: to_triton(getattr(seg, k)) for k in ("lo", "hi", "full_lo", "full_hi")}
     # normalisation steps refer to this segment's raw bounds and to earlier steps
-    for (symbol, expr), key in zip(NORMALISE, ("lo", "hi", "full_lo", "full_hi")):
+    for (_, expr), key in zip(NORMALISE, ("lo", "hi", "full_lo", "full_hi")):
         out[f"norm_{key}"] = to_triton(expr, names)
     return out
 

@@ -2,9 +2,29 @@
 
 from .canonicalize import canonicalize, expression_dag, is_empty
 from .nodes import (
-    Causal, Chunks, Documents, Empty, Full, GlobalQueries, Intersection, Pattern, PerHead,
-    Sinks, Union, Window, causal, chunks, documents, full, global_queries, per_head, prefix_lm,
-    sinks, sliding_window, walk, window,
+    Causal,
+    Chunks,
+    Documents,
+    Empty,
+    Full,
+    GlobalQueries,
+    Intersection,
+    Pattern,
+    PerHead,
+    Sinks,
+    Union,
+    Window,
+    causal,
+    chunks,
+    documents,
+    full,
+    global_queries,
+    per_head,
+    prefix_lm,
+    sinks,
+    sliding_window,
+    walk,
+    window,
 )
 
 __all__ = [

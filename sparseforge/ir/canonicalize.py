@@ -107,7 +107,7 @@ def _union(kids: tuple[Pattern, ...]) -> Pattern:
     parts = _merge_chunks(parts, union=True)
     windows = _join_windows([p for p in parts if isinstance(p, Window)])
     if any(isinstance(p, Causal) for p in parts):
-        windows = [w for w in windows if not (w.right == 0)]
+        windows = [w for w in windows if w.right != 0]
     parts = [p for p in parts if not isinstance(p, Window)] + windows
     return _finish(Union, parts, Empty())
 

@@ -132,7 +132,7 @@ def _check_block(name: str, value) -> None:
 
 def default_target(device: torch.device | None = None) -> str:
     if device is not None and device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
+        major, _ = torch.cuda.get_device_capability(device)
         return "sm_90" if major >= 9 else "sm_80"
     return "cpu"
 

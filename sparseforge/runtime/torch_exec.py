@@ -21,7 +21,7 @@ _SCORE_BUDGET = 1 << 24
 
 
 def run_forward(plan: Plan, call_kernels, q, k, v, out, lse, scale: float) -> None:
-    b, hq, lq, _ = q.shape
+    _, hq, lq, _ = q.shape
     hkv, lkv = k.shape[1], k.shape[2]
     if lq == 0:
         return
@@ -86,7 +86,6 @@ def _attend(pattern, geo, groups, plan, q, kt, vt, visit, full, tiles_q, lk, sca
     is_full = torch.from_numpy(np.take_along_axis(full, kv_idx.numpy(), axis=1))
     kg = kt[:, :, kv_idx]  # [B, H, nq, C, BN, D]
     vg = vt[:, :, kv_idx]
-    b, h = q.shape[:2]
     s = torch.matmul(q, kg.flatten(3, 4).transpose(-1, -2)) * scale  # [B, H, nq, BM, C*BN]
     allowed = _tile_mask(pattern, geo, groups, tiles_q, kv_idx, is_full, bm, bn, lk, totals)
     s = s.masked_fill(~allowed.view(allowed.shape[0], 1, nq, bm, count * bn)

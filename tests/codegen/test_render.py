@@ -21,14 +21,15 @@ def test_same_plan_renders_byte_identical_source():
 
 
 def test_kernel_name_is_readable():
-    src = render_forward(_plan(sf.sliding_window(256)))
-    assert src.name == "fwd_window_l255_r0_bm%d_bn%d_d64_bf16" % (
-        _plan(sf.sliding_window(256)).block_m, _plan(sf.sliding_window(256)).block_n)
+    p = _plan(sf.sliding_window(256))
+    src = render_forward(p)
+    assert src.name == f"fwd_window_l255_r0_bm{p.block_m}_bn{p.block_n}_d64_bf16"
     assert src.module_stem.startswith(src.name + "_")
 
 
 def test_rendered_source_is_valid_python_with_arithmetic_bounds():
-    src = render_forward(_plan(sf.sliding_window(100) | sf.sinks(8) | sf.global_queries(4))).source
+    pattern = sf.sliding_window(100) | sf.sinks(8) | sf.global_queries(4)
+    src = render_forward(_plan(pattern)).source
     ast.parse(src)
     assert "_floordiv((-99 + p_first)" in src  # the window's lower bound, printed from sympy
     assert "tl.load(" in src and "Index" not in src  # static: no index tensor is read
@@ -37,7 +38,8 @@ def test_rendered_source_is_valid_python_with_arithmetic_bounds():
 def test_full_tiles_carry_no_predicate():
     src = render_forward(_plan(sf.causal())).source
     body = src[src.index("def _attend_tile"):src.index("@triton.jit\ndef fwd_")]
-    full_branch = body[body.index("if IS_FULL:\n        # every pair"):body.index("    else:\n        allowed")]
+    start = body.index("if IS_FULL:\n        # every pair")
+    full_branch = body[start:body.index("    else:\n        allowed")]
     assert "_allowed" not in full_branch and "tl.where" not in full_branch
 
 
@@ -47,6 +49,8 @@ def test_templates_are_strict():
 
 
 def test_predicate_printer_uses_only_validated_integers():
-    p = triton_predicate(sf.window(3, 2, dilation=2) | sf.chunks(7) | sf.documents(torch.zeros(3, dtype=torch.long)))
-    assert p == ("(doc_q == doc_k) | (_floordiv(p, 7) == _floordiv(j, 7)) | "
-                 "(((j - p) % 2 == 0) & (j >= p - 6) & (j <= p + 4))") or "doc_q == doc_k" in p
+    docs = sf.documents(torch.zeros(3, dtype=torch.long))
+    p = triton_predicate(sf.window(3, 2, dilation=2) | sf.chunks(7) | docs)
+    for piece in ("((j - p) % 2 == 0) & (j >= p - 6) & (j <= p + 4)",
+                  "_floordiv(p, 7) == _floordiv(j, 7)", "doc_q == doc_k"):
+        assert piece in p

@@ -63,7 +63,7 @@ def test_foreign_writable_directory_is_refused(tmp_path, monkeypatch):
 def test_read_only_directory_falls_back(tmp_path, monkeypatch):
     d = tmp_path / "ro"
     d.mkdir(mode=0o700)
-    (d / f"kernels-x").mkdir()
+    (d / "kernels-x").mkdir()
     os.chmod(d, stat.S_IRUSR | stat.S_IXUSR)
     monkeypatch.setenv(cache.ENV_CACHE_DIR, str(d))
     assert cache.load_kernel_module("demo", SOURCE + "#ro\n", interpret=True).VALUE == 42
