@@ -1,11 +1,10 @@
 """Launch the generated forward kernels of a plan (GPU, or CPU tensors via the interpreter).
 
-Warm calls avoid Triton's generic path as far as it is safe to: the rendered source, the
-imported module and the ``JITFunction`` are looked up in dictionaries keyed by the plan;
-on CUDA the ``CompiledKernel`` returned by the first launch is kept per specialisation
-key (pointer alignment, unit strides) and launched directly afterwards, skipping the JIT
-argument binder. Lengths and most strides are marked ``do_not_specialize`` in the
-template, so the key stays small.
+Warm calls never render or compile: the rendered source, the imported module and the
+``JITFunction`` are looked up in dictionaries keyed by the (frozen, hashable) plan, and
+the launch goes through ``JITFunction.__getitem__``, whose own cache holds the compiled
+binary. Not done yet (needs a GPU to verify): keeping the ``CompiledKernel`` per
+specialisation key and launching it directly to skip Triton's argument binder.
 """
 
 from __future__ import annotations
