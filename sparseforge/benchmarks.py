@@ -91,6 +91,7 @@ def main(length=4096, repeats=5, with_flex=True, window=256, heads=4, head_dim=6
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "threads": torch.get_num_threads()},
         "versions": {"torch": torch.__version__, "sparseforge": sf.__version__,
+                     "triton": __import__("triton").__version__,
                      "python": platform.python_version()},
     }
     print(json.dumps(result, indent=1))
