@@ -49,7 +49,7 @@ def plan_cmd(pattern: str = typer.Argument(..., help="pattern expression, e.g. "
     if png:
         p.save_png(png)
     if as_json:
-        k = p.kernels[0].stats
+        k = p.stats[0]
         typer.echo(json.dumps({"pattern": repr(p.pattern), "block_m": p.block_m,
                                "block_n": p.block_n, "visited": k.visited, "full": k.full,
                                "utilisation": k.utilisation, "density": k.density}))

@@ -66,7 +66,7 @@ def kernel_name(plan: Plan, kernel: KernelPlan) -> str:
     return re.sub(r"[^0-9A-Za-z_]", "_", name)
 
 
-def _segment_texts(kernel: KernelPlan, s: int, seg, tiles: dict) -> dict:
+def _segment_texts(s: int, seg, tiles: dict) -> dict:
     names = dict(TRITON_NAMES)
     names.update({RAW_LO: f"lo_raw{s}", RAW_HI: f"hi_raw{s}", RAW_FULL_LO: f"flo_raw{s}",
                   RAW_FULL_HI: f"fhi_raw{s}", LO: f"lo{s}", HI: f"hi{s}", FULL_LO: f"flo{s}",
@@ -82,7 +82,7 @@ def _segment_texts(kernel: KernelPlan, s: int, seg, tiles: dict) -> dict:
 def render_forward(plan: Plan, kernel_index: int = 0) -> ForwardKernelSource:
     kernel = plan.kernels[kernel_index]
     tiles = {BLOCK_M: plan.block_m, BLOCK_N: plan.block_n}
-    segments = [_segment_texts(kernel, s, seg, tiles) for s, seg in enumerate(kernel.walked_segments)]
+    segments = [_segment_texts(s, seg, tiles) for s, seg in enumerate(kernel.walked_segments)]
     n = len(segments)
     sort_pairs = [(j, j + 1) for i in range(n) for j in range(n - 1 - i)]
     name = kernel_name(plan, kernel)
@@ -99,7 +99,6 @@ def render_forward(plan: Plan, kernel_index: int = 0) -> ForwardKernelSource:
         has_documents=kernel.has_documents,
         d_padded=plan.padded_head_dim != plan.head_dim,
         dot_precision=', input_precision="ieee"' if plan.dtype == "float32" else "",
-        longest_first=False,
     )
     source = _environment().get_template("forward.py.jinja").render(**context)
     digest = hashlib.sha256(source.encode()).hexdigest()

@@ -15,7 +15,7 @@ def explain(plan) -> str:
         f"num_stages={cfg.num_stages}",
     ]
     for n, k in enumerate(plan.kernels):
-        st = k.stats
+        st = plan.stats[n]
         heads = "all heads" if k.heads is None else f"heads {list(k.heads)}"
         perm = ("none" if k.groups == 1 else
                 f"dilation groups: {k.groups} strided views (token t of group g = g + t*{k.groups})")

@@ -14,7 +14,6 @@ def save_png(plan, path, *, max_tokens: int = 1024) -> None:
     from matplotlib.patches import Rectangle
 
     from ..reference import dense_mask
-    from .schedule import visit_matrices
 
     kernel = plan.kernels[0]
     lq, lkv = min(plan.q_len, max_tokens), min(plan.kv_len, max_tokens)
@@ -26,7 +25,8 @@ def save_png(plan, path, *, max_tokens: int = 1024) -> None:
     ax.imshow(mask, cmap="Greys", interpolation="nearest", vmin=0, vmax=1.6)
     bm, bn = plan.block_m, plan.block_n
     if kernel.groups == 1:
-        visit, full = visit_matrices(list(kernel.walked_segments), plan.q_len, plan.kv_len, bm, bn)
+        sched = plan.schedules[0][0]
+        visit, full = sched.visit, sched.full
         for m, n in zip(*np.nonzero(visit)):
             if m * bm >= lq or n * bn >= lkv:
                 continue

@@ -9,7 +9,8 @@ tile and whether they are walked one by one or as one hull. It is built once per
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from ..ir.canonicalize import canonicalize
 from ..ir.nodes import Documents, Pattern, PerHead, Window, walk
 from ..semantics import pair_mask
 from .ranges import TileSegment, hull_segment, tile_segments
-from .schedule import GroupGeometry, group_geometry, visit_matrices
+from .schedule import GroupSchedule, group_geometry, visit_matrices
 from .tiles import TARGETS, TileConfig, candidate_configs, estimated_cost, padded_head_dim
 
 log = logging.getLogger("sparseforge")
@@ -70,9 +71,8 @@ class KernelPlan:
     segments: tuple[TileSegment, ...]
     schedule: str  # "segments": walk each sorted segment; "hull": one covering range
     heads: tuple[int, ...] | None  # query heads served; None = all
-    stats: TileStats = field(compare=False)
 
-    @property
+    @cached_property
     def walked_segments(self) -> tuple[TileSegment, ...]:
         return self.segments if self.schedule == "segments" else (hull_segment(list(self.segments)),)
 
@@ -104,8 +104,21 @@ class Plan:
     def padded_head_dim(self) -> int:
         return padded_head_dim(self.head_dim)
 
-    def geometry(self, kernel: KernelPlan) -> list[GroupGeometry]:
-        return group_geometry(self.q_len, self.kv_len, kernel.groups)
+    @cached_property
+    def schedules(self) -> tuple[tuple[GroupSchedule, ...], ...]:
+        """Per kernel, per dilation group: the walked segments evaluated over every query
+        tile. Computed once per plan; the CPU path, stats and the picture all read it."""
+        return tuple(
+            tuple(GroupSchedule(geo, *visit_matrices(list(k.walked_segments), geo.q_len,
+                                                     geo.kv_len, self.block_m, self.block_n))
+                  for geo in group_geometry(self.q_len, self.kv_len, k.groups))
+            for k in self.kernels)
+
+    @cached_property
+    def stats(self) -> tuple[TileStats, ...]:
+        """Per kernel tile statistics. Lazy: counting useful pairs evaluates the predicate
+        on every partial tile, which dispatch never needs (only explain/png do)."""
+        return tuple(_stats(self, i) for i in range(len(self.kernels)))
 
     def explain(self) -> str:
         from .explain import explain
@@ -169,10 +182,8 @@ def plan(pattern: Pattern, *, q_len: int, kv_len: int, head_dim: int, dtype="bfl
         if best is None or cost < best[0]:
             best = (cost, cfg, choices)
     _, cfg, choices = best
-    kernels = tuple(
-        KernelPlan(p, analysed, g, tuple(segs), sched, h,
-                   _stats(p, analysed, g, segs, sched, q_len, kv_len, cfg))
-        for (_, p, analysed, g, segs, sched), (_, h) in zip(choices, heads))
+    kernels = tuple(KernelPlan(p, analysed, g, tuple(segs), sched, h)
+                    for (_, p, analysed, g, segs, sched), (_, h) in zip(choices, heads))
     return Plan(canonical, q_len, kv_len, head_dim, dtype, target, cfg, kernels)
 
 
@@ -218,19 +229,20 @@ def _choose_kernel(pattern, heads, q_len, kv_len, cfg, schedule, groups):
     return best
 
 
-def _stats(pattern, analysed, groups, segments, schedule, q_len, kv_len, cfg) -> TileStats:
-    walked = list(segments) if schedule == "segments" else [hull_segment(list(segments))]
-    bm, bn = cfg.block_m, cfg.block_n
+def _stats(p: Plan, index: int) -> TileStats:
+    kernel = p.kernels[index]
+    bm, bn = p.block_m, p.block_n
     q_tiles = kv_tiles = visited = full_tiles = useful = 0
-    for geo in group_geometry(q_len, kv_len, groups):
-        v, f = visit_matrices(walked, geo.q_len, geo.kv_len, bm, bn)
+    for sched in p.schedules[index]:
+        v, f = sched.visit, sched.full
         q_tiles += v.shape[0]
         kv_tiles = max(kv_tiles, v.shape[1] if v.ndim == 2 else 0)
         visited += int(v.sum())
         full_tiles += int(f.sum())
-        useful += _useful_pairs(pattern, geo, groups, v, f, q_len, kv_len, bm, bn)
+        useful += _useful_pairs(kernel.pattern, sched.geometry, kernel.groups, v, f, p.q_len,
+                                p.kv_len, bm, bn)
     return TileStats(q_tiles, kv_tiles, visited, full_tiles, useful, visited * bm * bn,
-                     q_len * kv_len)
+                     p.q_len * p.kv_len)
 
 
 def _useful_pairs(pattern, geo, groups, visit, full, q_len, kv_len, bm, bn, chunk=2048) -> int:

@@ -23,6 +23,15 @@ class GroupGeometry:
     kv_len: int
 
 
+@dataclass(frozen=True, eq=False)
+class GroupSchedule:
+    """One dilation group's tiles: ``visit[Tq, Tk]`` and ``full[Tq, Tk]`` (read-only)."""
+
+    geometry: GroupGeometry
+    visit: np.ndarray
+    full: np.ndarray
+
+
 def group_geometry(q_len: int, kv_len: int, groups: int) -> list[GroupGeometry]:
     """Split positions by residue mod ``groups`` (of the absolute query position)."""
     delta = kv_len - q_len

@@ -4,9 +4,10 @@ Rendered source is written under the cache directory (a readable mirror that too
 people can open) and the module is executed from the source we rendered, with the file
 as its ``__file__``. Entries are keyed by content: the file name carries the sha256 of
 (source, Triton version), and an entry whose bytes differ from the rendered source
-(truncated, edited, planted) is rewritten; its contents are never executed. Writes are atomic (temporary file
-plus ``os.replace``) under a cross-process ``filelock``; a cache directory that other
-users can write to is refused, because anyone who can write there can run code as us.
+(truncated, edited, planted) is rewritten; its contents are never executed. Writes are
+atomic (temporary file plus ``os.replace``) under a cross-process ``filelock``; a cache
+directory that other users can write to is refused, because anyone who can write there
+can run code as us.
 """
 
 from __future__ import annotations

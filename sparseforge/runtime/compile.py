@@ -18,9 +18,8 @@ from dataclasses import asdict, dataclass
 
 import triton
 
-from ..codegen.render import render_forward
 from ..planner.plan import Plan
-from .cache import load_kernel_module
+from .triton_launch import kernel_function
 
 _TRITON_DTYPES = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}
 ARCHS = {"sm_80": 80, "sm_90": 90}
@@ -115,9 +114,7 @@ def compile_forward(plan: Plan, kernel_index: int, arch: str):
 
     if arch not in ARCHS:
         raise ValueError(f"arch={arch!r}: expected one of {', '.join(ARCHS)}")
-    src = render_forward(plan, kernel_index)
-    module = load_kernel_module(src.module_stem, src.source, interpret=False)
-    fn = getattr(module, src.name)
+    fn, src = kernel_function(plan, kernel_index, interpret=False)
     sig, constexprs = forward_signature(plan, kernel_index)
     attrs = divisibility_attrs(fn, sig, plan)
     compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),

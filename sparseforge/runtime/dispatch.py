@@ -82,8 +82,9 @@ def _resolve_backend(backend: str, q: torch.Tensor) -> tuple[str, str]:
 
 def _forward(executor: str, p: Plan, compiled: CompiledPattern, q, k, v, scale: float):
     b, hq, lq, _ = q.shape
-    out = torch.zeros_like(q)
-    lse = torch.full((b, hq, lq), float("-inf"), dtype=torch.float32, device=q.device)
+    # both executors write every row of every head (empty rows included): no fill needed
+    out = torch.empty_like(q)
+    lse = torch.empty((b, hq, lq), dtype=torch.float32, device=q.device)
     if executor == "torch":
         torch_exec.run_forward(p, compiled.head_patterns, q, k, v, out, lse, scale)
     else:

@@ -1,9 +1,10 @@
 """The CPU path: execute a plan's tile schedule with torch ops.
 
-It consumes the same closed-form segments as the kernel (evaluated per query tile), so
-it is a second, independent consumer of the plan. Query tiles are grouped by how many
-kv tiles they visit; each group gathers its kv tiles (block gather), runs one batched
-matmul per slice of kv tiles, and merges slices with an online softmax. The token
+It consumes the same closed-form segments as the kernel (evaluated once per plan, see
+``Plan.schedules``), so it is a second, independent consumer of the plan. Query tiles
+are grouped by how many kv tiles they visit; a batch of such tiles gathers all its kv
+tiles (block gather) and runs one batched matmul and one softmax over them, so memory
+per batch grows with the visit count (one query tile's full row at most). The token
 predicate is evaluated only on partial tiles; full tiles take no mask.
 """
 
@@ -13,10 +14,10 @@ import numpy as np
 import torch
 
 from ..planner.plan import KernelPlan, Plan
-from ..planner.schedule import visit_matrices
+from ..planner.schedule import GroupSchedule
 from ..semantics import pair_mask
 
-# Upper bound on score elements materialised at once (per q-tile group, per kv slice).
+# Score elements materialised per batch of query tiles (at least one tile per batch).
 _SCORE_BUDGET = 1 << 24
 
 
@@ -26,9 +27,10 @@ def run_forward(plan: Plan, call_kernels, q, k, v, out, lse, scale: float) -> No
     if lq == 0:
         return
     compute = torch.float32 if q.dtype != torch.float64 else torch.float64
-    for kernel, call_pattern in zip(plan.kernels, call_kernels):
+    for kernel, call_pattern, schedules in zip(plan.kernels, call_kernels, plan.schedules):
         heads = list(range(hq)) if kernel.heads is None else list(kernel.heads)
-        for geo in plan.geometry(kernel):
+        for sched in schedules:
+            geo = sched.geometry
             if geo.q_len == 0:
                 continue
             rows = slice(geo.q_start, None, kernel.groups)
@@ -36,19 +38,19 @@ def run_forward(plan: Plan, call_kernels, q, k, v, out, lse, scale: float) -> No
             qg = q[:, heads, rows].to(compute)
             kg = k[:, :, cols].to(compute)
             vg = v[:, :, cols].to(compute)
-            o, l_ = _run_group(plan, kernel, call_pattern, geo, qg, kg, vg, heads, hq // hkv,
+            o, l_ = _run_group(plan, kernel, call_pattern, sched, qg, kg, vg, heads, hq // hkv,
                                scale, (lq, lkv))
             out[:, heads, rows] = o.to(out.dtype)
             lse[:, heads, rows] = l_
 
 
-def _run_group(plan: Plan, kernel: KernelPlan, pattern, geo, q, k, v, heads, group, scale,
-               totals):
+def _run_group(plan: Plan, kernel: KernelPlan, pattern, sched: GroupSchedule, q, k, v, heads,
+               group, scale, totals):
     """Attention of one dilation group; q: [B, Hsel, Lg, D], k/v: [B, Hkv, Lkg, D]."""
     bm, bn = plan.block_m, plan.block_n
     b, hs, lq, d = q.shape
     lk = k.shape[2]
-    visit, full = visit_matrices(list(kernel.walked_segments), lq, lk, bm, bn)
+    geo, visit, full = sched.geometry, sched.visit, sched.full
     tq, tk = visit.shape
     kv_heads = torch.tensor([h // group for h in heads])
     # pad to whole tiles: [B, Hsel, Tq, BM, D] and [B, Hsel, Tk, BN, D]

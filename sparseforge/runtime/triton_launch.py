@@ -9,7 +9,6 @@ specialisation key and launching it directly to skip Triton's argument binder.
 
 from __future__ import annotations
 
-import logging
 from functools import lru_cache
 
 import torch
@@ -20,7 +19,6 @@ from ..planner.schedule import group_geometry
 from ..semantics import document_ids
 from .cache import load_kernel_module
 
-log = logging.getLogger("sparseforge")
 LOG2E = 1.4426950408889634
 
 
@@ -29,7 +27,9 @@ def rendered(plan: Plan, kernel_index: int) -> ForwardKernelSource:
     return render_forward(plan, kernel_index)
 
 
+@lru_cache(maxsize=512)
 def kernel_function(plan: Plan, kernel_index: int, interpret: bool):
+    """(kernel function, rendered source); warm calls skip rehashing the source."""
     src = rendered(plan, kernel_index)
     module = load_kernel_module(src.module_stem, src.source, interpret=interpret)
     return getattr(module, src.name), src
@@ -48,7 +48,7 @@ def head_runs(heads: tuple[int, ...] | None, n_heads: int) -> list[tuple[int, in
     return [tuple(r) for r in runs]
 
 
-def _documents_args(kernel, call_kernel_pattern, q_len, kv_len, device):
+def _documents_args(call_kernel_pattern, q_len, kv_len, device):
     from ..ir.nodes import Documents, walk
 
     docs = [n for n in walk(call_kernel_pattern) if isinstance(n, Documents)]
@@ -73,24 +73,17 @@ def run_forward(plan: Plan, call_kernels, q, k, v, out, lse, scale: float, inter
         return
     for index, kernel in enumerate(plan.kernels):
         fn, src = kernel_function(plan, index, interpret)
-        extra = (_documents_args(kernel, call_kernels[index], lq, lkv, q.device)
+        extra = (_documents_args(call_kernels[index], lq, lkv, q.device)
                  if kernel.has_documents else [])
         g = kernel.groups
         tiles_per_group = max(1, max(-(-geo.q_len // plan.block_m)
                                      for geo in group_geometry(lq, lkv, g)))
         for first_head, n_heads in head_runs(kernel.heads, hq):
-            grid = (g * tiles_per_group, b * n_heads)
-            _launch(fn, grid, src, plan, g, q, k, v, out, lse, extra, n_heads, first_head,
-                    hq // hkv, lq, lkv, tiles_per_group, scale, interpret)
-
-
-def _launch(fn, grid, src, plan, g, q, k, v, out, lse, extra, n_heads, first_head, kv_group, lq,
-            lkv, tiles_per_group, scale, interpret):
-    fn[grid](
-        q, k, v, out, lse, *extra,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-        n_heads, first_head, kv_group, lq, lkv, tiles_per_group, scale * LOG2E,
-        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, HEAD_DIM=plan.head_dim,
-        D_PAD=plan.padded_head_dim, GROUPS=g, DOT_UPCAST=interpret and q.dtype == torch.bfloat16,
-        **dict(src.launch_options),
-    )
+            fn[(g * tiles_per_group, b * n_heads)](
+                q, k, v, out, lse, *extra,
+                *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+                n_heads, first_head, hq // hkv, lq, lkv, tiles_per_group, scale * LOG2E,
+                BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, HEAD_DIM=plan.head_dim,
+                D_PAD=plan.padded_head_dim, GROUPS=g,
+                DOT_UPCAST=interpret and q.dtype == torch.bfloat16, **dict(src.launch_options),
+            )

@@ -10,7 +10,7 @@ def test_explain_reports_tiles_density_and_utilisation():
     text = p.explain()
     for word in ("visited", "full", "partial", "density", "utilisation", "no index tensor"):
         assert word in text
-    st = p.kernels[0].stats
+    st = p.stats[0]
     assert st.visited < st.q_tiles * st.kv_tiles * 0.2
     assert 0 < st.utilisation <= 1 and st.full > 0
     # the allowed pairs counted inside visited tiles are all the mask's pairs
@@ -22,9 +22,9 @@ def test_dilation_groups_raise_utilisation():
     grouped = sf.plan(pattern, q_len=4096, kv_len=4096, head_dim=64, target="sm_90")
     flat = sf.plan(pattern, q_len=4096, kv_len=4096, head_dim=64, target="sm_90", groups=1)
     assert grouped.kernels[0].groups == 4
-    assert grouped.kernels[0].stats.utilisation > 2 * flat.kernels[0].stats.utilisation
-    assert grouped.kernels[0].stats.full > 0 and flat.kernels[0].stats.full == 0
-    assert grouped.kernels[0].stats.useful_pairs == flat.kernels[0].stats.useful_pairs
+    assert grouped.stats[0].utilisation > 2 * flat.stats[0].utilisation
+    assert grouped.stats[0].full > 0 and flat.stats[0].full == 0
+    assert grouped.stats[0].useful_pairs == flat.stats[0].useful_pairs
 
 
 def test_hull_fallback_when_segments_do_not_pay():
