@@ -11,6 +11,13 @@ os.environ.setdefault("SPARSEFORGE_CACHE_DIR", _CACHE)
 
 import pytest
 import torch
+from hypothesis import settings
+
+# CI runs the same fuzz examples every time (a red build must be reproducible);
+# `pytest --hypothesis-profile=explore` draws fresh random examples to hunt for bugs.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile("ci")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -9,7 +9,8 @@ and rewritten bottom-up in topological order. The passes are local rules:
 * windows with the same dilation merge: ``&`` intersects their ranges, ``|`` joins
   ranges that overlap or touch; ``causal & window`` clips the window's right side to 0;
   a window with ``right == 0`` inside a union with ``causal`` is absorbed;
-* ``sinks``/``global_queries`` merge by max (``|``) or min (``&``); ``n == 0`` is empty;
+* ``sinks``/``global_queries`` merge by max (``|``) or min (``&``); ``sinks(0)`` is empty
+  (``global_queries(0)`` is not: with Lq > Lkv the first queries have p < 0);
 * ``chunks(a) & chunks(b)`` with ``b % a == 0`` is ``chunks(a)`` (and dually for ``|``);
 * ``per_head`` of identical patterns is that pattern.
 """
@@ -70,8 +71,6 @@ def is_empty(pattern: Pattern) -> bool:
 
 def _rewrite(node: Pattern, kids: tuple[Pattern, ...]) -> Pattern:
     if isinstance(node, Sinks) and node.n == 0:
-        return Empty()
-    if isinstance(node, GlobalQueries) and node.n == 0:
         return Empty()
     if isinstance(node, Union):
         return _union(kids)
