@@ -4,6 +4,7 @@ The public API lives here and only here (DESIGN section 2).
 """
 
 from ._version import __version__ as __version__
+from .aot.spec import BuildSpec
 from .ir.nodes import (
     Pattern,
     causal,
@@ -20,8 +21,9 @@ from .ir.nodes import (
 from .planner.plan import Plan, plan
 from .reference import dense_mask, reference_attention
 from .runtime.dispatch import attention
+from .runtime.prebuilt import load_kernels
 
 __all__ = [
-    "Pattern", "Plan", "attention", "causal", "chunks", "dense_mask", "documents", "full", "global_queries",
-    "per_head", "plan", "prefix_lm", "reference_attention", "sinks", "sliding_window", "window",
+    "BuildSpec", "Pattern", "Plan", "attention", "causal", "chunks", "dense_mask", "documents", "full", "global_queries",
+    "load_kernels", "per_head", "plan", "prefix_lm", "reference_attention", "sinks", "sliding_window", "window",
 ]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import typer
 
 app = typer.Typer(help="sparseforge: compile sparse attention patterns to Triton kernels.",
                   no_args_is_help=True, add_completion=False)
-cache_app = typer.Typer(help="Inspect or clear the kernel cache.", no_args_is_help=True)
+cache_app = typer.Typer(help="List, verify or clear the kernel cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
 
@@ -33,28 +34,105 @@ def demo(length: int = typer.Option(4096, help="sequence length"),
     typer.echo(f"max |error| vs fp64 oracle       {r['max_abs_error']:9.2e}")
 
 
+def _plan_summary(p, name: str | None = None) -> dict:
+    kernels = [{"pattern": repr(k.pattern), "heads": None if k.heads is None else list(k.heads),
+                "schedule": k.schedule, "groups": k.groups, "visited": st.visited, "full": st.full,
+                "partial": st.partial, "density": st.density, "utilisation": st.utilisation}
+               for k, st in zip(p.kernels, p.stats)]
+    first = kernels[0]
+    return {"name": name, "pattern": repr(p.pattern), "q_len": p.q_len, "kv_len": p.kv_len,
+            "head_dim": p.head_dim, "dtype": p.dtype, "target": p.target, "block_m": p.block_m,
+            "block_n": p.block_n, "num_warps": p.config.num_warps,
+            "num_stages": p.config.num_stages, "visited": first["visited"], "full": first["full"],
+            "utilisation": first["utilisation"], "density": first["density"], "kernels": kernels}
+
+
 @app.command("plan")
-def plan_cmd(pattern: str = typer.Argument(..., help="pattern expression, e.g. "
-                                           "'sliding_window(256) | sinks(4)'"),
-             q_len: int = typer.Option(4096), kv_len: int = typer.Option(None),
-             head_dim: int = typer.Option(128), dtype: str = typer.Option("bfloat16"),
-             target: str = typer.Option("sm_90"), png: str = typer.Option(None, help="write a picture"),
-             as_json: bool = typer.Option(False, "--json")):
-    """Plan a pattern expression and explain it (tiles, full/partial, utilisation)."""
+def plan_cmd(target: str = typer.Argument(..., metavar="SPEC_FILE[:NAME] | PATTERN",
+                                          help="a spec file (optionally one spec of it), or a "
+                                          "pattern expression such as 'sliding_window(256) | sinks(4)'"),
+             arch: str = typer.Option("sm_90", help="target to plan for: sm_80, sm_90, cpu"),
+             q_len: int = typer.Option(4096, help="query length (pattern expressions only)"),
+             kv_len: int = typer.Option(None, help="key length (default: q_len)"),
+             head_dim: int = typer.Option(128, help="head dim (pattern expressions only)"),
+             dtype: str = typer.Option("bfloat16", help="bfloat16, float16 or float32"),
+             png: Path = typer.Option(None, help="write a picture of the mask and tile grid "
+                                      "(one file per spec: NAME is added to the file name)"),
+             as_json: bool = typer.Option(False, "--json", help="print JSON for scripts")):
+    """Explain how a spec file's layers (or one pattern) are tiled.
+
+    Prints tiles visited, full vs partial tiles, density and tile utilisation per kernel;
+    --png draws the mask and the tile grid."""
+    plans = _plans_for(target, arch, q_len, kv_len, head_dim, dtype)
+    for name, p in plans:
+        if png:
+            path = png if len(plans) == 1 else png.with_name(f"{png.stem}_{name}{png.suffix}")
+            p.save_png(path)
+    if as_json:
+        out = [_plan_summary(p, name) for name, p in plans]
+        typer.echo(json.dumps(out[0] if len(out) == 1 else out, indent=1))
+        return
+    for name, p in plans:
+        if name:
+            typer.echo(f"== {name}")
+        typer.echo(p.explain())
+        typer.echo("")
+
+
+def _plans_for(target, arch, q_len, kv_len, head_dim, dtype) -> list:
+    from .aot.spec import load_spec_file, select_specs, split_spec_argument
+
+    path, name = split_spec_argument(target)
+    if path.suffix == ".py" or path.is_file():
+        specs = select_specs(load_spec_file(path), name, str(path))
+        return [(s.name, s.plan(arch)) for s in specs]
     from . import plan as make_plan
     from .ir.patterns_parse import parse_pattern
 
-    p = make_plan(parse_pattern(pattern), q_len=q_len, kv_len=kv_len or q_len,
-                  head_dim=head_dim, dtype=dtype, target=target)
-    if png:
-        p.save_png(png)
+    return [(None, make_plan(parse_pattern(target), q_len=q_len, kv_len=kv_len or q_len,
+                             head_dim=head_dim, dtype=dtype, target=arch))]
+
+
+@app.command()
+def build(spec_file: Path = typer.Argument(..., metavar="SPEC_FILE[:NAME]",
+                                           help="Python file defining SPECS = [sf.BuildSpec(...)]"),
+          arch: str = typer.Option("sm_80,sm_90", help="comma-separated GPU targets"),
+          out: Path = typer.Option(..., "--out", "-o", help="output directory"),
+          workers: int = typer.Option(None, help="parallel compile processes (default: CPUs)"),
+          as_json: bool = typer.Option(False, "--json", help="print the manifest as JSON")):
+    """Compile a spec file's kernels for GPU targets (no GPU needed).
+
+    Writes cubins, manifest.json (registers, spills, shared memory, wgmma use, hashes)
+    and report.md to --out. Load them at run time with sf.load_kernels(OUT) or the
+    environment variable SPARSEFORGE_KERNELS=OUT."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .aot.build import build as run_build
+    from .aot.spec import load_spec_file, select_specs, split_spec_argument
+
+    path, name = split_spec_argument(str(spec_file))
+    specs = select_specs(load_spec_file(path), name, str(path))
+    archs = [a.strip() for a in arch.split(",") if a.strip()]
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=_stderr_console(), transient=as_json)
+    with progress:
+        task = progress.add_task("compiling", total=None)
+        manifest = run_build(
+            specs, archs, out, workers=workers,
+            on_start=lambda n: progress.update(task, total=n),
+            on_kernel=lambda e: progress.update(task, advance=1,
+                                                description=f"{e['name'][:40]} {e['arch']}"))
     if as_json:
-        k = p.stats[0]
-        typer.echo(json.dumps({"pattern": repr(p.pattern), "block_m": p.block_m,
-                               "block_n": p.block_n, "visited": k.visited, "full": k.full,
-                               "utilisation": k.utilisation, "density": k.density}))
-    else:
-        typer.echo(p.explain())
+        typer.echo(json.dumps(manifest, indent=1))
+        return
+    typer.echo((out / "report.md").read_text())
+    typer.echo(f"wrote {len(manifest['kernels'])} kernels, manifest and report to {out}")
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
 
 
 @app.command()
@@ -67,20 +145,51 @@ def bench(length: int = typer.Option(4096), repeats: int = typer.Option(5),
 
 
 @cache_app.command("ls")
-def cache_ls():
-    """List cached kernel sources."""
+def cache_ls(as_json: bool = typer.Option(False, "--json", help="print JSON")):
+    """List cached kernel sources and compiled binaries."""
+    from .runtime.binaries import binary_dir
     from .runtime.cache import kernel_dir
 
-    for path in sorted(kernel_dir().glob("*.py")):
-        typer.echo(f"{path.stat().st_size:8d}  {path.name}")
+    root, bins = kernel_dir(), binary_dir()
+    rows = [{"kind": "source", "file": p.name, "bytes": p.stat().st_size}
+            for p in sorted(root.glob("*.py"))] if root else []
+    rows += [{"kind": "binary", "file": p.name, "bytes": p.stat().st_size}
+             for p in sorted(bins.glob("*.cubin"))] if bins else []
+    if as_json:
+        typer.echo(json.dumps({"directory": str(root), "entries": rows}, indent=1))
+        return
+    typer.echo(f"cache {root if root else '(read-only: memory only)'}")
+    for r in rows:
+        typer.echo(f"{r['kind']:7s} {r['bytes']:9d}  {r['file']}")
+
+
+@cache_app.command("verify")
+def cache_verify(remove: bool = typer.Option(False, "--remove", help="delete damaged entries"),
+                 as_json: bool = typer.Option(False, "--json", help="print JSON")):
+    """Check every cache entry against its hash (exit status 1 if any is damaged).
+
+    Damaged entries are never used either way: they are rebuilt on next use."""
+    from .runtime.binaries import verify_cache
+
+    problems = verify_cache(remove=remove)
+    if as_json:
+        typer.echo(json.dumps([{"entry": e, "problem": p} for e, p in problems], indent=1))
+    else:
+        for entry, problem in problems:
+            typer.echo(f"DAMAGED {entry}: {problem}{' (removed)' if remove else ''}")
+        typer.echo(f"{len(problems)} damaged entries")
+    raise typer.Exit(1 if problems else 0)
 
 
 @cache_app.command("clear")
 def cache_clear():
-    """Delete the kernel source cache."""
+    """Delete the kernel cache (sources and binaries) of this Triton version."""
     from .runtime.cache import kernel_dir
 
     d = kernel_dir()
+    if d is None:
+        typer.echo("cache is read-only: nothing to clear")
+        return
     shutil.rmtree(d)
     typer.echo(f"removed {d}")
 

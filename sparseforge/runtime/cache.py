@@ -7,7 +7,8 @@ as its ``__file__``. Entries are keyed by content: the file name carries the sha
 (truncated, edited, planted) is rewritten; its contents are never executed. Writes are
 atomic (temporary file plus ``os.replace``) under a cross-process ``filelock``; a cache
 directory that other users can write to is refused, because anyone who can write there
-can run code as us.
+can run code as us. A read-only cache directory is not an error: kernels then live in
+memory only (``triton.jit`` reads their source from ``linecache``, primed below).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ log = logging.getLogger("sparseforge")
 ENV_CACHE_DIR = "SPARSEFORGE_CACHE_DIR"
 _modules: dict[tuple[str, bool], ModuleType] = {}
 _lock = threading.Lock()
-_fallback_dir: Path | None = None
+_warned_read_only: set[Path] = set()
+#: where kernel modules that could not be written appear to live (never created on disk)
+MEMORY_DIR = Path(tempfile.gettempdir()) / "sparseforge-memory-only"
 
 
 class UnsafeCacheDirectory(PermissionError):
@@ -61,8 +64,9 @@ def check_directory_is_private(path: Path) -> None:
             f"run `chmod go-w {path}` or set {ENV_CACHE_DIR} to a private directory")
 
 
-def kernel_dir() -> Path:
-    """The versioned directory for kernel sources; created private (0700) if missing."""
+def kernel_dir() -> Path | None:
+    """The versioned directory for kernel sources (created private, 0700, if missing), or
+    None when it cannot be written: the cache then lives in this process's memory."""
     root = cache_root()
     path = root / f"kernels-triton{triton.__version__}"
     try:
@@ -76,26 +80,23 @@ def kernel_dir() -> Path:
     except UnsafeCacheDirectory:
         raise
     except OSError as exc:
-        return _private_fallback(f"cache directory {path} is not writable ({exc})")
-
-
-def _private_fallback(reason: str) -> Path:
-    global _fallback_dir
-    if _fallback_dir is None:
-        _fallback_dir = Path(tempfile.mkdtemp(prefix="sparseforge-"))
-        log.warning("%s; using a private temporary directory %s for this process",
-                    reason, _fallback_dir)
-    return _fallback_dir
+        if path not in _warned_read_only:
+            _warned_read_only.add(path)
+            log.warning("cache directory %s is not writable (%s): kernels are kept in memory "
+                        "for this process", path, exc)
+        return None
 
 
 def source_key(source: str) -> str:
+    """Cache key of a kernel module: its text and the Triton version that will run it (the
+    template version is rendered into the text)."""
     text = f"{source}\0triton={triton.__version__}"
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def write_if_different(path: Path, data: str) -> bool:
+def write_if_different(path: Path, data: str | bytes) -> bool:
     """Atomically make ``path`` hold ``data``; True if it had to be (re)written."""
-    payload = data.encode()
+    payload = data.encode() if isinstance(data, str) else data
     with contextlib.suppress(FileNotFoundError):
         if path.read_bytes() == payload:
             return False
@@ -157,11 +158,14 @@ def load_kernel_module(stem: str, source: str, *, interpret: bool) -> ModuleType
         if cached is not None:
             return cached
         directory = kernel_dir()
-        path = directory / f"{stem}_{key[:16]}.py"
-        with filelock.FileLock(str(path) + ".lock"):
-            # re-check under the lock: another process may have written it meanwhile
-            if write_if_different(path, source):
-                log.debug("wrote kernel source %s", path)
+        if directory is None:
+            path = MEMORY_DIR / f"{stem}_{key[:16]}.py"
+        else:
+            path = directory / f"{stem}_{key[:16]}.py"
+            with filelock.FileLock(str(path) + ".lock"):
+                # re-check under the lock: another process may have written it meanwhile
+                if write_if_different(path, source):
+                    log.debug("wrote kernel source %s", path)
         module = _exec_verified(path, source, interpret)
         _modules[(key, interpret)] = module
         return module
@@ -180,6 +184,24 @@ def _exec_verified(path: Path, source: str, interpret: bool) -> ModuleType:
     with triton_interpret(interpret):
         exec(code, module.__dict__)
     return module
+
+
+def verify_sources(remove: bool = False) -> list[tuple[str, str]]:
+    """(file, problem) for every cached source whose text does not match the key in its
+    name (truncated, edited or planted); optionally delete them."""
+    directory = kernel_dir()
+    problems = []
+    for path in sorted(directory.glob("*.py")) if directory else []:
+        expected = path.stem.rpartition("_")[2]
+        try:
+            actual = source_key(path.read_text())[:16]
+        except (OSError, UnicodeDecodeError) as exc:
+            actual = f"unreadable ({exc})"
+        if actual != expected:
+            problems.append((path.name, f"content does not match its key {expected}"))
+            if remove:
+                path.unlink(missing_ok=True)
+    return problems
 
 
 def clear_memory_cache() -> None:

@@ -14,32 +14,33 @@ import re
 import shutil
 import subprocess
 import tempfile
-from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import triton
 
 from ..planner.plan import Plan
+from .binaries import COUNTERS, KernelBinary, KernelInfo, kernel_key
 from .triton_launch import kernel_function
 
 _TRITON_DTYPES = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}
-ARCHS = {"sm_80": 80, "sm_90": 90}
+ARCHS = ("sm_80", "sm_90")  # what the tile tables are tuned for; any sm_XX >= 80 compiles
 
 
-@dataclass(frozen=True)
-class CompiledKernelInfo:
-    name: str
-    arch: str
-    kind: str
-    registers: int
-    spills: int  # bytes of local memory (register spills) per thread
-    stack: int
-    shared_memory: int
-    uses_wgmma: bool
-    source_sha256: str
-    cubin_size: int
+def parse_arch(arch: str) -> int:
+    """``"sm_90"`` -> 90; a clear error for anything else."""
+    m = re.fullmatch(r"sm_(\d{2,3})", arch) if isinstance(arch, str) else None
+    if m is None or int(m.group(1)) < 80:
+        raise ValueError(f"arch={arch!r}: expected an NVIDIA target 'sm_XX' with XX >= 80, "
+                         f"such as {', '.join(ARCHS)}")
+    return int(m.group(1))
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+
+def device_arch(device) -> str:
+    """The compile target of a CUDA device, e.g. ``"sm_90"`` for an H100."""
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
 
 
 def _nvidia_tool(name: str) -> str:
@@ -107,22 +108,36 @@ def divisibility_attrs(fn, signature: dict, plan: Plan) -> dict:
             for name in signature if name in aligned}
 
 
+def launch_spec(plan: Plan, kernel_index: int):
+    """(JITFunction, signature, constexprs, attrs): everything ``ASTSource`` needs, and
+    everything needed to rebuild a ``CompiledKernel`` from stored files."""
+    fn, _ = kernel_function(plan, kernel_index, interpret=False)
+    sig, constexprs = forward_signature(plan, kernel_index)
+    return fn, sig, constexprs, divisibility_attrs(fn, sig, plan)
+
+
 def compile_forward(plan: Plan, kernel_index: int, arch: str):
-    """(CompiledKernel, CompiledKernelInfo) for one kernel of ``plan`` on ``arch``."""
+    """Triton's ``CompiledKernel`` for one kernel of ``plan`` on ``arch`` (no GPU needed)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    if arch not in ARCHS:
-        raise ValueError(f"arch={arch!r}: expected one of {', '.join(ARCHS)}")
-    fn, src = kernel_function(plan, kernel_index, interpret=False)
-    sig, constexprs = forward_signature(plan, kernel_index)
-    attrs = divisibility_attrs(fn, sig, plan)
-    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
-                              target=GPUTarget("cuda", ARCHS[arch], 32),
-                              options=dict(src.launch_options))
+    capability = parse_arch(arch)
+    fn, sig, constexprs, attrs = launch_spec(plan, kernel_index)
+    _, src = kernel_function(plan, kernel_index, interpret=False)
+    COUNTERS["compiled"] += 1
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
+                          target=GPUTarget("cuda", capability, 32), options=dict(src.launch_options))
+
+
+def build_binary(plan: Plan, kernel_index: int, arch: str) -> KernelBinary:
+    """Compile and read back what the kernel uses (registers, spills, smem, wgmma)."""
+    compiled = compile_forward(plan, kernel_index, arch)
+    _, src = kernel_function(plan, kernel_index, interpret=False)
     cubin = compiled.asm["cubin"]
     usage = resource_usage(cubin)
-    info = CompiledKernelInfo(src.name, arch, "forward", usage["registers"], usage["local"],
-                              usage["stack"], compiled.metadata.shared,
-                              usage["uses_wgmma"], src.sha256, len(cubin))
-    return compiled, info
+    meta_path = next(Path(p) for name, p in compiled.metadata_group.items() if name.endswith(".json"))
+    info = KernelInfo(src.name, arch, "forward", usage["registers"], usage["local"],
+                      usage["stack"], compiled.metadata.shared, usage["uses_wgmma"], src.sha256,
+                      len(cubin), plan.block_m, plan.block_n, plan.config.num_warps,
+                      plan.config.num_stages)
+    return KernelBinary(kernel_key(src, arch), info, cubin, meta_path.read_text())

@@ -1,10 +1,10 @@
 """Launch the generated forward kernels of a plan (GPU, or CPU tensors via the interpreter).
 
 Warm calls never render or compile: the rendered source, the imported module and the
-``JITFunction`` are looked up in dictionaries keyed by the (frozen, hashable) plan, and
-the launch goes through ``JITFunction.__getitem__``, whose own cache holds the compiled
-binary. Not done yet (needs a GPU to verify): keeping the ``CompiledKernel`` per
-specialisation key and launching it directly to skip Triton's argument binder.
+kernel are looked up in dictionaries keyed by the (frozen, hashable) plan. On a GPU the
+launch goes through a held ``CompiledKernel`` (``gpu_launch``: prebuilt, cached or
+compiled once), skipping Triton's argument binder; under the interpreter, or when a
+call breaks the held kernel's alignment assumptions, through ``JITFunction``.
 """
 
 from __future__ import annotations
@@ -71,19 +71,27 @@ def run_forward(plan: Plan, call_kernels, q, k, v, out, lse, scale: float, inter
     hkv, lkv = k.shape[1], k.shape[2]
     if lq == 0:
         return
+    held = None
+    if q.is_cuda and not interpret:
+        from . import gpu_launch
+
+        if gpu_launch.held_launch_enabled():
+            held = gpu_launch
     for index, kernel in enumerate(plan.kernels):
-        fn, src = kernel_function(plan, index, interpret)
         extra = (_documents_args(call_kernels[index], lq, lkv, q.device)
                  if kernel.has_documents else [])
         g = kernel.groups
         tiles_per_group = max(1, max(-(-geo.q_len // plan.block_m)
                                      for geo in group_geometry(lq, lkv, g)))
         for first_head, n_heads in head_runs(kernel.heads, hq):
-            fn[(g * tiles_per_group, b * n_heads)](
-                q, k, v, out, lse, *extra,
-                *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-                n_heads, first_head, hq // hkv, lq, lkv, tiles_per_group, scale * LOG2E,
-                BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, HEAD_DIM=plan.head_dim,
-                D_PAD=plan.padded_head_dim, GROUPS=g,
-                DOT_UPCAST=interpret and q.dtype == torch.bfloat16, **dict(src.launch_options),
-            )
+            args = [q, k, v, out, lse, *extra,
+                    *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+                    n_heads, first_head, hq // hkv, lq, lkv, tiles_per_group, scale * LOG2E]
+            grid = (g * tiles_per_group, b * n_heads, 1)
+            if held is not None and held.held_kernel(plan, index, q.device.index).launch(
+                    grid, args, q.device.index):
+                continue
+            fn, src = kernel_function(plan, index, interpret)
+            fn[grid](*args, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, HEAD_DIM=plan.head_dim,
+                     D_PAD=plan.padded_head_dim, GROUPS=g,
+                     DOT_UPCAST=interpret and q.dtype == torch.bfloat16, **dict(src.launch_options))

@@ -57,17 +57,13 @@ def template_variants(target: str = "sm_90") -> dict[str, Plan]:
 
 
 def _compile_one(job: tuple[str, str]) -> dict:
-    from .compile import compile_forward
+    from .compile import build_binary
 
     torch.set_num_threads(1)
     name, arch = job
     p = variant_plan(name, arch)
-    out = []
-    for index in range(len(p.kernels)):
-        _, info = compile_forward(p, index, arch)
-        out.append({"variant": name, **info.to_dict(), "block_m": p.block_m,
-                    "block_n": p.block_n, "num_warps": p.config.num_warps})
-    return out
+    return [{"variant": name, **build_binary(p, index, arch).info.to_dict()}
+            for index in range(len(p.kernels))]
 
 
 def compile_all(archs=("sm_80", "sm_90"), workers: int = 2) -> list[dict]:

@@ -1,0 +1,215 @@
+"""Compiled kernel binaries: built once, stored with their hashes, loaded without compiling.
+
+A binary is what ``triton.compile`` produced for one rendered kernel on one GPU target:
+the cubin and Triton's metadata JSON (kernel name, shared memory, warps, target). The
+same pair of files serves three places:
+
+* the binary cache (``<cache>/kernels-triton<ver>/bin``): a kernel is compiled once per
+  machine, by one process, however many processes and threads race for it;
+* an AOT directory written by ``sparseforge build`` (with its ``manifest.json``);
+* the runtime, which rebuilds Triton's ``CompiledKernel`` from the files with no
+  compilation (Triton's driver makes the launcher at the first launch).
+
+Every file is recorded with its sha256 and a file whose bytes differ is never loaded:
+a damaged cache entry is rebuilt; in an AOT directory it is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import threading
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import filelock
+import triton
+
+from ..codegen.render import FORWARD_TEMPLATE_VERSION, ForwardKernelSource
+from ..planner.plan import Plan
+from .cache import kernel_dir, verify_sources, write_if_different
+
+log = logging.getLogger("sparseforge")
+
+#: How kernels were obtained in this process: ``compiled`` (triton.compile ran),
+#: ``cache_loads`` (from the binary cache), ``prebuilt_loads`` (from an AOT directory).
+COUNTERS: collections.Counter = collections.Counter()
+
+
+class CorruptBinary(ValueError):
+    """A stored kernel file is missing or its bytes do not match the recorded hash."""
+
+
+def sha256_hex(data: bytes | str) -> str:
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+def kernel_key(src: ForwardKernelSource, arch: str) -> str:
+    """What identifies a binary: the rendered source, its launch options, the target, and
+    the Triton and template versions (a change of either is a different kernel)."""
+    return sha256_hex(json.dumps({
+        "kind": "forward", "source": src.sha256, "options": [list(o) for o in src.launch_options],
+        "arch": arch, "triton": triton.__version__, "template": FORWARD_TEMPLATE_VERSION,
+    }, sort_keys=True))
+
+
+@dataclass(frozen=True)
+class KernelInfo:
+    """What the build read from the compiled kernel (cuobjdump) and the plan."""
+
+    name: str
+    arch: str
+    kind: str
+    registers: int
+    spills: int  # bytes of local memory per thread (register spills)
+    stack: int
+    shared_memory: int
+    uses_wgmma: bool
+    source_sha256: str
+    cubin_size: int
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> KernelInfo:
+        return cls(**{f.name: d[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class KernelBinary:
+    key: str
+    info: KernelInfo
+    cubin: bytes
+    metadata_json: str  # Triton's own metadata file, verbatim
+
+    @property
+    def file_stem(self) -> str:
+        return f"{self.info.name}.{self.info.arch}.{self.key[:12]}"
+
+    def write(self, directory: Path) -> dict:
+        """Write the cubin and metadata atomically; the entry that describes them."""
+        cubin, meta = f"{self.file_stem}.cubin", f"{self.file_stem}.json"
+        write_if_different(directory / cubin, self.cubin)
+        write_if_different(directory / meta, self.metadata_json)
+        return {"key": self.key, **self.info.to_dict(), "cubin": cubin, "metadata": meta,
+                "cubin_sha256": sha256_hex(self.cubin),
+                "metadata_sha256": sha256_hex(self.metadata_json)}
+
+
+def read_binary(directory: Path, entry: dict) -> KernelBinary:
+    """The binary an entry describes, after checking every file against its hash."""
+    try:
+        cubin = (directory / entry["cubin"]).read_bytes()
+        meta = (directory / entry["metadata"]).read_bytes()
+    except (OSError, KeyError, TypeError) as exc:
+        raise CorruptBinary(f"kernel {entry.get('name', '?')}: cannot read its files ({exc})") from exc
+    for what, data in (("cubin", cubin), ("metadata", meta)):
+        if sha256_hex(data) != entry.get(f"{what}_sha256"):
+            raise CorruptBinary(f"kernel {entry.get('name', '?')}: {entry[what]} does not match "
+                                f"its recorded sha256 (truncated or edited)")
+    try:
+        info = KernelInfo.from_dict(entry)
+    except (KeyError, TypeError) as exc:
+        raise CorruptBinary(f"kernel entry is missing fields ({exc})") from exc
+    return KernelBinary(entry["key"], info, cubin, meta.decode())
+
+
+def compiled_kernel(binary: KernelBinary, directory: Path, fn, signature: dict, constexprs: dict,
+                    attrs: dict):
+    """Triton's ``CompiledKernel`` for a stored binary, with no compilation.
+
+    Triton reads the files again, so the loaded cubin is re-checked against the hash.
+    """
+    from triton.compiler import ASTSource, CompiledKernel
+
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    group = {f"{binary.info.name}.json": str(directory / f"{binary.file_stem}.json"),
+             f"{binary.info.name}.cubin": str(directory / f"{binary.file_stem}.cubin")}
+    kernel = CompiledKernel(src, group, binary.key)
+    if sha256_hex(kernel.kernel) != sha256_hex(binary.cubin):
+        raise CorruptBinary(f"kernel {binary.info.name}: cubin changed while loading")
+    return kernel
+
+
+# --- the binary cache ------------------------------------------------------------------
+
+_memory: dict[str, KernelBinary] = {}
+_key_locks: collections.defaultdict[str, threading.Lock] = collections.defaultdict(threading.Lock)
+_registry_lock = threading.Lock()
+
+
+def binary_dir() -> Path | None:
+    """``<cache>/kernels-triton<ver>/bin``, or None when the cache is read-only."""
+    root = kernel_dir()
+    if root is None:
+        return None
+    path = root / "bin"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def cached_binary(plan: Plan, kernel_index: int, arch: str) -> tuple[KernelBinary, bool]:
+    """(binary, built) for one kernel of ``plan`` on ``arch``: from memory, from the disk
+    cache after hash checks, or compiled once under a cross-process lock."""
+    from .compile import build_binary
+    from .triton_launch import rendered
+
+    key = kernel_key(rendered(plan, kernel_index), arch)
+    with _registry_lock:
+        key_lock = _key_locks[key]
+    with key_lock:  # threads of this process: one builds, the others wait for it
+        if key in _memory:
+            return _memory[key], False
+        directory = binary_dir()
+        if directory is None:  # read-only cache: build and keep in memory
+            binary = build_binary(plan, kernel_index, arch)
+            _memory[key] = binary
+            return binary, True
+        entry_path = directory / f"{key}.entry.json"
+        with filelock.FileLock(str(directory / f"{key}.lock")):  # other processes
+            binary = _load_entry(directory, entry_path)
+            built = binary is None
+            if built:
+                binary = build_binary(plan, kernel_index, arch)
+                entry = binary.write(directory)
+                write_if_different(entry_path, json.dumps(entry, indent=1))  # the commit point
+            else:
+                COUNTERS["cache_loads"] += 1
+        _memory[key] = binary
+        return binary, built
+
+
+def _load_entry(directory: Path, entry_path: Path) -> KernelBinary | None:
+    if not entry_path.exists():
+        return None
+    try:
+        return read_binary(directory, json.loads(entry_path.read_text()))
+    except (CorruptBinary, ValueError) as exc:
+        log.warning("binary cache entry %s is damaged (%s): rebuilding it", entry_path.name, exc)
+        return None
+
+
+def verify_cache(remove: bool = False) -> list[tuple[str, str]]:
+    """(entry, problem) for every damaged source or binary in the cache; ``remove``
+    deletes them (they would be rebuilt on next use either way)."""
+    problems = verify_sources(remove)
+    directory = binary_dir()
+    for entry_path in sorted(directory.glob("*.entry.json")) if directory else []:
+        try:
+            read_binary(directory, json.loads(entry_path.read_text()))
+        except (CorruptBinary, ValueError) as exc:
+            problems.append((entry_path.name, str(exc)))
+            if remove:
+                entry_path.unlink(missing_ok=True)
+    return problems
+
+
+def clear_memory() -> None:
+    _memory.clear()

@@ -1,0 +1,104 @@
+"""Launch generated kernels on a GPU through a held ``CompiledKernel``.
+
+Launching through ``JITFunction`` binds the arguments, computes a specialisation key
+and searches Triton's cache on every call, and a cache hit through ``triton.compile``
+costs 1-2 ms. Here the kernel of (plan, kernel index, device) is resolved once, from
+a prebuilt AOT directory (``sf.load_kernels``), else from the binary cache, else by
+compiling it, and held; a warm launch is a dictionary lookup, an alignment check and
+Triton's C launcher.
+
+The kernel was compiled assuming 16-byte aligned pointers and unit head-dim strides
+(dispatch passes contiguous tensors). A call whose pointers are not aligned returns
+False from ``launch`` and the caller uses the JIT path, which specialises correctly.
+Set ``SPARSEFORGE_LAUNCH=jit`` to always use the JIT path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import triton
+
+from ..planner.plan import Plan
+from .binaries import COUNTERS, binary_dir, cached_binary, compiled_kernel, kernel_key
+from .compile import compile_forward, device_arch, launch_spec
+from .prebuilt import prebuilt
+from .triton_launch import rendered
+
+log = logging.getLogger("sparseforge")
+
+_RUNTIME_ARGS_END = "qk_scale"  # the last run-time argument; constexprs follow it
+
+
+def held_launch_enabled() -> bool:
+    return os.environ.get("SPARSEFORGE_LAUNCH", "held") != "jit" and hasattr(triton, "knobs")
+
+
+class HeldKernel:
+    """A loaded ``CompiledKernel`` and the constexpr values its launcher expects."""
+
+    __slots__ = ("kernel", "tail", "name", "source")
+
+    def __init__(self, kernel, tail: tuple, name: str, source: str):
+        self.kernel = kernel
+        self.tail = tail
+        self.name = name
+        self.source = source  # "prebuilt", "cache" or "compiled"
+
+    def launch(self, grid: tuple[int, int, int], args: list, device_index: int) -> bool:
+        for a in args:
+            if hasattr(a, "data_ptr") and a.data_ptr() % 16:
+                return False
+        k = self.kernel
+        run = k.run  # Triton builds the C launcher on first use
+        stream = triton.runtime.driver.active.get_current_stream(device_index)
+        hooks = triton.knobs.runtime
+        enter = hooks.launch_enter_hook
+        meta = k.launch_metadata(grid, stream, *args, *self.tail) if enter is not None else None
+        run(grid[0], grid[1], grid[2], stream, k.function, k.packed_metadata, meta, enter,
+            hooks.launch_exit_hook, *args, *self.tail)
+        return True
+
+
+_held: dict[tuple, HeldKernel] = {}
+_lock = threading.Lock()
+
+
+def held_kernel(plan: Plan, kernel_index: int, device_index: int) -> HeldKernel:
+    found = _held.get((plan, kernel_index, device_index))
+    if found is not None:
+        return found
+    with _lock:
+        found = _held.get((plan, kernel_index, device_index))
+        if found is None:
+            found = resolve_kernel(plan, kernel_index, device_arch(device_index))
+            _held[(plan, kernel_index, device_index)] = found
+        return found
+
+
+def resolve_kernel(plan: Plan, kernel_index: int, arch: str) -> HeldKernel:
+    """Prebuilt (zero compilation), else the binary cache, else compile: a held kernel.
+    Needs no GPU itself (Triton loads the cubin at the first launch)."""
+    src = rendered(plan, kernel_index)
+    fn, sig, constexprs, attrs = launch_spec(plan, kernel_index)
+    names = fn.arg_names
+    tail = tuple(constexprs[n] for n in names[names.index(_RUNTIME_ARGS_END) + 1:])
+    found = prebuilt(kernel_key(src, arch))
+    if found is not None:
+        COUNTERS["prebuilt_loads"] += 1
+        kernel = compiled_kernel(found.binary, found.directory, fn, sig, constexprs, attrs)
+        return HeldKernel(kernel, tail, src.name, "prebuilt")
+    log.info("no prebuilt kernel for %s on %s: compiling it just in time", src.name, arch)
+    directory = binary_dir()
+    if directory is None:  # read-only cache: keep Triton's object in memory
+        return HeldKernel(compile_forward(plan, kernel_index, arch), tail, src.name, "compiled")
+    binary, built = cached_binary(plan, kernel_index, arch)
+    kernel = compiled_kernel(binary, directory, fn, sig, constexprs, attrs)
+    return HeldKernel(kernel, tail, src.name, "compiled" if built else "cache")
+
+
+def clear_held() -> None:
+    with _lock:
+        _held.clear()
