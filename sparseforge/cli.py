@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -34,6 +35,16 @@ def demo(length: int = typer.Option(4096, help="sequence length"),
     typer.echo(f"max |error| vs fp64 oracle       {r['max_abs_error']:9.2e}")
 
 
+@contextlib.contextmanager
+def _user_errors():
+    """Bad input is a one-line message and exit status 2, not a traceback."""
+    try:
+        yield
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
 def _plan_summary(p, name: str | None = None) -> dict:
     kernels = [{"pattern": repr(k.pattern), "heads": None if k.heads is None else list(k.heads),
                 "schedule": k.schedule, "groups": k.groups, "visited": st.visited, "full": st.full,
@@ -63,7 +74,8 @@ def plan_cmd(target: str = typer.Argument(..., metavar="SPEC_FILE[:NAME] | PATTE
 
     Prints tiles visited, full vs partial tiles, density and tile utilisation per kernel;
     --png draws the mask and the tile grid."""
-    plans = _plans_for(target, arch, q_len, kv_len, head_dim, dtype)
+    with _user_errors():
+        plans = _plans_for(target, arch, q_len, kv_len, head_dim, dtype)
     for name, p in plans:
         if png:
             path = png if len(plans) == 1 else png.with_name(f"{png.stem}_{name}{png.suffix}")
@@ -109,10 +121,14 @@ def build(spec_file: Path = typer.Argument(..., metavar="SPEC_FILE[:NAME]",
 
     from .aot.build import build as run_build
     from .aot.spec import load_spec_file, select_specs, split_spec_argument
+    from .runtime.compile import parse_arch
 
     path, name = split_spec_argument(str(spec_file))
-    specs = select_specs(load_spec_file(path), name, str(path))
     archs = [a.strip() for a in arch.split(",") if a.strip()]
+    with _user_errors():
+        specs = select_specs(load_spec_file(path), name, str(path))
+        for a in archs:
+            parse_arch(a)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=_stderr_console(), transient=as_json)
     with progress:

@@ -32,7 +32,7 @@ from .._version import __version__
 from ..codegen.render import FORWARD_TEMPLATE_VERSION
 from ..runtime.binaries import KernelBinary, kernel_key
 from ..runtime.cache import write_if_different
-from ..runtime.compile import parse_arch
+from ..runtime.compile import parse_arch, plan_target
 from ..runtime.prebuilt import MANIFEST, MANIFEST_FORMAT
 from ..runtime.triton_launch import rendered
 from .spec import BuildSpec
@@ -58,7 +58,7 @@ def plan_jobs(specs: list[BuildSpec], archs: list[str]) -> tuple[dict[str, Build
     for spec in specs:
         uses[spec.name] = []
         for arch in archs:
-            p = spec.plan(arch)
+            p = spec.plan(plan_target(arch))
             for index in range(len(p.kernels)):
                 src = rendered(p, index)
                 key = kernel_key(src, arch)
@@ -72,7 +72,7 @@ def _build_job(job: BuildJob) -> tuple[KernelBinary, float, bool, str]:
     from ..runtime.binaries import cached_binary
 
     torch.set_num_threads(1)
-    p = job.spec.plan(job.arch)
+    p = job.spec.plan(plan_target(job.arch))
     t = time.perf_counter()
     binary, built = cached_binary(p, job.kernel_index, job.arch)
     return binary, time.perf_counter() - t, built, rendered(p, job.kernel_index).source

@@ -35,6 +35,11 @@ def parse_arch(arch: str) -> int:
     return int(m.group(1))
 
 
+def plan_target(arch: str) -> str:
+    """The tile table a GPU target plans with (Hopper and newer use the sm_90 table)."""
+    return "sm_90" if parse_arch(arch) >= 90 else "sm_80"
+
+
 def device_arch(device) -> str:
     """The compile target of a CUDA device, e.g. ``"sm_90"`` for an H100."""
     import torch

@@ -79,3 +79,25 @@ def test_concurrent_processes_produce_one_intact_file(private_cache):
     files = list(private_cache.glob("kernels-*/race_*.py"))
     assert len(files) == 1 and files[0].read_text() == SOURCE
     assert not list(private_cache.glob("kernels-*/*.tmp"))
+
+
+def test_unwritable_cache_keeps_sources_in_memory(tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    monkeypatch.setenv(cache.ENV_CACHE_DIR, str(blocker / "cache"))  # fails even for root
+    cache.clear_memory_cache()
+    with caplog.at_level("WARNING", logger="sparseforge"):
+        module = cache.load_kernel_module("demo", SOURCE + "#mem\n", interpret=True)
+    assert module.VALUE == 42
+    assert "kept in memory" in caplog.text
+    assert not os.path.exists(module.__file__)
+    cache.clear_memory_cache()
+
+
+def test_verify_finds_and_removes_damaged_sources(private_cache):
+    cache.load_kernel_module("demo", SOURCE, interpret=True)
+    assert cache.verify_sources() == []
+    path = _entry(private_cache)
+    path.write_text(SOURCE + "import os\n")
+    (problem,) = cache.verify_sources(remove=True)
+    assert problem[0] == path.name and not path.exists()
