@@ -24,6 +24,7 @@ from .runtime.dispatch import attention
 from .runtime.prebuilt import load_kernels
 
 __all__ = [
-    "BuildSpec", "Pattern", "Plan", "attention", "causal", "chunks", "dense_mask", "documents", "full", "global_queries",
-    "load_kernels", "per_head", "plan", "prefix_lm", "reference_attention", "sinks", "sliding_window", "window",
+    "BuildSpec", "Pattern", "Plan", "attention", "causal", "chunks", "dense_mask", "documents",
+    "full", "global_queries", "load_kernels", "per_head", "plan", "prefix_lm",
+    "reference_attention", "sinks", "sliding_window", "window",
 ]

@@ -67,6 +67,29 @@ def dispatch_overhead_us(n=2000):
         dispatch._forward = real
 
 
+def build_and_dispatch(results_dir="bench/results", archs=("sm_80", "sm_90")):
+    """Issue 7's bench: cold build time per kernel and warm dispatch overhead."""
+    from .aot.timing import cold_build_times
+
+    result = {
+        "benchmark": "cold_build_and_dispatch",
+        "cold_build": cold_build_times(archs),
+        "warm_dispatch_overhead_us": dispatch_overhead_us(),
+        "warm_dispatch_note": "sf.attention's Python layer on CPU tensors, executor stubbed out; "
+                              "GPU launch overhead needs a device",
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpus": __import__("os").cpu_count()},
+        "versions": {"torch": torch.__version__, "sparseforge": sf.__version__,
+                     "triton": __import__("triton").__version__,
+                     "python": platform.python_version()},
+    }
+    print(json.dumps(result, indent=1))
+    out = Path(results_dir) / "cold_build_and_dispatch.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
 def main(length=4096, repeats=5, with_flex=True, window=256, heads=4, head_dim=64,
          results_dir="bench/results"):
     torch.manual_seed(0)

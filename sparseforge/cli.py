@@ -152,12 +152,21 @@ def _stderr_console():
 
 
 @app.command()
-def bench(length: int = typer.Option(4096), repeats: int = typer.Option(5),
-          flex: bool = typer.Option(True, help="also time compiled FlexAttention")):
-    """CPU benchmark vs SDPA (and FlexAttention), plus warm dispatch overhead."""
-    from .benchmarks import main as run
+def bench(length: int = typer.Option(4096, help="sequence length of the CPU attention bench"),
+          repeats: int = typer.Option(5),
+          flex: bool = typer.Option(True, help="also time compiled FlexAttention"),
+          attention: bool = typer.Option(True, help="run the CPU attention bench"),
+          build: bool = typer.Option(True, help="time cold kernel builds (empty caches)")):
+    """Benchmarks on this machine; JSON goes to bench/results/.
 
-    run(length=length, repeats=repeats, with_flex=flex)
+    CPU attention (sliding window vs dense SDPA and compiled FlexAttention), cold build
+    time per kernel for sm_80/sm_90, and the warm dispatch overhead of sf.attention."""
+    from . import benchmarks
+
+    if attention:
+        benchmarks.main(length=length, repeats=repeats, with_flex=flex)
+    if build:
+        benchmarks.build_and_dispatch()
 
 
 @cache_app.command("ls")

@@ -59,18 +59,17 @@ def _nvidia_tool(name: str) -> str:
 
 
 def resource_usage(cubin: bytes) -> dict:
-    """Registers, stack, local (spill) and shared bytes of the cubin's kernel."""
+    """Registers, stack, local (spill) and static shared bytes of the cubin's kernel, and
+    whether its SASS uses wgmma (HGMMA); one ``cuobjdump`` run."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([_nvidia_tool("cuobjdump"), "--dump-resource-usage", f.name],
+        text = subprocess.run([_nvidia_tool("cuobjdump"), "--dump-resource-usage", "-sass", f.name],
                               check=True, capture_output=True, text=True).stdout
-        sass = subprocess.run([_nvidia_tool("cuobjdump"), "-sass", f.name], check=True,
-                              capture_output=True, text=True).stdout
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text))
     return {"registers": int(fields.get("REG", 0)), "stack": int(fields.get("STACK", 0)),
             "local": int(fields.get("LOCAL", 0)), "shared": int(fields.get("SHARED", 0)),
-            "uses_wgmma": "HGMMA" in sass}
+            "uses_wgmma": "HGMMA" in text}
 
 
 def forward_signature(plan: Plan, kernel_index: int) -> tuple[dict, dict]:
