@@ -32,6 +32,31 @@ from .predicate import slug, triton_predicate
 
 FORWARD_TEMPLATE_VERSION = 1
 _DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+_SCHEDULES = ("segments", "hull", "dense")
+_DOT_PRECISIONS = ("", ', input_precision="ieee"')
+# what printed expressions, kernel names and reprs of the IR may contain: no quotes,
+# newlines, backslashes, or anything else that could end a comment or a string
+_SAFE_TEXT = re.compile(r"[A-Za-z0-9_ ()+\-*/%<>=&|!~.,:\[\]]*")
+
+
+class UnsafeTemplateValue(ValueError):
+    """A value outside what the template accepts was about to be rendered."""
+
+
+def check_context(value, path: str = "context") -> None:
+    """Only ints, bools, and text from our printers (checked against ``_SAFE_TEXT``)
+    reach a template; anything else is a bug upstream and stops rendering here."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            check_context(v, f"{path}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            check_context(v, f"{path}[{i}]")
+    elif isinstance(value, str):
+        if not _SAFE_TEXT.fullmatch(value):
+            raise UnsafeTemplateValue(f"{path}={value!r}: not a printed expression or name")
+    elif not isinstance(value, int):  # bool is an int
+        raise UnsafeTemplateValue(f"{path}: {type(value).__name__} cannot reach a template")
 
 
 @lru_cache(maxsize=1)
@@ -100,6 +125,11 @@ def render_forward(plan: Plan, kernel_index: int = 0) -> ForwardKernelSource:
         d_padded=plan.padded_head_dim != plan.head_dim,
         dot_precision=', input_precision="ieee"' if plan.dtype == "float32" else "",
     )
+    if kernel.schedule not in _SCHEDULES:
+        raise UnsafeTemplateValue(f"schedule={kernel.schedule!r}: expected one of {_SCHEDULES}")
+    check_context({k: v for k, v in context.items() if k != "dot_precision"})
+    if context["dot_precision"] not in _DOT_PRECISIONS:
+        raise UnsafeTemplateValue(f"dot_precision={context['dot_precision']!r}")
     source = _environment().get_template("forward.py.jinja").render(**context)
     digest = hashlib.sha256(source.encode()).hexdigest()
     options = (("num_warps", plan.config.num_warps), ("num_stages", plan.config.num_stages))

@@ -54,3 +54,12 @@ def test_predicate_printer_uses_only_validated_integers():
     for piece in ("((j - p) % 2 == 0) & (j >= p - 6) & (j <= p + 4)",
                   "_floordiv(p, 7) == _floordiv(j, 7)", "doc_q == doc_k"):
         assert piece in p
+
+
+@pytest.mark.parametrize("bad", ['x"); import os #', "a\nb", "\\", 1.5, None, object()])
+def test_only_checked_values_reach_the_template(bad):
+    from sparseforge.codegen.render import UnsafeTemplateValue, check_context
+
+    with pytest.raises(UnsafeTemplateValue):
+        check_context({"segments": [{"lo": bad}]})
+    check_context({"segments": [{"lo": "tl.maximum(p_first - 3, 0) // BLOCK_N"}], "n": 3, "f": True})
