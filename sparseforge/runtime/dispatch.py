@@ -83,7 +83,7 @@ def _resolve_backend(backend: str, q: torch.Tensor) -> tuple[str, str]:
 def _forward(executor: str, p: Plan, compiled: CompiledPattern, q, k, v, scale: float):
     b, hq, lq, _ = q.shape
     # both executors write every row of every head (empty rows included): no fill needed
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, whatever q is
     lse = torch.empty((b, hq, lq), dtype=torch.float32, device=q.device)
     if executor == "torch":
         torch_exec.run_forward(p, compiled.head_patterns, q, k, v, out, lse, scale)

@@ -8,8 +8,8 @@ compiling it, and held; a warm launch is a dictionary lookup, an alignment check
 Triton's C launcher.
 
 The kernel was compiled assuming 16-byte aligned pointers and unit head-dim strides
-(dispatch passes contiguous tensors). A call whose pointers are not aligned returns
-False from ``launch`` and the caller uses the JIT path, which specialises correctly.
+(dispatch passes contiguous tensors). A call that breaks either returns False from
+``launch`` and the caller uses the JIT path, which specialises correctly.
 Set ``SPARSEFORGE_LAUNCH=jit`` to always use the JIT path.
 """
 
@@ -48,18 +48,27 @@ class HeldKernel:
         self.source = source  # "prebuilt", "cache" or "compiled"
 
     def launch(self, grid: tuple[int, int, int], args: list, device_index: int) -> bool:
-        for a in args:
-            if hasattr(a, "data_ptr") and a.data_ptr() % 16:
+        for a in args:  # the facts the kernel was compiled with
+            if hasattr(a, "data_ptr") and (a.data_ptr() % 16 or (a.dim() == 4 and a.stride(3) != 1)):
                 return False
         k = self.kernel
         run = k.run  # Triton builds the C launcher on first use
         stream = triton.runtime.driver.active.get_current_stream(device_index)
         hooks = triton.knobs.runtime
         enter = hooks.launch_enter_hook
-        meta = k.launch_metadata(grid, stream, *args, *self.tail) if enter is not None else None
+        # Triton 3.9 keeps an (often empty) HookChain here, older versions None
+        profiling = enter is not None and getattr(enter, "calls", True)
+        meta = k.launch_metadata(grid, stream, *args, *self.tail) if profiling else None
         run(grid[0], grid[1], grid[2], stream, k.function, k.packed_metadata, meta, enter,
             hooks.launch_exit_hook, *args, *self.tail)
         return True
+
+
+def constexpr_tail(fn, constexprs: dict) -> tuple:
+    """Values of the parameters after the run-time ones: Triton's launcher takes every
+    argument, constexprs included, and drops those its signature marks constexpr."""
+    names = fn.arg_names
+    return tuple(constexprs[n] for n in names[names.index(_RUNTIME_ARGS_END) + 1:])
 
 
 _held: dict[tuple, HeldKernel] = {}
@@ -83,8 +92,7 @@ def resolve_kernel(plan: Plan, kernel_index: int, arch: str) -> HeldKernel:
     Needs no GPU itself (Triton loads the cubin at the first launch)."""
     src = rendered(plan, kernel_index)
     fn, sig, constexprs, attrs = launch_spec(plan, kernel_index)
-    names = fn.arg_names
-    tail = tuple(constexprs[n] for n in names[names.index(_RUNTIME_ARGS_END) + 1:])
+    tail = constexpr_tail(fn, constexprs)
     found = prebuilt(kernel_key(src, arch))
     if found is not None:
         COUNTERS["prebuilt_loads"] += 1

@@ -62,21 +62,11 @@ def _documents_args(call_kernel_pattern, q_len, kv_len, device):
     return [ids_q, ids_k, sb_q, ids_q.stride(1), sb_k, ids_k.stride(1)]
 
 
-def run_forward(plan: Plan, call_kernels, q, k, v, out, lse, scale: float, interpret: bool) -> None:
-    """Launch every kernel of ``plan`` writing into ``out``/``lse``.
-
-    ``call_kernels`` holds the call's own head patterns (with this call's document ids).
-    """
+def kernel_launches(plan: Plan, call_kernels, q, k, v, out, lse, scale: float):
+    """(kernel index, grid, run-time arguments) of every launch a call makes, in the
+    kernel's parameter order (the constexprs that follow are the launcher's business)."""
     b, hq, lq, _ = q.shape
     hkv, lkv = k.shape[1], k.shape[2]
-    if lq == 0:
-        return
-    held = None
-    if q.is_cuda and not interpret:
-        from . import gpu_launch
-
-        if gpu_launch.held_launch_enabled():
-            held = gpu_launch
     for index, kernel in enumerate(plan.kernels):
         extra = (_documents_args(call_kernels[index], lq, lkv, q.device)
                  if kernel.has_documents else [])
@@ -87,11 +77,27 @@ def run_forward(plan: Plan, call_kernels, q, k, v, out, lse, scale: float, inter
             args = [q, k, v, out, lse, *extra,
                     *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
                     n_heads, first_head, hq // hkv, lq, lkv, tiles_per_group, scale * LOG2E]
-            grid = (g * tiles_per_group, b * n_heads, 1)
-            if held is not None and held.held_kernel(plan, index, q.device.index).launch(
-                    grid, args, q.device.index):
-                continue
-            fn, src = kernel_function(plan, index, interpret)
-            fn[grid](*args, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, HEAD_DIM=plan.head_dim,
-                     D_PAD=plan.padded_head_dim, GROUPS=g,
-                     DOT_UPCAST=interpret and q.dtype == torch.bfloat16, **dict(src.launch_options))
+            yield index, (g * tiles_per_group, b * n_heads, 1), args
+
+
+def run_forward(plan: Plan, call_kernels, q, k, v, out, lse, scale: float, interpret: bool) -> None:
+    """Launch every kernel of ``plan`` writing into ``out``/``lse``.
+
+    ``call_kernels`` holds the call's own head patterns (with this call's document ids).
+    """
+    if q.shape[2] == 0:
+        return
+    held = None
+    if q.is_cuda and not interpret:
+        from . import gpu_launch
+
+        if gpu_launch.held_launch_enabled():
+            held = gpu_launch
+    for index, grid, args in kernel_launches(plan, call_kernels, q, k, v, out, lse, scale):
+        if held is not None and held.held_kernel(plan, index, q.device.index).launch(
+                grid, args, q.device.index):
+            continue
+        fn, src = kernel_function(plan, index, interpret)
+        fn[grid](*args, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, HEAD_DIM=plan.head_dim,
+                 D_PAD=plan.padded_head_dim, GROUPS=plan.kernels[index].groups,
+                 DOT_UPCAST=interpret and q.dtype == torch.bfloat16, **dict(src.launch_options))
