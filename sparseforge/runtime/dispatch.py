@@ -94,32 +94,29 @@ def _forward(executor: str, p: Plan, compiled: CompiledPattern, q, k, v, scale: 
     return out, lse
 
 
-class _KernelForwardRecomputeBackward(torch.autograd.Function):
-    """Generated forward kernel; gradients by re-running the plan with torch ops.
+def _backward(p: Plan, compiled: CompiledPattern, q, k, v, out, lse, grad_out, grad_lse, scale):
+    """dq, dk, dv by the FlashAttention backward over the plan's schedule (torch ops;
+    the generated backward kernels will replace it on GPU)."""
+    return torch_exec.run_backward(p, compiled.head_patterns, q, k, v, out, lse,
+                                   grad_out.contiguous(), grad_lse, scale)
 
-    A stop-gap until the generated backward kernels land: exact, but not fast.
-    """
+
+class _SparseAttentionFunction(torch.autograd.Function):
+    """Forward by the chosen executor; backward recomputes tile probabilities from the
+    saved lse (only out and lse are kept, never an Lq x Lkv matrix)."""
 
     @staticmethod
     def forward(ctx, q, k, v, executor, p, compiled, scale):
-        ctx.save_for_backward(q, k, v)
+        out, lse = _forward(executor, p, compiled, q, k, v, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (p, compiled, scale)
-        return _forward(executor, p, compiled, q, k, v, scale)
+        return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        q, k, v = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors
         p, compiled, scale = ctx.args
-        cpu_plan = cached_plan(compiled, p.q_len, p.kv_len, p.head_dim, p.dtype, "cpu")
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-            out, lse = _forward("torch", cpu_plan, compiled, *leaves, scale)
-            outputs, grads = [out], [grad_out]
-            if grad_lse is not None:
-                finite = torch.isfinite(lse)
-                outputs.append(torch.where(finite, lse, torch.zeros_like(lse)))
-                grads.append(torch.where(finite, grad_lse, torch.zeros_like(grad_lse)))
-            dq, dk, dv = torch.autograd.grad(outputs, leaves, grads, allow_unused=True)
+        dq, dk, dv = _backward(p, compiled, q, k, v, out, lse, grad_out, grad_lse, scale)
         return dq, dk, dv, None, None, None, None
 
 
@@ -139,10 +136,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
         return (out, lse) if return_lse else out
     compiled = compile_pattern(pattern)
     p = cached_plan(compiled, shape.q_len, shape.kv_len, shape.head_dim, q.dtype, target)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if executor != "torch" and needs_grad:
-        out, lse = _KernelForwardRecomputeBackward.apply(q, k, v, executor, p, compiled,
-                                                         shape.scale)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        out, lse = _SparseAttentionFunction.apply(q, k, v, executor, p, compiled, shape.scale)
     else:
         out, lse = _forward(executor, p, compiled, q, k, v, shape.scale)
     return (out, lse) if return_lse else out

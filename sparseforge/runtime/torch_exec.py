@@ -6,6 +6,10 @@ are grouped by how many kv tiles they visit; a batch of such tiles gathers all i
 tiles (block gather) and runs one batched matmul and one softmax over them, so memory
 per batch grows with the visit count (one query tile's full row at most). The token
 predicate is evaluated only on partial tiles; full tiles take no mask.
+
+``run_backward`` is the FlashAttention backward over the same schedule: it recomputes
+the probabilities of each visited tile from the saved ``lse`` (nothing of size
+Lq x Lkv is kept between forward and backward) and accumulates dK/dV per kv tile.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ def _run_group(plan: Plan, kernel: KernelPlan, pattern, sched: GroupSchedule, q,
     lk = k.shape[2]
     geo, visit, full = sched.geometry, sched.visit, sched.full
     tq, tk = visit.shape
-    kv_heads = torch.tensor([h // group for h in heads])
+    kv_heads = torch.tensor([h // group for h in heads], device=q.device)
     # pad to whole tiles: [B, Hsel, Tq, BM, D] and [B, Hsel, Tk, BN, D]
     qt = torch.nn.functional.pad(q, (0, 0, 0, tq * bm - lq)).view(b, hs, tq, bm, d)
     kt = torch.nn.functional.pad(k, (0, 0, 0, tk * bn - lk))[:, kv_heads].view(b, hs, tk, bn, d)
@@ -89,7 +93,7 @@ def _attend(pattern, geo, groups, plan, q, kt, vt, visit, full, tiles_q, lk, sca
     kg = kt[:, :, kv_idx]  # [B, H, nq, C, BN, D]
     vg = vt[:, :, kv_idx]
     s = torch.matmul(q, kg.flatten(3, 4).transpose(-1, -2)) * scale  # [B, H, nq, BM, C*BN]
-    allowed = _tile_mask(pattern, geo, groups, tiles_q, kv_idx, is_full, bm, bn, lk, totals)
+    allowed = _tile_mask(pattern, geo, groups, tiles_q, kv_idx, is_full, bm, bn, lk, totals).to(s.device)
     s = s.masked_fill(~allowed.view(allowed.shape[0], 1, nq, bm, count * bn)
                       if allowed.dim() == 5 else ~allowed.view(nq, bm, count * bn), float("-inf"))
     m = s.amax(-1, keepdim=True)
@@ -99,6 +103,99 @@ def _attend(pattern, geo, groups, plan, q, kt, vt, visit, full, tiles_q, lk, sca
     o = torch.matmul(p, vg.flatten(3, 4)) / torch.where(l_ == 0, torch.ones_like(l_), l_)
     lse = torch.where(l_ == 0, torch.full_like(l_, float("-inf")), m + torch.log(l_))
     return o, lse.squeeze(-1)
+
+
+def run_backward(plan: Plan, call_kernels, q, k, v, out, lse, grad_out, grad_lse, scale: float):
+    """(dq, dk, dv) of ``out``/``lse`` with respect to q, k, v (same dtypes as q, k, v).
+
+    ``grad_lse`` may be None. Rows with lse = -inf (no allowed key) have no gradient.
+    """
+    _, hq, lq, _ = q.shape
+    hkv, lkv = k.shape[1], k.shape[2]
+    compute = torch.float32 if q.dtype != torch.float64 else torch.float64
+    dq = torch.zeros(q.shape, dtype=compute, device=q.device)
+    dk = torch.zeros(k.shape, dtype=compute, device=k.device)
+    dv = torch.zeros(v.shape, dtype=compute, device=v.device)
+    if lq == 0 or lkv == 0:
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    # D_i = rowsum(dO * O): the softmax-backward term shared by every tile of a row
+    delta = (grad_out.to(compute) * out.to(compute)).sum(-1)
+    if grad_lse is not None:
+        delta = delta - torch.where(torch.isfinite(lse), grad_lse.to(compute), 0)
+    for kernel, call_pattern, schedules in zip(plan.kernels, call_kernels, plan.schedules):
+        heads = list(range(hq)) if kernel.heads is None else list(kernel.heads)
+        for sched in schedules:
+            geo = sched.geometry
+            if geo.q_len == 0 or geo.kv_len == 0:
+                continue
+            rows = slice(geo.q_start, None, kernel.groups)
+            cols = slice(geo.kv_start, None, kernel.groups)
+            grads = _group_backward(
+                plan, kernel, call_pattern, sched, q[:, heads, rows].to(compute),
+                k[:, :, cols].to(compute), v[:, :, cols].to(compute),
+                grad_out[:, heads, rows].to(compute), lse[:, heads, rows].to(compute),
+                delta[:, heads, rows], heads, hq // hkv, hkv, scale, (lq, lkv))
+            dq[:, heads, rows] += grads[0]
+            dk[:, :, cols] += grads[1]
+            dv[:, :, cols] += grads[2]
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _group_backward(plan, kernel, pattern, sched, q, k, v, do, lse, delta, heads, group, hkv,
+                    scale, totals):
+    bm, bn = plan.block_m, plan.block_n
+    b, hs, lq, d = q.shape
+    lk = k.shape[2]
+    geo, visit, full = sched.geometry, sched.visit, sched.full
+    tq, tk = visit.shape
+    kv_heads = torch.tensor([h // group for h in heads], device=q.device)
+
+    def tiles_q(x, fill=0.0):  # [B, Hs, Lg, ...] -> [B, Hs, Tq, BM, ...]
+        pad = [0, 0] * (x.dim() - 3) + [0, tq * bm - lq]
+        return torch.nn.functional.pad(x, pad, value=fill).view(b, hs, tq, bm, *x.shape[3:])
+
+    qt, dot, lset, deltat = tiles_q(q), tiles_q(do), tiles_q(lse, float("-inf")), tiles_q(delta)
+    kt = torch.nn.functional.pad(k, (0, 0, 0, tk * bn - lk))[:, kv_heads].view(b, hs, tk, bn, d)
+    vt = torch.nn.functional.pad(v, (0, 0, 0, tk * bn - lk))[:, kv_heads].view(b, hs, tk, bn, d)
+    dqt = torch.zeros_like(qt)
+    dkt = torch.zeros_like(kt)
+    dvt = torch.zeros_like(vt)
+    counts = visit.sum(1)
+    for count in np.unique(counts):
+        if count == 0:
+            continue
+        same = np.nonzero(counts == count)[0]
+        per_batch = max(1, _SCORE_BUDGET // max(1, b * hs * bm * bn * int(count)))
+        for s0 in range(0, len(same), per_batch):
+            sel = same[s0:s0 + per_batch]
+            nq = len(sel)
+            kv_idx = torch.from_numpy(np.nonzero(visit[sel])[1].reshape(nq, int(count)))
+            is_full = torch.from_numpy(np.take_along_axis(full[sel], kv_idx.numpy(), axis=1))
+            kg = kt[:, :, kv_idx].flatten(3, 4)  # [B, Hs, nq, C*BN, D]
+            vg = vt[:, :, kv_idx].flatten(3, 4)
+            qs, dos = qt[:, :, sel], dot[:, :, sel]
+            s = torch.matmul(qs, kg.transpose(-1, -2)) * scale  # [B, Hs, nq, BM, C*BN]
+            allowed = _tile_mask(pattern, geo, kernel.groups, sel, kv_idx, is_full, bm, bn, lk,
+                                 totals).to(q.device)
+            allowed = (allowed.view(allowed.shape[0], 1, nq, bm, -1) if allowed.dim() == 5
+                       else allowed.view(nq, bm, -1))
+            row_lse = lset[:, :, sel]
+            finite = torch.isfinite(row_lse)[..., None]
+            p = torch.exp(s - torch.where(finite, row_lse[..., None], 0.0))
+            p = torch.where(allowed & finite, p, 0.0)
+            dp = torch.matmul(dos, vg.transpose(-1, -2))
+            ds = p * (dp - deltat[:, :, sel][..., None])
+            dqt[:, :, sel] = torch.matmul(ds, kg) * scale
+            flat = kv_idx.flatten().to(q.device)
+            dkt.index_add_(2, flat, (torch.matmul(ds.transpose(-1, -2), qs) * scale)
+                           .reshape(b, hs, nq * int(count), bn, d))
+            dvt.index_add_(2, flat, torch.matmul(p.transpose(-1, -2), dos)
+                           .reshape(b, hs, nq * int(count), bn, d))
+    dk = torch.zeros(b, hkv, tk * bn, d, dtype=q.dtype, device=q.device)
+    dv = torch.zeros_like(dk)
+    dk.index_add_(1, kv_heads, dkt.view(b, hs, tk * bn, d))  # GQA: sum over the query heads
+    dv.index_add_(1, kv_heads, dvt.view(b, hs, tk * bn, d))
+    return dqt.view(b, hs, tq * bm, d)[:, :, :lq], dk[:, :, :lk], dv[:, :, :lk]
 
 
 def _tile_mask(pattern, geo, groups, tiles_q, kv_idx, is_full, bm, bn, lk, totals):
