@@ -18,6 +18,7 @@ from .ir.nodes import (
     sliding_window,
     window,
 )
+from .modules import SparseAttention
 from .planner.plan import Plan, plan
 from .reference import dense_mask, reference_attention
 from .runtime.dispatch import attention
@@ -26,5 +27,5 @@ from .runtime.prebuilt import load_kernels
 __all__ = [
     "BuildSpec", "Pattern", "Plan", "attention", "causal", "chunks", "dense_mask", "documents",
     "full", "global_queries", "load_kernels", "per_head", "plan", "prefix_lm",
-    "reference_attention", "sinks", "sliding_window", "window",
+    "reference_attention", "sinks", "sliding_window", "SparseAttention", "window",
 ]

@@ -17,7 +17,7 @@ from ..ir.canonicalize import canonicalize
 from ..ir.nodes import Pattern
 from ..planner.plan import Plan, _head_groups, default_target, dtype_name, plan
 from ..reference import reference_attention
-from . import torch_exec, triton_launch
+from . import custom_op, torch_exec, triton_launch
 from .cache import interpreter_active
 from .validate import check_attention_inputs
 
@@ -128,6 +128,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     Returns ``out`` [B, Hq, Lq, D] (and ``lse`` [B, Hq, Lq], natural log, if
     ``return_lse``). A query with no allowed key gives 0 and lse ``-inf``.
     """
+    if torch.compiler.is_compiling():  # one opaque custom op in the graph, no breaks
+        return custom_op.compiled_attention(q, k, v, pattern, scale=scale, enable_gqa=enable_gqa,
+                                            return_lse=return_lse, backend=backend)
     shape = check_attention_inputs(q, k, v, pattern, scale=scale, enable_gqa=enable_gqa)
     executor, target = _resolve_backend(backend, q)
     if executor == "reference":
@@ -141,3 +144,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     else:
         out, lse = _forward(executor, p, compiled, q, k, v, shape.scale)
     return (out, lse) if return_lse else out
+
+
+def attention_backward(q, k, v, out, lse, grad_out, grad_lse, pattern: Pattern, *,
+                       scale: float | None = None, enable_gqa: bool = False):
+    """(dq, dk, dv) of ``attention``'s (out, lse) given their gradients (``grad_lse`` may
+    be None). The torch.compile custom op's backward; also usable on its own."""
+    shape = check_attention_inputs(q, k, v, pattern, scale=scale, enable_gqa=enable_gqa)
+    compiled = compile_pattern(pattern)
+    target = default_target(q.device) if q.is_cuda else "cpu"
+    p = cached_plan(compiled, shape.q_len, shape.kv_len, shape.head_dim, q.dtype, target)
+    return _backward(p, compiled, q, k, v, out, lse, grad_out, grad_lse, shape.scale)
