@@ -39,28 +39,38 @@ def held_launch_enabled() -> bool:
 class HeldKernel:
     """A loaded ``CompiledKernel`` and the constexpr values its launcher expects."""
 
-    __slots__ = ("kernel", "tail", "name", "source")
+    __slots__ = ("kernel", "tail", "name", "source", "broken")
 
     def __init__(self, kernel, tail: tuple, name: str, source: str):
         self.kernel = kernel
         self.tail = tail
         self.name = name
         self.source = source  # "prebuilt", "cache" or "compiled"
+        self.broken = False
 
     def launch(self, grid: tuple[int, int, int], args: list, device_index: int) -> bool:
+        """Launch and return True, or return False for the caller to use the JIT path."""
+        if self.broken:
+            return False
         for a in args:  # the facts the kernel was compiled with
             if hasattr(a, "data_ptr") and (a.data_ptr() % 16 or (a.dim() == 4 and a.stride(3) != 1)):
                 return False
         k = self.kernel
-        run = k.run  # Triton builds the C launcher on first use
-        stream = triton.runtime.driver.active.get_current_stream(device_index)
-        hooks = triton.knobs.runtime
-        enter = hooks.launch_enter_hook
-        # Triton 3.9 keeps an (often empty) HookChain here, older versions None
-        profiling = enter is not None and getattr(enter, "calls", True)
-        meta = k.launch_metadata(grid, stream, *args, *self.tail) if profiling else None
-        run(grid[0], grid[1], grid[2], stream, k.function, k.packed_metadata, meta, enter,
-            hooks.launch_exit_hook, *args, *self.tail)
+        try:
+            run = k.run  # Triton loads the cubin and builds the C launcher on first use
+            stream = triton.runtime.driver.active.get_current_stream(device_index)
+            hooks = triton.knobs.runtime
+            enter = hooks.launch_enter_hook
+            # Triton 3.9 keeps an (often empty) HookChain here, older versions None
+            profiling = enter is not None and getattr(enter, "calls", True)
+            meta = k.launch_metadata(grid, stream, *args, *self.tail) if profiling else None
+            run(grid[0], grid[1], grid[2], stream, k.function, k.packed_metadata, meta, enter,
+                hooks.launch_exit_hook, *args, *self.tail)
+        except Exception as exc:  # a launch that fails before running: the JIT path still can
+            self.broken = True
+            log.warning("held launch of %s failed (%s: %s); using Triton's JIT launch for it",
+                        self.name, type(exc).__name__, exc)
+            return False
         return True
 
 
@@ -71,20 +81,25 @@ def constexpr_tail(fn, constexprs: dict) -> tuple:
     return tuple(constexprs[n] for n in names[names.index(_RUNTIME_ARGS_END) + 1:])
 
 
-_held: dict[tuple, HeldKernel] = {}
+_held: dict[tuple, HeldKernel | None] = {}
 _lock = threading.Lock()
 
 
-def held_kernel(plan: Plan, kernel_index: int, device_index: int) -> HeldKernel:
-    found = _held.get((plan, kernel_index, device_index))
-    if found is not None:
-        return found
+def held_kernel(plan: Plan, kernel_index: int, device_index: int) -> HeldKernel | None:
+    """The held kernel, or None when it could not be resolved (then the JIT path runs
+    the call; the reason is logged once)."""
+    key = (plan, kernel_index, device_index)
+    if key in _held:
+        return _held[key]
     with _lock:
-        found = _held.get((plan, kernel_index, device_index))
-        if found is None:
-            found = resolve_kernel(plan, kernel_index, device_arch(device_index))
-            _held[(plan, kernel_index, device_index)] = found
-        return found
+        if key not in _held:
+            try:
+                _held[key] = resolve_kernel(plan, kernel_index, device_arch(device_index))
+            except Exception as exc:
+                log.warning("cannot hold kernel %d of plan %r (%s: %s); using Triton's JIT launch",
+                            kernel_index, plan.pattern, type(exc).__name__, exc)
+                _held[key] = None
+        return _held[key]
 
 
 def resolve_kernel(plan: Plan, kernel_index: int, arch: str) -> HeldKernel:

@@ -94,8 +94,8 @@ def run_forward(plan: Plan, call_kernels, q, k, v, out, lse, scale: float, inter
         if gpu_launch.held_launch_enabled():
             held = gpu_launch
     for index, grid, args in kernel_launches(plan, call_kernels, q, k, v, out, lse, scale):
-        if held is not None and held.held_kernel(plan, index, q.device.index).launch(
-                grid, args, q.device.index):
+        kernel = held.held_kernel(plan, index, q.device.index) if held is not None else None
+        if kernel is not None and kernel.launch(grid, args, q.device.index):
             continue
         fn, src = kernel_function(plan, index, interpret)
         fn[grid](*args, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, HEAD_DIM=plan.head_dim,

@@ -83,3 +83,30 @@ def test_misaligned_or_strided_calls_are_refused(fake_driver):
     transposed = torch.randn(1, 1, 32, 16, dtype=torch.float16).transpose(2, 3)
     assert not held.launch((1, 1, 1), [transposed], 0)
     assert held.kernel.calls == []
+
+
+def test_a_failing_launch_falls_back_and_stays_off(fake_driver, caplog):
+    class Exploding(FakeKernel):
+        @property
+        def run(self):
+            raise RuntimeError("no launcher")
+
+    p = sf.plan(sf.causal(), q_len=16, kv_len=16, head_dim=32, dtype="float16", target="sm_90")
+    fn, _, constexprs, _ = launch_spec(p, 0)
+    held = gpu_launch.HeldKernel(Exploding(), gpu_launch.constexpr_tail(fn, constexprs), "k", "test")
+    q = torch.randn(1, 1, 16, 32, dtype=torch.float16)
+    with caplog.at_level("WARNING", logger="sparseforge"):
+        assert not held.launch((1, 1, 1), [q], 0)
+    assert held.broken and "no launcher" in caplog.text
+    assert not held.launch((1, 1, 1), [q], 0)
+
+
+def test_unresolvable_kernel_is_none_not_an_error(monkeypatch, caplog):
+    gpu_launch.clear_held()
+    monkeypatch.setattr(gpu_launch, "device_arch", lambda index: "sm_90")
+    monkeypatch.setattr(gpu_launch, "resolve_kernel", lambda *a: 1 / 0)
+    p = sf.plan(sf.causal(), q_len=16, kv_len=16, head_dim=32, dtype="float16", target="sm_90")
+    with caplog.at_level("WARNING", logger="sparseforge"):
+        assert gpu_launch.held_kernel(p, 0, 0) is None
+    assert "ZeroDivisionError" in caplog.text
+    gpu_launch.clear_held()
