@@ -6,6 +6,7 @@ import tempfile
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the HF tests use local models only
 _CACHE = tempfile.mkdtemp(prefix="sparseforge-test-cache-")
 os.environ.setdefault("SPARSEFORGE_CACHE_DIR", _CACHE)
 
