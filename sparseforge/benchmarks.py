@@ -67,6 +67,44 @@ def dispatch_overhead_us(n=2000):
         dispatch._forward = real
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_environment() -> dict:
+    """Where a benchmark ran: the device (GPU name, or the CPU when none) and versions."""
+    import os
+
+    import triton
+
+    if torch.cuda.is_available():
+        device = {"kind": "cuda", "name": torch.cuda.get_device_name(),
+                  "capability": "sm_{}{}".format(*torch.cuda.get_device_capability())}
+    else:
+        device = {"kind": "cpu", "name": _cpu_model(), "gpu": None}
+    device.update(cpus=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                  platform=platform.platform())
+    return {"device": device,
+            "versions": {"torch": torch.__version__, "sparseforge": sf.__version__,
+                         "triton": triton.__version__, "python": platform.python_version()}}
+
+
+def _save(result: dict, results_dir: str, name: str) -> dict:
+    result.update(run_environment())
+    print(json.dumps(result, indent=1))
+    out = Path(results_dir) / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
 def build_and_dispatch(results_dir="bench/results", archs=("sm_80", "sm_90")):
     """Issue 7's bench: cold build time per kernel and warm dispatch overhead."""
     from .aot.timing import cold_build_times
@@ -77,17 +115,8 @@ def build_and_dispatch(results_dir="bench/results", archs=("sm_80", "sm_90")):
         "warm_dispatch_overhead_us": dispatch_overhead_us(),
         "warm_dispatch_note": "sf.attention's Python layer on CPU tensors, executor stubbed out; "
                               "GPU launch overhead needs a device",
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpus": __import__("os").cpu_count()},
-        "versions": {"torch": torch.__version__, "sparseforge": sf.__version__,
-                     "triton": __import__("triton").__version__,
-                     "python": platform.python_version()},
     }
-    print(json.dumps(result, indent=1))
-    out = Path(results_dir) / "cold_build_and_dispatch.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    return result
+    return _save(result, results_dir, "cold_build_and_dispatch")
 
 
 def main(length=4096, repeats=5, with_flex=True, window=256, heads=4, head_dim=64,
@@ -111,17 +140,8 @@ def main(length=4096, repeats=5, with_flex=True, window=256, heads=4, head_dim=6
         "speedup_vs_flex": None if flex is None else flex / ours,
         "max_abs_error_vs_oracle": err,
         "dispatch_overhead_us": dispatch_overhead_us(),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "threads": torch.get_num_threads()},
-        "versions": {"torch": torch.__version__, "sparseforge": sf.__version__,
-                     "triton": __import__("triton").__version__,
-                     "python": platform.python_version()},
     }
-    print(json.dumps(result, indent=1))
-    out = Path(results_dir) / "cpu_sliding_window.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    return result
+    return _save(result, results_dir, "cpu_sliding_window")
 
 
 if __name__ == "__main__":

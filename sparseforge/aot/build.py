@@ -14,13 +14,12 @@ and parallel builds of one kernel compile it once.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import multiprocessing
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 import triton
 
+from .._env import patched_environ
 from .._version import __version__
 from ..codegen.render import FORWARD_TEMPLATE_VERSION
 from ..runtime.binaries import KernelBinary, kernel_key
@@ -78,21 +78,11 @@ def _build_job(job: BuildJob) -> tuple[KernelBinary, float, bool, str]:
     return binary, time.perf_counter() - t, built, rendered(p, job.kernel_index).source
 
 
-@contextlib.contextmanager
-def _compiler_environment() -> Iterator[None]:
+def _compiler_environment():
     """Spawned workers copy this environment: Triton must import there with the
     interpreter off (it cannot cross-compile otherwise)."""
-    old = {k: os.environ.get(k) for k in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
-    os.environ.pop("TRITON_INTERPRET", None)
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default, stated
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    fusion = os.environ.get("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default, stated
+    return patched_environ({"TRITON_INTERPRET": None, "TRITON_DEFAULT_FP_FUSION": fusion})
 
 
 def build(specs: list[BuildSpec], archs: list[str], out: str | os.PathLike, *,

@@ -7,14 +7,13 @@ kernel: render + compile + cuobjdump + write) and once with every core (throughp
 
 from __future__ import annotations
 
-import contextlib
 import os
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
+from .._env import patched_environ
 from ..runtime.variants import L, variant_specs
 from .build import build
 from .spec import BuildSpec
@@ -25,22 +24,13 @@ def variant_build_specs() -> list[BuildSpec]:
             for name, (pattern, d, dt, overrides) in variant_specs().items() if not overrides]
 
 
-@contextlib.contextmanager
-def _empty_caches(tmp: Path) -> Iterator[None]:
-    keys = ("TRITON_CACHE_DIR", "SPARSEFORGE_CACHE_DIR")
-    old = {k: os.environ.get(k) for k in keys}
-    for k in keys:
-        d = tmp / k.lower()
-        d.mkdir(mode=0o700)
-        os.environ[k] = str(d)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+def _empty_caches(tmp: Path):
+    """Fresh, private Triton and sparseforge cache directories under ``tmp``."""
+    values = {}
+    for k in ("TRITON_CACHE_DIR", "SPARSEFORGE_CACHE_DIR"):
+        (tmp / k.lower()).mkdir(mode=0o700)
+        values[k] = str(tmp / k.lower())
+    return patched_environ(values)
 
 
 def cold_build_times(archs=("sm_80", "sm_90"), workers: int | None = None) -> dict:

@@ -29,6 +29,8 @@ from types import ModuleType
 import filelock
 import triton
 
+from .._env import patched_environ
+
 log = logging.getLogger("sparseforge")
 
 ENV_CACHE_DIR = "SPARSEFORGE_CACHE_DIR"
@@ -126,15 +128,8 @@ def triton_interpret(enabled: bool):
         finally:
             knobs.runtime.interpret = old
     else:  # Triton < 3.4 reads the environment
-        old = os.environ.get("TRITON_INTERPRET")
-        os.environ["TRITON_INTERPRET"] = "1" if enabled else "0"
-        try:
+        with patched_environ({"TRITON_INTERPRET": "1" if enabled else "0"}):
             yield
-        finally:
-            if old is None:
-                os.environ.pop("TRITON_INTERPRET", None)
-            else:
-                os.environ["TRITON_INTERPRET"] = old
 
 
 def interpreter_active() -> bool:

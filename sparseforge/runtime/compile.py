@@ -20,7 +20,7 @@ import triton
 
 from ..planner.plan import Plan
 from .binaries import COUNTERS, KernelBinary, KernelInfo, kernel_key
-from .triton_launch import kernel_function
+from .triton_launch import kernel_function, rendered
 
 _TRITON_DTYPES = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}
 ARCHS = ("sm_80", "sm_90")  # what the tile tables are tuned for; any sm_XX >= 80 compiles
@@ -127,7 +127,7 @@ def compile_forward(plan: Plan, kernel_index: int, arch: str):
 
     capability = parse_arch(arch)
     fn, sig, constexprs, attrs = launch_spec(plan, kernel_index)
-    _, src = kernel_function(plan, kernel_index, interpret=False)
+    src = rendered(plan, kernel_index)
     COUNTERS["compiled"] += 1
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
                           target=GPUTarget("cuda", capability, 32), options=dict(src.launch_options))
@@ -136,7 +136,7 @@ def compile_forward(plan: Plan, kernel_index: int, arch: str):
 def build_binary(plan: Plan, kernel_index: int, arch: str) -> KernelBinary:
     """Compile and read back what the kernel uses (registers, spills, smem, wgmma)."""
     compiled = compile_forward(plan, kernel_index, arch)
-    _, src = kernel_function(plan, kernel_index, interpret=False)
+    src = rendered(plan, kernel_index)
     cubin = compiled.asm["cubin"]
     usage = resource_usage(cubin)
     meta_path = next(Path(p) for name, p in compiled.metadata_group.items() if name.endswith(".json"))

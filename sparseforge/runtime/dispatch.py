@@ -152,6 +152,6 @@ def attention_backward(q, k, v, out, lse, grad_out, grad_lse, pattern: Pattern, 
     be None). The torch.compile custom op's backward; also usable on its own."""
     shape = check_attention_inputs(q, k, v, pattern, scale=scale, enable_gqa=enable_gqa)
     compiled = compile_pattern(pattern)
-    target = default_target(q.device) if q.is_cuda else "cpu"
+    target = default_target(q.device)
     p = cached_plan(compiled, shape.q_len, shape.kv_len, shape.head_dim, q.dtype, target)
     return _backward(p, compiled, q, k, v, out, lse, grad_out, grad_lse, shape.scale)

@@ -78,5 +78,4 @@ def test_module_validates_and_describes_itself():
         sf.SparseAttention("causal")
     with pytest.raises(ValueError, match="backend"):
         sf.SparseAttention(sf.causal(), backend="cuda")
-    assert "sliding" in repr(sf.SparseAttention(sf.sliding_window(4))) or "window" in repr(
-        sf.SparseAttention(sf.sliding_window(4)))
+    assert f"pattern={sf.sliding_window(4)!r}" in repr(sf.SparseAttention(sf.sliding_window(4)))

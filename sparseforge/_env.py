@@ -1,0 +1,26 @@
+"""Temporarily changed environment variables (spawned workers copy ``os.environ``)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def patched_environ(values: dict[str, str | None]) -> Iterator[None]:
+    """Set (or, for None, unset) the variables in ``values``; restore them on exit."""
+    old = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
