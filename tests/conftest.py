@@ -1,5 +1,5 @@
 """Test session setup: Triton's interpreter on (it must be set before Triton is imported)
-and a private kernel cache per session."""
+and private kernel and inductor caches per session."""
 
 import os
 import tempfile
@@ -9,6 +9,8 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the HF tests use local models only
 _CACHE = tempfile.mkdtemp(prefix="sparseforge-test-cache-")
 os.environ.setdefault("SPARSEFORGE_CACHE_DIR", _CACHE)
+# inductor's FX graph cache outlives a change of our custom ops' schemas: keep it private
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(_CACHE, "inductor"))
 
 import pytest
 import torch

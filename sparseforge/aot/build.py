@@ -29,7 +29,7 @@ import triton
 
 from .._env import patched_environ
 from .._version import __version__
-from ..codegen.render import FORWARD_TEMPLATE_VERSION
+from ..codegen.render import TEMPLATE_VERSION
 from ..runtime.binaries import KernelBinary, kernel_key
 from ..runtime.cache import write_if_different
 from ..runtime.compile import parse_arch, plan_target
@@ -127,7 +127,7 @@ def build(specs: list[BuildSpec], archs: list[str], out: str | os.PathLike, *,
         "format": MANIFEST_FORMAT,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "sparseforge": __version__, "triton": triton.__version__, "torch": torch.__version__,
-        "template_version": FORWARD_TEMPLATE_VERSION, "archs": list(archs),
+        "template_version": TEMPLATE_VERSION, "archs": list(archs),
         "build_seconds": round(time.perf_counter() - started, 3), "workers": workers,
         "specs": [dict(s.to_dict(), kernels=sorted(set(uses[s.name])),
                        missing=[k for k, v in (("backward", s.backward),) if v])

@@ -1,8 +1,10 @@
-"""Render the forward kernel of a planned head pattern from its jinja2 template.
+"""Render the kernels of a planned head pattern from their jinja2 templates.
 
-The template is filled from a typed context (``ForwardKernelSource``) holding only
-validated integers, booleans, enum names and expressions printed by our own printers.
-The same plan renders byte-identical source, so the cache key is stable.
+Three kinds share one context: ``forward``, ``backward_dq`` (same walk as the forward:
+kv tiles per query tile) and ``backward_dkdv`` (the inverted walk: query tiles per kv
+tile, from the key-side range analysis). The context holds only validated integers,
+booleans, enum names and expressions printed by our own printers. The same plan
+renders byte-identical source, so the cache key is stable.
 """
 
 from __future__ import annotations
@@ -21,16 +23,22 @@ from ..planner.ranges import (
     FULL_LO,
     HI,
     LO,
-    NORMALISE,
     RAW_FULL_HI,
     RAW_FULL_LO,
     RAW_HI,
     RAW_LO,
+    normalise_steps,
 )
 from ..planner.symbolic import BLOCK_M, BLOCK_N, TRITON_NAMES, to_triton
 from .predicate import slug, triton_predicate
 
-FORWARD_TEMPLATE_VERSION = 1
+TEMPLATE_VERSION = 2  # of the templates as a set: part of every cache key
+#: kind -> (template, kernel name prefix, which side's segments it walks, family)
+KINDS = {
+    "forward": ("forward.py.jinja", "fwd", "query", "forward"),
+    "backward_dq": ("backward_dq.py.jinja", "bwd_dq", "query", "backward"),
+    "backward_dkdv": ("backward_dkdv.py.jinja", "bwd_dkdv", "key", "backward"),
+}
 _DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 _SCHEDULES = ("segments", "hull", "dense")
 _DOT_PRECISIONS = ("", ', input_precision="ieee"')
@@ -70,28 +78,45 @@ def _environment() -> jinja2.Environment:
 
 
 @dataclass(frozen=True)
-class ForwardKernelSource:
+class KernelSource:
     name: str  # readable kernel name, e.g. fwd_window-l255-r0_bm128_bn64_d128_bf16
     source: str
     sha256: str
     kernel_index: int  # which of the plan's kernels this is
     launch_options: tuple  # (("num_warps", 4), ("num_stages", 3))
+    kind: str = "forward"  # a key of KINDS
+    block_m: int = 0
+    block_n: int = 0
+
+    @property
+    def family(self) -> str:
+        """What the manifest calls it (DESIGN: forward/backward/decode/routing)."""
+        return KINDS[self.kind][3]
 
     @property
     def module_stem(self) -> str:
         return f"{self.name}_{self.sha256[:16]}"
 
 
-def kernel_name(plan: Plan, kernel: KernelPlan) -> str:
+def kernel_name(plan: Plan, kernel: KernelPlan, kind: str = "forward") -> str:
     pattern_slug = slug(kernel.pattern)
     if len(pattern_slug) > 60:
         pattern_slug = pattern_slug[:48] + "-" + hashlib.sha256(pattern_slug.encode()).hexdigest()[:8]
-    name = (f"fwd_{pattern_slug}_bm{plan.block_m}_bn{plan.block_n}_d{plan.head_dim}_"
+    cfg = kind_config(plan, kind)
+    name = (f"{KINDS[kind][1]}_{pattern_slug}_bm{cfg.block_m}_bn{cfg.block_n}_d{plan.head_dim}_"
             f"{_DTYPE_SHORT[plan.dtype]}")
     return re.sub(r"[^0-9A-Za-z_]", "_", name)
 
 
-def _segment_texts(s: int, seg, tiles: dict) -> dict:
+def kind_config(plan: Plan, kind: str):
+    """The tile config a kernel kind runs with: the plan's forward or backward tiles."""
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}: expected one of {', '.join(KINDS)}")
+    return {"forward": plan.config, "backward_dq": plan.backward_dq,
+            "backward_dkdv": plan.backward_dkdv}[kind]
+
+
+def _segment_texts(s: int, seg, tiles: dict, side: str = "query") -> dict:
     names = dict(TRITON_NAMES)
     names.update({RAW_LO: f"lo_raw{s}", RAW_HI: f"hi_raw{s}", RAW_FULL_LO: f"flo_raw{s}",
                   RAW_FULL_HI: f"fhi_raw{s}", LO: f"lo{s}", HI: f"hi{s}", FULL_LO: f"flo{s}",
@@ -99,21 +124,29 @@ def _segment_texts(s: int, seg, tiles: dict) -> dict:
     seg = seg.subs(tiles)
     out = {k: to_triton(getattr(seg, k)) for k in ("lo", "hi", "full_lo", "full_hi")}
     # normalisation steps refer to this segment's raw bounds and to earlier steps
-    for (_, expr), key in zip(NORMALISE, ("lo", "hi", "full_lo", "full_hi")):
+    for (_, expr), key in zip(normalise_steps(side), ("lo", "hi", "full_lo", "full_hi")):
         out[f"norm_{key}"] = to_triton(expr, names)
     return out
 
 
-def render_forward(plan: Plan, kernel_index: int = 0) -> ForwardKernelSource:
+def render_forward(plan: Plan, kernel_index: int = 0) -> KernelSource:
+    return render_kernel(plan, kernel_index, "forward")
+
+
+def render_kernel(plan: Plan, kernel_index: int = 0, kind: str = "forward") -> KernelSource:
+    """Source of one kernel of ``plan``: ``kind`` is forward, backward_dq or backward_dkdv."""
+    cfg = kind_config(plan, kind)
+    template, _, side, _ = KINDS[kind]
     kernel = plan.kernels[kernel_index]
-    tiles = {BLOCK_M: plan.block_m, BLOCK_N: plan.block_n}
-    segments = [_segment_texts(s, seg, tiles) for s, seg in enumerate(kernel.walked_segments)]
+    tiles = {BLOCK_M: cfg.block_m, BLOCK_N: cfg.block_n}
+    walked = kernel.walked_segments if side == "query" else kernel.key_segments
+    segments = [_segment_texts(s, seg, tiles, side) for s, seg in enumerate(walked)]
     n = len(segments)
     sort_pairs = [(j, j + 1) for i in range(n) for j in range(n - 1 - i)]
-    name = kernel_name(plan, kernel)
+    name = kernel_name(plan, kernel, kind)
     context = dict(
         version=__version__,
-        template_version=FORWARD_TEMPLATE_VERSION,
+        template_version=TEMPLATE_VERSION,
         name=name,
         pattern_repr=repr(kernel.pattern),
         schedule=kernel.schedule,
@@ -130,7 +163,7 @@ def render_forward(plan: Plan, kernel_index: int = 0) -> ForwardKernelSource:
     check_context({k: v for k, v in context.items() if k != "dot_precision"})
     if context["dot_precision"] not in _DOT_PRECISIONS:
         raise UnsafeTemplateValue(f"dot_precision={context['dot_precision']!r}")
-    source = _environment().get_template("forward.py.jinja").render(**context)
+    source = _environment().get_template(template).render(**context)
     digest = hashlib.sha256(source.encode()).hexdigest()
-    options = (("num_warps", plan.config.num_warps), ("num_stages", plan.config.num_stages))
-    return ForwardKernelSource(name, source, digest, kernel_index, options)
+    options = (("num_warps", cfg.num_warps), ("num_stages", cfg.num_stages))
+    return KernelSource(name, source, digest, kernel_index, options, kind, cfg.block_m, cfg.block_n)

@@ -20,7 +20,14 @@ from ..ir.nodes import Documents, Pattern, PerHead, Window, walk
 from ..semantics import pair_mask
 from .ranges import TileSegment, hull_segment, tile_segments
 from .schedule import GroupSchedule, group_geometry, visit_matrices
-from .tiles import TARGETS, TileConfig, candidate_configs, estimated_cost, padded_head_dim
+from .tiles import (
+    TARGETS,
+    TileConfig,
+    backward_configs,
+    candidate_configs,
+    estimated_cost,
+    padded_head_dim,
+)
 
 log = logging.getLogger("sparseforge")
 
@@ -76,6 +83,12 @@ class KernelPlan:
     def walked_segments(self) -> tuple[TileSegment, ...]:
         return self.segments if self.schedule == "segments" else (hull_segment(list(self.segments)),)
 
+    @cached_property
+    def key_segments(self) -> tuple[TileSegment, ...]:
+        """Query-tile segments per kv tile (inverted bounds), walked by backward dK/dV."""
+        segs = tile_segments(self.analysed, side="key")
+        return tuple(segs) if self.schedule == "segments" else (hull_segment(segs),)
+
     @property
     def has_documents(self) -> bool:
         return any(isinstance(n, Documents) for n in walk(self.analysed))
@@ -91,6 +104,8 @@ class Plan:
     target: str
     config: TileConfig
     kernels: tuple[KernelPlan, ...]
+    backward_dq: TileConfig  # tiles of the backward dQ kernel
+    backward_dkdv: TileConfig  # ... and of the dK/dV kernel
 
     @property
     def block_m(self) -> int:
@@ -184,7 +199,8 @@ def plan(pattern: Pattern, *, q_len: int, kv_len: int, head_dim: int, dtype="bfl
     _, cfg, choices = best
     kernels = tuple(KernelPlan(p, analysed, g, tuple(segs), sched, h)
                     for (_, p, analysed, g, segs, sched), (_, h) in zip(choices, heads))
-    return Plan(canonical, q_len, kv_len, head_dim, dtype, target, cfg, kernels)
+    return Plan(canonical, q_len, kv_len, head_dim, dtype, target, cfg, kernels,
+                *backward_configs(target, head_dim, dtype))
 
 
 def _head_groups(canonical: Pattern) -> list[tuple[Pattern, tuple[int, ...] | None]]:

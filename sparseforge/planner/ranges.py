@@ -10,6 +10,13 @@ the pairwise intersection of its parts' segments (distributing over unions).
 Primitives first give bounds on key *positions* ``j`` (inclusive), which are turned
 into tile bounds in one place, ``_tiles``. All arithmetic is integer (FloorDiv), so the
 same expression is exact when evaluated in numpy and when printed into the kernel.
+
+The backward dK/dV kernel needs the inverse: for key tile ``n`` (keys
+``[n*BN, min((n+1)*BN, Lkv))``), which query tiles reach it. That is the same analysis
+from the key's side (``side="key"``): each primitive states which query positions can
+see a key range in closed form (``key_side_segment``), and unions and intersections
+combine segments exactly as above. Segments then bound query tiles, full tiles hold
+only allowed pairs and only rows < Lq.
 """
 
 from __future__ import annotations
@@ -34,14 +41,19 @@ from ..ir.nodes import (
 from .symbolic import (
     BLOCK_M,
     BLOCK_N,
+    J_FIRST,
+    J_LAST,
     KV_FULL_TILES,
     KV_LEN,
     KV_TILES,
     P_FIRST,
     P_LAST,
+    Q_FULL_TILES,
     Q_LEN,
+    Q_TILES,
     FloorDiv,
     M,
+    N,
     ceil_div,
     clamp,
     evaluate,
@@ -56,12 +68,18 @@ Expr = sympy.Expr
 RAW_LO, RAW_HI, RAW_FULL_LO, RAW_FULL_HI = sympy.symbols("lo_raw hi_raw flo_raw fhi_raw",
                                                          integer=True)
 LO, HI, FULL_LO, FULL_HI = sympy.symbols("lo hi flo fhi", integer=True)
-NORMALISE = (
-    (LO, clamp(RAW_LO, 0, KV_TILES)),
-    (HI, clamp(RAW_HI, LO, KV_TILES)),
-    (FULL_LO, clamp(RAW_FULL_LO, LO, HI)),
-    (FULL_HI, sympy.Max(FULL_LO, sympy.Min(RAW_FULL_HI, HI, KV_FULL_TILES))),
-)
+
+
+def _normalise(tiles, full_tiles) -> tuple:
+    return ((LO, clamp(RAW_LO, 0, tiles)),
+            (HI, clamp(RAW_HI, LO, tiles)),
+            (FULL_LO, clamp(RAW_FULL_LO, LO, HI)),
+            (FULL_HI, sympy.Max(FULL_LO, sympy.Min(RAW_FULL_HI, HI, full_tiles))))
+
+
+NORMALISE = _normalise(KV_TILES, KV_FULL_TILES)  # query side: segments bound kv tiles
+KEY_NORMALISE = _normalise(Q_TILES, Q_FULL_TILES)  # key side: segments bound query tiles
+SIDES = ("query", "key")
 
 
 @dataclass(frozen=True)
@@ -77,12 +95,12 @@ class TileSegment:
         return (f"TileSegment(visit=[{self.lo}, {self.hi}), "
                 f"full=[{self.full_lo}, {self.full_hi}))")
 
-    def evaluate(self, env: dict):
+    def evaluate(self, env: dict, side: str = "query"):
         """Numeric normalised (lo, hi, full_lo, full_hi) arrays."""
         env = dict(env)
         env[RAW_LO], env[RAW_HI], env[RAW_FULL_LO], env[RAW_FULL_HI] = (
             evaluate(e, env) for e in (self.lo, self.hi, self.full_lo, self.full_hi))
-        for symbol, expr in NORMALISE:
+        for symbol, expr in normalise_steps(side):
             env[symbol] = evaluate(expr, env)
         return env[LO], env[HI], env[FULL_LO], env[FULL_HI]
 
@@ -134,6 +152,51 @@ def primitive_segment(pat: Pattern) -> TileSegment:
     raise TypeError(f"no range rule for {type(pat).__name__}")
 
 
+def _query_tiles(i_lo, i_hi, if_lo, if_hi) -> TileSegment:
+    """Query-row bounds (inclusive) -> raw query-tile bounds (half-open); the key-side
+    twin of ``_tiles``."""
+    return TileSegment(FloorDiv(i_lo, BLOCK_M), FloorDiv(i_hi, BLOCK_M) + 1,
+                       ceil_div(if_lo, BLOCK_M), FloorDiv(if_hi + 1, BLOCK_M))
+
+
+def key_side_segment(pat: Pattern) -> TileSegment:
+    """The one segment of a primitive seen from key tile ``n``: which query rows can see
+    some key of the tile (visit) and which see all of them (full). Stated on absolute
+    query positions p = i + Lkv - Lq, converted to rows at the end."""
+    delta = KV_LEN - Q_LEN
+    last_row = Q_LEN - 1
+
+    def rows(p_lo, p_hi, pf_lo, pf_hi):
+        return _query_tiles(p_lo - delta, p_hi - delta, pf_lo - delta, pf_hi - delta)
+
+    if isinstance(pat, (Full, Documents)):
+        full = (0, last_row) if isinstance(pat, Full) else _NO_FULL
+        return _query_tiles(0, last_row, *full)
+    if isinstance(pat, Causal):  # j <= p
+        return rows(J_FIRST, KV_LEN - 1, J_LAST, KV_LEN - 1)
+    if isinstance(pat, Window):  # p in [j - right*d, j + left*d]
+        left, right = pat.left * pat.dilation, pat.right * pat.dilation
+        full = (J_LAST - right, J_FIRST + left) if pat.dilation == 1 else (1 + delta, delta)
+        return rows(J_FIRST - right, J_LAST + left, *full)
+    if isinstance(pat, Sinks):  # every row sees keys j < n
+        any_key = sympy.Min(1, sympy.Max(0, pat.n - J_FIRST))
+        all_keys = sympy.Min(1, sympy.Max(0, pat.n - J_LAST))
+        return _query_tiles(0, any_key * Q_LEN - 1, 0, all_keys * Q_LEN - 1)
+    if isinstance(pat, GlobalQueries):  # rows with p < n see every key
+        return rows(delta, pat.n - 1, delta, pat.n - 1)
+    if isinstance(pat, Chunks):
+        s = pat.size
+        first_chunk, last_chunk = FloorDiv(J_FIRST, s), FloorDiv(J_LAST, s)
+        return rows(first_chunk * s, last_chunk * s + s - 1, last_chunk * s, first_chunk * s + s - 1)
+    if isinstance(pat, Empty):
+        return _query_tiles(0, -1, *_NO_FULL)
+    raise TypeError(f"no key-side range rule for {type(pat).__name__}")
+
+
+def normalise_steps(side: str) -> tuple:
+    return NORMALISE if side == "query" else KEY_NORMALISE
+
+
 def _intersect(a: TileSegment, b: TileSegment) -> TileSegment:
     # Raw bounds intersect directly: an empty side stays empty after normalisation.
     # Full tiles of the intersection are those full in both.
@@ -141,19 +204,22 @@ def _intersect(a: TileSegment, b: TileSegment) -> TileSegment:
                        sympy.Max(a.full_lo, b.full_lo), sympy.Min(a.full_hi, b.full_hi))
 
 
-def tile_segments(pattern: Pattern) -> list[TileSegment]:
-    """Segments of a canonical, single-head pattern (see module docstring)."""
+def tile_segments(pattern: Pattern, side: str = "query") -> list[TileSegment]:
+    """Segments of a canonical, single-head pattern (see module docstring): kv tiles per
+    query tile (``side="query"``) or query tiles per kv tile (``side="key"``)."""
+    if side not in SIDES:
+        raise ValueError(f"side={side!r}: expected one of {SIDES}")
     if isinstance(pattern, Union):
         out: list[TileSegment] = []
         for part in pattern.parts:
-            out.extend(tile_segments(part))
+            out.extend(tile_segments(part, side))
         return out
     if isinstance(pattern, Intersection):
-        acc = tile_segments(pattern.parts[0])
+        acc = tile_segments(pattern.parts[0], side)
         for part in pattern.parts[1:]:
-            acc = [_intersect(a, b) for a in acc for b in tile_segments(part)]
+            acc = [_intersect(a, b) for a in acc for b in tile_segments(part, side)]
         return acc
-    return [primitive_segment(pattern)]
+    return [primitive_segment(pattern) if side == "query" else key_side_segment(pattern)]
 
 
 def hull_segment(segments: list[TileSegment]) -> TileSegment:
@@ -165,10 +231,14 @@ def hull_segment(segments: list[TileSegment]) -> TileSegment:
     return TileSegment(lo, hi, segments[-1].full_lo, segments[-1].full_hi)
 
 
-def environment(q_len: int, kv_len: int, block_m: int, block_n: int, tiles=None) -> dict:
-    """Numeric values for the symbols; ``tiles`` defaults to every query tile."""
+def environment(q_len: int, kv_len: int, block_m: int, block_n: int, tiles=None,
+                side: str = "query") -> dict:
+    """Numeric values for the symbols; ``tiles`` defaults to every query tile (every kv
+    tile on the key side)."""
     import numpy as np
 
     if tiles is None:
-        tiles = np.arange(max(1, -(-q_len // block_m)))
-    return {M: tiles, BLOCK_M: block_m, BLOCK_N: block_n, Q_LEN: q_len, KV_LEN: kv_len}
+        length, block = (q_len, block_m) if side == "query" else (kv_len, block_n)
+        tiles = np.arange(max(1, -(-length // block)))
+    return {M if side == "query" else N: tiles, BLOCK_M: block_m, BLOCK_N: block_n,
+            Q_LEN: q_len, KV_LEN: kv_len}

@@ -45,18 +45,21 @@ def group_geometry(q_len: int, kv_len: int, groups: int) -> list[GroupGeometry]:
 
 
 def visit_matrices(segments: list[TileSegment], q_len: int, kv_len: int, block_m: int,
-                   block_n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Bool ``visit[Tq, Tk]`` and ``full[Tq, Tk]`` for one group's lengths."""
-    tq = max(1, -(-q_len // block_m))
-    tk = max(0, -(-kv_len // block_n))
-    visit = np.zeros((tq, tk), dtype=bool)
-    full = np.zeros((tq, tk), dtype=bool)
+                   block_n: int, side: str = "query") -> tuple[np.ndarray, np.ndarray]:
+    """Bool ``visit[Tq, Tk]`` and ``full[Tq, Tk]`` for one group's lengths; key-side
+    segments (``side="key"``) give ``[Tk, Tq]``: the query tiles each kv tile walks."""
+    rows_len, rows_block, cols_len, cols_block = (
+        (q_len, block_m, kv_len, block_n) if side == "query" else (kv_len, block_n, q_len, block_m))
+    tr = max(1, -(-rows_len // rows_block))
+    tc = max(0, -(-cols_len // cols_block))
+    visit = np.zeros((tr, tc), dtype=bool)
+    full = np.zeros((tr, tc), dtype=bool)
     if q_len == 0 or kv_len == 0:
-        return visit[: max(0, -(-q_len // block_m))], full[: max(0, -(-q_len // block_m))]
-    env = environment(q_len, kv_len, block_m, block_n)
-    cols = np.arange(tk)[None, :]
+        return visit[: max(0, -(-rows_len // rows_block))], full[: max(0, -(-rows_len // rows_block))]
+    env = environment(q_len, kv_len, block_m, block_n, side=side)
+    cols = np.arange(tc)[None, :]
     for seg in segments:
-        lo, hi, flo, fhi = (np.broadcast_to(a, (tq,))[:, None] for a in seg.evaluate(env))
+        lo, hi, flo, fhi = (np.broadcast_to(a, (tr,))[:, None] for a in seg.evaluate(env, side))
         visit |= (cols >= lo) & (cols < hi)
         full |= (cols >= flo) & (cols < fhi)
     return visit, full & visit

@@ -25,10 +25,19 @@ P_LAST = sympy.Symbol("p_last", integer=True)  # ... of its last valid row
 KV_TILES = sympy.Symbol("n_kv_tiles", integer=True, nonnegative=True)
 KV_FULL_TILES = sympy.Symbol("n_kv_full_tiles", integer=True, nonnegative=True)
 
+# The same from a key tile's side (the backward dK/dV kernel walks query tiles per key
+# tile): its index, first and last valid key, and the query tile counts.
+N = sympy.Symbol("n", integer=True, nonnegative=True)
+J_FIRST = sympy.Symbol("j_first", integer=True)
+J_LAST = sympy.Symbol("j_last", integer=True)
+Q_TILES = sympy.Symbol("n_q_tiles", integer=True, nonnegative=True)
+Q_FULL_TILES = sympy.Symbol("n_q_full_tiles", integer=True, nonnegative=True)
+
 # What each symbol is called inside the generated kernel.
 TRITON_NAMES = {M: "pid_m", BLOCK_M: "BLOCK_M", BLOCK_N: "BLOCK_N", Q_LEN: "q_len",
                 KV_LEN: "kv_len", P_FIRST: "p_first", P_LAST: "p_last", KV_TILES: "n_kv_tiles",
-                KV_FULL_TILES: "n_kv_full_tiles"}
+                KV_FULL_TILES: "n_kv_full_tiles", N: "pid_n", J_FIRST: "j_first",
+                J_LAST: "j_last", Q_TILES: "n_q_tiles", Q_FULL_TILES: "n_q_full_tiles"}
 
 
 class FloorDiv(sympy.Function):
@@ -54,6 +63,10 @@ DERIVED = {
     P_LAST: sympy.Min(M * BLOCK_M + BLOCK_M, Q_LEN) - 1 + KV_LEN - Q_LEN,
     KV_TILES: ceil_div(KV_LEN, BLOCK_N),
     KV_FULL_TILES: FloorDiv(KV_LEN, BLOCK_N),
+    J_FIRST: N * BLOCK_N,
+    J_LAST: sympy.Min(N * BLOCK_N + BLOCK_N, KV_LEN) - 1,
+    Q_TILES: ceil_div(Q_LEN, BLOCK_M),
+    Q_FULL_TILES: FloorDiv(Q_LEN, BLOCK_M),
 }
 
 

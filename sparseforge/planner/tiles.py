@@ -73,6 +73,37 @@ for _arch in ("sm_80", "sm_90"):
         _GPU_CONFIGS[(_arch, "float32", _d)] = [_cfg]
 
 
+def backward_configs(target: str, head_dim: int, dtype: str) -> tuple[TileConfig, TileConfig]:
+    """Tiles of the backward (dQ kernel, dK/dV kernel). Smaller than the forward's: a
+    dK/dV program keeps K, V and two fp32 [BLOCK_N, D] accumulators of its key tile
+    live across all its query tiles, and both kernels recompute P and dP per tile."""
+    if target not in TARGETS:
+        raise ValueError(f"target={target!r}: expected one of {', '.join(TARGETS)}")
+    if target == "interpret":
+        cfg = TileConfig(16, 32, 4, 1)  # unequal on purpose: inverted bounds get tested
+        return cfg, cfg
+    if target == "cpu":
+        return TileConfig(64, 64), TileConfig(64, 64)
+    d = max(64, padded_head_dim(head_dim))
+    return _BACKWARD_CONFIGS[(target, "float32" if dtype == "float32" else "16bit", d)]
+
+
+# (dQ, dK/dV) per target, dtype class and padded head dim (<= 64 share one entry).
+# Spill-free on every template variant (tests/codegen/test_compile.py), found by
+# compiling candidates for each target with the cuobjdump resource report.
+_BACKWARD_CONFIGS = {
+    ("sm_90", "16bit", 64): (_C(64, 64, 8, 2), _C(32, 64, 4, 1)),
+    ("sm_90", "16bit", 128): (_C(64, 64, 8, 2), _C(32, 32, 8, 1)),
+    ("sm_90", "16bit", 256): (_C(32, 32, 8, 1), _C(32, 32, 8, 1)),
+    ("sm_80", "16bit", 64): (_C(64, 32, 4, 2), _C(64, 32, 8, 1)),
+    ("sm_80", "16bit", 128): (_C(64, 64, 8, 2), _C(32, 32, 8, 1)),
+    ("sm_80", "16bit", 256): (_C(32, 32, 8, 1), _C(16, 32, 8, 1)),
+}
+for _arch in ("sm_80", "sm_90"):
+    for _d, _dkdv in ((64, _C(32, 16, 4, 1)), (128, _C(16, 16, 8, 1)), (256, _C(16, 16, 8, 1))):
+        _BACKWARD_CONFIGS[(_arch, "float32", _d)] = (_C(16, 16, 4, 1), _dkdv)
+
+
 def estimated_cost(config: TileConfig, visited_tiles: int, partial_tiles: int) -> float:
     """Relative time of a schedule: tile work / efficiency, partial tiles a little dearer."""
     area = config.block_m * config.block_n

@@ -27,7 +27,7 @@ from pathlib import Path
 import filelock
 import triton
 
-from ..codegen.render import FORWARD_TEMPLATE_VERSION, ForwardKernelSource
+from ..codegen.render import TEMPLATE_VERSION, KernelSource
 from ..planner.plan import Plan
 from .cache import kernel_dir, verify_sources, write_if_different
 
@@ -46,12 +46,12 @@ def sha256_hex(data: bytes | str) -> str:
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
 
 
-def kernel_key(src: ForwardKernelSource, arch: str) -> str:
+def kernel_key(src: KernelSource, arch: str) -> str:
     """What identifies a binary: the rendered source, its launch options, the target, and
     the Triton and template versions (a change of either is a different kernel)."""
     return sha256_hex(json.dumps({
-        "kind": "forward", "source": src.sha256, "options": [list(o) for o in src.launch_options],
-        "arch": arch, "triton": triton.__version__, "template": FORWARD_TEMPLATE_VERSION,
+        "kind": src.kind, "source": src.sha256, "options": [list(o) for o in src.launch_options],
+        "arch": arch, "triton": triton.__version__, "template": TEMPLATE_VERSION,
     }, sort_keys=True))
 
 
@@ -155,13 +155,14 @@ def binary_dir() -> Path | None:
     return path
 
 
-def cached_binary(plan: Plan, kernel_index: int, arch: str) -> tuple[KernelBinary, bool]:
+def cached_binary(plan: Plan, kernel_index: int, arch: str,
+                  kind: str = "forward") -> tuple[KernelBinary, bool]:
     """(binary, built) for one kernel of ``plan`` on ``arch``: from memory, from the disk
     cache after hash checks, or compiled once under a cross-process lock."""
     from .compile import build_binary
     from .triton_launch import rendered
 
-    key = kernel_key(rendered(plan, kernel_index), arch)
+    key = kernel_key(rendered(plan, kernel_index, kind), arch)
     with _registry_lock:
         key_lock = _key_locks[key]
     with key_lock:  # threads of this process: one builds, the others wait for it
@@ -169,7 +170,7 @@ def cached_binary(plan: Plan, kernel_index: int, arch: str) -> tuple[KernelBinar
             return _memory[key], False
         directory = binary_dir()
         if directory is None:  # read-only cache: build and keep in memory
-            binary = build_binary(plan, kernel_index, arch)
+            binary = build_binary(plan, kernel_index, arch, kind)
             _memory[key] = binary
             return binary, True
         entry_path = directory / f"{key}.entry.json"
@@ -177,7 +178,7 @@ def cached_binary(plan: Plan, kernel_index: int, arch: str) -> tuple[KernelBinar
             binary = _load_entry(directory, entry_path)
             built = binary is None
             if built:
-                binary = build_binary(plan, kernel_index, arch)
+                binary = build_binary(plan, kernel_index, arch, kind)
                 entry = binary.write(directory)
                 write_if_different(entry_path, json.dumps(entry, indent=1))  # the commit point
             else:

@@ -72,32 +72,41 @@ def resource_usage(cubin: bytes) -> dict:
             "uses_wgmma": "HGMMA" in text}
 
 
-def forward_signature(plan: Plan, kernel_index: int) -> tuple[dict, dict]:
-    """Triton signature and constexprs of the rendered forward kernel.
+# run-time parameters that are not int32 scalars: data pointers take the plan's dtype
+_DATA_POINTERS = {"Q", "K", "V", "Out", "DO", "DQ"}
+_FP32_POINTERS = {"Lse", "Delta", "DK", "DV"}
+_INT32_POINTERS = {"DocQ", "DocK"}
+_FP32_SCALARS = {"qk_scale", "sm_scale"}
+_UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od"}
+
+
+def kernel_signature(plan: Plan, kernel_index: int, kind: str = "forward") -> tuple[dict, dict]:
+    """Triton signature and constexprs of a rendered kernel, read off its parameter names.
 
     The head-dim strides are compiled as the constant 1 (dispatch passes contiguous
     tensors), as Triton's JIT would specialise them.
     """
-    kernel = plan.kernels[kernel_index]
-    ptr = _TRITON_DTYPES[plan.dtype]
-    sig = {"Q": ptr, "K": ptr, "V": ptr, "Out": ptr, "Lse": "*fp32"}
-    if kernel.has_documents:
-        sig.update({"DocQ": "*i32", "DocK": "*i32", "stride_dqb": "i32", "stride_dq": "i32",
-                    "stride_dkb": "i32", "stride_dk": "i32"})
-    for t in "qkvo":
-        for dim in "bhmd" if t in "qo" else "bhnd":
-            sig[f"stride_{t}{dim}"] = "i32"
-    for name in ("stride_lb", "stride_lh", "stride_lm", "n_heads", "head_offset", "kv_group",
-                 "q_len_total", "kv_len_total", "tiles_per_group"):
-        sig[name] = "i32"
-    sig["qk_scale"] = "fp32"
-    constexprs = {"BLOCK_M": plan.block_m, "BLOCK_N": plan.block_n, "HEAD_DIM": plan.head_dim,
-                  "D_PAD": plan.padded_head_dim, "GROUPS": kernel.groups, "DOT_UPCAST": False}
-    for name in constexprs:
-        sig[name] = "constexpr"
-    for name in ("stride_qd", "stride_kd", "stride_vd", "stride_od"):
-        sig[name] = "constexpr"
-        constexprs[name] = 1
+    fn, src = kernel_function(plan, kernel_index, False, kind)
+    constexprs = {"BLOCK_M": src.block_m, "BLOCK_N": src.block_n, "HEAD_DIM": plan.head_dim,
+                  "D_PAD": plan.padded_head_dim, "GROUPS": plan.kernels[kernel_index].groups,
+                  "DOT_UPCAST": False}
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in _UNIT_STRIDES:
+            sig[name] = "constexpr"
+            constexprs[name] = 1
+        elif name in _DATA_POINTERS:
+            sig[name] = _TRITON_DTYPES[plan.dtype]
+        elif name in _FP32_POINTERS:
+            sig[name] = "*fp32"
+        elif name in _INT32_POINTERS:
+            sig[name] = "*i32"
+        elif name in _FP32_SCALARS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
     return sig, constexprs
 
 
@@ -105,43 +114,44 @@ def divisibility_attrs(fn, signature: dict, plan: Plan) -> dict:
     """The facts Triton's JIT would specialise on for contiguous [B, H, L, D] inputs:
     pointers are 16-byte aligned, and token/head/batch strides are multiples of 16 when
     the head dim is. Without them nothing vectorises (scalar loads, 2-byte smem stores)."""
-    aligned = {"Q", "K", "V", "Out", "Lse", "DocQ", "DocK"}
+    aligned = _DATA_POINTERS | _FP32_POINTERS | _INT32_POINTERS
     if plan.head_dim % 16 == 0:
         aligned |= {f"stride_{t}{d}" for t in "qkvo" for d in "bhmn"}
     return {(fn.arg_names.index(name),): [["tt.divisibility", 16]]
             for name in signature if name in aligned}
 
 
-def launch_spec(plan: Plan, kernel_index: int):
+def launch_spec(plan: Plan, kernel_index: int, kind: str = "forward"):
     """(JITFunction, signature, constexprs, attrs): everything ``ASTSource`` needs, and
     everything needed to rebuild a ``CompiledKernel`` from stored files."""
-    fn, _ = kernel_function(plan, kernel_index, interpret=False)
-    sig, constexprs = forward_signature(plan, kernel_index)
+    fn, _ = kernel_function(plan, kernel_index, False, kind)
+    sig, constexprs = kernel_signature(plan, kernel_index, kind)
     return fn, sig, constexprs, divisibility_attrs(fn, sig, plan)
 
 
-def compile_forward(plan: Plan, kernel_index: int, arch: str):
+def compile_kernel(plan: Plan, kernel_index: int, arch: str, kind: str = "forward"):
     """Triton's ``CompiledKernel`` for one kernel of ``plan`` on ``arch`` (no GPU needed)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     capability = parse_arch(arch)
-    fn, sig, constexprs, attrs = launch_spec(plan, kernel_index)
-    src = rendered(plan, kernel_index)
+    fn, sig, constexprs, attrs = launch_spec(plan, kernel_index, kind)
+    src = rendered(plan, kernel_index, kind)
     COUNTERS["compiled"] += 1
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
                           target=GPUTarget("cuda", capability, 32), options=dict(src.launch_options))
 
 
-def build_binary(plan: Plan, kernel_index: int, arch: str) -> KernelBinary:
+def build_binary(plan: Plan, kernel_index: int, arch: str, kind: str = "forward") -> KernelBinary:
     """Compile and read back what the kernel uses (registers, spills, smem, wgmma)."""
-    compiled = compile_forward(plan, kernel_index, arch)
-    src = rendered(plan, kernel_index)
+    compiled = compile_kernel(plan, kernel_index, arch, kind)
+    src = rendered(plan, kernel_index, kind)
     cubin = compiled.asm["cubin"]
     usage = resource_usage(cubin)
     meta_path = next(Path(p) for name, p in compiled.metadata_group.items() if name.endswith(".json"))
-    info = KernelInfo(src.name, arch, "forward", usage["registers"], usage["local"],
+    options = dict(src.launch_options)
+    info = KernelInfo(src.name, arch, src.family, usage["registers"], usage["local"],
                       usage["stack"], compiled.metadata.shared, usage["uses_wgmma"], src.sha256,
-                      len(cubin), plan.block_m, plan.block_n, plan.config.num_warps,
-                      plan.config.num_stages)
+                      len(cubin), src.block_m, src.block_n, options["num_warps"],
+                      options["num_stages"])
     return KernelBinary(kernel_key(src, arch), info, cubin, meta_path.read_text())

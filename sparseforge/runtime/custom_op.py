@@ -52,25 +52,26 @@ def _attention_fake(q, k, v, pattern, scale, enable_gqa, backend):
 @torch.library.custom_op("sparseforge::attention_backward", mutates_args=())
 def attention_backward_op(grad_out: torch.Tensor, grad_lse: torch.Tensor, q: torch.Tensor,
                           k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                          pattern: str, scale: float,
-                          enable_gqa: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          pattern: str, scale: float, enable_gqa: bool,
+                          backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from .dispatch import attention_backward
 
     dq, dk, dv = attention_backward(q, k, v, out, lse, grad_out, grad_lse, _patterns[pattern],
-                                    scale=scale, enable_gqa=enable_gqa)
+                                    scale=scale, enable_gqa=enable_gqa, backend=backend)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @attention_backward_op.register_fake
-def _attention_backward_fake(grad_out, grad_lse, q, k, v, out, lse, pattern, scale, enable_gqa):
+def _attention_backward_fake(grad_out, grad_lse, q, k, v, out, lse, pattern, scale, enable_gqa,
+                             backend):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, pattern, scale, enable_gqa, _ = inputs
+    q, k, v, pattern, scale, enable_gqa, backend = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.meta = (pattern, scale, enable_gqa)
+    ctx.meta = (pattern, scale, enable_gqa, backend)
 
 
 def _backward(ctx, grad_out, grad_lse):

@@ -94,11 +94,15 @@ def _forward(executor: str, p: Plan, compiled: CompiledPattern, q, k, v, scale: 
     return out, lse
 
 
-def _backward(p: Plan, compiled: CompiledPattern, q, k, v, out, lse, grad_out, grad_lse, scale):
-    """dq, dk, dv by the FlashAttention backward over the plan's schedule (torch ops;
-    the generated backward kernels will replace it on GPU)."""
-    return torch_exec.run_backward(p, compiled.head_patterns, q, k, v, out, lse,
-                                   grad_out.contiguous(), grad_lse, scale)
+def _backward(executor: str, p: Plan, compiled: CompiledPattern, q, k, v, out, lse, grad_out,
+              grad_lse, scale):
+    """dq, dk, dv by the FlashAttention backward over the plan's schedule: the generated
+    dQ and dK/dV kernels for the Triton executors, torch ops for the torch executor."""
+    if executor == "torch":
+        return torch_exec.run_backward(p, compiled.head_patterns, q, k, v, out, lse,
+                                       grad_out.contiguous(), grad_lse, scale)
+    return triton_launch.run_backward(p, compiled.head_patterns, q, k, v, out, lse, grad_out,
+                                      grad_lse, scale, interpret=executor == "interpret")
 
 
 class _SparseAttentionFunction(torch.autograd.Function):
@@ -109,14 +113,14 @@ class _SparseAttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, executor, p, compiled, scale):
         out, lse = _forward(executor, p, compiled, q, k, v, scale)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (p, compiled, scale)
+        ctx.args = (executor, p, compiled, scale)
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        p, compiled, scale = ctx.args
-        dq, dk, dv = _backward(p, compiled, q, k, v, out, lse, grad_out, grad_lse, scale)
+        executor, p, compiled, scale = ctx.args
+        dq, dk, dv = _backward(executor, p, compiled, q, k, v, out, lse, grad_out, grad_lse, scale)
         return dq, dk, dv, None, None, None, None
 
 
@@ -147,11 +151,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
 
 
 def attention_backward(q, k, v, out, lse, grad_out, grad_lse, pattern: Pattern, *,
-                       scale: float | None = None, enable_gqa: bool = False):
+                       scale: float | None = None, enable_gqa: bool = False,
+                       backend: str = "auto"):
     """(dq, dk, dv) of ``attention``'s (out, lse) given their gradients (``grad_lse`` may
     be None). The torch.compile custom op's backward; also usable on its own."""
     shape = check_attention_inputs(q, k, v, pattern, scale=scale, enable_gqa=enable_gqa)
+    executor, target = _resolve_backend(backend, q)
+    if executor == "reference":  # no backward of its own: the plan run with torch ops
+        executor, target = "torch", "cpu"
     compiled = compile_pattern(pattern)
-    target = default_target(q.device)
     p = cached_plan(compiled, shape.q_len, shape.kv_len, shape.head_dim, q.dtype, target)
-    return _backward(p, compiled, q, k, v, out, lse, grad_out, grad_lse, shape.scale)
+    return _backward(executor, p, compiled, q, k, v, out, lse, grad_out, grad_lse, shape.scale)

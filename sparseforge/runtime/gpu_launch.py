@@ -23,7 +23,7 @@ import triton
 
 from ..planner.plan import Plan
 from .binaries import COUNTERS, binary_dir, cached_binary, compiled_kernel, kernel_key
-from .compile import compile_forward, device_arch, launch_spec
+from .compile import compile_kernel, device_arch, launch_spec
 from .prebuilt import prebuilt
 from .triton_launch import rendered
 
@@ -116,7 +116,7 @@ def resolve_kernel(plan: Plan, kernel_index: int, arch: str) -> HeldKernel:
     log.info("no prebuilt kernel for %s on %s: compiling it just in time", src.name, arch)
     directory = binary_dir()
     if directory is None:  # read-only cache: keep Triton's object in memory
-        return HeldKernel(compile_forward(plan, kernel_index, arch), tail, src.name, "compiled")
+        return HeldKernel(compile_kernel(plan, kernel_index, arch), tail, src.name, "compiled")
     binary, built = cached_binary(plan, kernel_index, arch)
     kernel = compiled_kernel(binary, directory, fn, sig, constexprs, attrs)
     return HeldKernel(kernel, tail, src.name, "compiled" if built else "cache")

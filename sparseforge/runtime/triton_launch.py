@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import torch
 
-from ..codegen.render import ForwardKernelSource, render_forward
+from ..codegen.render import KernelSource, render_kernel
 from ..planner.plan import Plan
 from ..planner.schedule import group_geometry
 from ..semantics import document_ids
@@ -22,15 +22,15 @@ from .cache import load_kernel_module
 LOG2E = 1.4426950408889634
 
 
-@lru_cache(maxsize=512)
-def rendered(plan: Plan, kernel_index: int) -> ForwardKernelSource:
-    return render_forward(plan, kernel_index)
+@lru_cache(maxsize=1024)
+def rendered(plan: Plan, kernel_index: int, kind: str = "forward") -> KernelSource:
+    return render_kernel(plan, kernel_index, kind)
 
 
-@lru_cache(maxsize=512)
-def kernel_function(plan: Plan, kernel_index: int, interpret: bool):
+@lru_cache(maxsize=1024)
+def kernel_function(plan: Plan, kernel_index: int, interpret: bool, kind: str = "forward"):
     """(kernel function, rendered source); warm calls skip rehashing the source."""
-    src = rendered(plan, kernel_index)
+    src = rendered(plan, kernel_index, kind)
     module = load_kernel_module(src.module_stem, src.source, interpret=interpret)
     return getattr(module, src.name), src
 
@@ -80,6 +80,64 @@ def kernel_launches(plan: Plan, call_kernels, q, k, v, out, lse, scale: float):
             yield index, (g * tiles_per_group, b * n_heads, 1), args
 
 
+def _constexprs(plan: Plan, index: int, kind: str, interpret: bool, dtype) -> dict:
+    src = rendered(plan, index, kind)
+    return dict(BLOCK_M=src.block_m, BLOCK_N=src.block_n, HEAD_DIM=plan.head_dim,
+                D_PAD=plan.padded_head_dim, GROUPS=plan.kernels[index].groups,
+                DOT_UPCAST=interpret and dtype == torch.bfloat16, **dict(src.launch_options))
+
+
+def backward_launches(plan: Plan, call_kernels, q, k, v, do, dq, dk, dv, lse, delta, scale: float):
+    """(kind, kernel index, grid, run-time arguments) of every backward launch, in the
+    kernels' parameter order: all dQ launches, then all dK/dV launches."""
+    b, hq, lq, _ = q.shape
+    hkv, lkv = k.shape[1], k.shape[2]
+    group = hq // hkv
+    bm, bn = plan.backward_dq.block_m, plan.backward_dkdv.block_n
+    common = [*q.stride(), *k.stride(), *lse.stride()]
+    for kind in ("backward_dq", "backward_dkdv"):
+        for index, kernel in enumerate(plan.kernels):
+            extra = (_documents_args(call_kernels[index], lq, lkv, q.device)
+                     if kernel.has_documents else [])
+            geos = group_geometry(lq, lkv, kernel.groups)
+            if kind == "backward_dq":
+                tiles = max(1, max(-(-geo.q_len // bm) for geo in geos))
+                tensors = [q, k, v, do, dq, lse, delta]
+            else:
+                tiles = max(1, max(-(-geo.kv_len // bn) for geo in geos))
+                tensors = [q, k, v, do, dk, dv, lse, delta]
+            for first_head, n_heads in head_runs(kernel.heads, hq):
+                n_kv_heads = (first_head + n_heads - 1) // group - first_head // group + 1
+                programs = b * (n_heads if kind == "backward_dq" else n_kv_heads)
+                args = [*tensors, *extra, *common, n_heads, first_head, group, lq, lkv, tiles,
+                        scale, scale * LOG2E]
+                yield kind, index, (kernel.groups * tiles, programs, 1), args
+
+
+def run_backward(plan: Plan, call_kernels, q, k, v, out, lse, grad_out, grad_lse, scale: float,
+                 interpret: bool):
+    """(dq, dk, dv) by the generated backward kernels. dQ walks the forward's kv tiles per
+    query tile; dK/dV walks the inverted bounds per key tile, summing the GQA group's
+    heads in registers. Deterministic: no atomics anywhere."""
+    q, k, v, grad_out = (t.contiguous() for t in (q, k, v, grad_out))
+    lse = lse.contiguous()
+    # D_i = rowsum(dO * O) (minus the lse gradient, which enters every dS_ij the same way)
+    delta = (grad_out.float() * out.float()).sum(-1)
+    if grad_lse is not None:
+        delta = delta - torch.where(torch.isfinite(lse), grad_lse.float(), 0.0)
+    delta = delta.contiguous()
+    dq = torch.empty_like(q)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        return dq.zero_(), dk.to(k.dtype), dv.to(v.dtype)
+    for kind, index, grid, args in backward_launches(plan, call_kernels, q, k, v, grad_out, dq, dk,
+                                                      dv, lse, delta, scale):
+        fn, _ = kernel_function(plan, index, interpret, kind)
+        fn[grid](*args, **_constexprs(plan, index, kind, interpret, q.dtype))
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
 def run_forward(plan: Plan, call_kernels, q, k, v, out, lse, scale: float, interpret: bool) -> None:
     """Launch every kernel of ``plan`` writing into ``out``/``lse``.
 
@@ -97,7 +155,5 @@ def run_forward(plan: Plan, call_kernels, q, k, v, out, lse, scale: float, inter
         kernel = held.held_kernel(plan, index, q.device.index) if held is not None else None
         if kernel is not None and kernel.launch(grid, args, q.device.index):
             continue
-        fn, src = kernel_function(plan, index, interpret)
-        fn[grid](*args, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, HEAD_DIM=plan.head_dim,
-                 D_PAD=plan.padded_head_dim, GROUPS=plan.kernels[index].groups,
-                 DOT_UPCAST=interpret and q.dtype == torch.bfloat16, **dict(src.launch_options))
+        fn, _ = kernel_function(plan, index, interpret)
+        fn[grid](*args, **_constexprs(plan, index, "forward", interpret, q.dtype))

@@ -1,9 +1,10 @@
-"""The template variants: one plan per branch of the forward template.
+"""The template variants: one plan per branch of the kernel templates.
 
-Each entry exercises a distinct path through ``forward.py.jinja`` (segment count and
+Each entry exercises a distinct path through the templates (segment count and
 sorting, hull schedule, dilation groups, document ids, padded head dims, each dtype and
-head-dim class with its tile config). The test suite compiles all of them to cubin for
-sm_80 and sm_90; run ``python -m sparseforge.runtime.variants`` to do the same by hand.
+head-dim class with its tile config). The test suite compiles all of them, each kernel
+kind (forward, backward dQ, backward dK/dV), to cubin for sm_80 and sm_90; run
+``python -m sparseforge.runtime.variants`` to do the same by hand.
 Cross-compilation must run in a process where Triton's interpreter is off.
 """
 
@@ -18,6 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
+from ..codegen.render import KINDS
 from ..ir import nodes as ir
 from ..planner.plan import Plan, plan
 
@@ -60,14 +62,14 @@ def _compile_one(job: tuple[str, str]) -> dict:
     from .compile import build_binary
 
     torch.set_num_threads(1)
-    name, arch = job
+    name, arch, kind = job
     p = variant_plan(name, arch)
-    return [{"variant": name, **build_binary(p, index, arch).info.to_dict()}
+    return [{"variant": name, "template": kind, **build_binary(p, index, arch, kind).info.to_dict()}
             for index in range(len(p.kernels))]
 
 
-def compile_all(archs=("sm_80", "sm_90"), workers: int = 2) -> list[dict]:
-    jobs = [(name, arch) for name in variant_specs() for arch in archs]
+def compile_all(archs=("sm_80", "sm_90"), workers: int = 2, kinds=KINDS) -> list[dict]:
+    jobs = [(name, arch, kind) for name in variant_specs() for arch in archs for kind in kinds]
     # spawn, not fork: a forked child of a process that ran torch ops can deadlock in
     # torch's thread pool
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -78,11 +80,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="sm_80,sm_90")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--kinds", default=",".join(KINDS))
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: cross-compilation needs the compiler", file=sys.stderr)
         return 2
-    json.dump(compile_all(tuple(args.arch.split(",")), args.workers), sys.stdout, indent=1)
+    json.dump(compile_all(tuple(args.arch.split(",")), args.workers,
+                                                  tuple(args.kinds.split(","))), sys.stdout, indent=1)
     return 0
 
 

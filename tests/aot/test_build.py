@@ -181,7 +181,7 @@ def test_version_changes_change_the_key(monkeypatch):
     src = rendered(p, 0)
     key = binaries.kernel_key(src, "sm_90")
     assert binaries.kernel_key(src, "sm_80") != key
-    monkeypatch.setattr(binaries, "FORWARD_TEMPLATE_VERSION", 999)
+    monkeypatch.setattr(binaries, "TEMPLATE_VERSION", 999)
     assert binaries.kernel_key(src, "sm_90") != key
     monkeypatch.undo()
     monkeypatch.setattr(triton, "__version__", "0.0.1")

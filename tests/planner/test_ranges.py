@@ -55,3 +55,43 @@ def test_bounds_are_tight_for_primitives(pattern):
     visit, full, has, every = check_segments(pattern, 256, 256, 32, 32)
     assert (visit == has).all()
     assert (full == every).all()
+
+
+def check_key_side(pattern, lq, lkv, bm, bn, hull=False):
+    """Key-side segments (query tiles per kv tile, for dK/dV) against brute force."""
+    canonical = canonicalize(pattern)
+    segs = tile_segments(canonical, side="key")
+    if hull:
+        segs = [hull_segment(segs)]
+    visit, full = visit_matrices(segs, lq, lkv, bm, bn, side="key")
+    mask = sf.dense_mask(canonical, lq, lkv).numpy()
+    has, _ = brute_force_tiles(mask, bm, bn)
+    # full on the key side: every pair allowed and every row < Lq (keys >= Lkv are never stored)
+    tq, tk = has.shape
+    every = np.zeros((tk, tq), bool)
+    for n in range(tk):
+        for m in range(tq):
+            every[n, m] = mask[m * bm:(m + 1) * bm, n * bn:(n + 1) * bn].all() and (m + 1) * bm <= lq
+    missed = has.T & ~visit
+    assert not missed.any(), f"{pattern}: key tiles skip query tiles at {np.argwhere(missed)[:5]}"
+    wrong_full = full & ~every
+    assert not wrong_full.any(), f"{pattern}: called full but are not: {np.argwhere(wrong_full)[:5]}"
+    return visit, full, has.T, every
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pattern=static_patterns(), lq=st.integers(1, 150), lkv=st.integers(1, 150),
+       bm=st.sampled_from([16, 32, 64]), bn=st.sampled_from([16, 32, 64]), hull=st.booleans())
+def test_key_side_closed_forms_match_brute_force(pattern, lq, lkv, bm, bn, hull):
+    check_key_side(pattern, lq, lkv, bm, bn, hull)
+
+
+@pytest.mark.parametrize("pattern", [sf.causal(), sf.sliding_window(40), sf.window(20, 5),
+                                     sf.chunks(32), sf.sinks(16), sf.full(), sf.global_queries(40)])
+@pytest.mark.parametrize("lq,lkv", [(256, 256), (128, 256), (256, 128)])
+def test_key_side_bounds_are_tight_for_primitives(pattern, lq, lkv):
+    """The inverted bounds visit exactly the query tiles with an allowed pair, and call
+    full exactly the fully allowed ones: dK/dV does no wasted tile."""
+    visit, full, has, every = check_key_side(pattern, lq, lkv, 32, 32)
+    assert (visit == has).all()
+    assert (full == every).all()
