@@ -37,11 +37,6 @@ from ..runtime.prebuilt import MANIFEST, MANIFEST_FORMAT
 from ..runtime.triton_launch import rendered
 from .spec import BuildSpec
 
-#: kernel families a spec can ask for that have no generated kernels yet
-NOT_GENERATED_YET = {"backward": "backward kernels are not generated yet; gradients of the "
-                                 "Triton path recompute with the torch executor"}
-
-
 @dataclass(frozen=True)
 class BuildJob:
     key: str
@@ -49,6 +44,12 @@ class BuildJob:
     arch: str
     kernel_index: int
     name: str
+    kind: str = "forward"  # forward, backward_dq or backward_dkdv
+
+
+def spec_kinds(spec: BuildSpec) -> tuple[str, ...]:
+    """The kernel kinds a spec needs: forward, and the backward pair for training."""
+    return ("forward", "backward_dq", "backward_dkdv") if spec.backward else ("forward",)
 
 
 def plan_jobs(specs: list[BuildSpec], archs: list[str]) -> tuple[dict[str, BuildJob], dict]:
@@ -59,11 +60,12 @@ def plan_jobs(specs: list[BuildSpec], archs: list[str]) -> tuple[dict[str, Build
         uses[spec.name] = []
         for arch in archs:
             p = spec.plan(plan_target(arch))
-            for index in range(len(p.kernels)):
-                src = rendered(p, index)
-                key = kernel_key(src, arch)
-                jobs.setdefault(key, BuildJob(key, spec, arch, index, src.name))
-                uses[spec.name].append(key)
+            for kind in spec_kinds(spec):
+                for index in range(len(p.kernels)):
+                    src = rendered(p, index, kind)
+                    key = kernel_key(src, arch)
+                    jobs.setdefault(key, BuildJob(key, spec, arch, index, src.name, kind))
+                    uses[spec.name].append(key)
     return jobs, uses
 
 
@@ -74,8 +76,8 @@ def _build_job(job: BuildJob) -> tuple[KernelBinary, float, bool, str]:
     torch.set_num_threads(1)
     p = job.spec.plan(plan_target(job.arch))
     t = time.perf_counter()
-    binary, built = cached_binary(p, job.kernel_index, job.arch)
-    return binary, time.perf_counter() - t, built, rendered(p, job.kernel_index).source
+    binary, built = cached_binary(p, job.kernel_index, job.arch, job.kind)
+    return binary, time.perf_counter() - t, built, rendered(p, job.kernel_index, job.kind).source
 
 
 def _compiler_environment():
@@ -129,9 +131,7 @@ def build(specs: list[BuildSpec], archs: list[str], out: str | os.PathLike, *,
         "sparseforge": __version__, "triton": triton.__version__, "torch": torch.__version__,
         "template_version": TEMPLATE_VERSION, "archs": list(archs),
         "build_seconds": round(time.perf_counter() - started, 3), "workers": workers,
-        "specs": [dict(s.to_dict(), kernels=sorted(set(uses[s.name])),
-                       missing=[k for k, v in (("backward", s.backward),) if v])
-                  for s in specs],
+        "specs": [dict(s.to_dict(), kernels=sorted(set(uses[s.name]))) for s in specs],
         "kernels": entries,
     }
     write_if_different(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
@@ -146,19 +146,15 @@ def render_report(manifest: dict) -> str:
              f"{manifest['torch']}; targets {', '.join(manifest['archs'])}; "
              f"{len(manifest['kernels'])} kernels in {manifest['build_seconds']:.1f} s "
              f"({manifest['workers']} workers).", "",
-             "| kernel | arch | tile | warps/stages | registers | spills (B) | smem (KiB) | wgmma "
-             "| build (s) | specs |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| kernel | kind | arch | tile | warps/stages | registers | spills (B) | smem (KiB) "
+             "| wgmma | build (s) | specs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for k in manifest["kernels"]:
         lines.append(
-            f"| `{k['name']}` | {k['arch']} | {k['block_m']}x{k['block_n']} | "
+            f"| `{k['name']}` | {k['kind']} | {k['arch']} | {k['block_m']}x{k['block_n']} | "
             f"{k['num_warps']}/{k['num_stages']} | {k['registers']} | {k['spills'] + k['stack']} | "
             f"{k['shared_memory'] / 1024:.1f} | {'yes' if k['uses_wgmma'] else 'no'} | "
             f"{k['build_seconds']:.2f}{'' if k['compiled'] else ' (cached)'} | {', '.join(k['specs'])} |")
-    missing = [(s["name"], m) for s in manifest["specs"] for m in s["missing"]]
-    if missing:
-        lines += ["", "## Not built", ""]
-        lines += [f"- `{name}`: {kind}: {NOT_GENERATED_YET[kind]}" for name, kind in missing]
     spills = [k["name"] for k in manifest["kernels"] if k["spills"] or k["stack"]]
     lines += ["", f"Kernels with register spills: {', '.join(spills) if spills else 'none'}.", ""]
     return "\n".join(lines)

@@ -85,28 +85,29 @@ _held: dict[tuple, HeldKernel | None] = {}
 _lock = threading.Lock()
 
 
-def held_kernel(plan: Plan, kernel_index: int, device_index: int) -> HeldKernel | None:
+def held_kernel(plan: Plan, kernel_index: int, device_index: int,
+                kind: str = "forward") -> HeldKernel | None:
     """The held kernel, or None when it could not be resolved (then the JIT path runs
     the call; the reason is logged once)."""
-    key = (plan, kernel_index, device_index)
+    key = (plan, kernel_index, device_index, kind)
     if key in _held:
         return _held[key]
     with _lock:
         if key not in _held:
             try:
-                _held[key] = resolve_kernel(plan, kernel_index, device_arch(device_index))
+                _held[key] = resolve_kernel(plan, kernel_index, device_arch(device_index), kind)
             except Exception as exc:
-                log.warning("cannot hold kernel %d of plan %r (%s: %s); using Triton's JIT launch",
-                            kernel_index, plan.pattern, type(exc).__name__, exc)
+                log.warning("cannot hold %s kernel %d of plan %r (%s: %s); using Triton's JIT "
+                            "launch", kind, kernel_index, plan.pattern, type(exc).__name__, exc)
                 _held[key] = None
         return _held[key]
 
 
-def resolve_kernel(plan: Plan, kernel_index: int, arch: str) -> HeldKernel:
+def resolve_kernel(plan: Plan, kernel_index: int, arch: str, kind: str = "forward") -> HeldKernel:
     """Prebuilt (zero compilation), else the binary cache, else compile: a held kernel.
     Needs no GPU itself (Triton loads the cubin at the first launch)."""
-    src = rendered(plan, kernel_index)
-    fn, sig, constexprs, attrs = launch_spec(plan, kernel_index)
+    src = rendered(plan, kernel_index, kind)
+    fn, sig, constexprs, attrs = launch_spec(plan, kernel_index, kind)
     tail = constexpr_tail(fn, constexprs)
     found = prebuilt(kernel_key(src, arch))
     if found is not None:
@@ -116,8 +117,8 @@ def resolve_kernel(plan: Plan, kernel_index: int, arch: str) -> HeldKernel:
     log.info("no prebuilt kernel for %s on %s: compiling it just in time", src.name, arch)
     directory = binary_dir()
     if directory is None:  # read-only cache: keep Triton's object in memory
-        return HeldKernel(compile_kernel(plan, kernel_index, arch), tail, src.name, "compiled")
-    binary, built = cached_binary(plan, kernel_index, arch)
+        return HeldKernel(compile_kernel(plan, kernel_index, arch, kind), tail, src.name, "compiled")
+    binary, built = cached_binary(plan, kernel_index, arch, kind)
     kernel = compiled_kernel(binary, directory, fn, sig, constexprs, attrs)
     return HeldKernel(kernel, tail, src.name, "compiled" if built else "cache")
 

@@ -131,11 +131,31 @@ def run_backward(plan: Plan, call_kernels, q, k, v, out, lse, grad_out, grad_lse
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     if q.shape[2] == 0 or k.shape[2] == 0:
         return dq.zero_(), dk.to(k.dtype), dv.to(v.dtype)
+    held = _held_launcher(q, interpret)
     for kind, index, grid, args in backward_launches(plan, call_kernels, q, k, v, grad_out, dq, dk,
                                                       dv, lse, delta, scale):
-        fn, _ = kernel_function(plan, index, interpret, kind)
-        fn[grid](*args, **_constexprs(plan, index, kind, interpret, q.dtype))
+        _launch(plan, index, kind, grid, args, q, interpret, held)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _held_launcher(q, interpret: bool):
+    """The held-kernel launcher module on a GPU (None under the interpreter or when off)."""
+    if q.is_cuda and not interpret:
+        from . import gpu_launch
+
+        if gpu_launch.held_launch_enabled():
+            return gpu_launch
+    return None
+
+
+def _launch(plan: Plan, index: int, kind: str, grid, args, q, interpret: bool, held) -> None:
+    """One launch: through the held kernel when there is one that accepts the call, else
+    through Triton's JIT (which specialises on whatever the call is)."""
+    kernel = held.held_kernel(plan, index, q.device.index, kind) if held is not None else None
+    if kernel is not None and kernel.launch(grid, args, q.device.index):
+        return
+    fn, _ = kernel_function(plan, index, interpret, kind)
+    fn[grid](*args, **_constexprs(plan, index, kind, interpret, q.dtype))
 
 
 def run_forward(plan: Plan, call_kernels, q, k, v, out, lse, scale: float, interpret: bool) -> None:
@@ -145,15 +165,6 @@ def run_forward(plan: Plan, call_kernels, q, k, v, out, lse, scale: float, inter
     """
     if q.shape[2] == 0:
         return
-    held = None
-    if q.is_cuda and not interpret:
-        from . import gpu_launch
-
-        if gpu_launch.held_launch_enabled():
-            held = gpu_launch
+    held = _held_launcher(q, interpret)
     for index, grid, args in kernel_launches(plan, call_kernels, q, k, v, out, lse, scale):
-        kernel = held.held_kernel(plan, index, q.device.index) if held is not None else None
-        if kernel is not None and kernel.launch(grid, args, q.device.index):
-            continue
-        fn, _ = kernel_function(plan, index, interpret)
-        fn[grid](*args, **_constexprs(plan, index, "forward", interpret, q.dtype))
+        _launch(plan, index, "forward", grid, args, q, interpret, held)

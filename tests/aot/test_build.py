@@ -8,7 +8,7 @@ import pytest
 import triton
 
 import sparseforge as sf
-from sparseforge.aot.build import build
+from sparseforge.aot.build import build, spec_kinds
 from sparseforge.aot.spec import load_spec_file
 from sparseforge.runtime import binaries, gpu_launch, prebuilt
 from sparseforge.runtime.triton_launch import rendered
@@ -48,32 +48,36 @@ def fresh_registry():
 
 
 def _expected_kernels(specs):
-    return {(rendered(s.plan(a), i).name, a) for s in specs for a in ARCHS
-            for i in range(len(s.plan(a).kernels))}
+    return {(rendered(s.plan(a), i, kind).name, a) for s in specs for a in ARCHS
+            for kind in spec_kinds(s) for i in range(len(s.plan(a).kernels))}
 
 
 def test_manifest_lists_every_kernel(built):
     specs, out, manifest, seen = built
     assert {(k["name"], k["arch"]) for k in manifest["kernels"]} == _expected_kernels(specs)
-    assert len(seen) == len(manifest["kernels"]) == 6
+    # mixed_heads: 2 forward kernels; chunked (backward=True): forward, dQ, dK/dV; x 2 archs
+    assert len(seen) == len(manifest["kernels"]) == 10
     assert json.loads((out / "manifest.json").read_text()) == manifest
     assert manifest["triton"] == triton.__version__ and manifest["archs"] == ARCHS
     for k in manifest["kernels"]:
         assert set(k) >= DESIGN_FIELDS
-        assert k["kind"] == "forward" and k["spills"] == 0 and 0 < k["registers"] <= 255
+        assert k["kind"] in ("forward", "backward") and k["spills"] == 0 and k["stack"] == 0
+        assert 0 < k["registers"] <= 255
         cubin = (out / k["cubin"]).read_bytes()
         assert cubin[:4] == b"\x7fELF" and binaries.sha256_hex(cubin) == k["cubin_sha256"]
         assert (out / k["source"]).read_text().count("@triton.jit") >= 1
         if k["arch"] == "sm_90":
-            assert k["uses_wgmma"] == (k["block_m"] >= 64)
+            rows = k["block_n"] if k["name"].startswith("bwd_dkdv") else k["block_m"]
+            assert k["uses_wgmma"] == (rows >= 64)
 
 
-def test_report_and_missing_families_are_stated(built):
+def test_report_lists_every_kernel_and_backward_is_built(built):
     _, out, manifest, _ = built
     report = (out / "report.md").read_text()
     assert all(k["name"] in report for k in manifest["kernels"])
-    chunked = next(s for s in manifest["specs"] if s["name"] == "chunked")
-    assert chunked["missing"] == ["backward"] and "backward kernels are not generated" in report
+    backward = {k["name"].split("_")[1] for k in manifest["kernels"] if k["kind"] == "backward"}
+    assert backward == {"dq", "dkdv"}
+    assert all(k["specs"] == ["chunked"] for k in manifest["kernels"] if k["kind"] == "backward")
 
 
 def test_loading_performs_zero_compilations(built, fresh_registry, monkeypatch):
@@ -88,14 +92,16 @@ def test_loading_performs_zero_compilations(built, fresh_registry, monkeypatch):
     for spec in specs:
         for arch in ARCHS:
             p = spec.plan(arch)
-            for index in range(len(p.kernels)):
-                held = gpu_launch.resolve_kernel(p, index, arch)
-                assert held.source == "prebuilt"
-                assert held.kernel.metadata.num_warps == p.config.num_warps
+            for kind in spec_kinds(spec):
+                for index in range(len(p.kernels)):
+                    held = gpu_launch.resolve_kernel(p, index, arch, kind)
+                    assert held.source == "prebuilt"
+                    assert held.kernel.metadata.num_warps == dict(
+                        rendered(p, index, kind).launch_options)["num_warps"]
                 assert binaries.sha256_hex(held.kernel.kernel) in {
                     k["cubin_sha256"] for k in manifest["kernels"]}
     assert binaries.COUNTERS["compiled"] == before.get("compiled", 0)
-    assert binaries.COUNTERS["prebuilt_loads"] - before.get("prebuilt_loads", 0) == 6
+    assert binaries.COUNTERS["prebuilt_loads"] - before.get("prebuilt_loads", 0) == 10
 
 
 def test_other_lengths_reuse_the_prebuilt_kernels(built, fresh_registry):
@@ -105,7 +111,8 @@ def test_other_lengths_reuse_the_prebuilt_kernels(built, fresh_registry):
     for q_len, kv_len in [(1, 1500), (777, 3000), (4096, 4096)]:
         p = sf.plan(chunked.pattern, q_len=q_len, kv_len=kv_len, head_dim=48, dtype="float16",
                     target="sm_90")
-        assert gpu_launch.resolve_kernel(p, 0, "sm_90").source == "prebuilt"
+        for kind in spec_kinds(chunked):  # the backward kernels too: bounds are run-time
+            assert gpu_launch.resolve_kernel(p, 0, "sm_90", kind).source == "prebuilt"
 
 
 def test_uncovered_kernel_falls_back_with_a_log(built, fresh_registry, monkeypatch, caplog):

@@ -10,7 +10,7 @@ import sparseforge as sf
 from sparseforge.runtime import gpu_launch
 from sparseforge.runtime.compile import launch_spec
 from sparseforge.runtime.dispatch import compile_pattern
-from sparseforge.runtime.triton_launch import kernel_launches
+from sparseforge.runtime.triton_launch import backward_launches, kernel_launches
 
 
 class FakeKernel:
@@ -51,10 +51,16 @@ def test_launcher_gets_every_parameter_in_order(pattern, fake_driver):
     compiled = compile_pattern(pattern)
     p = sf.plan(compiled.canonical, q_len=80, kv_len=80, head_dim=32, dtype="float16",
                 target="sm_90")
-    launches = list(kernel_launches(p, compiled.head_patterns, q, k, v, out, lse, 0.125))
-    assert {index for index, _, _ in launches} == set(range(len(p.kernels)))
-    for index, grid, args in launches:
-        fn, sig, constexprs, _ = launch_spec(p, index)
+    launches = [("forward", *launch)
+                for launch in kernel_launches(p, compiled.head_patterns, q, k, v, out, lse, 0.125)]
+    dk, dv = torch.zeros(k.shape), torch.zeros(v.shape)
+    launches += list(backward_launches(p, compiled.head_patterns, q, k, v, q.clone(), q.clone(),
+                                       dk, dv, lse, lse.clone(), 0.125))
+    assert {(kind, index) for kind, index, _, _ in launches} == {
+        (kind, index) for kind in ("forward", "backward_dq", "backward_dkdv")
+        for index in range(len(p.kernels))}
+    for kind, index, grid, args in launches:
+        fn, sig, constexprs, _ = launch_spec(p, index, kind)
         held = gpu_launch.HeldKernel(FakeKernel(), gpu_launch.constexpr_tail(fn, constexprs), "k", "test")
         assert held.launch(grid, args, 0)
         (call,) = held.kernel.calls
