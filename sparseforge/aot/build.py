@@ -37,6 +37,7 @@ from ..runtime.prebuilt import MANIFEST, MANIFEST_FORMAT
 from ..runtime.triton_launch import rendered
 from .spec import BuildSpec
 
+
 @dataclass(frozen=True)
 class BuildJob:
     key: str
