@@ -30,6 +30,7 @@ import triton
 from .._env import patched_environ
 from .._version import __version__
 from ..codegen.render import TEMPLATE_VERSION
+from ..planner.tiles import DECODE_MAX_Q
 from ..runtime.binaries import KernelBinary, kernel_key
 from ..runtime.cache import write_if_different
 from ..runtime.compile import parse_arch, plan_target
@@ -49,8 +50,14 @@ class BuildJob:
 
 
 def spec_kinds(spec: BuildSpec) -> tuple[str, ...]:
-    """The kernel kinds a spec needs: forward, and the backward pair for training."""
-    return ("forward", "backward_dq", "backward_dkdv") if spec.backward else ("forward",)
+    """The kernel kinds a spec needs: forward, the backward pair for training, and the
+    split-KV decode kernel when its queries are decode-short (sf.attention picks it then)."""
+    kinds = ("forward",)
+    if spec.backward:
+        kinds += ("backward_dq", "backward_dkdv")
+    if spec.q_len <= DECODE_MAX_Q:
+        kinds += ("decode",)
+    return kinds
 
 
 def plan_jobs(specs: list[BuildSpec], archs: list[str]) -> tuple[dict[str, BuildJob], dict]:

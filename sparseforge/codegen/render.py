@@ -38,6 +38,7 @@ KINDS = {
     "forward": ("forward.py.jinja", "fwd", "query", "forward"),
     "backward_dq": ("backward_dq.py.jinja", "bwd_dq", "query", "backward"),
     "backward_dkdv": ("backward_dkdv.py.jinja", "bwd_dkdv", "key", "backward"),
+    "decode": ("decode.py.jinja", "dec", "query", "decode"),
 }
 _DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 _SCHEDULES = ("segments", "hull", "dense")
@@ -113,7 +114,12 @@ def kind_config(plan: Plan, kind: str):
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}: expected one of {', '.join(KINDS)}")
     return {"forward": plan.config, "backward_dq": plan.backward_dq,
-            "backward_dkdv": plan.backward_dkdv}[kind]
+            "backward_dkdv": plan.backward_dkdv, "decode": plan.decode}[kind]
+
+
+def kind_groups(plan: Plan, kernel_index: int, kind: str) -> int:
+    """Dilation groups a kernel kind uses: the plan's, except decode (no permutation)."""
+    return 1 if kind == "decode" else plan.kernels[kernel_index].groups
 
 
 def _segment_texts(s: int, seg, tiles: dict, side: str = "query") -> dict:
@@ -139,7 +145,9 @@ def render_kernel(plan: Plan, kernel_index: int = 0, kind: str = "forward") -> K
     template, _, side, _ = KINDS[kind]
     kernel = plan.kernels[kernel_index]
     tiles = {BLOCK_M: cfg.block_m, BLOCK_N: cfg.block_n}
-    walked = kernel.walked_segments if side == "query" else kernel.key_segments
+    walked = {"forward": kernel.walked_segments, "backward_dq": kernel.walked_segments,
+              "backward_dkdv": kernel.key_segments, "decode": kernel.decode_segments}[kind]
+    analysed = kernel.pattern if kind == "decode" else kernel.analysed
     segments = [_segment_texts(s, seg, tiles, side) for s, seg in enumerate(walked)]
     n = len(segments)
     sort_pairs = [(j, j + 1) for i in range(n) for j in range(n - 1 - i)]
@@ -150,10 +158,10 @@ def render_kernel(plan: Plan, kernel_index: int = 0, kind: str = "forward") -> K
         name=name,
         pattern_repr=repr(kernel.pattern),
         schedule=kernel.schedule,
-        groups=kernel.groups,
+        groups=kind_groups(plan, kernel_index, kind),
         segments=segments,
         sort_pairs=sort_pairs,
-        predicate=triton_predicate(kernel.analysed),
+        predicate=triton_predicate(analysed),
         has_documents=kernel.has_documents,
         d_padded=plan.padded_head_dim != plan.head_dim,
         dot_precision=', input_precision="ieee"' if plan.dtype == "float32" else "",

@@ -25,6 +25,7 @@ from .tiles import (
     TileConfig,
     backward_configs,
     candidate_configs,
+    decode_config,
     estimated_cost,
     padded_head_dim,
 )
@@ -89,6 +90,13 @@ class KernelPlan:
         segs = tile_segments(self.analysed, side="key")
         return tuple(segs) if self.schedule == "segments" else (hull_segment(segs),)
 
+    @cached_property
+    def decode_segments(self) -> tuple[TileSegment, ...]:
+        """The decode kernel's segments: original coordinates (no dilation permutation;
+        a few new tokens gain nothing from it), one query tile holding every new token."""
+        segs = tile_segments(self.pattern)
+        return tuple(segs) if self.schedule == "segments" else (hull_segment(segs),)
+
     @property
     def has_documents(self) -> bool:
         return any(isinstance(n, Documents) for n in walk(self.analysed))
@@ -106,6 +114,7 @@ class Plan:
     kernels: tuple[KernelPlan, ...]
     backward_dq: TileConfig  # tiles of the backward dQ kernel
     backward_dkdv: TileConfig  # ... and of the dK/dV kernel
+    decode: TileConfig  # tiles of the split-KV decode kernel (used when q_len is short)
 
     @property
     def block_m(self) -> int:
@@ -128,6 +137,18 @@ class Plan:
                                                      geo.kv_len, self.block_m, self.block_n))
                   for geo in group_geometry(self.q_len, self.kv_len, k.groups))
             for k in self.kernels)
+
+    @cached_property
+    def decode_spans(self) -> tuple[int, ...]:
+        """Per kernel: kv tiles between the first and last one the decode kernel visits
+        for all new tokens (what its splits divide)."""
+        spans = []
+        for k in self.kernels:
+            visit, _ = visit_matrices(list(k.decode_segments), self.q_len, self.kv_len,
+                                      max(self.decode.block_m, self.q_len), self.decode.block_n)
+            cols = visit.any(0).nonzero()[0] if visit.size else []
+            spans.append(int(cols[-1] - cols[0] + 1) if len(cols) else 0)
+        return tuple(spans)
 
     @cached_property
     def stats(self) -> tuple[TileStats, ...]:
@@ -200,7 +221,7 @@ def plan(pattern: Pattern, *, q_len: int, kv_len: int, head_dim: int, dtype="bfl
     kernels = tuple(KernelPlan(p, analysed, g, tuple(segs), sched, h)
                     for (_, p, analysed, g, segs, sched), (_, h) in zip(choices, heads))
     return Plan(canonical, q_len, kv_len, head_dim, dtype, target, cfg, kernels,
-                *backward_configs(target, head_dim, dtype))
+                *backward_configs(target, head_dim, dtype), decode_config(target, head_dim, dtype))
 
 
 def _head_groups(canonical: Pattern) -> list[tuple[Pattern, tuple[int, ...] | None]]:

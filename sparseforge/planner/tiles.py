@@ -104,6 +104,27 @@ for _arch in ("sm_80", "sm_90"):
         _BACKWARD_CONFIGS[(_arch, "float32", _d)] = (_C(16, 16, 4, 1), _dkdv)
 
 
+#: the longest query a decode kernel serves (new tokens per step, speculative decoding)
+DECODE_MAX_Q = 16
+
+
+def decode_config(target: str, head_dim: int, dtype: str) -> TileConfig:
+    """Tiles of the decode kernel: BLOCK_M rows hold (query head, new token) pairs of one
+    GQA group, BLOCK_N is the kv tile each split walks."""
+    if target not in TARGETS:
+        raise ValueError(f"target={target!r}: expected one of {', '.join(TARGETS)}")
+    if target in ("interpret", "cpu"):
+        return TileConfig(16, 16, 4, 1)
+    d = padded_head_dim(head_dim)
+    if dtype == "float32":
+        return TileConfig(16, 32, 4, 1) if d <= 64 else TileConfig(16, 16, 4, 1)
+    # sm_80 keeps mma operands in registers: above D=64 it needs 8 warps to stay spill-free
+    warps = 8 if target == "sm_80" and d > 64 else 4
+    if d <= 128:
+        return TileConfig(64, 64, warps, 2)
+    return TileConfig(32, 32, warps, 1)
+
+
 def estimated_cost(config: TileConfig, visited_tiles: int, partial_tiles: int) -> float:
     """Relative time of a schedule: tile work / efficiency, partial tiles a little dearer."""
     area = config.block_m * config.block_n

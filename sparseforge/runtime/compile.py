@@ -18,6 +18,7 @@ from pathlib import Path
 
 import triton
 
+from ..codegen.render import kind_groups
 from ..planner.plan import Plan
 from .binaries import COUNTERS, KernelBinary, KernelInfo, kernel_key
 from .triton_launch import kernel_function, rendered
@@ -74,7 +75,7 @@ def resource_usage(cubin: bytes) -> dict:
 
 # run-time parameters that are not int32 scalars: data pointers take the plan's dtype
 _DATA_POINTERS = {"Q", "K", "V", "Out", "DO", "DQ"}
-_FP32_POINTERS = {"Lse", "Delta", "DK", "DV"}
+_FP32_POINTERS = {"Lse", "Delta", "DK", "DV", "OutPart", "LsePart"}
 _INT32_POINTERS = {"DocQ", "DocK"}
 _FP32_SCALARS = {"qk_scale", "sm_scale"}
 _UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od"}
@@ -88,7 +89,7 @@ def kernel_signature(plan: Plan, kernel_index: int, kind: str = "forward") -> tu
     """
     fn, src = kernel_function(plan, kernel_index, False, kind)
     constexprs = {"BLOCK_M": src.block_m, "BLOCK_N": src.block_n, "HEAD_DIM": plan.head_dim,
-                  "D_PAD": plan.padded_head_dim, "GROUPS": plan.kernels[kernel_index].groups,
+                  "D_PAD": plan.padded_head_dim, "GROUPS": kind_groups(plan, kernel_index, kind),
                   "DOT_UPCAST": False}
     sig = {}
     for name in fn.arg_names:

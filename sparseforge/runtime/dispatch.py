@@ -87,6 +87,9 @@ def _forward(executor: str, p: Plan, compiled: CompiledPattern, q, k, v, scale: 
     lse = torch.empty((b, hq, lq), dtype=torch.float32, device=q.device)
     if executor == "torch":
         torch_exec.run_forward(p, compiled.head_patterns, q, k, v, out, lse, scale)
+    elif triton_launch.decode_eligible(p):  # a few new tokens: split-KV decode kernel
+        triton_launch.run_decode(p, compiled.head_patterns, q.contiguous(), k.contiguous(),
+                                 v.contiguous(), out, lse, scale, interpret=executor == "interpret")
     else:
         triton_launch.run_forward(p, compiled.head_patterns, q.contiguous(), k.contiguous(),
                                   v.contiguous(), out, lse, scale,

@@ -13,9 +13,10 @@ from functools import lru_cache
 
 import torch
 
-from ..codegen.render import KernelSource, render_kernel
+from ..codegen.render import KernelSource, kind_groups, render_kernel
 from ..planner.plan import Plan
 from ..planner.schedule import group_geometry
+from ..planner.tiles import DECODE_MAX_Q
 from ..semantics import document_ids
 from .cache import load_kernel_module
 
@@ -83,7 +84,7 @@ def kernel_launches(plan: Plan, call_kernels, q, k, v, out, lse, scale: float):
 def _constexprs(plan: Plan, index: int, kind: str, interpret: bool, dtype) -> dict:
     src = rendered(plan, index, kind)
     return dict(BLOCK_M=src.block_m, BLOCK_N=src.block_n, HEAD_DIM=plan.head_dim,
-                D_PAD=plan.padded_head_dim, GROUPS=plan.kernels[index].groups,
+                D_PAD=plan.padded_head_dim, GROUPS=kind_groups(plan, index, kind),
                 DOT_UPCAST=interpret and dtype == torch.bfloat16, **dict(src.launch_options))
 
 
@@ -156,6 +157,69 @@ def _launch(plan: Plan, index: int, kind: str, grid, args, q, interpret: bool, h
         return
     fn, _ = kernel_function(plan, index, interpret, kind)
     fn[grid](*args, **_constexprs(plan, index, kind, interpret, q.dtype))
+
+
+#: decode splits aim at this many programs (about two waves on an H100's 132 SMs)
+DECODE_PROGRAMS = 264
+
+
+def decode_layout(plan: Plan, batch: int, q_heads: int, kv_heads: int) -> tuple[int, int]:
+    """(head chunks per kv head, kv splits) of a decode call. A program packs
+    BLOCK_M // q_len heads of a GQA group; splits fill the GPU, each at least two tiles."""
+    group = q_heads // kv_heads
+    per_program = plan.decode.block_m // plan.q_len
+    chunks = -(-group // per_program)
+    span = max(plan.decode_spans, default=0)
+    want = -(-DECODE_PROGRAMS // max(1, batch * kv_heads * chunks))
+    return chunks, max(1, min(want, -(-span // 2), 128))
+
+
+def decode_launches(plan: Plan, call_kernels, q, k, v, out_part, lse_part, scale: float,
+                    chunks: int):
+    """(kernel index, grid, run-time arguments) of every decode launch."""
+    b, hq, lq, _ = q.shape
+    hkv, lkv = k.shape[1], k.shape[2]
+    group = hq // hkv
+    for index, kernel in enumerate(plan.kernels):
+        extra = (_documents_args(call_kernels[index], lq, lkv, q.device)
+                 if kernel.has_documents else [])
+        for first_head, n_heads in head_runs(kernel.heads, hq):
+            n_kv_heads = (first_head + n_heads - 1) // group - first_head // group + 1
+            args = [q, k, v, out_part, lse_part, *extra, *q.stride(), *k.stride(), *v.stride(),
+                    *out_part.stride(), *lse_part.stride(), n_heads, first_head, group, lq, lkv,
+                    chunks, scale * LOG2E]
+            yield index, (out_part.shape[3], b * n_kv_heads * chunks, 1), args
+
+
+def merge_partials(out_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor) -> None:
+    """Exact log-sum-exp combine of split partials ([..., S, D] and [..., S]) into
+    ``out``/``lse``; rows no split saw stay 0 / -inf."""
+    m = lse_part.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w = torch.exp(lse_part - m)
+    total = w.sum(-1, keepdim=True)
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    out.copy_((out_part * (w / safe)[..., None]).sum(-2))
+    lse.copy_(torch.where(total > 0, m + torch.log(safe), float("-inf")).squeeze(-1))
+
+
+def decode_eligible(plan: Plan) -> bool:
+    """Whether the split-KV decode kernel serves this call: a few new tokens."""
+    return 1 <= plan.q_len <= min(DECODE_MAX_Q, plan.decode.block_m) and plan.kv_len > 0
+
+
+def run_decode(plan: Plan, call_kernels, q, k, v, out, lse, scale: float, interpret: bool) -> None:
+    """Attention of a few new tokens by the split-KV decode kernels, merged exactly."""
+    b, hq, lq, d = q.shape
+    chunks, splits = decode_layout(plan, b, hq, k.shape[1])
+    out_part = torch.empty((b, hq, lq, splits, d), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((b, hq, lq, splits), dtype=torch.float32, device=q.device)
+    held = _held_launcher(q, interpret)
+    for index, grid, args in decode_launches(plan, call_kernels, q, k, v, out_part, lse_part,
+                                             scale, chunks):
+        _launch(plan, index, "decode", grid, args, q, interpret, held)
+    merge_partials(out_part, lse_part, out, lse)
 
 
 def run_forward(plan: Plan, call_kernels, q, k, v, out, lse, scale: float, interpret: bool) -> None:

@@ -10,7 +10,7 @@ import sparseforge as sf
 from sparseforge.runtime import gpu_launch
 from sparseforge.runtime.compile import launch_spec
 from sparseforge.runtime.dispatch import compile_pattern
-from sparseforge.runtime.triton_launch import backward_launches, kernel_launches
+from sparseforge.runtime.triton_launch import backward_launches, decode_launches, kernel_launches
 
 
 class FakeKernel:
@@ -56,8 +56,11 @@ def test_launcher_gets_every_parameter_in_order(pattern, fake_driver):
     dk, dv = torch.zeros(k.shape), torch.zeros(v.shape)
     launches += list(backward_launches(p, compiled.head_patterns, q, k, v, q.clone(), q.clone(),
                                        dk, dv, lse, lse.clone(), 0.125))
+    out_part, lse_part = torch.empty(2, 2, 80, 3, 32), torch.empty(2, 2, 80, 3)
+    launches += [("decode", *launch) for launch in decode_launches(
+        p, compiled.head_patterns, q, k, v, out_part, lse_part, 0.125, 1)]
     assert {(kind, index) for kind, index, _, _ in launches} == {
-        (kind, index) for kind in ("forward", "backward_dq", "backward_dkdv")
+        (kind, index) for kind in ("forward", "backward_dq", "backward_dkdv", "decode")
         for index in range(len(p.kernels))}
     for kind, index, grid, args in launches:
         fn, sig, constexprs, _ = launch_spec(p, index, kind)
