@@ -1,10 +1,11 @@
 """Render the kernels of a planned head pattern from their jinja2 templates.
 
-Three kinds share one context: ``forward``, ``backward_dq`` (same walk as the forward:
-kv tiles per query tile) and ``backward_dkdv`` (the inverted walk: query tiles per kv
-tile, from the key-side range analysis). The context holds only validated integers,
-booleans, enum names and expressions printed by our own printers. The same plan
-renders byte-identical source, so the cache key is stable.
+Four kinds share one context (``KINDS``): ``forward``, ``backward_dq`` (same walk as the
+forward: kv tiles per query tile), ``backward_dkdv`` (the inverted walk: query tiles per
+kv tile, from the key-side range analysis) and ``decode`` (split-KV, in original token
+order). The context holds only validated integers, booleans, enum names and expressions
+printed by our own printers. The same plan renders byte-identical source, so the cache
+key is stable.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 import jinja2
 
@@ -33,12 +35,27 @@ from ..planner.symbolic import BLOCK_M, BLOCK_N, TRITON_NAMES, to_triton
 from .predicate import slug, triton_predicate
 
 TEMPLATE_VERSION = 2  # of the templates as a set: part of every cache key
-#: kind -> (template, kernel name prefix, which side's segments it walks, family)
+
+
+class KernelKind(NamedTuple):
+    template: str
+    prefix: str  # of the kernel name
+    family: str  # what the manifest calls it (DESIGN: forward/backward/decode/routing)
+    config: str  # the Plan field holding its tiles
+    segments: str  # the KernelPlan field holding the segments it walks
+    side: str  # whose tiles those segments bound: "query" (kv tiles) or "key" (query tiles)
+    permuted: bool  # runs on the plan's dilation-group permutation (else original order)
+
+
 KINDS = {
-    "forward": ("forward.py.jinja", "fwd", "query", "forward"),
-    "backward_dq": ("backward_dq.py.jinja", "bwd_dq", "query", "backward"),
-    "backward_dkdv": ("backward_dkdv.py.jinja", "bwd_dkdv", "key", "backward"),
-    "decode": ("decode.py.jinja", "dec", "query", "decode"),
+    "forward": KernelKind("forward.py.jinja", "fwd", "forward", "config", "walked_segments",
+                          "query", True),
+    "backward_dq": KernelKind("backward_dq.py.jinja", "bwd_dq", "backward", "backward_dq",
+                              "walked_segments", "query", True),
+    "backward_dkdv": KernelKind("backward_dkdv.py.jinja", "bwd_dkdv", "backward", "backward_dkdv",
+                                "key_segments", "key", True),
+    "decode": KernelKind("decode.py.jinja", "dec", "decode", "decode", "decode_segments", "query",
+                         False),
 }
 _DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 _SCHEDULES = ("segments", "hull", "dense")
@@ -85,14 +102,20 @@ class KernelSource:
     sha256: str
     kernel_index: int  # which of the plan's kernels this is
     launch_options: tuple  # (("num_warps", 4), ("num_stages", 3))
-    kind: str = "forward"  # a key of KINDS
-    block_m: int = 0
-    block_n: int = 0
+    kind: str  # a key of KINDS
+    constexprs: tuple  # (("BLOCK_M", 64), ...): what it is specialised on besides the source
 
     @property
     def family(self) -> str:
-        """What the manifest calls it (DESIGN: forward/backward/decode/routing)."""
-        return KINDS[self.kind][3]
+        return KINDS[self.kind].family
+
+    @property
+    def block_m(self) -> int:
+        return dict(self.constexprs)["BLOCK_M"]
+
+    @property
+    def block_n(self) -> int:
+        return dict(self.constexprs)["BLOCK_N"]
 
     @property
     def module_stem(self) -> str:
@@ -104,7 +127,7 @@ def kernel_name(plan: Plan, kernel: KernelPlan, kind: str = "forward") -> str:
     if len(pattern_slug) > 60:
         pattern_slug = pattern_slug[:48] + "-" + hashlib.sha256(pattern_slug.encode()).hexdigest()[:8]
     cfg = kind_config(plan, kind)
-    name = (f"{KINDS[kind][1]}_{pattern_slug}_bm{cfg.block_m}_bn{cfg.block_n}_d{plan.head_dim}_"
+    name = (f"{KINDS[kind].prefix}_{pattern_slug}_bm{cfg.block_m}_bn{cfg.block_n}_d{plan.head_dim}_"
             f"{_DTYPE_SHORT[plan.dtype]}")
     return re.sub(r"[^0-9A-Za-z_]", "_", name)
 
@@ -113,13 +136,7 @@ def kind_config(plan: Plan, kind: str):
     """The tile config a kernel kind runs with: the plan's forward or backward tiles."""
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}: expected one of {', '.join(KINDS)}")
-    return {"forward": plan.config, "backward_dq": plan.backward_dq,
-            "backward_dkdv": plan.backward_dkdv, "decode": plan.decode}[kind]
-
-
-def kind_groups(plan: Plan, kernel_index: int, kind: str) -> int:
-    """Dilation groups a kernel kind uses: the plan's, except decode (no permutation)."""
-    return 1 if kind == "decode" else plan.kernels[kernel_index].groups
+    return getattr(plan, KINDS[kind].config)
 
 
 def _segment_texts(s: int, seg, tiles: dict, side: str = "query") -> dict:
@@ -135,20 +152,16 @@ def _segment_texts(s: int, seg, tiles: dict, side: str = "query") -> dict:
     return out
 
 
-def render_forward(plan: Plan, kernel_index: int = 0) -> KernelSource:
-    return render_kernel(plan, kernel_index, "forward")
-
-
 def render_kernel(plan: Plan, kernel_index: int = 0, kind: str = "forward") -> KernelSource:
-    """Source of one kernel of ``plan``: ``kind`` is forward, backward_dq or backward_dkdv."""
+    """Source of one kernel of ``plan``; ``kind`` is a key of ``KINDS``."""
     cfg = kind_config(plan, kind)
-    template, _, side, _ = KINDS[kind]
+    spec = KINDS[kind]
     kernel = plan.kernels[kernel_index]
     tiles = {BLOCK_M: cfg.block_m, BLOCK_N: cfg.block_n}
-    walked = {"forward": kernel.walked_segments, "backward_dq": kernel.walked_segments,
-              "backward_dkdv": kernel.key_segments, "decode": kernel.decode_segments}[kind]
-    analysed = kernel.pattern if kind == "decode" else kernel.analysed
-    segments = [_segment_texts(s, seg, tiles, side) for s, seg in enumerate(walked)]
+    walked = getattr(kernel, spec.segments)
+    # unpermuted kinds see the pattern in original coordinates, without dilation groups
+    analysed, groups = (kernel.analysed, kernel.groups) if spec.permuted else (kernel.pattern, 1)
+    segments = [_segment_texts(s, seg, tiles, spec.side) for s, seg in enumerate(walked)]
     n = len(segments)
     sort_pairs = [(j, j + 1) for i in range(n) for j in range(n - 1 - i)]
     name = kernel_name(plan, kernel, kind)
@@ -158,7 +171,7 @@ def render_kernel(plan: Plan, kernel_index: int = 0, kind: str = "forward") -> K
         name=name,
         pattern_repr=repr(kernel.pattern),
         schedule=kernel.schedule,
-        groups=kind_groups(plan, kernel_index, kind),
+        groups=groups,
         segments=segments,
         sort_pairs=sort_pairs,
         predicate=triton_predicate(analysed),
@@ -171,7 +184,9 @@ def render_kernel(plan: Plan, kernel_index: int = 0, kind: str = "forward") -> K
     check_context({k: v for k, v in context.items() if k != "dot_precision"})
     if context["dot_precision"] not in _DOT_PRECISIONS:
         raise UnsafeTemplateValue(f"dot_precision={context['dot_precision']!r}")
-    source = _environment().get_template(template).render(**context)
+    source = _environment().get_template(spec.template).render(**context)
     digest = hashlib.sha256(source.encode()).hexdigest()
     options = (("num_warps", cfg.num_warps), ("num_stages", cfg.num_stages))
-    return KernelSource(name, source, digest, kernel_index, options, kind, cfg.block_m, cfg.block_n)
+    constexprs = (("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n), ("HEAD_DIM", plan.head_dim),
+                  ("D_PAD", plan.padded_head_dim), ("GROUPS", groups))
+    return KernelSource(name, source, digest, kernel_index, options, kind, constexprs)

@@ -80,22 +80,24 @@ class KernelPlan:
     schedule: str  # "segments": walk each sorted segment; "hull": one covering range
     heads: tuple[int, ...] | None  # query heads served; None = all
 
+    def _walked(self, segments) -> tuple[TileSegment, ...]:
+        """What a kernel walks under this plan's schedule: each segment, or their hull."""
+        return tuple(segments) if self.schedule == "segments" else (hull_segment(list(segments)),)
+
     @cached_property
     def walked_segments(self) -> tuple[TileSegment, ...]:
-        return self.segments if self.schedule == "segments" else (hull_segment(list(self.segments)),)
+        return self._walked(self.segments)
 
     @cached_property
     def key_segments(self) -> tuple[TileSegment, ...]:
         """Query-tile segments per kv tile (inverted bounds), walked by backward dK/dV."""
-        segs = tile_segments(self.analysed, side="key")
-        return tuple(segs) if self.schedule == "segments" else (hull_segment(segs),)
+        return self._walked(tile_segments(self.analysed, side="key"))
 
     @cached_property
     def decode_segments(self) -> tuple[TileSegment, ...]:
         """The decode kernel's segments: original coordinates (no dilation permutation;
         a few new tokens gain nothing from it), one query tile holding every new token."""
-        segs = tile_segments(self.pattern)
-        return tuple(segs) if self.schedule == "segments" else (hull_segment(segs),)
+        return self._walked(tile_segments(self.pattern))
 
     @property
     def has_documents(self) -> bool:

@@ -110,7 +110,8 @@ DECODE_MAX_Q = 16
 
 def decode_config(target: str, head_dim: int, dtype: str) -> TileConfig:
     """Tiles of the decode kernel: BLOCK_M rows hold (query head, new token) pairs of one
-    GQA group, BLOCK_N is the kv tile each split walks."""
+    GQA group, BLOCK_N is the kv tile each split walks. BLOCK_M >= DECODE_MAX_Q always,
+    so every decode-short query fits one program."""
     if target not in TARGETS:
         raise ValueError(f"target={target!r}: expected one of {', '.join(TARGETS)}")
     if target in ("interpret", "cpu"):

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import triton
 
-from ..codegen.render import kind_groups
 from ..planner.plan import Plan
 from .binaries import COUNTERS, KernelBinary, KernelInfo, kernel_key
 from .triton_launch import kernel_function, rendered
@@ -88,9 +87,7 @@ def kernel_signature(plan: Plan, kernel_index: int, kind: str = "forward") -> tu
     tensors), as Triton's JIT would specialise them.
     """
     fn, src = kernel_function(plan, kernel_index, False, kind)
-    constexprs = {"BLOCK_M": src.block_m, "BLOCK_N": src.block_n, "HEAD_DIM": plan.head_dim,
-                  "D_PAD": plan.padded_head_dim, "GROUPS": kind_groups(plan, kernel_index, kind),
-                  "DOT_UPCAST": False}
+    constexprs = dict(src.constexprs, DOT_UPCAST=False)
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:

@@ -59,8 +59,7 @@ def _run_group(plan: Plan, kernel: KernelPlan, pattern, sched: GroupSchedule, q,
     kv_heads = torch.tensor([h // group for h in heads], device=q.device)
     # pad to whole tiles: [B, Hsel, Tq, BM, D] and [B, Hsel, Tk, BN, D]
     qt = torch.nn.functional.pad(q, (0, 0, 0, tq * bm - lq)).view(b, hs, tq, bm, d)
-    kt = torch.nn.functional.pad(k, (0, 0, 0, tk * bn - lk))[:, kv_heads].view(b, hs, tk, bn, d)
-    vt = torch.nn.functional.pad(v, (0, 0, 0, tk * bn - lk))[:, kv_heads].view(b, hs, tk, bn, d)
+    kt, vt = (_kv_tiles(x, kv_heads, tk, bn) for x in (k, v))
     out = q.new_zeros(b, hs, tq, bm, d)
     lse = q.new_full((b, hs, tq, bm), float("-inf"))
     counts = visit.sum(1)
@@ -155,8 +154,7 @@ def _group_backward(plan, kernel, pattern, sched, q, k, v, do, lse, delta, heads
         return torch.nn.functional.pad(x, pad, value=fill).view(b, hs, tq, bm, *x.shape[3:])
 
     qt, dot, lset, deltat = tiles_q(q), tiles_q(do), tiles_q(lse, float("-inf")), tiles_q(delta)
-    kt = torch.nn.functional.pad(k, (0, 0, 0, tk * bn - lk))[:, kv_heads].view(b, hs, tk, bn, d)
-    vt = torch.nn.functional.pad(v, (0, 0, 0, tk * bn - lk))[:, kv_heads].view(b, hs, tk, bn, d)
+    kt, vt = (_kv_tiles(x, kv_heads, tk, bn) for x in (k, v))
     dqt = torch.zeros_like(qt)
     dkt = torch.zeros_like(kt)
     dvt = torch.zeros_like(vt)
@@ -196,6 +194,14 @@ def _group_backward(plan, kernel, pattern, sched, q, k, v, do, lse, delta, heads
     dk.index_add_(1, kv_heads, dkt.view(b, hs, tk * bn, d))  # GQA: sum over the query heads
     dv.index_add_(1, kv_heads, dvt.view(b, hs, tk * bn, d))
     return dqt.view(b, hs, tq * bm, d)[:, :, :lq], dk[:, :, :lk], dv[:, :, :lk]
+
+
+def _kv_tiles(x, kv_heads, tiles: int, block_n: int):
+    """[B, Hkv, Lk, D] -> [B, Hsel, Tk, BN, D]: padded to whole tiles, the kv head of each
+    selected query head gathered."""
+    b, _, length, d = x.shape
+    padded = torch.nn.functional.pad(x, (0, 0, 0, tiles * block_n - length))
+    return padded[:, kv_heads].view(b, len(kv_heads), tiles, block_n, d)
 
 
 def _tile_mask(pattern, geo, groups, tiles_q, kv_idx, is_full, bm, bn, lk, totals):

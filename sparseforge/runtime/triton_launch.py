@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import torch
 
-from ..codegen.render import KernelSource, kind_groups, render_kernel
+from ..codegen.render import KernelSource, render_kernel
 from ..planner.plan import Plan
 from ..planner.schedule import group_geometry
 from ..planner.tiles import DECODE_MAX_Q
@@ -63,14 +63,23 @@ def _documents_args(call_kernel_pattern, q_len, kv_len, device):
     return [ids_q, ids_k, sb_q, ids_q.stride(1), sb_k, ids_k.stride(1)]
 
 
+def _pattern_args(kernel, call_pattern, q_len: int, kv_len: int, device) -> list:
+    """The run-time tensors a kernel's pattern reads (document ids), else nothing."""
+    return _documents_args(call_pattern, q_len, kv_len, device) if kernel.has_documents else []
+
+
+def kv_heads_spanned(first_head: int, n_heads: int, group: int) -> int:
+    """How many kv heads query heads [first_head, first_head + n_heads) touch (GQA)."""
+    return (first_head + n_heads - 1) // group - first_head // group + 1
+
+
 def kernel_launches(plan: Plan, call_kernels, q, k, v, out, lse, scale: float):
     """(kernel index, grid, run-time arguments) of every launch a call makes, in the
     kernel's parameter order (the constexprs that follow are the launcher's business)."""
     b, hq, lq, _ = q.shape
     hkv, lkv = k.shape[1], k.shape[2]
     for index, kernel in enumerate(plan.kernels):
-        extra = (_documents_args(call_kernels[index], lq, lkv, q.device)
-                 if kernel.has_documents else [])
+        extra = _pattern_args(kernel, call_kernels[index], lq, lkv, q.device)
         g = kernel.groups
         tiles_per_group = max(1, max(-(-geo.q_len // plan.block_m)
                                      for geo in group_geometry(lq, lkv, g)))
@@ -79,13 +88,6 @@ def kernel_launches(plan: Plan, call_kernels, q, k, v, out, lse, scale: float):
                     *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
                     n_heads, first_head, hq // hkv, lq, lkv, tiles_per_group, scale * LOG2E]
             yield index, (g * tiles_per_group, b * n_heads, 1), args
-
-
-def _constexprs(plan: Plan, index: int, kind: str, interpret: bool, dtype) -> dict:
-    src = rendered(plan, index, kind)
-    return dict(BLOCK_M=src.block_m, BLOCK_N=src.block_n, HEAD_DIM=plan.head_dim,
-                D_PAD=plan.padded_head_dim, GROUPS=kind_groups(plan, index, kind),
-                DOT_UPCAST=interpret and dtype == torch.bfloat16, **dict(src.launch_options))
 
 
 def backward_launches(plan: Plan, call_kernels, q, k, v, do, dq, dk, dv, lse, delta, scale: float):
@@ -98,8 +100,7 @@ def backward_launches(plan: Plan, call_kernels, q, k, v, do, dq, dk, dv, lse, de
     common = [*q.stride(), *k.stride(), *lse.stride()]
     for kind in ("backward_dq", "backward_dkdv"):
         for index, kernel in enumerate(plan.kernels):
-            extra = (_documents_args(call_kernels[index], lq, lkv, q.device)
-                     if kernel.has_documents else [])
+            extra = _pattern_args(kernel, call_kernels[index], lq, lkv, q.device)
             geos = group_geometry(lq, lkv, kernel.groups)
             if kind == "backward_dq":
                 tiles = max(1, max(-(-geo.q_len // bm) for geo in geos))
@@ -108,8 +109,8 @@ def backward_launches(plan: Plan, call_kernels, q, k, v, do, dq, dk, dv, lse, de
                 tiles = max(1, max(-(-geo.kv_len // bn) for geo in geos))
                 tensors = [q, k, v, do, dk, dv, lse, delta]
             for first_head, n_heads in head_runs(kernel.heads, hq):
-                n_kv_heads = (first_head + n_heads - 1) // group - first_head // group + 1
-                programs = b * (n_heads if kind == "backward_dq" else n_kv_heads)
+                programs = b * (n_heads if kind == "backward_dq"
+                                else kv_heads_spanned(first_head, n_heads, group))
                 args = [*tensors, *extra, *common, n_heads, first_head, group, lq, lkv, tiles,
                         scale, scale * LOG2E]
                 yield kind, index, (kernel.groups * tiles, programs, 1), args
@@ -155,8 +156,9 @@ def _launch(plan: Plan, index: int, kind: str, grid, args, q, interpret: bool, h
     kernel = held.held_kernel(plan, index, q.device.index, kind) if held is not None else None
     if kernel is not None and kernel.launch(grid, args, q.device.index):
         return
-    fn, _ = kernel_function(plan, index, interpret, kind)
-    fn[grid](*args, **_constexprs(plan, index, kind, interpret, q.dtype))
+    fn, src = kernel_function(plan, index, interpret, kind)
+    fn[grid](*args, **dict(src.constexprs), DOT_UPCAST=interpret and q.dtype == torch.bfloat16,
+             **dict(src.launch_options))
 
 
 #: decode splits aim at this many programs (about two waves on an H100's 132 SMs)
@@ -181,10 +183,9 @@ def decode_launches(plan: Plan, call_kernels, q, k, v, out_part, lse_part, scale
     hkv, lkv = k.shape[1], k.shape[2]
     group = hq // hkv
     for index, kernel in enumerate(plan.kernels):
-        extra = (_documents_args(call_kernels[index], lq, lkv, q.device)
-                 if kernel.has_documents else [])
+        extra = _pattern_args(kernel, call_kernels[index], lq, lkv, q.device)
         for first_head, n_heads in head_runs(kernel.heads, hq):
-            n_kv_heads = (first_head + n_heads - 1) // group - first_head // group + 1
+            n_kv_heads = kv_heads_spanned(first_head, n_heads, group)
             args = [q, k, v, out_part, lse_part, *extra, *q.stride(), *k.stride(), *v.stride(),
                     *out_part.stride(), *lse_part.stride(), n_heads, first_head, group, lq, lkv,
                     chunks, scale * LOG2E]
@@ -206,7 +207,7 @@ def merge_partials(out_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Te
 
 def decode_eligible(plan: Plan) -> bool:
     """Whether the split-KV decode kernel serves this call: a few new tokens."""
-    return 1 <= plan.q_len <= min(DECODE_MAX_Q, plan.decode.block_m) and plan.kv_len > 0
+    return 1 <= plan.q_len <= DECODE_MAX_Q and plan.kv_len > 0  # decode BLOCK_M >= 16
 
 
 def run_decode(plan: Plan, call_kernels, q, k, v, out, lse, scale: float, interpret: bool) -> None:

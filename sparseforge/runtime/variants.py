@@ -3,7 +3,7 @@
 Each entry exercises a distinct path through the templates (segment count and
 sorting, hull schedule, dilation groups, document ids, padded head dims, each dtype and
 head-dim class with its tile config). The test suite compiles all of them, each kernel
-kind (forward, backward dQ, backward dK/dV), to cubin for sm_80 and sm_90; run
+kind (forward, backward dQ, backward dK/dV, decode), to cubin for sm_80 and sm_90; run
 ``python -m sparseforge.runtime.variants`` to do the same by hand.
 Cross-compilation must run in a process where Triton's interpreter is off.
 """
@@ -85,8 +85,8 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: cross-compilation needs the compiler", file=sys.stderr)
         return 2
-    json.dump(compile_all(tuple(args.arch.split(",")), args.workers,
-                                                  tuple(args.kinds.split(","))), sys.stdout, indent=1)
+    results = compile_all(tuple(args.arch.split(",")), args.workers, tuple(args.kinds.split(",")))
+    json.dump(results, sys.stdout, indent=1)
     return 0
 
 

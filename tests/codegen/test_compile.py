@@ -29,7 +29,7 @@ def compiled():
 @pytest.mark.parametrize("variant", list(variant_specs()))
 def test_variant_compiles_without_spills(compiled, variant, arch, kind):
     info = compiled[(variant, arch, kind)]
-    assert info["kind"] == KINDS[kind][3]
+    assert info["kind"] == KINDS[kind].family
     assert info["cubin_size"] > 0
     assert info["spills"] == 0 and info["stack"] == 0, (
         f"{info['name']} on {arch} spills: local={info['spills']} stack={info['stack']} bytes "

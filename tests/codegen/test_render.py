@@ -6,7 +6,7 @@ import torch
 
 import sparseforge as sf
 from sparseforge.codegen.predicate import triton_predicate
-from sparseforge.codegen.render import _environment, render_forward
+from sparseforge.codegen.render import _environment, render_kernel
 
 
 def _plan(pattern, **kw):
@@ -14,29 +14,29 @@ def _plan(pattern, **kw):
 
 
 def test_same_plan_renders_byte_identical_source():
-    a = render_forward(_plan(sf.sliding_window(128) | sf.sinks(4)))
-    b = render_forward(_plan(sf.sinks(4) | sf.sliding_window(128)))  # same canonical pattern
+    a = render_kernel(_plan(sf.sliding_window(128) | sf.sinks(4)))
+    b = render_kernel(_plan(sf.sinks(4) | sf.sliding_window(128)))  # same canonical pattern
     assert a.source == b.source and a.sha256 == b.sha256
-    assert a.sha256 != render_forward(_plan(sf.sliding_window(129) | sf.sinks(4))).sha256
+    assert a.sha256 != render_kernel(_plan(sf.sliding_window(129) | sf.sinks(4))).sha256
 
 
 def test_kernel_name_is_readable():
     p = _plan(sf.sliding_window(256))
-    src = render_forward(p)
+    src = render_kernel(p)
     assert src.name == f"fwd_window_l255_r0_bm{p.block_m}_bn{p.block_n}_d64_bf16"
     assert src.module_stem.startswith(src.name + "_")
 
 
 def test_rendered_source_is_valid_python_with_arithmetic_bounds():
     pattern = sf.sliding_window(100) | sf.sinks(8) | sf.global_queries(4)
-    src = render_forward(_plan(pattern)).source
+    src = render_kernel(_plan(pattern)).source
     ast.parse(src)
     assert "_floordiv((-99 + p_first)" in src  # the window's lower bound, printed from sympy
     assert "tl.load(" in src and "Index" not in src  # static: no index tensor is read
 
 
 def test_full_tiles_carry_no_predicate():
-    src = render_forward(_plan(sf.causal())).source
+    src = render_kernel(_plan(sf.causal())).source
     body = src[src.index("def _attend_tile"):src.index("@triton.jit\ndef fwd_")]
     start = body.index("if IS_FULL:\n        # every pair")
     full_branch = body[start:body.index("    else:\n        allowed")]

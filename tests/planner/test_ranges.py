@@ -12,7 +12,10 @@ from sparseforge.planner.schedule import visit_matrices
 from tests.strategies import static_patterns
 
 
-def brute_force_tiles(mask: np.ndarray, bm: int, bn: int):
+def brute_force_tiles(mask: np.ndarray, bm: int, bn: int, side: str = "query"):
+    """Tiles holding an allowed pair, and tiles that are full: every pair allowed and, on
+    the query side, every column < Lkv (on the key side, every row < Lq: keys past Lkv
+    are never stored, rows past Lq would add to dK/dV). Key side: [Tk, Tq]."""
     lq, lkv = mask.shape
     tq, tk = -(-lq // bm), -(-lkv // bn)
     has = np.zeros((tq, tk), bool)
@@ -21,18 +24,19 @@ def brute_force_tiles(mask: np.ndarray, bm: int, bn: int):
         for n in range(tk):
             block = mask[m * bm:(m + 1) * bm, n * bn:(n + 1) * bn]
             has[m, n] = block.any()
-            every[m, n] = block.all() and (n + 1) * bn <= lkv
-    return has, every
+            inside = (n + 1) * bn <= lkv if side == "query" else (m + 1) * bm <= lq
+            every[m, n] = block.all() and inside
+    return (has, every) if side == "query" else (has.T, every.T)
 
 
-def check_segments(pattern, lq, lkv, bm, bn, hull=False):
+def check_segments(pattern, lq, lkv, bm, bn, hull=False, side="query"):
     canonical = canonicalize(pattern)
-    segs = tile_segments(canonical)
+    segs = tile_segments(canonical, side)
     if hull:
         segs = [hull_segment(segs)]
-    visit, full = visit_matrices(segs, lq, lkv, bm, bn)
+    visit, full = visit_matrices(segs, lq, lkv, bm, bn, side)
     mask = sf.dense_mask(canonical, lq, lkv).numpy()
-    has, every = brute_force_tiles(mask, bm, bn)
+    has, every = brute_force_tiles(mask, bm, bn, side)
     missed = has & ~visit
     assert not missed.any(), f"{pattern}: tiles with allowed pairs skipped at {np.argwhere(missed)[:5]}"
     wrong_full = full & ~every
@@ -57,33 +61,11 @@ def test_bounds_are_tight_for_primitives(pattern):
     assert (full == every).all()
 
 
-def check_key_side(pattern, lq, lkv, bm, bn, hull=False):
-    """Key-side segments (query tiles per kv tile, for dK/dV) against brute force."""
-    canonical = canonicalize(pattern)
-    segs = tile_segments(canonical, side="key")
-    if hull:
-        segs = [hull_segment(segs)]
-    visit, full = visit_matrices(segs, lq, lkv, bm, bn, side="key")
-    mask = sf.dense_mask(canonical, lq, lkv).numpy()
-    has, _ = brute_force_tiles(mask, bm, bn)
-    # full on the key side: every pair allowed and every row < Lq (keys >= Lkv are never stored)
-    tq, tk = has.shape
-    every = np.zeros((tk, tq), bool)
-    for n in range(tk):
-        for m in range(tq):
-            every[n, m] = mask[m * bm:(m + 1) * bm, n * bn:(n + 1) * bn].all() and (m + 1) * bm <= lq
-    missed = has.T & ~visit
-    assert not missed.any(), f"{pattern}: key tiles skip query tiles at {np.argwhere(missed)[:5]}"
-    wrong_full = full & ~every
-    assert not wrong_full.any(), f"{pattern}: called full but are not: {np.argwhere(wrong_full)[:5]}"
-    return visit, full, has.T, every
-
-
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pattern=static_patterns(), lq=st.integers(1, 150), lkv=st.integers(1, 150),
        bm=st.sampled_from([16, 32, 64]), bn=st.sampled_from([16, 32, 64]), hull=st.booleans())
 def test_key_side_closed_forms_match_brute_force(pattern, lq, lkv, bm, bn, hull):
-    check_key_side(pattern, lq, lkv, bm, bn, hull)
+    check_segments(pattern, lq, lkv, bm, bn, hull, side="key")
 
 
 @pytest.mark.parametrize("pattern", [sf.causal(), sf.sliding_window(40), sf.window(20, 5),
@@ -92,6 +74,6 @@ def test_key_side_closed_forms_match_brute_force(pattern, lq, lkv, bm, bn, hull)
 def test_key_side_bounds_are_tight_for_primitives(pattern, lq, lkv):
     """The inverted bounds visit exactly the query tiles with an allowed pair, and call
     full exactly the fully allowed ones: dK/dV does no wasted tile."""
-    visit, full, has, every = check_key_side(pattern, lq, lkv, 32, 32)
+    visit, full, has, every = check_segments(pattern, lq, lkv, 32, 32, side="key")
     assert (visit == has).all()
     assert (full == every).all()
