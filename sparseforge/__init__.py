@@ -18,6 +18,7 @@ from .ir.nodes import (
     sliding_window,
     window,
 )
+from .ir.scores import alibi, alibi_slopes, rel_bias, softcap
 from .modules import SparseAttention
 from .planner.plan import Plan, plan
 from .reference import dense_mask, reference_attention
@@ -25,7 +26,8 @@ from .runtime.dispatch import attention
 from .runtime.prebuilt import load_kernels
 
 __all__ = [
-    "BuildSpec", "Pattern", "Plan", "attention", "causal", "chunks", "dense_mask", "documents",
-    "full", "global_queries", "load_kernels", "per_head", "plan", "prefix_lm",
-    "reference_attention", "sinks", "sliding_window", "SparseAttention", "window",
+    "BuildSpec", "Pattern", "Plan", "alibi", "alibi_slopes", "attention", "causal", "chunks",
+    "dense_mask", "documents", "full", "global_queries", "load_kernels", "per_head", "plan",
+    "prefix_lm", "reference_attention", "rel_bias", "sinks", "sliding_window", "softcap",
+    "SparseAttention", "window",
 ]

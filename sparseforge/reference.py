@@ -7,7 +7,7 @@ import torch
 from .ir.canonicalize import canonicalize
 from .ir.nodes import Pattern, PerHead
 from .runtime.validate import SUPPORTED_DTYPES, check_attention_inputs
-from .semantics import pair_mask
+from .semantics import modified_scores, pair_mask
 
 
 def dense_mask(pattern: Pattern, q_len: int, kv_len: int, *, batch: int | None = None,
@@ -53,6 +53,7 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patte
     kk = k.double().repeat_interleave(group, dim=1)
     vv = v.double().repeat_interleave(group, dim=1)
     s = torch.matmul(q.double(), kk.transpose(-1, -2)) * shape.scale
+    s = _modified(canonical, s, shape)
     s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     probs = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
@@ -60,3 +61,13 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patte
     if return_lse:
         return out, lse.float()
     return out
+
+
+def _modified(canonical: Pattern, s: torch.Tensor, shape) -> torch.Tensor:
+    """Scores after each head's score modifiers (alibi, rel_bias, softcap), in fp64."""
+    i = torch.arange(shape.q_len, device=s.device)[:, None]
+    off = torch.arange(shape.kv_len, device=s.device)[None, :] - (i + shape.kv_len - shape.q_len)
+    if not isinstance(canonical, PerHead):
+        return modified_scores(canonical, s, torch.arange(shape.q_heads), off)
+    return torch.cat([modified_scores(p, s[:, h:h + 1], torch.tensor([h]), off)
+                      for h, p in enumerate(canonical.patterns)], dim=1)

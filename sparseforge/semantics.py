@@ -20,10 +20,12 @@ from .ir.nodes import (
     Intersection,
     Pattern,
     PerHead,
+    ScoreModifier,
     Sinks,
     Union,
     Window,
 )
+from .ir.scores import Alibi, RelBias, Softcap, score_terms
 
 
 def pair_mask(pattern: Pattern, i: torch.Tensor, j: torch.Tensor, q_len: int,
@@ -37,7 +39,7 @@ def pair_mask(pattern: Pattern, i: torch.Tensor, j: torch.Tensor, q_len: int,
 
 
 def _eval(pat: Pattern, i, p, j, q_len, kv_len) -> torch.Tensor:
-    if isinstance(pat, Full):
+    if isinstance(pat, (Full, ScoreModifier)):  # modifiers change scores, not the mask
         return ~_no_pairs(p, j)
     if isinstance(pat, Empty):
         return _no_pairs(p, j)
@@ -104,3 +106,38 @@ def _documents(pat: Documents, i, p, j, q_len, kv_len) -> torch.Tensor:
     iq = ids_q[:, i.clamp(0, q_len - 1)]  # [B, *i.shape]; out-of-range rows are masked later
     ik = ids_k[:, j.clamp(0, kv_len - 1)]
     return iq == ik
+
+
+def biased_scores(pattern: Pattern, s: torch.Tensor, heads: torch.Tensor,
+                  off: torch.Tensor) -> torch.Tensor:
+    """``s`` plus the additive modifiers of a head pattern (alibi, rel_bias), literally.
+
+    ``s``: [..., H, *off.shape] scaled scores; ``heads``: the query head of each of the H
+    rows (indexes slopes and table); ``off``: ``j - p`` of every pair.
+    """
+    terms = score_terms(pattern)
+    heads = heads.to(s.device)
+    view = (len(heads),) + (1,) * off.dim()
+    if Alibi in terms:
+        slopes = terms[Alibi].slopes.to(device=s.device, dtype=s.dtype)
+        s = s + slopes[heads].view(view) * off.to(s.dtype)
+    if RelBias in terms:
+        rel = terms[RelBias]
+        idx = (off.clamp(-rel.radius, rel.radius) + rel.radius).to(s.device)
+        s = s + rel.table.to(device=s.device, dtype=s.dtype)[heads][:, idx]
+    return s
+
+
+def softcap_value(pattern: Pattern) -> float | None:
+    """The cap of a head pattern's ``softcap`` modifier, None without one."""
+    cap = score_terms(pattern).get(Softcap)
+    return None if cap is None else cap.cap
+
+
+def modified_scores(pattern: Pattern, s: torch.Tensor, heads: torch.Tensor,
+                    off: torch.Tensor) -> torch.Tensor:
+    """Every modifier of a head pattern applied to scaled scores ``s`` (see
+    ``biased_scores``), in DESIGN's order: alibi, rel_bias, then softcap."""
+    s = biased_scores(pattern, s, heads, off)
+    cap = softcap_value(pattern)
+    return s if cap is None else cap * torch.tanh(s / cap)

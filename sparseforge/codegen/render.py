@@ -19,6 +19,7 @@ from typing import NamedTuple
 import jinja2
 
 from .._version import __version__
+from ..ir.scores import ScoreSpec
 from ..planner.plan import KernelPlan, Plan
 from ..planner.ranges import (
     FULL_HI,
@@ -152,6 +153,19 @@ def _segment_texts(s: int, seg, tiles: dict, side: str = "query") -> dict:
     return out
 
 
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _score_context(score: ScoreSpec, cfg) -> dict:
+    """Which score modifiers the kernel applies, and the static sizes of the rel_bias
+    gradient (table entries padded to a power of two; diagonals of a dK/dV tile)."""
+    return dict(score_any=score.any, alibi=score.alibi, softcap=score.softcap,
+                rel_bias=score.rel_bias, rel_radius=max(score.rel_radius, 0),
+                bias_t_pad=_next_pow2(2 * max(score.rel_radius, 0) + 1),
+                bias_chunk=_next_pow2(cfg.block_m + cfg.block_n - 1))
+
+
 def render_kernel(plan: Plan, kernel_index: int = 0, kind: str = "forward") -> KernelSource:
     """Source of one kernel of ``plan``; ``kind`` is a key of ``KINDS``."""
     cfg = kind_config(plan, kind)
@@ -160,7 +174,7 @@ def render_kernel(plan: Plan, kernel_index: int = 0, kind: str = "forward") -> K
     tiles = {BLOCK_M: cfg.block_m, BLOCK_N: cfg.block_n}
     walked = getattr(kernel, spec.segments)
     # unpermuted kinds see the pattern in original coordinates, without dilation groups
-    analysed, groups = (kernel.analysed, kernel.groups) if spec.permuted else (kernel.pattern, 1)
+    analysed, groups = (kernel.analysed, kernel.groups) if spec.permuted else (kernel.mask, 1)
     segments = [_segment_texts(s, seg, tiles, spec.side) for s, seg in enumerate(walked)]
     n = len(segments)
     sort_pairs = [(j, j + 1) for i in range(n) for j in range(n - 1 - i)]
@@ -178,6 +192,7 @@ def render_kernel(plan: Plan, kernel_index: int = 0, kind: str = "forward") -> K
         has_documents=kernel.has_documents,
         d_padded=plan.padded_head_dim != plan.head_dim,
         dot_precision=', input_precision="ieee"' if plan.dtype == "float32" else "",
+        **_score_context(kernel.score, cfg),
     )
     if kernel.schedule not in _SCHEDULES:
         raise UnsafeTemplateValue(f"schedule={kernel.schedule!r}: expected one of {_SCHEDULES}")

@@ -12,7 +12,9 @@ and rewritten bottom-up in topological order. The passes are local rules:
 * ``sinks``/``global_queries`` merge by max (``|``) or min (``&``); ``sinks(0)`` is empty
   (``global_queries(0)`` is not: with Lq > Lkv the first queries have p < 0);
 * ``chunks(a) & chunks(b)`` with ``b % a == 0`` is ``chunks(a)`` (and dually for ``|``);
-* ``per_head`` of identical patterns is that pattern.
+* ``per_head`` of identical patterns is that pattern;
+* score modifiers (``softcap``, ``alibi``, ``rel_bias``) stay operands of the
+  intersection they were joined by (they allow every pair, so no rule touches them).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from .nodes import (
     Union,
     Window,
 )
+from .scores import score_terms
 
 
 def expression_dag(pattern: Pattern) -> nx.DiGraph:
@@ -125,7 +128,9 @@ def _intersection(kids: tuple[Pattern, ...]) -> Pattern:
         parts = [p for p in parts if not isinstance(p, Causal)]
     windows = _meet_windows(windows)
     parts = [p for p in parts if not isinstance(p, Window)] + windows
-    return _finish(Intersection, parts, Full())
+    out = _finish(Intersection, parts, Full())
+    score_terms(out)  # at most one modifier of each kind
+    return out
 
 
 def _merge_counts(parts: list[Pattern], kind: type, pick) -> list[Pattern]:

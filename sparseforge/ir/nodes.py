@@ -162,6 +162,19 @@ class Documents(Pattern):
                 and other.kv_ids is self.kv_ids)
 
 
+class ScoreModifier(Pattern):
+    """Base of the score modifiers (``sparseforge.ir.scores``): they change the scores of
+    allowed pairs, never which pairs interact, so as a mask each one allows every pair.
+    They combine with a pattern by ``&`` only (``sf.causal() & sf.softcap(30.0)``)."""
+
+
+def _check_no_modifier(op: str, parts) -> None:
+    for p in parts:
+        if any(isinstance(n, ScoreModifier) for n in walk(p)):
+            raise TypeError(f"a score modifier inside {op!r}: modifiers apply to a whole pattern; "
+                            "write (a | b) & sf.softcap(c), not a | (b & sf.softcap(c))")
+
+
 @dataclass(frozen=True)
 class Union(Pattern):
     parts: tuple[Pattern, ...]
@@ -169,6 +182,7 @@ class Union(Pattern):
     def __post_init__(self) -> None:
         for p in self.parts:
             _check_pattern("|", p)
+        _check_no_modifier("|", self.parts)
 
     @property
     def children(self) -> tuple[Pattern, ...]:
@@ -218,7 +232,8 @@ class PerHead(Pattern):
         return "per_head([" + ", ".join(map(repr, self.patterns)) + "])"
 
     def __or__(self, other: Pattern) -> Pattern:
-        raise TypeError("per_head(...) | ...: combine patterns inside per_head, not around it")
+        raise TypeError("per_head(...) | ...: combine patterns (and score modifiers) inside "
+                        "per_head, not around it")
 
     __and__ = __or__
 

@@ -17,6 +17,7 @@ import torch
 
 from ..ir.canonicalize import canonicalize
 from ..ir.nodes import Documents, Pattern, PerHead, Window, walk
+from ..ir.scores import ScoreSpec, score_spec, strip_scores
 from ..semantics import pair_mask
 from .ranges import TileSegment, hull_segment, tile_segments
 from .schedule import GroupSchedule, group_geometry, visit_matrices
@@ -73,8 +74,8 @@ class TileStats:
 class KernelPlan:
     """One generated kernel: a head pattern, its permutation, segments and schedule."""
 
-    pattern: Pattern  # canonical pattern of these heads, in original coordinates
-    analysed: Pattern  # what segments and the kernel predicate use (group-local if groups > 1)
+    pattern: Pattern  # canonical pattern of these heads (with score modifiers), original coordinates
+    analysed: Pattern  # the mask segments and the predicate use (group-local if groups > 1)
     groups: int  # dilation groups made contiguous via strided views; 1 = no permutation
     segments: tuple[TileSegment, ...]
     schedule: str  # "segments": walk each sorted segment; "hull": one covering range
@@ -97,7 +98,17 @@ class KernelPlan:
     def decode_segments(self) -> tuple[TileSegment, ...]:
         """The decode kernel's segments: original coordinates (no dilation permutation;
         a few new tokens gain nothing from it), one query tile holding every new token."""
-        return self._walked(tile_segments(self.pattern))
+        return self._walked(tile_segments(self.mask))
+
+    @property
+    def mask(self) -> Pattern:
+        """The pattern without its score modifiers, in original coordinates."""
+        return strip_scores(self.pattern)
+
+    @property
+    def score(self) -> ScoreSpec:
+        """Which score modifiers the kernels apply (their values are run-time arguments)."""
+        return score_spec(self.pattern)
 
     @property
     def has_documents(self) -> bool:
@@ -207,23 +218,26 @@ def plan(pattern: Pattern, *, q_len: int, kv_len: int, head_dim: int, dtype="bfl
         raise ValueError(f"plan(schedule={schedule!r}): expected one of {', '.join(SCHEDULES)}")
     canonical = canonicalize(pattern)
     heads = _head_groups(canonical)
+    scored = any(score_spec(p).any for p, _ in heads)
 
-    configs = candidate_configs(target, head_dim, dtype)
+    configs = candidate_configs(target, head_dim, dtype, scored)
     if block_m or block_n:
         base = configs[0]
         configs = [TileConfig(block_m or base.block_m, block_n or base.block_n, base.num_warps,
                               base.num_stages, base.efficiency, base.tile_overhead)]
     best = None
     for cfg in configs:
-        choices = [_choose_kernel(p, h, q_len, kv_len, cfg, schedule, groups) for p, h in heads]
+        choices = [_choose_kernel(strip_scores(p), q_len, kv_len, cfg, schedule, groups)
+                   for p, _ in heads]
         cost = sum(c[0] for c in choices)
         if best is None or cost < best[0]:
             best = (cost, cfg, choices)
     _, cfg, choices = best
     kernels = tuple(KernelPlan(p, analysed, g, tuple(segs), sched, h)
-                    for (_, p, analysed, g, segs, sched), (_, h) in zip(choices, heads))
+                    for (_, analysed, g, segs, sched), (p, h) in zip(choices, heads))
     return Plan(canonical, q_len, kv_len, head_dim, dtype, target, cfg, kernels,
-                *backward_configs(target, head_dim, dtype), decode_config(target, head_dim, dtype))
+                *backward_configs(target, head_dim, dtype, scored),
+                decode_config(target, head_dim, dtype, scored))
 
 
 def _head_groups(canonical: Pattern) -> list[tuple[Pattern, tuple[int, ...] | None]]:
@@ -244,7 +258,9 @@ def _permutations(pattern: Pattern) -> list[tuple[int, Pattern]]:
     return options
 
 
-def _choose_kernel(pattern, heads, q_len, kv_len, cfg, schedule, groups):
+def _choose_kernel(pattern, q_len, kv_len, cfg, schedule, groups):
+    """(cost, analysed pattern, groups, segments, schedule) of the cheapest way to run
+    the mask ``pattern`` with tiles ``cfg``."""
     best = None
     for g, analysed in _permutations(pattern):
         if groups is not None and g != groups:
@@ -262,7 +278,7 @@ def _choose_kernel(pattern, heads, q_len, kv_len, cfg, schedule, groups):
             # walking several segments costs a little per query tile: prefer the hull on ties
             cost = estimated_cost(cfg, visited, partial) * (1.0 + 0.02 * (len(walked) - 1))
             if best is None or cost < best[0]:
-                best = (cost, pattern, analysed, g, segs, sched)
+                best = (cost, analysed, g, segs, sched)
     if best is None:
         raise ValueError(f"plan(groups={groups!r}): not a valid permutation for {pattern!r}")
     return best

@@ -33,7 +33,17 @@ def padded_head_dim(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
-def candidate_configs(target: str, head_dim: int, dtype: str) -> list[TileConfig]:
+def candidate_configs(target: str, head_dim: int, dtype: str, scored: bool = False) -> list[TileConfig]:
+    """Forward tiles to choose from; ``scored``: the kernels apply score modifiers, whose
+    [BM, BN] bias tiles (ALiBi offsets, gathered rel_bias entries, tanh) must fit beside
+    the scores: 16-bit tiles up to D=128 come from ``_SCORED_CONFIGS`` then."""
+    key = (target, padded_head_dim(head_dim))
+    if scored and dtype != "float32" and key in _SCORED_CONFIGS:
+        return list(_SCORED_CONFIGS[key])
+    return _candidate_configs(target, head_dim, dtype)
+
+
+def _candidate_configs(target: str, head_dim: int, dtype: str) -> list[TileConfig]:
     if target not in TARGETS:
         raise ValueError(f"target={target!r}: expected one of {', '.join(TARGETS)}")
     d = padded_head_dim(head_dim)
@@ -66,6 +76,13 @@ _GPU_CONFIGS = {
     ("sm_80", "16bit", 128): [_C(128, 64, 8, 2), _C(128, 32, 8, 2, 0.9), _C(64, 32, 4, 2, 0.8)],
     ("sm_80", "16bit", 256): [_C(64, 64, 8, 2), _C(32, 32, 4, 2, 0.6)],
 }
+# With score modifiers (the scores_* variants, swept with cuobjdump): 128 x 128 and
+# 4-warp 64 x 64 tiles spilled at D=64, every 128-row tile at D=128.
+_SCORED_CONFIGS = {}
+for _arch, _stages in (("sm_80", 2), ("sm_90", 3)):
+    for _d in (16, 32, 64):
+        _SCORED_CONFIGS[(_arch, _d)] = [_C(128, 64, 8, _stages)]
+    _SCORED_CONFIGS[(_arch, 128)] = [_C(64, 32, 8, 2, 0.8)]
 for _arch in ("sm_80", "sm_90"):
     for _d, _cfg in ((16, _C(32, 16, 4, 2)), (32, _C(32, 16, 4, 2)), (64, _C(32, 16, 4, 2)),
                      (128, _C(16, 16, 4, 2)),
@@ -73,10 +90,13 @@ for _arch in ("sm_80", "sm_90"):
         _GPU_CONFIGS[(_arch, "float32", _d)] = [_cfg]
 
 
-def backward_configs(target: str, head_dim: int, dtype: str) -> tuple[TileConfig, TileConfig]:
+def backward_configs(target: str, head_dim: int, dtype: str,
+                     scored: bool = False) -> tuple[TileConfig, TileConfig]:
     """Tiles of the backward (dQ kernel, dK/dV kernel). Smaller than the forward's: a
     dK/dV program keeps K, V and two fp32 [BLOCK_N, D] accumulators of its key tile
-    live across all its query tiles, and both kernels recompute P and dP per tile."""
+    live across all its query tiles, and both kernels recompute P and dP per tile.
+    ``scored``: the kernels apply score modifiers (and dK/dV gathers the rel_bias
+    gradient), which needs smaller 16-bit tiles up to D=128."""
     if target not in TARGETS:
         raise ValueError(f"target={target!r}: expected one of {', '.join(TARGETS)}")
     if target == "interpret":
@@ -85,6 +105,13 @@ def backward_configs(target: str, head_dim: int, dtype: str) -> tuple[TileConfig
     if target == "cpu":
         return TileConfig(64, 64), TileConfig(64, 64)
     d = max(64, padded_head_dim(head_dim))
+    # swept with cuobjdump on the scores_* variants (64-row dK/dV tiles and 64 x 64 dQ
+    # tiles spill with modifiers; fp32 dK/dV differs per target)
+    if scored and dtype != "float32" and d <= 128:
+        return _C(64, 32, 8, 2), _C(32, 32, 8, 1)
+    if scored and dtype == "float32" and d == 64:
+        dq, _ = _BACKWARD_CONFIGS[(target, "float32", d)]
+        return dq, (_C(32, 16, 4, 1) if target == "sm_80" else _C(16, 32, 8, 1))
     return _BACKWARD_CONFIGS[(target, "float32" if dtype == "float32" else "16bit", d)]
 
 
@@ -108,10 +135,10 @@ for _arch in ("sm_80", "sm_90"):
 DECODE_MAX_Q = 16
 
 
-def decode_config(target: str, head_dim: int, dtype: str) -> TileConfig:
+def decode_config(target: str, head_dim: int, dtype: str, scored: bool = False) -> TileConfig:
     """Tiles of the decode kernel: BLOCK_M rows hold (query head, new token) pairs of one
     GQA group, BLOCK_N is the kv tile each split walks. BLOCK_M >= DECODE_MAX_Q always,
-    so every decode-short query fits one program."""
+    so every decode-short query fits one program. ``scored``: with score modifiers."""
     if target not in TARGETS:
         raise ValueError(f"target={target!r}: expected one of {', '.join(TARGETS)}")
     if target in ("interpret", "cpu"):
@@ -120,7 +147,8 @@ def decode_config(target: str, head_dim: int, dtype: str) -> TileConfig:
     if dtype == "float32":
         return TileConfig(16, 32, 4, 1) if d <= 64 else TileConfig(16, 16, 4, 1)
     # sm_80 keeps mma operands in registers: above D=64 it needs 8 warps to stay spill-free
-    warps = 8 if target == "sm_80" and d > 64 else 4
+    # (sm_90 too with score modifiers)
+    warps = 8 if (target == "sm_80" or scored) and d > 64 else 4
     if d <= 128:
         return TileConfig(64, 64, warps, 2)
     return TileConfig(32, 32, warps, 1)

@@ -56,8 +56,8 @@ def attention_backward_op(grad_out: torch.Tensor, grad_lse: torch.Tensor, q: tor
                           backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from .dispatch import attention_backward
 
-    dq, dk, dv = attention_backward(q, k, v, out, lse, grad_out, grad_lse, _patterns[pattern],
-                                    scale=scale, enable_gqa=enable_gqa, backend=backend)
+    dq, dk, dv, _ = attention_backward(q, k, v, out, lse, grad_out, grad_lse, _patterns[pattern],
+                                       scale=scale, enable_gqa=enable_gqa, backend=backend)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 

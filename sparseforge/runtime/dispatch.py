@@ -15,6 +15,7 @@ import torch
 
 from ..ir.canonicalize import canonicalize
 from ..ir.nodes import Pattern
+from ..ir.scores import RelBias, score_terms
 from ..planner.plan import Plan, _head_groups, default_target, dtype_name, plan
 from ..reference import reference_attention
 from . import custom_op, torch_exec, triton_launch
@@ -30,6 +31,16 @@ class CompiledPattern:
     canonical: Pattern
     key: str  # structural key: equal for patterns that render the same kernels
     head_patterns: tuple[Pattern, ...]  # per kernel, in the plan's kernel order
+
+    @property
+    def tables(self) -> tuple:
+        """The distinct rel_bias tables of the pattern: inputs with a gradient."""
+        found = {}
+        for head in self.head_patterns:
+            rel = score_terms(head).get(RelBias)
+            if rel is not None:
+                found.setdefault(id(rel.table), rel.table)
+        return tuple(found.values())
 
 
 _patterns: dict[int, tuple[Pattern, CompiledPattern]] = {}
@@ -99,8 +110,9 @@ def _forward(executor: str, p: Plan, compiled: CompiledPattern, q, k, v, scale: 
 
 def _backward(executor: str, p: Plan, compiled: CompiledPattern, q, k, v, out, lse, grad_out,
               grad_lse, scale):
-    """dq, dk, dv by the FlashAttention backward over the plan's schedule: the generated
-    dQ and dK/dV kernels for the Triton executors, torch ops for the torch executor."""
+    """dq, dk, dv and the rel_bias tables' grads (id(table) -> grad) by the FlashAttention
+    backward over the plan's schedule: the generated dQ and dK/dV kernels for the Triton
+    executors, torch ops for the torch executor."""
     if executor == "torch":
         return torch_exec.run_backward(p, compiled.head_patterns, q, k, v, out, lse,
                                        grad_out.contiguous(), grad_lse, scale)
@@ -113,18 +125,20 @@ class _SparseAttentionFunction(torch.autograd.Function):
     saved lse (only out and lse are kept, never an Lq x Lkv matrix)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, executor, p, compiled, scale):
+    def forward(ctx, q, k, v, executor, p, compiled, scale, *tables):
         out, lse = _forward(executor, p, compiled, q, k, v, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (executor, p, compiled, scale)
+        ctx.table_ids = tuple(id(t) for t in tables)
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
         executor, p, compiled, scale = ctx.args
-        dq, dk, dv = _backward(executor, p, compiled, q, k, v, out, lse, grad_out, grad_lse, scale)
-        return dq, dk, dv, None, None, None, None
+        dq, dk, dv, table_grads = _backward(executor, p, compiled, q, k, v, out, lse, grad_out,
+                                            grad_lse, scale)
+        return (dq, dk, dv, None, None, None, None, *(table_grads[t] for t in ctx.table_ids))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, *,
@@ -146,8 +160,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
         return (out, lse) if return_lse else out
     compiled = compile_pattern(pattern)
     p = cached_plan(compiled, shape.q_len, shape.kv_len, shape.head_dim, q.dtype, target)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        out, lse = _SparseAttentionFunction.apply(q, k, v, executor, p, compiled, shape.scale)
+    tables = compiled.tables
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *tables)):
+        out, lse = _SparseAttentionFunction.apply(q, k, v, executor, p, compiled, shape.scale,
+                                                  *tables)
     else:
         out, lse = _forward(executor, p, compiled, q, k, v, shape.scale)
     return (out, lse) if return_lse else out
@@ -156,12 +172,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
 def attention_backward(q, k, v, out, lse, grad_out, grad_lse, pattern: Pattern, *,
                        scale: float | None = None, enable_gqa: bool = False,
                        backend: str = "auto"):
-    """(dq, dk, dv) of ``attention``'s (out, lse) given their gradients (``grad_lse`` may
-    be None). The torch.compile custom op's backward; also usable on its own."""
+    """(dq, dk, dv, table grads) of ``attention``'s (out, lse) given their gradients
+    (``grad_lse`` may be None); table grads follow the pattern's rel_bias tables in
+    order (``CompiledPattern.tables``). The torch.compile custom op's backward; also
+    usable on its own."""
     shape = check_attention_inputs(q, k, v, pattern, scale=scale, enable_gqa=enable_gqa)
     executor, target = _resolve_backend(backend, q)
     if executor == "reference":  # no backward of its own: the plan run with torch ops
         executor, target = "torch", "cpu"
     compiled = compile_pattern(pattern)
     p = cached_plan(compiled, shape.q_len, shape.kv_len, shape.head_dim, q.dtype, target)
-    return _backward(executor, p, compiled, q, k, v, out, lse, grad_out, grad_lse, shape.scale)
+    dq, dk, dv, grads = _backward(executor, p, compiled, q, k, v, out, lse, grad_out, grad_lse,
+                                  shape.scale)
+    return dq, dk, dv, [grads[id(t)] for t in compiled.tables]

@@ -17,9 +17,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..ir.scores import RelBias, score_spec, score_terms
 from ..planner.plan import KernelPlan, Plan
 from ..planner.schedule import GroupSchedule
-from ..semantics import pair_mask
+from ..semantics import biased_scores, modified_scores, pair_mask, softcap_value
 
 # Score elements materialised per batch of query tiles (at least one tile per batch).
 _SCORE_BUDGET = 1 << 24
@@ -76,14 +77,14 @@ def _run_group(plan: Plan, kernel: KernelPlan, pattern, sched: GroupSchedule, q,
             for s in range(0, len(tiles_q), per_batch):
                 sel = tiles_q[s:s + per_batch]
                 o, l_ = _attend(pattern, geo, kernel.groups, plan, qt[:, :, sel], kt, vt,
-                                visit[sel], full[sel], sel, lk, scale, totals)
+                                visit[sel], full[sel], sel, lk, scale, totals, heads)
                 out[:, :, sel] = o
                 lse[:, :, sel] = l_
         start = stop
     return out.view(b, hs, tq * bm, d)[:, :, :lq], lse.view(b, hs, tq * bm)[:, :, :lq]
 
 
-def _attend(pattern, geo, groups, plan, q, kt, vt, visit, full, tiles_q, lk, scale, totals):
+def _attend(pattern, geo, groups, plan, q, kt, vt, visit, full, tiles_q, lk, scale, totals, heads):
     """All visited tiles of a batch of query tiles with equal visit counts."""
     bm, bn = plan.block_m, plan.block_n
     nq, count = visit.shape[0], int(visit[0].sum())
@@ -92,6 +93,9 @@ def _attend(pattern, geo, groups, plan, q, kt, vt, visit, full, tiles_q, lk, sca
     kg = kt[:, :, kv_idx]  # [B, H, nq, C, BN, D]
     vg = vt[:, :, kv_idx]
     s = torch.matmul(q, kg.flatten(3, 4).transpose(-1, -2)) * scale  # [B, H, nq, BM, C*BN]
+    if score_spec(pattern).any:
+        off = _tile_offsets(geo, groups, tiles_q, kv_idx, bm, bn, totals)
+        s = modified_scores(pattern, s, torch.tensor(heads), off.to(s.device))
     allowed = _tile_mask(pattern, geo, groups, tiles_q, kv_idx, is_full, bm, bn, lk, totals).to(s.device)
     s = s.masked_fill(~allowed.view(allowed.shape[0], 1, nq, bm, count * bn)
                       if allowed.dim() == 5 else ~allowed.view(nq, bm, count * bn), float("-inf"))
@@ -105,7 +109,8 @@ def _attend(pattern, geo, groups, plan, q, kt, vt, visit, full, tiles_q, lk, sca
 
 
 def run_backward(plan: Plan, call_kernels, q, k, v, out, lse, grad_out, grad_lse, scale: float):
-    """(dq, dk, dv) of ``out``/``lse`` with respect to q, k, v (same dtypes as q, k, v).
+    """(dq, dk, dv, table grads) of ``out``/``lse`` with respect to q, k, v (same dtypes
+    as q, k, v) and each rel_bias table (a dict id(table) -> gradient).
 
     ``grad_lse`` may be None. Rows with lse = -inf (no allowed key) have no gradient.
     """
@@ -115,8 +120,13 @@ def run_backward(plan: Plan, call_kernels, q, k, v, out, lse, grad_out, grad_lse
     dq = torch.zeros(q.shape, dtype=compute, device=q.device)
     dk = torch.zeros(k.shape, dtype=compute, device=k.device)
     dv = torch.zeros(v.shape, dtype=compute, device=v.device)
+    tables = {}
+    for call_pattern in call_kernels:
+        rel = score_terms(call_pattern).get(RelBias)
+        if rel is not None:
+            tables[id(rel.table)] = torch.zeros(rel.table.shape, dtype=compute, device=q.device)
     if lq == 0 or lkv == 0:
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), _cast_tables(tables, call_kernels)
     # D_i = rowsum(dO * O): the softmax-backward term shared by every tile of a row
     delta = (grad_out.to(compute) * out.to(compute)).sum(-1)
     if grad_lse is not None:
@@ -137,7 +147,18 @@ def run_backward(plan: Plan, call_kernels, q, k, v, out, lse, grad_out, grad_lse
             dq[:, heads, rows] += grads[0]
             dk[:, :, cols] += grads[1]
             dv[:, :, cols] += grads[2]
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+            if grads[3] is not None:
+                tables[id(score_terms(call_pattern)[RelBias].table)][heads] += grads[3]
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), _cast_tables(tables, call_kernels)
+
+
+def _cast_tables(tables: dict, call_kernels) -> dict:
+    dtypes = {}
+    for call_pattern in call_kernels:
+        rel = score_terms(call_pattern).get(RelBias)
+        if rel is not None:
+            dtypes[id(rel.table)] = rel.table.dtype
+    return {key: g.to(dtypes[key]) for key, g in tables.items()}
 
 
 def _group_backward(plan, kernel, pattern, sched, q, k, v, do, lse, delta, heads, group, hkv,
@@ -158,6 +179,11 @@ def _group_backward(plan, kernel, pattern, sched, q, k, v, do, lse, delta, heads
     dqt = torch.zeros_like(qt)
     dkt = torch.zeros_like(kt)
     dvt = torch.zeros_like(vt)
+    score = score_spec(pattern)
+    cap = softcap_value(pattern)
+    head_index = torch.tensor(heads)
+    dtable = (torch.zeros(hs, 2 * score.rel_radius + 1, dtype=q.dtype, device=q.device)
+              if score.rel_bias else None)
     counts = visit.sum(1)
     for count in np.unique(counts):
         if count == 0:
@@ -173,6 +199,12 @@ def _group_backward(plan, kernel, pattern, sched, q, k, v, do, lse, delta, heads
             vg = vt[:, :, kv_idx].flatten(3, 4)
             qs, dos = qt[:, :, sel], dot[:, :, sel]
             s = torch.matmul(qs, kg.transpose(-1, -2)) * scale  # [B, Hs, nq, BM, C*BN]
+            if score.any:
+                off = _tile_offsets(geo, kernel.groups, sel, kv_idx, bm, bn, totals).to(q.device)
+                s = biased_scores(pattern, s, head_index, off)
+                if cap is not None:
+                    t = torch.tanh(s / cap)
+                    s = cap * t
             allowed = _tile_mask(pattern, geo, kernel.groups, sel, kv_idx, is_full, bm, bn, lk,
                                  totals).to(q.device)
             allowed = (allowed.view(allowed.shape[0], 1, nq, bm, -1) if allowed.dim() == 5
@@ -183,6 +215,11 @@ def _group_backward(plan, kernel, pattern, sched, q, k, v, do, lse, delta, heads
             p = torch.where(allowed & finite, p, 0.0)
             dp = torch.matmul(dos, vg.transpose(-1, -2))
             ds = p * (dp - deltat[:, :, sel][..., None])
+            if cap is not None:
+                ds = ds * (1 - t * t)  # through the cap
+            if dtable is not None:  # each pair's dS to its (clipped) table entry
+                idx = (off.clamp(-score.rel_radius, score.rel_radius) + score.rel_radius).flatten()
+                dtable.index_add_(1, idx, ds.sum(0).flatten(1))
             dqt[:, :, sel] = torch.matmul(ds, kg) * scale
             flat = kv_idx.flatten().to(q.device)
             dkt.index_add_(2, flat, (torch.matmul(ds.transpose(-1, -2), qs) * scale)
@@ -193,7 +230,18 @@ def _group_backward(plan, kernel, pattern, sched, q, k, v, do, lse, delta, heads
     dv = torch.zeros_like(dk)
     dk.index_add_(1, kv_heads, dkt.view(b, hs, tk * bn, d))  # GQA: sum over the query heads
     dv.index_add_(1, kv_heads, dvt.view(b, hs, tk * bn, d))
-    return dqt.view(b, hs, tq * bm, d)[:, :, :lq], dk[:, :, :lk], dv[:, :, :lk]
+    return dqt.view(b, hs, tq * bm, d)[:, :, :lq], dk[:, :, :lk], dv[:, :, :lk], dtable
+
+
+def _tile_offsets(geo, groups, tiles_q, kv_idx, bm, bn, totals):
+    """``j - p`` of every pair of a batch of query tiles and their gathered kv tiles, in
+    original coordinates: [nq, BM, C*BN]."""
+    q_len_total, kv_len_total = totals
+    rows = torch.from_numpy(np.asarray(tiles_q))[:, None] * bm + torch.arange(bm)
+    cols = (kv_idx[:, :, None] * bn + torch.arange(bn)).flatten(1)
+    p = geo.q_start + rows * groups + (kv_len_total - q_len_total)
+    j = geo.kv_start + cols * groups
+    return j[:, None, :] - p[:, :, None]
 
 
 def _kv_tiles(x, kv_heads, tiles: int, block_n: int):

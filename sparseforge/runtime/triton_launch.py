@@ -14,6 +14,7 @@ from functools import lru_cache
 import torch
 
 from ..codegen.render import KernelSource, render_kernel
+from ..ir.scores import Alibi, RelBias, Softcap, score_terms
 from ..planner.plan import Plan
 from ..planner.schedule import group_geometry
 from ..planner.tiles import DECODE_MAX_Q
@@ -63,9 +64,28 @@ def _documents_args(call_kernel_pattern, q_len, kv_len, device):
     return [ids_q, ids_k, sb_q, ids_q.stride(1), sb_k, ids_k.stride(1)]
 
 
+def _score_args(kernel, call_pattern, device) -> list:
+    """The score modifiers' run-time values, in the kernels' parameter order: ALiBi
+    slopes, the rel_bias table and its row stride, the soft cap in log2 units."""
+    score = kernel.score
+    if not score.any:
+        return []
+    terms = score_terms(call_pattern)
+    args: list = []
+    if score.alibi:
+        args.append(terms[Alibi].slopes.detach().to(device=device, dtype=torch.float32).contiguous())
+    if score.rel_bias:
+        table = terms[RelBias].table.detach().to(device=device, dtype=torch.float32).contiguous()
+        args += [table, table.stride(0)]
+    if score.softcap:
+        args.append(terms[Softcap].cap * LOG2E)
+    return args
+
+
 def _pattern_args(kernel, call_pattern, q_len: int, kv_len: int, device) -> list:
-    """The run-time tensors a kernel's pattern reads (document ids), else nothing."""
-    return _documents_args(call_pattern, q_len, kv_len, device) if kernel.has_documents else []
+    """The run-time values a kernel's pattern reads: document ids, score modifiers."""
+    docs = _documents_args(call_pattern, q_len, kv_len, device) if kernel.has_documents else []
+    return docs + _score_args(kernel, call_pattern, device)
 
 
 def kv_heads_spanned(first_head: int, n_heads: int, group: int) -> int:
@@ -90,9 +110,11 @@ def kernel_launches(plan: Plan, call_kernels, q, k, v, out, lse, scale: float):
             yield index, (g * tiles_per_group, b * n_heads, 1), args
 
 
-def backward_launches(plan: Plan, call_kernels, q, k, v, do, dq, dk, dv, lse, delta, scale: float):
+def backward_launches(plan: Plan, call_kernels, q, k, v, do, dq, dk, dv, lse, delta, scale: float,
+                      bias_parts=None):
     """(kind, kernel index, grid, run-time arguments) of every backward launch, in the
-    kernels' parameter order: all dQ launches, then all dK/dV launches."""
+    kernels' parameter order: all dQ launches, then all dK/dV launches. ``bias_parts``
+    maps a kernel with a rel_bias table to its gradient buffer (``bias_grad_buffers``)."""
     b, hq, lq, _ = q.shape
     hkv, lkv = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -108,6 +130,9 @@ def backward_launches(plan: Plan, call_kernels, q, k, v, do, dq, dk, dv, lse, de
             else:
                 tiles = max(1, max(-(-geo.kv_len // bn) for geo in geos))
                 tensors = [q, k, v, do, dk, dv, lse, delta]
+                if kernel.score.rel_bias:
+                    part = bias_parts[index]
+                    extra = extra + [part, *part.stride()[:3]]
             for first_head, n_heads in head_runs(kernel.heads, hq):
                 programs = b * (n_heads if kind == "backward_dq"
                                 else kv_heads_spanned(first_head, n_heads, group))
@@ -116,11 +141,38 @@ def backward_launches(plan: Plan, call_kernels, q, k, v, do, dq, dk, dv, lse, de
                 yield kind, index, (kernel.groups * tiles, programs, 1), args
 
 
+def bias_grad_buffers(plan: Plan, call_kernels, q, k) -> dict:
+    """Per kernel with a rel_bias table: a zeroed fp32 buffer [B, Hq, programs, 2R+1] in
+    which each dK/dV program writes its own part of the table's gradient."""
+    b, hq, lq, _ = q.shape
+    lkv = k.shape[2]
+    parts = {}
+    for index, kernel in enumerate(plan.kernels):
+        if kernel.score.rel_bias:
+            tiles = max(1, max(-(-geo.kv_len // plan.backward_dkdv.block_n)
+                               for geo in group_geometry(lq, lkv, kernel.groups)))
+            parts[index] = torch.zeros((b, hq, kernel.groups * tiles, 2 * kernel.score.rel_radius + 1),
+                                       dtype=torch.float32, device=q.device)
+    return parts
+
+
+def table_grads(call_kernels, parts: dict) -> dict:
+    """id(table) -> the gradient of that rel_bias table: the buffers summed over batch and
+    programs (a fixed-order sum: deterministic), added up across kernels sharing it."""
+    grads: dict = {}
+    for index, part in parts.items():
+        table = score_terms(call_kernels[index])[RelBias].table
+        g = part.sum(dim=(0, 2)).to(table.dtype)
+        grads[id(table)] = grads[id(table)] + g if id(table) in grads else g
+    return grads
+
+
 def run_backward(plan: Plan, call_kernels, q, k, v, out, lse, grad_out, grad_lse, scale: float,
                  interpret: bool):
-    """(dq, dk, dv) by the generated backward kernels. dQ walks the forward's kv tiles per
-    query tile; dK/dV walks the inverted bounds per key tile, summing the GQA group's
-    heads in registers. Deterministic: no atomics anywhere."""
+    """(dq, dk, dv, table grads) by the generated backward kernels. dQ walks the forward's
+    kv tiles per query tile; dK/dV walks the inverted bounds per key tile, summing the
+    GQA group's heads in registers, and each rel_bias table's gradient per program.
+    Deterministic: no atomics anywhere. Table grads map id(table) to its gradient."""
     q, k, v, grad_out = (t.contiguous() for t in (q, k, v, grad_out))
     lse = lse.contiguous()
     # D_i = rowsum(dO * O) (minus the lse gradient, which enters every dS_ij the same way)
@@ -131,13 +183,14 @@ def run_backward(plan: Plan, call_kernels, q, k, v, out, lse, grad_out, grad_lse
     dq = torch.empty_like(q)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    parts = bias_grad_buffers(plan, call_kernels, q, k)
     if q.shape[2] == 0 or k.shape[2] == 0:
-        return dq.zero_(), dk.to(k.dtype), dv.to(v.dtype)
+        return dq.zero_(), dk.to(k.dtype), dv.to(v.dtype), table_grads(call_kernels, parts)
     held = _held_launcher(q, interpret)
     for kind, index, grid, args in backward_launches(plan, call_kernels, q, k, v, grad_out, dq, dk,
-                                                      dv, lse, delta, scale):
+                                                      dv, lse, delta, scale, parts):
         _launch(plan, index, kind, grid, args, q, interpret, held)
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+    return dq, dk.to(k.dtype), dv.to(v.dtype), table_grads(call_kernels, parts)
 
 
 def _held_launcher(q, interpret: bool):

@@ -1,8 +1,8 @@
 """The template variants: one plan per branch of the kernel templates.
 
 Each entry exercises a distinct path through the templates (segment count and
-sorting, hull schedule, dilation groups, document ids, padded head dims, each dtype and
-head-dim class with its tile config). The test suite compiles all of them, each kernel
+sorting, hull schedule, dilation groups, document ids, score modifiers, padded head
+dims, each dtype and head-dim class with its tile config). The test suite compiles all of them, each kernel
 kind (forward, backward dQ, backward dK/dV, decode), to cubin for sm_80 and sm_90; run
 ``python -m sparseforge.runtime.variants`` to do the same by hand.
 Cross-compilation must run in a process where Triton's interpreter is off.
@@ -21,6 +21,7 @@ import torch
 
 from ..codegen.render import KINDS
 from ..ir import nodes as ir
+from ..ir import scores
 from ..planner.plan import Plan, plan
 
 L = 4096
@@ -46,6 +47,17 @@ def variant_specs() -> dict[str, tuple]:
     for d in (32, 96, 256):
         shapes[f"fp32_d{d}"] = (ir.sliding_window(1024), d, "float32", {})
     shapes["fp16_d48"] = (ir.sliding_window(1024), 48, "float16", {})
+    # score modifiers: every one at once at the smallest and largest register budgets,
+    # and the rel_bias gradient on dilation groups (strided offsets)
+    heads = 8
+    table = torch.zeros(heads, 2 * 64 + 1)
+    every = scores.alibi(torch.ones(heads)) & scores.rel_bias(table) & scores.softcap(30.0)
+    shapes["scores_d64"] = (ir.sliding_window(1024) & every, 64, "bfloat16", {})
+    shapes["scores_d128"] = (ir.sliding_window(1024) & every, 128, "float16", {})
+    shapes["scores_d256"] = (ir.sliding_window(1024) & every, 256, "bfloat16", {})
+    shapes["scores_fp32"] = (ir.causal() & every, 64, "float32", {})
+    shapes["scores_dilated"] = (ir.window(64, 64, dilation=4) & scores.rel_bias(table), 64,
+                                "float16", {"groups": 4})
     return shapes
 
 

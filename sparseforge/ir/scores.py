@@ -1,0 +1,220 @@
+"""Score modifiers: change the score of an allowed pair, never which pairs interact.
+
+``s = scale * q.k``, then, in this fixed order (DESIGN section 3):
+
+1. ``alibi(slopes)``: ``s += slopes[h] * (j - p)`` (Press et al. 2022, "Train short,
+   test long"; FlexAttention's ALiBi example uses the same sign and offset);
+2. ``rel_bias(table)``: ``s += table[h, clamp(j - p, -R, R) + R]`` with ``table`` of shape
+   ``[H, 2R + 1]``: a learned bias per relative offset, clipped at distance R beyond
+   (Shaw et al. 2018's clipped relative positions; the 1-D form of Swin/MaxViT's
+   relative-position bias over a window). Differentiable in ``table``;
+3. ``softcap(c)``: ``s = c * tanh(s / c)`` (Gemma 2, Grok-1: logit soft-capping).
+
+``p = i + Lkv - Lq`` is the query's absolute position (bottom-right alignment). A
+modifier is a pattern node that allows every pair, joined to a mask by ``&``:
+``sf.sliding_window(4096) & sf.softcap(50.0)``. Canonicalisation keeps them as operands
+of the top-level intersection (or of a ``per_head`` entry), which is the only place
+they may appear; kernels are specialised on which modifiers are present (``ScoreSpec``)
+and read the slopes, table and cap as run-time arguments.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .nodes import Full, Intersection, Pattern, ScoreModifier
+
+#: widest rel_bias table (2R + 1 entries) the kernels accept: the dK/dV kernel keeps one
+#: accumulator per entry in registers for the table's gradient
+MAX_REL_BIAS_WIDTH = 1025
+
+
+def _check_float_tensor(owner: str, name: str, t: Any, dims: int, shape_text: str) -> None:
+    import torch
+
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{owner}({name}=...): expected a floating-point torch.Tensor, "
+                        f"got {type(t).__name__}")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{owner}({name}=...): expected a floating-point dtype, got {t.dtype}")
+    if t.dim() != dims:
+        raise ValueError(f"{owner}({name}=...): expected shape {shape_text}, got {tuple(t.shape)}")
+
+
+@dataclass(frozen=True)
+class Softcap(ScoreModifier):
+    """``s = cap * tanh(s / cap)`` on the scaled score."""
+
+    cap: float
+
+    def __post_init__(self) -> None:
+        if isinstance(self.cap, bool) or not isinstance(self.cap, (int, float)):
+            raise TypeError(f"softcap(cap={self.cap!r}): expected a float")
+        if not (math.isfinite(self.cap) and self.cap > 0):
+            raise ValueError(f"softcap(cap={self.cap!r}): expected a finite value > 0")
+        object.__setattr__(self, "cap", float(self.cap))
+
+    def __repr__(self) -> str:
+        return f"softcap({self.cap!r})"
+
+
+class _TensorModifier(ScoreModifier):
+    """Identity equality, like ``documents``: the tensor is run-time data, so two nodes
+    are the same node only if they hold the same tensor; the plan key (``repr``) holds
+    only its shape."""
+
+    tensor_name = ""
+
+    def __hash__(self) -> int:
+        return hash((type(self), id(getattr(self, self.tensor_name))))
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and (getattr(other, self.tensor_name)
+                                              is getattr(self, self.tensor_name))
+
+    def __repr__(self) -> str:
+        t = getattr(self, self.tensor_name)
+        return f"{self.kind}(<{self.tensor_name} {'x'.join(str(s) for s in t.shape)}>)"
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Alibi(_TensorModifier):
+    """``s += slopes[h] * (j - p)``; ``slopes`` is ``[Hq]`` (one per query head)."""
+
+    slopes: Any
+    tensor_name = "slopes"
+    kind = "alibi"
+
+    def __post_init__(self) -> None:
+        _check_float_tensor("alibi", "slopes", self.slopes, 1, "[Hq]")
+        if self.slopes.requires_grad:
+            raise ValueError("alibi(slopes=...): slopes are fixed (not trained) here; pass "
+                             "slopes.detach()")
+
+    __hash__ = _TensorModifier.__hash__
+    __eq__ = _TensorModifier.__eq__
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class RelBias(_TensorModifier):
+    """``s += table[h, clamp(j - p, -R, R) + R]``; ``table`` is ``[Hq, 2R + 1]``."""
+
+    table: Any
+    tensor_name = "table"
+    kind = "rel_bias"
+
+    def __post_init__(self) -> None:
+        _check_float_tensor("rel_bias", "table", self.table, 2, "[Hq, 2R + 1]")
+        width = self.table.shape[1]
+        if width % 2 == 0 or not 1 <= width <= MAX_REL_BIAS_WIDTH:
+            raise ValueError(f"rel_bias(table=...): expected an odd number of offsets 2R + 1 "
+                             f"in [1, {MAX_REL_BIAS_WIDTH}], got {width}")
+
+    @property
+    def radius(self) -> int:
+        return self.table.shape[1] // 2
+
+    __hash__ = _TensorModifier.__hash__
+    __eq__ = _TensorModifier.__eq__
+
+
+MODIFIERS = (Alibi, RelBias, Softcap)  # in the order they apply
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    """What a kernel is specialised on: which modifiers are present (not their values)."""
+
+    alibi: bool = False
+    rel_radius: int = -1  # R of rel_bias, -1 without one
+    softcap: bool = False
+
+    @property
+    def rel_bias(self) -> bool:
+        return self.rel_radius >= 0
+
+    @property
+    def any(self) -> bool:
+        return self.alibi or self.rel_bias or self.softcap
+
+
+def _operands(pattern: Pattern) -> tuple[Pattern, ...]:
+    return pattern.parts if isinstance(pattern, Intersection) else (pattern,)
+
+
+def score_terms(pattern: Pattern) -> dict[type, ScoreModifier]:
+    """The modifiers of one head pattern by type (they sit at its top-level ``&``)."""
+    terms: dict[type, ScoreModifier] = {}
+    for p in _operands(pattern):
+        if isinstance(p, ScoreModifier):
+            if type(p) in terms and terms[type(p)] != p:
+                raise ValueError(f"{p!r} & {terms[type(p)]!r}: at most one {type(p).__name__.lower()} "
+                                 "modifier per pattern")
+            terms[type(p)] = p
+    return terms
+
+
+def score_spec(pattern: Pattern) -> ScoreSpec:
+    terms = score_terms(pattern)
+    rel = terms.get(RelBias)
+    return ScoreSpec(Alibi in terms, rel.radius if rel is not None else -1, Softcap in terms)
+
+
+def strip_scores(pattern: Pattern) -> Pattern:
+    """The mask of a head pattern: its modifiers removed."""
+    kept = tuple(p for p in _operands(pattern) if not isinstance(p, ScoreModifier))
+    if not kept:
+        return Full()
+    return kept[0] if len(kept) == 1 else Intersection(kept)
+
+
+def check_score_heads(pattern: Pattern, q_heads: int) -> None:
+    """The slopes / table of every modifier have one row per query head."""
+    from .nodes import walk
+
+    for node in walk(pattern):
+        if isinstance(node, (Alibi, RelBias)):
+            rows = getattr(node, node.tensor_name).shape[0]
+            if rows != q_heads:
+                raise ValueError(f"{node!r}: {node.tensor_name} has {rows} rows, expected one "
+                                 f"per query head ({q_heads})")
+
+
+# ---------------------------------------------------------------- public constructors
+
+
+def softcap(cap: float) -> Pattern:
+    """Soft-cap scores to (-cap, cap): ``cap * tanh(s / cap)`` (Gemma 2, Grok-1)."""
+    return Softcap(cap)
+
+
+def alibi(slopes) -> Pattern:
+    """Add ``slopes[h] * (j - p)`` to every score (ALiBi, Press et al. 2022)."""
+    return Alibi(slopes)
+
+
+def rel_bias(table) -> Pattern:
+    """Add a learned per-offset bias ``table[h, clamp(j - p, -R, R) + R]`` (Shaw et al.
+    2018; the 1-D form of Swin/MaxViT's relative-position bias). ``table``: [Hq, 2R+1]."""
+    return RelBias(table)
+
+
+def alibi_slopes(n_heads: int):
+    """ALiBi's slopes for ``n_heads`` heads (the paper's geometric sequence, with the
+    interleaving it uses when ``n_heads`` is not a power of two), as a float32 tensor."""
+    import torch
+
+    if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1:
+        raise ValueError(f"alibi_slopes(n_heads={n_heads!r}): expected an int >= 1")
+
+    def powers(n):
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start ** (i + 1) for i in range(n)]
+
+    closest = 2 ** math.floor(math.log2(n_heads))
+    slopes = powers(closest)
+    if closest != n_heads:
+        slopes += powers(2 * closest)[0::2][: n_heads - closest]
+    return torch.tensor(slopes, dtype=torch.float32)
