@@ -23,19 +23,23 @@ Which pattern a layer uses, first match wins:
 
 The pattern is authoritative: transformers' own mask functions are not consulted.
 Padding in the 2-D ``attention_mask`` is honoured (padded keys are masked, as
-``documents`` ids). Attention dropout and score modifiers passed by the model
-(``softcap``, ``s_aux``) are refused with a clear error rather than silently ignored.
+``documents`` ids). A logit soft-cap the model passes (Gemma 2's ``softcap``) is
+applied as ``sf.softcap`` unless the pattern brings its own. Attention dropout and
+attention-sink logits (``s_aux``) are refused with a clear error rather than silently
+ignored.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Callable, Iterator
 
 import torch
 
 from ..ir.nodes import Pattern, causal, documents, full, sliding_window
+from ..ir.scores import Softcap, score_terms, softcap
 from ..runtime.dispatch import attention
 
 NAME = "sparseforge"
@@ -102,15 +106,24 @@ def sparseforge_attention_forward(module, query: torch.Tensor, key: torch.Tensor
     if dropout and getattr(module, "training", False):
         raise NotImplementedError(f"attention dropout ({dropout}) is not supported by sparseforge; "
                                   "set the model's attention_dropout to 0")
-    if softcap is not None or s_aux is not None:
-        raise NotImplementedError("this model passes a score modifier (softcap / attention sinks "
-                                  "logits) that sparseforge does not apply yet")
+    if s_aux is not None:
+        raise NotImplementedError("this model passes attention-sink logits (s_aux), which "
+                                  "sparseforge does not apply yet")
     pattern = layer_pattern(module, sliding_window, is_causal)
+    if softcap is not None and Softcap not in score_terms(pattern):  # Gemma 2 logit capping
+        pattern = _capped(pattern, float(softcap))
     if attention_mask is not None:
         pattern = pattern & _key_padding(attention_mask, query.shape[2], key.shape[2])
     out = attention(query, key, value, pattern, scale=scaling,
                     enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
+
+
+@functools.lru_cache(maxsize=256)
+def _capped(pattern: Pattern, cap: float) -> Pattern:
+    """``pattern & softcap(cap)``, one object per (pattern, cap), so a warm call reuses
+    its canonical form and plan."""
+    return pattern & softcap(cap)
 
 
 def _key_padding(mask: torch.Tensor, q_len: int, kv_len: int) -> Pattern:

@@ -218,3 +218,21 @@ def alibi_slopes(n_heads: int):
     if closest != n_heads:
         slopes += powers(2 * closest)[0::2][: n_heads - closest]
     return torch.tensor(slopes, dtype=torch.float32)
+
+
+# ------------------------------------------------- run-time tensors held by a pattern
+
+
+def pattern_tensors(pattern: Pattern) -> list:
+    """Every run-time tensor the pattern holds (document ids, ALiBi slopes, rel_bias
+    tables), in walk order, which is the order of their placeholders in ``repr``: what
+    a compiled graph passes to the custom op (see ``patterns_parse.parse_repr``)."""
+    from .nodes import Documents, walk
+
+    out = []
+    for node in walk(pattern):
+        if isinstance(node, Documents):
+            out += [node.ids] + ([] if node.kv_ids is None else [node.kv_ids])
+        elif isinstance(node, (Alibi, RelBias)):
+            out.append(getattr(node, node.tensor_name))
+    return out

@@ -46,6 +46,31 @@ def test_mistral_sliding_window_logits_match(mistral_pair):
         assert (_logits(ours, ids) - ref).abs().max() > 1e-2
 
 
+def test_gemma2_softcap_and_alternating_windows_match():
+    """Gemma 2 passes its attention logit soft-cap to the attention function; the
+    integration applies it as sf.softcap (layers alternate sliding window and global)."""
+    torch.manual_seed(0)
+    cfg = transformers.Gemma2Config(
+        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+        attn_logit_softcapping=2.0, final_logit_softcapping=30.0, query_pre_attn_scalar=16)
+    model_cls = transformers.Gemma2ForCausalLM
+    eager = model_cls._from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
+    ours = model_cls._from_config(copy.deepcopy(cfg), attn_implementation="sparseforge").eval()
+    ours.load_state_dict(eager.state_dict())
+    ids = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(4))
+    ref = _logits(eager, ids)
+    torch.testing.assert_close(_logits(ours, ids), ref, rtol=1e-5, atol=1e-5)
+
+    def gemma_layers(cap):  # layer 0 slides, layer 1 is global, as the config says
+        return lambda layer: (sf.sliding_window(8) if layer % 2 == 0 else sf.causal()) & sf.softcap(cap)
+
+    with sf_hf.use_pattern(gemma_layers(2.0)):
+        torch.testing.assert_close(_logits(ours, ids), ref, rtol=1e-5, atol=1e-5)
+    with sf_hf.use_pattern(gemma_layers(50.0)):  # the pattern's own cap wins over the model's
+        assert (_logits(ours, ids) - ref).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_mistral_padding_matches(mistral_pair, side):
     eager, ours = mistral_pair
@@ -78,8 +103,8 @@ def test_refuses_what_it_cannot_do(mistral_pair):
     module = ours.model.layers[0].self_attn
     q = torch.randn(1, 4, 8, 16)
     k = torch.randn(1, 2, 8, 16)
-    with pytest.raises(NotImplementedError, match="softcap"):
-        sf_hf.sparseforge_attention_forward(module, q, k, k, None, softcap=30.0)
+    with pytest.raises(NotImplementedError, match="s_aux"):
+        sf_hf.sparseforge_attention_forward(module, q, k, k, None, s_aux=torch.zeros(4))
     module.train()
     try:
         with pytest.raises(NotImplementedError, match="dropout"):

@@ -61,16 +61,48 @@ def test_inductor_fullgraph():
     torch.testing.assert_close(grads[0], ref_grads[0])
 
 
-def test_op_registrations_pass_opcheck():
+@pytest.mark.parametrize("with_table", [False, True])
+def test_op_registrations_pass_opcheck(with_table):
     q, k, v = (torch.randn(1, 2, 20, 16, requires_grad=True) for _ in range(3))
-    key = custom_op.pattern_key(sf.sliding_window(5))
-    torch.library.opcheck(custom_op.attention_op, (q, k, v, key, 0.25, False, "torch"))
+    table = torch.randn(2, 5, requires_grad=True)
+    pattern = sf.sliding_window(5) & sf.rel_bias(table) if with_table else sf.sliding_window(5)
+    key = custom_op.pattern_key(pattern)
+    tensors = [table] if with_table else []
+    torch.library.opcheck(custom_op.attention_op, (q, k, v, tensors, key, 0.25, False, "torch"))
 
 
-def test_documents_under_compile_is_a_clear_error():
-    ids = torch.tensor([0] * 10 + [1] * 10)
-    with pytest.raises(NotImplementedError, match="documents"):
-        custom_op.pattern_key(sf.documents(ids))
+def test_documents_built_inside_the_graph_compile_once():
+    """Per-batch document ids (packed sequences): the pattern is rebuilt from ids each
+    step, inside or outside the compiled function, and one graph serves them all."""
+    from torch._dynamo.utils import counters
+
+    q, k, v = (torch.randn(1, 4, 37, 16) for _ in range(3))
+
+    def step(q, k, v, ids):
+        return sf.attention(q, k, v, sf.causal() & sf.documents(ids))
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for split in (3, 17, 30, 36):
+        ids = torch.tensor([0] * split + [1] * (37 - split))
+        torch.testing.assert_close(compiled(q, k, v, ids), step(q, k, v, ids))
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_rel_bias_table_trains_under_compile():
+    torch.manual_seed(2)
+    table = torch.nn.Parameter(torch.randn(4, 9) * 0.3)
+    ids = torch.tensor([0] * 20 + [1] * 17)
+    pattern = (sf.causal() & sf.documents(ids) & sf.rel_bias(table)
+               & sf.alibi(sf.alibi_slopes(4)) & sf.softcap(3.0))
+    model = Block(pattern)
+    model.table = table  # a parameter of the model, reached through the pattern
+    y, ref, grads, ref_grads = _eager_and_compiled(model, torch.randn(1, 37, 64), "inductor")
+    torch.testing.assert_close(y, ref)
+    assert grads[-1].abs().sum() > 0
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
 
 
 def test_module_validates_and_describes_itself():
