@@ -53,7 +53,7 @@ def test_gemma2_softcap_and_alternating_windows_match():
     cfg = transformers.Gemma2Config(
         vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
-        attn_logit_softcapping=2.0, final_logit_softcapping=30.0, query_pre_attn_scalar=16)
+        attn_logit_softcapping=0.1, final_logit_softcapping=30.0, query_pre_attn_scalar=16)
     model_cls = transformers.Gemma2ForCausalLM
     eager = model_cls._from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
     ours = model_cls._from_config(copy.deepcopy(cfg), attn_implementation="sparseforge").eval()
@@ -65,7 +65,7 @@ def test_gemma2_softcap_and_alternating_windows_match():
     def gemma_layers(cap):  # layer 0 slides, layer 1 is global, as the config says
         return lambda layer: (sf.sliding_window(8) if layer % 2 == 0 else sf.causal()) & sf.softcap(cap)
 
-    with sf_hf.use_pattern(gemma_layers(2.0)):
+    with sf_hf.use_pattern(gemma_layers(0.1)):
         torch.testing.assert_close(_logits(ours, ids), ref, rtol=1e-5, atol=1e-5)
     with sf_hf.use_pattern(gemma_layers(50.0)):  # the pattern's own cap wins over the model's
         assert (_logits(ours, ids) - ref).abs().max() > 1e-3
