@@ -26,6 +26,12 @@ def explain(plan) -> str:
             "bounds computed in-kernel: no index tensor)"
             + ("; document ids read per partial tile" if k.has_documents else ""),
         ]
+        if k.score.any:
+            mods = [name for name, on in (("alibi", k.score.alibi),
+                                          (f"rel_bias (R={k.score.rel_radius})", k.score.rel_bias),
+                                          ("softcap", k.score.softcap)) if on]
+            lines.append(f"  scores       {', '.join(mods)} on every visited pair (values are "
+                         "run-time arguments)")
         for s, seg in enumerate(k.walked_segments):
             lines.append(f"  segment {s}    visit [{to_triton(seg.lo)}, {to_triton(seg.hi)})")
             lines.append(f"               full  [{to_triton(seg.full_lo)}, {to_triton(seg.full_hi)})")
