@@ -93,9 +93,6 @@ class Alibi(_TensorModifier):
             raise ValueError("alibi(slopes=...): slopes are fixed (not trained) here; pass "
                              "slopes.detach()")
 
-    __hash__ = _TensorModifier.__hash__
-    __eq__ = _TensorModifier.__eq__
-
 
 @dataclass(frozen=True, eq=False, repr=False)
 class RelBias(_TensorModifier):
@@ -115,9 +112,6 @@ class RelBias(_TensorModifier):
     @property
     def radius(self) -> int:
         return self.table.shape[1] // 2
-
-    __hash__ = _TensorModifier.__hash__
-    __eq__ = _TensorModifier.__eq__
 
 
 MODIFIERS = (Alibi, RelBias, Softcap)  # in the order they apply

@@ -10,7 +10,12 @@ import sparseforge as sf
 from sparseforge.runtime import gpu_launch
 from sparseforge.runtime.compile import launch_spec
 from sparseforge.runtime.dispatch import compile_pattern
-from sparseforge.runtime.triton_launch import backward_launches, decode_launches, kernel_launches
+from sparseforge.runtime.triton_launch import (
+    backward_launches,
+    bias_grad_buffers,
+    decode_launches,
+    kernel_launches,
+)
 
 
 class FakeKernel:
@@ -43,7 +48,9 @@ def fake_driver(monkeypatch):
     sf.sliding_window(40) | sf.sinks(2),
     sf.documents(torch.tensor([0] * 50 + [1] * 30)) & sf.causal(),
     sf.per_head([sf.causal(), sf.window(5, 5, dilation=2)]),
-])
+    sf.per_head([sf.causal() & sf.rel_bias(torch.zeros(2, 9)) & sf.softcap(5.0),
+                 sf.window(5, 5, dilation=2) & sf.alibi(torch.ones(2)) & sf.rel_bias(torch.zeros(2, 3))]),
+], ids=repr)
 def test_launcher_gets_every_parameter_in_order(pattern, fake_driver):
     q = torch.randn(2, 2, 80, 32, dtype=torch.float16)
     k = v = torch.randn(2, 2, 80, 32, dtype=torch.float16)
@@ -54,8 +61,9 @@ def test_launcher_gets_every_parameter_in_order(pattern, fake_driver):
     launches = [("forward", *launch)
                 for launch in kernel_launches(p, compiled.head_patterns, q, k, v, out, lse, 0.125)]
     dk, dv = torch.zeros(k.shape), torch.zeros(v.shape)
+    parts = bias_grad_buffers(p, compiled.head_patterns, q, k)
     launches += list(backward_launches(p, compiled.head_patterns, q, k, v, q.clone(), q.clone(),
-                                       dk, dv, lse, lse.clone(), 0.125))
+                                       dk, dv, lse, lse.clone(), 0.125, parts))
     out_part, lse_part = torch.empty(2, 2, 80, 3, 32), torch.empty(2, 2, 80, 3)
     launches += [("decode", *launch) for launch in decode_launches(
         p, compiled.head_patterns, q, k, v, out_part, lse_part, 0.125, 1)]
@@ -77,8 +85,10 @@ def test_launcher_gets_every_parameter_in_order(pattern, fake_driver):
                 assert value == constexprs[name], name
             elif sig[name].startswith("*"):
                 assert isinstance(value, torch.Tensor), name
+            elif sig[name] == "fp32":
+                assert isinstance(value, float), name
             else:
-                assert isinstance(value, (int, float)) and not isinstance(value, bool), name
+                assert isinstance(value, int) and not isinstance(value, bool), name
         assert dict(zip(fn.arg_names, passed))["stride_qm"] == 32
 
 
