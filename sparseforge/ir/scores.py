@@ -156,6 +156,12 @@ def score_spec(pattern: Pattern) -> ScoreSpec:
     return ScoreSpec(Alibi in terms, rel.radius if rel is not None else -1, Softcap in terms)
 
 
+def rel_bias_table(pattern: Pattern):
+    """The rel_bias table of one head pattern, None without one."""
+    rel = score_terms(pattern).get(RelBias)
+    return None if rel is None else rel.table
+
+
 def strip_scores(pattern: Pattern) -> Pattern:
     """The mask of a head pattern: its modifiers removed."""
     kept = tuple(p for p in _operands(pattern) if not isinstance(p, ScoreModifier))

@@ -100,12 +100,12 @@ class KernelPlan:
         a few new tokens gain nothing from it), one query tile holding every new token."""
         return self._walked(tile_segments(self.mask))
 
-    @property
+    @cached_property
     def mask(self) -> Pattern:
         """The pattern without its score modifiers, in original coordinates."""
         return strip_scores(self.pattern)
 
-    @property
+    @cached_property
     def score(self) -> ScoreSpec:
         """Which score modifiers the kernels apply (their values are run-time arguments)."""
         return score_spec(self.pattern)

@@ -13,6 +13,8 @@ placeholders. The rel_bias tables get gradients through it.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..ir.nodes import Pattern
@@ -28,7 +30,15 @@ def pattern_key(pattern: Pattern) -> str:
 
 
 def _call_pattern(key: str, tensors: list[torch.Tensor]) -> Pattern:
-    return parse_repr(key, tensors)
+    return _rebuilt(key, tuple(tensors))
+
+
+@functools.lru_cache(maxsize=256)
+def _rebuilt(key: str, tensors: tuple) -> Pattern:
+    """One pattern object per (structure, tensor objects): a warm call then hits
+    ``compile_pattern``'s cache instead of parsing and canonicalising again. Tensors
+    hash by identity, and a cached entry keeps its tensors (so their ids) alive."""
+    return parse_repr(key, list(tensors))
 
 
 @torch.library.custom_op("sparseforge::attention", mutates_args=())

@@ -15,7 +15,7 @@ import torch
 
 from ..ir.canonicalize import canonicalize
 from ..ir.nodes import Pattern
-from ..ir.scores import RelBias, score_terms
+from ..ir.scores import rel_bias_table
 from ..planner.plan import Plan, _head_groups, default_target, dtype_name, plan
 from ..reference import reference_attention
 from . import custom_op, torch_exec, triton_launch
@@ -31,16 +31,7 @@ class CompiledPattern:
     canonical: Pattern
     key: str  # structural key: equal for patterns that render the same kernels
     head_patterns: tuple[Pattern, ...]  # per kernel, in the plan's kernel order
-
-    @property
-    def tables(self) -> tuple:
-        """The distinct rel_bias tables of the pattern: inputs with a gradient."""
-        found = {}
-        for head in self.head_patterns:
-            rel = score_terms(head).get(RelBias)
-            if rel is not None:
-                found.setdefault(id(rel.table), rel.table)
-        return tuple(found.values())
+    tables: tuple  # the distinct rel_bias tables of the pattern: inputs with a gradient
 
 
 _patterns: dict[int, tuple[Pattern, CompiledPattern]] = {}
@@ -52,8 +43,9 @@ def compile_pattern(pattern: Pattern) -> CompiledPattern:
     if hit is not None and hit[0] is pattern:
         return hit[1]
     canonical = canonicalize(pattern)
-    compiled = CompiledPattern(canonical, repr(canonical),
-                               tuple(p for p, _ in _head_groups(canonical)))
+    heads = tuple(p for p, _ in _head_groups(canonical))
+    tables = {id(t): t for t in map(rel_bias_table, heads) if t is not None}
+    compiled = CompiledPattern(canonical, repr(canonical), heads, tuple(tables.values()))
     if len(_patterns) > 4096:
         _patterns.clear()
     _patterns[id(pattern)] = (pattern, compiled)  # holding the pattern keeps its id unique

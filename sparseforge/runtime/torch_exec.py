@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..ir.scores import RelBias, score_spec, score_terms
+from ..ir.scores import rel_bias_table, score_spec
 from ..planner.plan import KernelPlan, Plan
 from ..planner.schedule import GroupSchedule
 from ..semantics import biased_scores, modified_scores, pair_mask, softcap_value
@@ -120,13 +120,11 @@ def run_backward(plan: Plan, call_kernels, q, k, v, out, lse, grad_out, grad_lse
     dq = torch.zeros(q.shape, dtype=compute, device=q.device)
     dk = torch.zeros(k.shape, dtype=compute, device=k.device)
     dv = torch.zeros(v.shape, dtype=compute, device=v.device)
-    tables = {}
-    for call_pattern in call_kernels:
-        rel = score_terms(call_pattern).get(RelBias)
-        if rel is not None:
-            tables[id(rel.table)] = torch.zeros(rel.table.shape, dtype=compute, device=q.device)
+    tables = {id(t): t for t in map(rel_bias_table, call_kernels) if t is not None}
+    dtables = {key: torch.zeros(t.shape, dtype=compute, device=q.device) for key, t in tables.items()}
     if lq == 0 or lkv == 0:
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), _cast_tables(tables, call_kernels)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
+                {key: g.to(tables[key].dtype) for key, g in dtables.items()})
     # D_i = rowsum(dO * O): the softmax-backward term shared by every tile of a row
     delta = (grad_out.to(compute) * out.to(compute)).sum(-1)
     if grad_lse is not None:
@@ -148,17 +146,9 @@ def run_backward(plan: Plan, call_kernels, q, k, v, out, lse, grad_out, grad_lse
             dk[:, :, cols] += grads[1]
             dv[:, :, cols] += grads[2]
             if grads[3] is not None:
-                tables[id(score_terms(call_pattern)[RelBias].table)][heads] += grads[3]
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), _cast_tables(tables, call_kernels)
-
-
-def _cast_tables(tables: dict, call_kernels) -> dict:
-    dtypes = {}
-    for call_pattern in call_kernels:
-        rel = score_terms(call_pattern).get(RelBias)
-        if rel is not None:
-            dtypes[id(rel.table)] = rel.table.dtype
-    return {key: g.to(dtypes[key]) for key, g in tables.items()}
+                dtables[id(rel_bias_table(call_pattern))][heads] += grads[3]
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
+            {key: g.to(tables[key].dtype) for key, g in dtables.items()})
 
 
 def _group_backward(plan, kernel, pattern, sched, q, k, v, do, lse, delta, heads, group, hkv,

@@ -14,7 +14,7 @@ from functools import lru_cache
 import torch
 
 from ..codegen.render import KernelSource, render_kernel
-from ..ir.scores import Alibi, RelBias, Softcap, score_terms
+from ..ir.scores import Alibi, RelBias, Softcap, rel_bias_table, score_terms
 from ..planner.plan import Plan
 from ..planner.schedule import group_geometry
 from ..planner.tiles import DECODE_MAX_Q
@@ -161,7 +161,7 @@ def table_grads(call_kernels, parts: dict) -> dict:
     programs (a fixed-order sum: deterministic), added up across kernels sharing it."""
     grads: dict = {}
     for index, part in parts.items():
-        table = score_terms(call_kernels[index])[RelBias].table
+        table = rel_bias_table(call_kernels[index])
         g = part.sum(dim=(0, 2)).to(table.dtype)
         grads[id(table)] = grads[id(table)] + g if id(table) in grads else g
     return grads

@@ -149,7 +149,8 @@ def test_dilated_window_rel_bias_and_empty_rows(backend):
 
 
 def test_wide_table_clips_beyond_the_tiles():
-    # R larger than every tile: no offset is clipped; and R = 1: almost all are
+    # R = 30: a table entry's diagonals span several tiles, the far offsets still clip;
+    # R = 1: almost every offset is clipped into the first or last entry
     for width in (61, 3):
         table = _table(width, seed=width)
         _check_grads(*random_qkv(1, HQ, HKV, 45, 45, 16, seed=6), sf.full() & sf.rel_bias(table),
