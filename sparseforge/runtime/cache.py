@@ -75,9 +75,10 @@ def kernel_dir() -> Path | None:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         for p in (root, path):
             check_directory_is_private(p)
-        probe = path / ".write-probe"
-        probe.touch()
-        probe.unlink()
+        # a probe of its own: a shared name raced (one process unlinked another's probe,
+        # which then took the cache for read-only and built a kernel a second time)
+        with tempfile.TemporaryFile(dir=path, prefix=".write-probe"):
+            pass
         return path
     except UnsafeCacheDirectory:
         raise
