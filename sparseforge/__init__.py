@@ -18,6 +18,7 @@ from .ir.nodes import (
     sliding_window,
     window,
 )
+from .ir.neighborhood import halo_blocks, maxvit_block, maxvit_grid, neighborhood, swin_window
 from .ir.scores import alibi, alibi_slopes, rel_bias, softcap
 from .modules import SparseAttention
 from .planner.plan import Plan, plan
@@ -27,7 +28,8 @@ from .runtime.prebuilt import load_kernels
 
 __all__ = [
     "BuildSpec", "Pattern", "Plan", "alibi", "alibi_slopes", "attention", "causal", "chunks",
-    "dense_mask", "documents", "full", "global_queries", "load_kernels", "per_head", "plan",
+    "dense_mask", "documents", "full", "global_queries", "halo_blocks", "load_kernels",
+    "maxvit_block", "maxvit_grid", "neighborhood", "per_head", "plan",
     "prefix_lm", "reference_attention", "rel_bias", "sinks", "sliding_window", "softcap",
-    "SparseAttention", "window",
+    "SparseAttention", "swin_window", "window",
 ]

@@ -25,7 +25,39 @@ from .ir.nodes import (
     Union,
     Window,
 )
+from .ir.neighborhood import Neighborhood, neighborhood_keep
 from .ir.scores import Alibi, RelBias, Softcap, score_terms
+
+
+class TorchOps:
+    """Integer operations on torch tensors (or ints), for rules written once over an
+    ``ops`` namespace (``sparseforge.ir.neighborhood``, ``planner.layout``)."""
+
+    @staticmethod
+    def fdiv(a, b):
+        if isinstance(a, int) and isinstance(b, int):
+            return a // b
+        return torch.div(a, b, rounding_mode="floor")
+
+    @staticmethod
+    def min(a, b):
+        if isinstance(a, int) and isinstance(b, int):
+            return min(a, b)
+        if isinstance(b, int):
+            return torch.clamp(a, max=b)
+        return torch.clamp(b, max=a) if isinstance(a, int) else torch.minimum(a, b)
+
+    @staticmethod
+    def max(a, b):
+        if isinstance(a, int) and isinstance(b, int):
+            return max(a, b)
+        if isinstance(b, int):
+            return torch.clamp(a, min=b)
+        return torch.clamp(b, min=a) if isinstance(a, int) else torch.maximum(a, b)
+
+    @staticmethod
+    def where(cond, a, b):
+        return torch.where(cond, a, b)
 
 
 def pair_mask(pattern: Pattern, i: torch.Tensor, j: torch.Tensor, q_len: int,
@@ -58,6 +90,10 @@ def _eval(pat: Pattern, i, p, j, q_len, kv_len) -> torch.Tensor:
             j, pat.size, rounding_mode="floor")
     if isinstance(pat, Documents):
         return _documents(pat, i, p, j, q_len, kv_len)
+    if isinstance(pat, Neighborhood):
+        return neighborhood_keep(pat, p, j, TorchOps)
+    if hasattr(pat, "pair_mask"):  # planner-internal nodes (a token layout) define their own
+        return pat.pair_mask(i, j, pair_mask)
     if isinstance(pat, Union):
         out = _eval(pat.parts[0], i, p, j, q_len, kv_len)
         for part in pat.parts[1:]:

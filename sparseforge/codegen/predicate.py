@@ -7,6 +7,7 @@ Only integers from validated IR nodes reach the text: never a user string.
 
 from __future__ import annotations
 
+from ..ir.neighborhood import Neighborhood, neighborhood_keep
 from ..ir.nodes import (
     Causal,
     Chunks,
@@ -20,6 +21,85 @@ from ..ir.nodes import (
     Union,
     Window,
 )
+
+
+class TritonText:
+    """Integer/boolean Triton expression text built by Python operators, so rules written
+    once over an ``ops`` namespace (``TritonOps``) print as kernel code. Operands are
+    other ``TritonText`` values or ints; nothing else can reach the text."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    @staticmethod
+    def of(value) -> TritonText:
+        if isinstance(value, TritonText):
+            return value
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"TritonText operand {value!r}: expected an int or TritonText")
+        return TritonText(str(value) if value >= 0 else f"({value})")
+
+    def _op(self, op, other, swap=False):
+        if isinstance(other, int) and not isinstance(other, bool):  # fold x*1, x+0, x-0
+            if (op == "*" and other == 1) or (op in "+-" and other == 0 and not (swap and op == "-")):
+                return self
+        a, b = (TritonText.of(other), self) if swap else (self, TritonText.of(other))
+        return TritonText(f"({a.text} {op} {b.text})")
+
+    def __add__(self, o): return self._op("+", o)  # noqa: E704
+    def __radd__(self, o): return self._op("+", o, True)  # noqa: E704
+    def __sub__(self, o): return self._op("-", o)  # noqa: E704
+    def __rsub__(self, o): return self._op("-", o, True)  # noqa: E704
+    def __mul__(self, o): return self._op("*", o)  # noqa: E704
+    def __rmul__(self, o): return self._op("*", o, True)  # noqa: E704
+    def __lt__(self, o): return self._op("<", o)  # noqa: E704
+    def __le__(self, o): return self._op("<=", o)  # noqa: E704
+    def __gt__(self, o): return self._op(">", o)  # noqa: E704
+    def __ge__(self, o): return self._op(">=", o)  # noqa: E704
+    def __eq__(self, o): return self._op("==", o)  # noqa: E704
+    def __and__(self, o): return self._op("&", o)  # noqa: E704
+    def __rand__(self, o): return self._op("&", o, True)  # noqa: E704
+    def __or__(self, o): return self._op("|", o)  # noqa: E704
+    __hash__ = None
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class TritonOps:
+    """``ops`` namespace printing Triton: floor division through the kernel's
+    ``_floordiv`` helper (correct for negative numerators)."""
+
+    @staticmethod
+    def fdiv(a, b):
+        if isinstance(a, int) and isinstance(b, int):
+            return a // b
+        if b == 1:
+            return a
+        return TritonText(f"_floordiv({TritonText.of(a)}, {TritonText.of(b)})")
+
+    @staticmethod
+    def min(a, b):
+        if isinstance(a, int) and isinstance(b, int):
+            return min(a, b)
+        return TritonText(f"tl.minimum({TritonText.of(a)}, {TritonText.of(b)})")
+
+    @staticmethod
+    def max(a, b):
+        if isinstance(a, int) and isinstance(b, int):
+            return max(a, b)
+        return TritonText(f"tl.maximum({TritonText.of(a)}, {TritonText.of(b)})")
+
+    @staticmethod
+    def where(cond, a, b):
+        return TritonText(f"tl.where({TritonText.of(cond)}, {TritonText.of(a)}, {TritonText.of(b)})")
+
+
+def predicate_prelude(pattern: Pattern) -> list[str]:
+    """Statements the ``_allowed`` helper runs before the predicate: a planner-internal
+    token layout maps run positions ``i``/``j`` back to original positions here."""
+    prelude = getattr(pattern, "triton_prelude", None)
+    return prelude(TritonText, TritonOps) if prelude else []
 
 
 def triton_predicate(pattern: Pattern) -> str:
@@ -41,6 +121,10 @@ def triton_predicate(pattern: Pattern) -> str:
         return f"_floordiv(p, {int(pattern.size)}) == _floordiv(j, {int(pattern.size)})"
     if isinstance(pattern, Documents):
         return "doc_q == doc_k"
+    if isinstance(pattern, Neighborhood):
+        return str(neighborhood_keep(pattern, TritonText("p"), TritonText("j"), TritonOps))
+    if hasattr(pattern, "triton_predicate"):  # planner-internal nodes (a token layout)
+        return pattern.triton_predicate(triton_predicate)
     if isinstance(pattern, Union):
         return " | ".join(f"({triton_predicate(p)})" for p in pattern.parts)
     if isinstance(pattern, Intersection):
@@ -57,6 +141,15 @@ def slug(pattern: Pattern) -> str:
         return f"{'sinks' if isinstance(pattern, Sinks) else 'global'}{pattern.n}"
     if isinstance(pattern, Chunks):
         return f"chunks{pattern.size}"
+    if isinstance(pattern, Neighborhood):
+        dims = [f"{'x'.join(map(str, v))}" for v in (pattern.shape, pattern.kernel)]
+        extra = "".join(f"-{tag}{'x'.join(str(int(x)) for x in getattr(pattern, name))}"
+                        for tag, name, default in (("d", "dilation", 1), ("s", "stride", 1),
+                                                   ("c", "causal", False))
+                        if any(x != default for x in getattr(pattern, name)))
+        return f"na{pattern.ndim}d-{dims[0]}-k{dims[1]}{extra}"
+    if hasattr(pattern, "slug"):
+        return pattern.slug(slug)
     if isinstance(pattern, Union):
         return "-or-".join(slug(p) for p in pattern.parts)
     if isinstance(pattern, Intersection):

@@ -10,11 +10,13 @@ import ast
 import re
 from functools import lru_cache
 
-from . import nodes
+from . import neighborhood, nodes
 
 CONSTRUCTORS = {name: getattr(nodes, name) for name in (
     "full", "causal", "window", "sliding_window", "sinks", "global_queries", "chunks",
     "prefix_lm")}
+CONSTRUCTORS.update({name: getattr(neighborhood, name) for name in (
+    "neighborhood", "maxvit_block", "maxvit_grid", "swin_window", "halo_blocks")})
 
 
 def parse_pattern(text: str) -> nodes.Pattern:
@@ -43,7 +45,9 @@ def _build(node, text):
 def _int(node, text):
     if isinstance(node, ast.Constant) and isinstance(node.value, int):
         return node.value
-    raise ValueError(f"pattern {text!r}: arguments must be integer literals")
+    if isinstance(node, ast.Tuple):  # per-dimension values of a neighbourhood
+        return tuple(_int(e, text) for e in node.elts)
+    raise ValueError(f"pattern {text!r}: arguments must be integer literals (or tuples of them)")
 
 
 # --------------------------------------------------------------- reprs, with tensors
@@ -100,6 +104,8 @@ def _repr_value(node, text, tensors):
         return node.value
     if isinstance(node, ast.List):
         return [_build_repr(e, text, tensors) for e in node.elts]
+    if isinstance(node, ast.Tuple):
+        return tuple(_repr_value(e, text, tensors) for e in node.elts)
     if isinstance(node, (ast.BinOp, ast.Call)):
         return _build_repr(node, text, tensors)
     raise ValueError(f"pattern repr {text!r}: unsupported argument {ast.dump(node)[:40]}")

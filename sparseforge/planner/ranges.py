@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import sympy
 
+from ..ir.neighborhood import Neighborhood, na_key_range, na_query_range
 from ..ir.nodes import (
     Causal,
     Chunks,
@@ -54,6 +55,7 @@ from .symbolic import (
     FloorDiv,
     M,
     N,
+    SympyOps,
     ceil_div,
     clamp,
     evaluate,
@@ -149,7 +151,35 @@ def primitive_segment(pat: Pattern) -> TileSegment:
         return _tiles(0, last_key, *_NO_FULL)  # decided per tile at run time
     if isinstance(pat, Empty):
         return _tiles(0, -1, *_NO_FULL)
+    if isinstance(pat, Neighborhood):
+        return _tiles(*_neighborhood_bounds(pat, P_FIRST, P_LAST, na_key_range))
     raise TypeError(f"no range rule for {type(pat).__name__}")
+
+
+def _gt0(x):
+    return sympy.Min(1, sympy.Max(0, x))
+
+
+def _neighborhood_bounds(pat: Neighborhood, first, last, rule):
+    """Inclusive (lo, hi, full_lo, full_hi) flat positions on the other side of the flat
+    positions ``[first, last]``, in original token order (no tiled layout; the planner's
+    layout, ``planner/layout.py``, is where neighbourhoods get tight N-D tiles). 1-D with
+    dilation 1 is exact (``rule`` is ``na_key_range`` or ``na_query_range``); otherwise
+    a band of whole grid rows of dimension 0 around them, with no full tiles: a token at
+    coordinate x only meets coordinates within (2 * kernel + stride) * dilation of x."""
+    n, size = pat.shape[0], pat.size
+    inside = _gt0(size - first) * _gt0(last + 1)  # some position of the range is in the grid
+    first, last = sympy.Max(first, 0), sympy.Min(last, size - 1)
+    if pat.ndim == 1 and pat.dilation[0] == 1:
+        lo, hi, flo, fhi = rule(first, last, n, pat.kernel[0], pat.stride[0], pat.causal[0],
+                                SympyOps)
+        lo, hi = sympy.Max(lo, 0), sympy.Min(hi, n - 1)
+        return lo, lo - 1 + (hi - lo + 1) * inside, sympy.Max(flo, 0), sympy.Min(fhi, n - 1)
+    row = pat.row_strides[0]
+    reach = (2 * pat.kernel[0] + pat.stride[0]) * pat.dilation[0]
+    lo = sympy.Max(FloorDiv(first, row) - reach, 0) * row
+    hi = (sympy.Min(FloorDiv(last, row) + reach, n - 1) + 1) * row - 1
+    return (lo, lo - 1 + (hi - lo + 1) * inside, *_NO_FULL)
 
 
 def _query_tiles(i_lo, i_hi, if_lo, if_hi) -> TileSegment:
@@ -190,6 +220,8 @@ def key_side_segment(pat: Pattern) -> TileSegment:
         return rows(first_chunk * s, last_chunk * s + s - 1, last_chunk * s, first_chunk * s + s - 1)
     if isinstance(pat, Empty):
         return _query_tiles(0, -1, *_NO_FULL)
+    if isinstance(pat, Neighborhood):  # absolute positions of the queries, from the keys'
+        return rows(*_neighborhood_bounds(pat, J_FIRST, J_LAST, na_query_range))
     raise TypeError(f"no key-side range rule for {type(pat).__name__}")
 
 
@@ -219,6 +251,8 @@ def tile_segments(pattern: Pattern, side: str = "query") -> list[TileSegment]:
         for part in pattern.parts[1:]:
             acc = [_intersect(a, b) for a in acc for b in tile_segments(part, side)]
         return acc
+    if hasattr(pattern, "tile_segments"):  # planner-internal nodes (a token layout)
+        return pattern.tile_segments(side)
     return [primitive_segment(pattern) if side == "query" else key_side_segment(pattern)]
 
 

@@ -133,3 +133,20 @@ def to_triton(expr, names: dict | None = None) -> str:
     if isinstance(expr, FloorDiv):
         return f"_floordiv({args[0]}, {args[1]})"
     raise TypeError(f"cannot print {type(expr).__name__} as Triton: {expr}")
+
+
+class SympyOps:
+    """Integer operations on sympy expressions, for rules written once over an ``ops``
+    namespace (``sparseforge.ir.neighborhood``): their tile bounds come out closed-form."""
+
+    @staticmethod
+    def fdiv(a, b):
+        return FloorDiv(sympy.sympify(a), sympy.sympify(b))
+
+    @staticmethod
+    def min(a, b):
+        return sympy.Min(a, b)
+
+    @staticmethod
+    def max(a, b):
+        return sympy.Max(a, b)
