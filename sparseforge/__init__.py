@@ -5,6 +5,7 @@ The public API lives here and only here (DESIGN section 2).
 
 from ._version import __version__ as __version__
 from .aot.spec import BuildSpec
+from .ir.neighborhood import halo_blocks, maxvit_block, maxvit_grid, neighborhood, swin_window
 from .ir.nodes import (
     Pattern,
     causal,
@@ -18,7 +19,6 @@ from .ir.nodes import (
     sliding_window,
     window,
 )
-from .ir.neighborhood import halo_blocks, maxvit_block, maxvit_grid, neighborhood, swin_window
 from .ir.scores import alibi, alibi_slopes, rel_bias, softcap
 from .modules import SparseAttention
 from .planner.plan import Plan, plan

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .ir.neighborhood import Neighborhood, neighborhood_keep
 from .ir.nodes import (
     Causal,
     Chunks,
@@ -25,7 +26,6 @@ from .ir.nodes import (
     Union,
     Window,
 )
-from .ir.neighborhood import Neighborhood, neighborhood_keep
 from .ir.scores import Alibi, RelBias, Softcap, score_terms
 
 

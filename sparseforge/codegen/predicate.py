@@ -40,9 +40,9 @@ class TritonText:
         return TritonText(str(value) if value >= 0 else f"({value})")
 
     def _op(self, op, other, swap=False):
-        if isinstance(other, int) and not isinstance(other, bool):  # fold x*1, x+0, x-0
-            if (op == "*" and other == 1) or (op in "+-" and other == 0 and not (swap and op == "-")):
-                return self
+        identity = 1 if op == "*" else 0 if op in "+-" else None  # fold x*1, x+0, x-0
+        if type(other) is int and other == identity and not (swap and op == "-"):
+            return self
         a, b = (TritonText.of(other), self) if swap else (self, TritonText.of(other))
         return TritonText(f"({a.text} {op} {b.text})")
 
