@@ -21,6 +21,7 @@ from .ir.nodes import (
 )
 from .ir.scores import alibi, alibi_slopes, rel_bias, softcap
 from .modules import SparseAttention
+from .natten_api import na1d, na2d, na3d
 from .planner.plan import Plan, plan
 from .reference import dense_mask, reference_attention
 from .runtime.dispatch import attention
@@ -29,7 +30,7 @@ from .runtime.prebuilt import load_kernels
 __all__ = [
     "BuildSpec", "Pattern", "Plan", "alibi", "alibi_slopes", "attention", "causal", "chunks",
     "dense_mask", "documents", "full", "global_queries", "halo_blocks", "load_kernels",
-    "maxvit_block", "maxvit_grid", "neighborhood", "per_head", "plan",
+    "maxvit_block", "maxvit_grid", "na1d", "na2d", "na3d", "neighborhood", "per_head", "plan",
     "prefix_lm", "reference_attention", "rel_bias", "sinks", "sliding_window", "softcap",
     "SparseAttention", "swin_window", "window",
 ]

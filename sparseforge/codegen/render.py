@@ -30,12 +30,13 @@ from ..planner.ranges import (
     RAW_FULL_LO,
     RAW_HI,
     RAW_LO,
+    merged_lets,
     normalise_steps,
 )
 from ..planner.symbolic import BLOCK_M, BLOCK_N, TRITON_NAMES, to_triton
-from .predicate import slug, triton_predicate
+from .predicate import predicate_prelude, slug, triton_predicate
 
-TEMPLATE_VERSION = 2  # of the templates as a set: part of every cache key
+TEMPLATE_VERSION = 3  # of the templates as a set: part of every cache key
 
 
 class KernelKind(NamedTuple):
@@ -140,13 +141,18 @@ def kind_config(plan: Plan, kind: str):
     return getattr(plan, KINDS[kind].config)
 
 
+def _let_names(lets) -> dict:
+    return {symbol: symbol.name for symbol, _ in lets}
+
+
 def _segment_texts(s: int, seg, tiles: dict, side: str = "query") -> dict:
     names = dict(TRITON_NAMES)
+    names.update(_let_names(seg.lets))
     names.update({RAW_LO: f"lo_raw{s}", RAW_HI: f"hi_raw{s}", RAW_FULL_LO: f"flo_raw{s}",
                   RAW_FULL_HI: f"fhi_raw{s}", LO: f"lo{s}", HI: f"hi{s}", FULL_LO: f"flo{s}",
                   FULL_HI: f"fhi{s}"})
     seg = seg.subs(tiles)
-    out = {k: to_triton(getattr(seg, k)) for k in ("lo", "hi", "full_lo", "full_hi")}
+    out = {k: to_triton(getattr(seg, k), names) for k in ("lo", "hi", "full_lo", "full_hi")}
     # normalisation steps refer to this segment's raw bounds and to earlier steps
     for (_, expr), key in zip(normalise_steps(side), ("lo", "hi", "full_lo", "full_hi")):
         out[f"norm_{key}"] = to_triton(expr, names)
@@ -176,6 +182,9 @@ def render_kernel(plan: Plan, kernel_index: int = 0, kind: str = "forward") -> K
     # unpermuted kinds see the pattern in original coordinates, without dilation groups
     analysed, groups = (kernel.analysed, kernel.groups) if spec.permuted else (kernel.mask, 1)
     segments = [_segment_texts(s, seg, tiles, spec.side) for s, seg in enumerate(walked)]
+    lets = merged_lets(seg.subs(tiles) for seg in walked)
+    let_names = {**TRITON_NAMES, **_let_names(lets)}
+    segment_lets = [(symbol.name, to_triton(expr, let_names)) for symbol, expr in lets]
     n = len(segments)
     sort_pairs = [(j, j + 1) for i in range(n) for j in range(n - 1 - i)]
     name = kernel_name(plan, kernel, kind)
@@ -188,7 +197,9 @@ def render_kernel(plan: Plan, kernel_index: int = 0, kind: str = "forward") -> K
         groups=groups,
         segments=segments,
         sort_pairs=sort_pairs,
+        segment_lets=segment_lets,
         predicate=triton_predicate(analysed),
+        predicate_prelude=predicate_prelude(analysed),
         has_documents=kernel.has_documents,
         d_padded=plan.padded_head_dim != plan.head_dim,
         dot_precision=', input_precision="ieee"' if plan.dtype == "float32" else "",

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from .flex_blocks import flex_blocks
 from .symbolic import to_triton
 
 
 def explain(plan) -> str:
     cfg = plan.config
+    lq, lkv = plan.lengths
+    run = "" if plan.layout is None else f" (run on {plan.q_len} x {plan.kv_len} tiled tokens)"
     lines = [
         f"pattern     {plan.pattern!r}",
-        f"problem     Lq={plan.q_len} Lkv={plan.kv_len} D={plan.head_dim} "
+        f"problem     Lq={lq} Lkv={lkv}{run} D={plan.head_dim} "
         f"(padded {plan.padded_head_dim}) {plan.dtype} target={plan.target}",
         f"tiles       BLOCK_M={cfg.block_m} BLOCK_N={cfg.block_n} num_warps={cfg.num_warps} "
         f"num_stages={cfg.num_stages}",
@@ -19,6 +22,11 @@ def explain(plan) -> str:
         heads = "all heads" if k.heads is None else f"heads {list(k.heads)}"
         perm = ("none" if k.groups == 1 else
                 f"dilation groups: {k.groups} strided views (token t of group g = g + t*{k.groups})")
+        if plan.layout is not None:
+            qt, kt = plan.layout
+            perm = (f"N-D tiles over grid {'x'.join(map(str, qt.shape))}: query tiles "
+                    f"{_box(qt, cfg.block_m)}, key tiles {_box(kt, cfg.block_n)}, "
+                    f"{qt.groups} dilation group(s) contiguous (Q, K, V gathered, output scattered)")
         lines += [
             f"kernel {n}    {heads}: {k.pattern!r}",
             f"  permutation  {perm}",
@@ -33,6 +41,10 @@ def explain(plan) -> str:
             lines.append(f"  scores       {', '.join(mods)} on every visited pair (values are "
                          "run-time arguments)")
         for s, seg in enumerate(k.walked_segments):
+            if seg.lets:  # N-D bounds: long closed forms over named intermediates
+                lines.append(f"  segment {s}    closed form over {len(seg.lets)} intermediates "
+                             "(see the rendered kernel)")
+                continue
             lines.append(f"  segment {s}    visit [{to_triton(seg.lo)}, {to_triton(seg.hi)})")
             lines.append(f"               full  [{to_triton(seg.full_lo)}, {to_triton(seg.full_hi)})")
         dense = st.q_tiles * st.kv_tiles
@@ -43,4 +55,20 @@ def explain(plan) -> str:
             f"  utilisation  {st.utilisation:.3f} (useful pairs {st.useful_pairs} / computed "
             f"{st.computed_pairs})",
         ]
+    flex = flex_blocks(plan.pattern, lq, lkv)
+    if flex is None:
+        lines.append("flex        (BlockMask comparison skipped: mask too large to evaluate densely)")
+    else:
+        mine = plan.stats[0].utilisation if len(plan.kernels) == 1 else None
+        ratio = (f"; this plan's is {mine / flex.utilisation:.1f}x that" if mine and flex.utilisation
+                 else "")
+        lines.append(f"flex        FlexAttention BlockMask ({flex.block}x{flex.block}, original order): "
+                     f"{flex.visited} blocks visited, {flex.full} full, utilisation "
+                     f"{flex.utilisation:.3f}{ratio}")
     return "\n".join(lines)
+
+
+def _box(tiling, block: int) -> str:
+    """A kernel tile of ``block`` tokens as an N-D box."""
+    ratio = block // tiling.tile_size
+    return "x".join(map(str, tiling.tile[:-1] + (tiling.tile[-1] * ratio,)))

@@ -19,9 +19,11 @@ from ..ir.canonicalize import canonicalize
 from ..ir.nodes import Documents, Pattern, PerHead, Window, walk
 from ..ir.scores import ScoreSpec, score_spec, strip_scores
 from ..semantics import pair_mask
+from .layout import GridTiling, Tiled, choose_tiling, layout_node
 from .ranges import TileSegment, hull_segment, tile_segments
 from .schedule import GroupSchedule, group_geometry, visit_matrices
 from .tiles import (
+    DECODE_MAX_Q,
     TARGETS,
     TileConfig,
     backward_configs,
@@ -117,6 +119,10 @@ class KernelPlan:
 
 @dataclass(frozen=True)
 class Plan:
+    """Everything the kernels of one call are specialised on. With a tiled ``layout``
+    (N-D neighbourhoods, ``planner/layout.py``) the kernels run on permuted, padded
+    tokens: ``q_len``/``kv_len`` are those run lengths and ``lengths`` the caller's."""
+
     pattern: Pattern
     q_len: int
     kv_len: int
@@ -128,6 +134,14 @@ class Plan:
     backward_dq: TileConfig  # tiles of the backward dQ kernel
     backward_dkdv: TileConfig  # ... and of the dK/dV kernel
     decode: TileConfig  # tiles of the split-KV decode kernel (used when q_len is short)
+    layout: tuple[GridTiling, GridTiling] | None = None  # (queries, keys) token order
+
+    @property
+    def lengths(self) -> tuple[int, int]:
+        """(Lq, Lkv) of the call, before any layout."""
+        if self.layout is None:
+            return self.q_len, self.kv_len
+        return self.layout[0].length, self.layout[1].length
 
     @property
     def block_m(self) -> int:
@@ -201,9 +215,11 @@ def default_target(device: torch.device | None = None) -> str:
 
 def plan(pattern: Pattern, *, q_len: int, kv_len: int, head_dim: int, dtype="bfloat16",
          target: str = "cpu", block_m: int | None = None, block_n: int | None = None,
-         schedule: str | None = None, groups: int | None = None) -> Plan:
+         schedule: str | None = None, groups: int | None = None,
+         tiled: bool | None = None) -> Plan:
     """Plan ``pattern`` for the given sizes. ``block_m``/``block_n``/``schedule``/``groups``
-    override the cost model (tests and benchmarks use this)."""
+    and ``tiled`` (N-D tiled token layout on/off) override the cost model (tests and
+    benchmarks use this)."""
     if not isinstance(pattern, Pattern):
         raise TypeError(f"plan(pattern={type(pattern).__name__}): expected a sparseforge pattern")
     q_len, kv_len = _check_len("q_len", q_len), _check_len("kv_len", kv_len)
@@ -216,6 +232,8 @@ def plan(pattern: Pattern, *, q_len: int, kv_len: int, head_dim: int, dtype="bfl
     _check_block("block_n", block_n)
     if schedule is not None and schedule not in SCHEDULES:
         raise ValueError(f"plan(schedule={schedule!r}): expected one of {', '.join(SCHEDULES)}")
+    if tiled not in (None, True, False):
+        raise ValueError(f"plan(tiled={tiled!r}): expected None, True or False")
     canonical = canonicalize(pattern)
     heads = _head_groups(canonical)
     scored = any(score_spec(p).any for p, _ in heads)
@@ -225,19 +243,44 @@ def plan(pattern: Pattern, *, q_len: int, kv_len: int, head_dim: int, dtype="bfl
         base = configs[0]
         configs = [TileConfig(block_m or base.block_m, block_n or base.block_n, base.num_warps,
                               base.num_stages, base.efficiency, base.tile_overhead)]
+    backward = backward_configs(target, head_dim, dtype, scored)
+    node = _tileable(heads, q_len, kv_len, groups) if tiled is not False else None
+    if tiled and node is None:
+        raise ValueError("plan(tiled=True): the tiled layout needs an N-D neighborhood in every "
+                         "head (one grid and dilation), q_len == kv_len >= the grid size > "
+                         f"{DECODE_MAX_Q}, and no documents or score modifiers")
     best = None
     for cfg in configs:
-        choices = [_choose_kernel(strip_scores(p), q_len, kv_len, cfg, schedule, groups)
-                   for p, _ in heads]
-        cost = sum(c[0] for c in choices)
-        if best is None or cost < best[0]:
-            best = (cost, cfg, choices)
-    _, cfg, choices = best
+        options = [] if tiled else [(None, heads, q_len, kv_len)]
+        layout = choose_tiling(node, q_len, cfg, backward) if node is not None else None
+        if layout is not None:
+            blocks = tuple((c.block_m, c.block_n) for c in (cfg, *backward))
+            options.append((layout, [(Tiled(strip_scores(p), *layout, blocks), h) for p, h in heads],
+                            layout[0].run_len, layout[1].run_len))
+        for option, option_heads, lq, lkv in options:
+            choices = [_choose_kernel(strip_scores(p), lq, lkv, cfg, schedule, groups)
+                       for p, _ in option_heads]
+            cost = sum(c[0] for c in choices)
+            if best is None or cost < best[0]:
+                best = (cost, cfg, choices, option, option_heads, lq, lkv)
+    _, cfg, choices, layout, heads, run_q, run_kv = best
     kernels = tuple(KernelPlan(p, analysed, g, tuple(segs), sched, h)
                     for (_, analysed, g, segs, sched), (p, h) in zip(choices, heads))
-    return Plan(canonical, q_len, kv_len, head_dim, dtype, target, cfg, kernels,
-                *backward_configs(target, head_dim, dtype, scored),
-                decode_config(target, head_dim, dtype, scored))
+    return Plan(canonical, run_q, run_kv, head_dim, dtype, target, cfg, kernels, *backward,
+                decode_config(target, head_dim, dtype, scored), layout)
+
+
+def _tileable(heads, q_len: int, kv_len: int, groups):
+    """The neighbourhood a tiled layout would serve, or None where one cannot be used:
+    it permutes absolute positions (q_len == kv_len), decode keeps original order, and
+    document ids and score modifiers read original positions."""
+    masks = [p for p, _ in heads]
+    node = layout_node(masks)
+    if (node is None or groups is not None or q_len != kv_len or q_len < node.size
+            or q_len <= DECODE_MAX_Q or any(score_spec(p).any for p in masks)
+            or any(isinstance(n, Documents) for p in masks for n in walk(p))):
+        return None
+    return node
 
 
 def _head_groups(canonical: Pattern) -> list[tuple[Pattern, tuple[int, ...] | None]]:
@@ -296,8 +339,8 @@ def _stats(p: Plan, index: int) -> TileStats:
         full_tiles += int(f.sum())
         useful += _useful_pairs(kernel.pattern, sched.geometry, kernel.groups, v, f, p.q_len,
                                 p.kv_len, bm, bn)
-    return TileStats(q_tiles, kv_tiles, visited, full_tiles, useful, visited * bm * bn,
-                     p.q_len * p.kv_len)
+    lq, lkv = p.lengths
+    return TileStats(q_tiles, kv_tiles, visited, full_tiles, useful, visited * bm * bn, lq * lkv)
 
 
 def _useful_pairs(pattern, geo, groups, visit, full, q_len, kv_len, bm, bn, chunk=2048) -> int:

@@ -86,12 +86,17 @@ SIDES = ("query", "key")
 
 @dataclass(frozen=True)
 class TileSegment:
-    """Raw kv-tile bounds; empty or out-of-range values are fixed by ``NORMALISE``."""
+    """Raw kv-tile bounds; empty or out-of-range values are fixed by ``NORMALISE``.
+
+    ``lets``: named intermediates ``(symbol, expression)`` the bounds use, in order (each
+    may use the ones before); the kernel computes each once per program. N-D layouts
+    share them between their segments, which keeps bounds (and kernels) short."""
 
     lo: Expr
     hi: Expr
     full_lo: Expr
     full_hi: Expr
+    lets: tuple = ()
 
     def __repr__(self) -> str:
         return (f"TileSegment(visit=[{self.lo}, {self.hi}), "
@@ -100,6 +105,8 @@ class TileSegment:
     def evaluate(self, env: dict, side: str = "query"):
         """Numeric normalised (lo, hi, full_lo, full_hi) arrays."""
         env = dict(env)
+        for symbol, expr in self.lets:
+            env[symbol] = evaluate(expr, env)
         env[RAW_LO], env[RAW_HI], env[RAW_FULL_LO], env[RAW_FULL_HI] = (
             evaluate(e, env) for e in (self.lo, self.hi, self.full_lo, self.full_hi))
         for symbol, expr in normalise_steps(side):
@@ -107,8 +114,24 @@ class TileSegment:
         return env[LO], env[HI], env[FULL_LO], env[FULL_HI]
 
     def subs(self, values: dict) -> TileSegment:
-        return TileSegment(*(sympy.sympify(e).subs(values)
-                             for e in (self.lo, self.hi, self.full_lo, self.full_hi)))
+        def sub(e):
+            e = sympy.sympify(e)
+            if len(str(e)) < 400:
+                return e.subs(values)
+            with sympy.evaluate(False):  # simplifying large bounds takes seconds
+                return e.xreplace(values)
+
+        return TileSegment(*(sub(e) for e in (self.lo, self.hi, self.full_lo, self.full_hi)),
+                           tuple((symbol, sub(e)) for symbol, e in self.lets))
+
+
+def merged_lets(segments) -> tuple:
+    """The intermediates of several segments, each once, in order."""
+    out: dict = {}
+    for seg in segments:
+        for symbol, expr in seg.lets:
+            out.setdefault(symbol, expr)
+    return tuple(out.items())
 
 
 def _tiles(j_lo, j_hi, jf_lo, jf_hi) -> TileSegment:
@@ -232,25 +255,38 @@ def normalise_steps(side: str) -> tuple:
 def _intersect(a: TileSegment, b: TileSegment) -> TileSegment:
     # Raw bounds intersect directly: an empty side stays empty after normalisation.
     # Full tiles of the intersection are those full in both.
-    return TileSegment(sympy.Max(a.lo, b.lo), sympy.Min(a.hi, b.hi),
-                       sympy.Max(a.full_lo, b.full_lo), sympy.Min(a.full_hi, b.full_hi))
+    return TileSegment(_max(a.lo, b.lo), _min(a.hi, b.hi), _max(a.full_lo, b.full_lo),
+                       _min(a.full_hi, b.full_hi), merged_lets((a, b)))
 
 
-def tile_segments(pattern: Pattern, side: str = "query") -> list[TileSegment]:
+def _min(*args):
+    # sympy simplifies Min/Max by comparing arguments through its assumptions system:
+    # cheap on 1-D bounds, seconds on the nested bounds of N-D layouts
+    return sympy.Min(*args, evaluate=len(str(args)) < 400)
+
+
+def _max(*args):
+    return sympy.Max(*args, evaluate=len(str(args)) < 400)
+
+
+def tile_segments(pattern: Pattern, side: str = "query", primitive=None) -> list[TileSegment]:
     """Segments of a canonical, single-head pattern (see module docstring): kv tiles per
-    query tile (``side="query"``) or query tiles per kv tile (``side="key"``)."""
+    query tile (``side="query"``) or query tiles per kv tile (``side="key"``).
+    ``primitive``: segments of a leaf, when a token layout replaces the default rules."""
     if side not in SIDES:
         raise ValueError(f"side={side!r}: expected one of {SIDES}")
     if isinstance(pattern, Union):
         out: list[TileSegment] = []
         for part in pattern.parts:
-            out.extend(tile_segments(part, side))
+            out.extend(tile_segments(part, side, primitive))
         return out
     if isinstance(pattern, Intersection):
-        acc = tile_segments(pattern.parts[0], side)
+        acc = tile_segments(pattern.parts[0], side, primitive)
         for part in pattern.parts[1:]:
-            acc = [_intersect(a, b) for a in acc for b in tile_segments(part, side)]
+            acc = [_intersect(a, b) for a in acc for b in tile_segments(part, side, primitive)]
         return acc
+    if primitive is not None:
+        return primitive(pattern)
     if hasattr(pattern, "tile_segments"):  # planner-internal nodes (a token layout)
         return pattern.tile_segments(side)
     return [primitive_segment(pattern) if side == "query" else key_side_segment(pattern)]
@@ -260,9 +296,9 @@ def hull_segment(segments: list[TileSegment]) -> TileSegment:
     """One segment covering all of ``segments`` (the dense schedule). Its full range is the
     widest-looking one of a part, which stays correct: a tile full in one part of a
     union is full for the union. Raw empty parts widen the hull only conservatively."""
-    lo = sympy.Min(*[s.lo for s in segments])
-    hi = sympy.Max(*[s.hi for s in segments])
-    return TileSegment(lo, hi, segments[-1].full_lo, segments[-1].full_hi)
+    lo = _min(*[s.lo for s in segments])
+    hi = _max(*[s.hi for s in segments])
+    return TileSegment(lo, hi, segments[-1].full_lo, segments[-1].full_hi, merged_lets(segments))
 
 
 def environment(q_len: int, kv_len: int, block_m: int, block_n: int, tiles=None,

@@ -143,10 +143,13 @@ class SympyOps:
     def fdiv(a, b):
         return FloorDiv(sympy.sympify(a), sympy.sympify(b))
 
+    # evaluate=False: sympy's Min/Max simplification compares its arguments through the
+    # assumptions system, which takes seconds on the nested bounds of N-D layouts
+
     @staticmethod
     def min(a, b):
-        return sympy.Min(a, b)
+        return sympy.Min(a, b, evaluate=False)
 
     @staticmethod
     def max(a, b):
-        return sympy.Max(a, b)
+        return sympy.Max(a, b, evaluate=False)
