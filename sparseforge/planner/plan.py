@@ -252,7 +252,9 @@ def plan(pattern: Pattern, *, q_len: int, kv_len: int, head_dim: int, dtype="bfl
     best = None
     for cfg in configs:
         options = [] if tiled else [(None, heads, q_len, kv_len)]
-        layout = choose_tiling(node, q_len, cfg, backward) if node is not None else None
+        # 128 x 128 tiles spill once the layout's predicate is live beside them (cuobjdump)
+        small = cfg.block_m * cfg.block_n <= 128 * 64
+        layout = choose_tiling(node, q_len, cfg, backward) if node is not None and small else None
         if layout is not None:
             blocks = tuple((c.block_m, c.block_n) for c in (cfg, *backward))
             options.append((layout, [(Tiled(strip_scores(p), *layout, blocks), h) for p, h in heads],
