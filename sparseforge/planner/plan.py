@@ -104,8 +104,10 @@ class KernelPlan:
 
     @cached_property
     def mask(self) -> Pattern:
-        """The pattern without its score modifiers, in original coordinates."""
-        return strip_scores(self.pattern)
+        """The pattern without its score modifiers, in original coordinates (outside a
+        tiled layout: the decode kernel keeps original token order)."""
+        mask = strip_scores(self.pattern)
+        return mask.pattern if isinstance(mask, Tiled) else mask
 
     @cached_property
     def score(self) -> ScoreSpec:
