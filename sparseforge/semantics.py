@@ -29,6 +29,14 @@ from .ir.nodes import (
 from .ir.scores import Alibi, RelBias, Softcap, score_terms
 
 
+def _pairwise(on_ints, on_tensors, a, b):
+    """``on_ints`` of two ints, else ``on_tensors`` with ints made tensors beside the other."""
+    if isinstance(a, int) and isinstance(b, int):
+        return on_ints(a, b)
+    device = (a if isinstance(a, torch.Tensor) else b).device
+    return on_tensors(torch.as_tensor(a, device=device), torch.as_tensor(b, device=device))
+
+
 class TorchOps:
     """Integer operations on torch tensors (or ints), for rules written once over an
     ``ops`` namespace (``sparseforge.ir.neighborhood``, ``planner.layout``)."""
@@ -41,19 +49,11 @@ class TorchOps:
 
     @staticmethod
     def min(a, b):
-        if isinstance(a, int) and isinstance(b, int):
-            return min(a, b)
-        if isinstance(b, int):
-            return torch.clamp(a, max=b)
-        return torch.clamp(b, max=a) if isinstance(a, int) else torch.minimum(a, b)
+        return _pairwise(min, torch.minimum, a, b)
 
     @staticmethod
     def max(a, b):
-        if isinstance(a, int) and isinstance(b, int):
-            return max(a, b)
-        if isinstance(b, int):
-            return torch.clamp(a, min=b)
-        return torch.clamp(b, min=a) if isinstance(a, int) else torch.maximum(a, b)
+        return _pairwise(max, torch.maximum, a, b)
 
     @staticmethod
     def where(cond, a, b):

@@ -51,6 +51,7 @@ from .symbolic import (
     SympyOps,
     ceil_div,
     evaluate,
+    gt0,
 )
 
 
@@ -136,13 +137,13 @@ class GridTiling:
         group = FloorDiv(first_tile, self.tiles_per_group)
         residues = _unravel(group, self.dilation, SympyOps)
         tile_xy = _unravel(first_tile - group * self.tiles_per_group, self.tiles, SympyOps)
-        exists = _gt0(self.groups * self.tiles_per_group - first_tile)
+        exists = gt0(self.groups * self.tiles_per_group - first_tile)
         firsts, lasts, extents = [], [], []
         for d, (n, dil) in enumerate(zip(self.shape, self.dilation)):
             size = self.tile[d] * (ratio if d == len(self.shape) - 1 else 1)
             ng = group_extent(n, dil, residues[d], SympyOps)
             first = tile_xy[d] * self.tile[d]
-            exists = exists * _gt0(ng - first)
+            exists = exists * gt0(ng - first)
             firsts.append(first)
             lasts.append(SympyOps.min(first + size, ng) - 1)
             extents.append(ng)
@@ -167,10 +168,6 @@ class GridTiling:
         scatter = torch.empty(self.length, dtype=torch.long, device=device)
         scatter[flat[valid]] = r[valid]
         return gather, scatter
-
-
-def _gt0(x):
-    return SympyOps.min(1, SympyOps.max(0, x))
 
 
 @dataclass(frozen=True)
@@ -227,24 +224,24 @@ class Tiled(Pattern):
             # anything else: every tile of the other side, none full (correct, not tight)
             return [TileSegment(sympy.Integer(0), KV_TILES if side == "query" else Q_TILES,
                                 sympy.Integer(1), sympy.Integer(0))]
-        args = self._side(pat, side)
+        src, index, block, dst, other, rule = self._side(side)
         # intermediates named per node and side: byte-identical kernels for equal plans
         tag = hashlib.sha256(f"{pat!r}{side}".encode()).hexdigest()[:6]
-        return _box_segments(pat, *args, self._outer_counts(pat, side), f"nb{tag}_")
+        lets = _Lets(f"nb{tag}_")
+        ranges, group, live = _tile_ranges(pat, src, index, block, dst, other, rule, lets)
+        counts = self._outer_counts(ranges, live, lets, src, index, side)
+        return _box_segments(ranges, group, live, lets, dst, other, counts)
 
-    def _side(self, pat, side):
+    def _side(self, side):
         """(source tiling, its tile index, its block, other tiling, other block, rule)."""
         if side == "query":
             return self.q, M, BLOCK_M, self.kv, BLOCK_N, na_key_range
         return self.kv, N, BLOCK_N, self.q, BLOCK_M, na_query_range
 
-    def _outer_counts(self, pat: Neighborhood, side: str) -> tuple[int, ...]:
+    def _outer_counts(self, ranges, live, lets, src: GridTiling, index, side: str) -> tuple[int, ...]:
         """Per outer dim, the most tiles of the other side one kernel tile spans, over
         every kind's tile sizes: how many segments (runs) the kernels walk."""
-        src, index, block, dst, other, rule = self._side(pat, side)
-        lets = _Lets("count_")
-        ranges, _, live = _tile_ranges(pat, src, index, block, dst, other, rule, lets)
-        counts = [1] * (len(pat.shape) - 1)
+        counts = [1] * (len(ranges) - 1)
         for bm, bn in self.blocks:
             b = bm if side == "query" else bn
             env = environment(self.q.run_len, self.kv.run_len, bm, bn, side=side)
@@ -299,12 +296,10 @@ def _tile_ranges(pat, src: GridTiling, index, block, dst: GridTiling, other_bloc
     return out, group, live
 
 
-def _box_segments(pat, src: GridTiling, index, block, dst: GridTiling, other_block, rule,
-                  outer_counts, prefix: str) -> list[TileSegment]:
+def _box_segments(ranges, group, live_box, lets: _Lets, dst: GridTiling, other_block,
+                  outer_counts) -> list[TileSegment]:
     """One segment per offset into the outer dims' tile ranges: a run along the last dim."""
-    lets = _Lets(prefix)
     _, counts, per_group = dst.kernel_grid(other_block)
-    ranges, group, live_box = _tile_ranges(pat, src, index, block, dst, other_block, rule, lets)
     strides = [math.prod(counts[d + 1:-1]) * counts[-1] for d in range(len(counts) - 1)]
     segments = []
     for offsets in itertools.product(*(range(c) for c in outer_counts)):
@@ -315,8 +310,8 @@ def _box_segments(pat, src: GridTiling, index, block, dst: GridTiling, other_blo
             tlo, thi, ftlo, fthi = ranges[d]
             row = tlo + r
             base = base + row * strides[d]
-            live = live * _gt0(thi - row + 1)
-            full = full * _gt0(row - ftlo + 1) * _gt0(fthi - row + 1)
+            live = live * gt0(thi - row + 1)
+            full = full * gt0(row - ftlo + 1) * gt0(fthi - row + 1)
         tlo, thi, ftlo, fthi = ranges[-1]
         lo, flo = base + tlo, base + ftlo
         segments.append(TileSegment(lo, lo + (thi + 1 - tlo) * live, flo,

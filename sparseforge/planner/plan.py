@@ -246,7 +246,7 @@ def plan(pattern: Pattern, *, q_len: int, kv_len: int, head_dim: int, dtype="bfl
         configs = [TileConfig(block_m or base.block_m, block_n or base.block_n, base.num_warps,
                               base.num_stages, base.efficiency, base.tile_overhead)]
     backward = backward_configs(target, head_dim, dtype, scored)
-    node = _tileable(heads, q_len, kv_len, groups) if tiled is not False else None
+    node = _tileable(heads, q_len, kv_len, groups, scored) if tiled is not False else None
     if tiled and node is None:
         raise ValueError("plan(tiled=True): the tiled layout needs an N-D neighborhood in every "
                          "head (one grid and dilation), q_len == kv_len >= the grid size > "
@@ -274,14 +274,14 @@ def plan(pattern: Pattern, *, q_len: int, kv_len: int, head_dim: int, dtype="bfl
                 decode_config(target, head_dim, dtype, scored), layout)
 
 
-def _tileable(heads, q_len: int, kv_len: int, groups):
+def _tileable(heads, q_len: int, kv_len: int, groups, scored: bool):
     """The neighbourhood a tiled layout would serve, or None where one cannot be used:
     it permutes absolute positions (q_len == kv_len), decode keeps original order, and
     document ids and score modifiers read original positions."""
     masks = [p for p, _ in heads]
     node = layout_node(masks)
     if (node is None or groups is not None or q_len != kv_len or q_len < node.size
-            or q_len <= DECODE_MAX_Q or any(score_spec(p).any for p in masks)
+            or q_len <= DECODE_MAX_Q or scored
             or any(isinstance(n, Documents) for p in masks for n in walk(p))):
         return None
     return node

@@ -59,6 +59,7 @@ from .symbolic import (
     ceil_div,
     clamp,
     evaluate,
+    gt0,
 )
 
 Expr = sympy.Expr
@@ -179,10 +180,6 @@ def primitive_segment(pat: Pattern) -> TileSegment:
     raise TypeError(f"no range rule for {type(pat).__name__}")
 
 
-def _gt0(x):
-    return sympy.Min(1, sympy.Max(0, x))
-
-
 def _neighborhood_bounds(pat: Neighborhood, first, last, rule):
     """Inclusive (lo, hi, full_lo, full_hi) flat positions on the other side of the flat
     positions ``[first, last]``, in original token order (no tiled layout; the planner's
@@ -191,7 +188,7 @@ def _neighborhood_bounds(pat: Neighborhood, first, last, rule):
     a band of whole grid rows of dimension 0 around them, with no full tiles: a token at
     coordinate x only meets coordinates within (2 * kernel + stride) * dilation of x."""
     n, size = pat.shape[0], pat.size
-    inside = _gt0(size - first) * _gt0(last + 1)  # some position of the range is in the grid
+    inside = gt0(size - first) * gt0(last + 1)  # some position of the range is in the grid
     first, last = sympy.Max(first, 0), sympy.Min(last, size - 1)
     if pat.ndim == 1 and pat.dilation[0] == 1:
         lo, hi, flo, fhi = rule(first, last, n, pat.kernel[0], pat.stride[0], pat.causal[0],

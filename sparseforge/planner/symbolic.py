@@ -153,3 +153,9 @@ class SympyOps:
     @staticmethod
     def max(a, b):
         return sympy.Max(a, b, evaluate=False)
+
+
+def gt0(x):
+    """1 if the integer ``x`` is > 0, else 0, as Min/Max arithmetic (unevaluated, see
+    ``SympyOps``): how bounds switch a range on or off without a branch."""
+    return SympyOps.min(1, SympyOps.max(0, x))

@@ -153,7 +153,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     compiled = compile_pattern(pattern)
     p = cached_plan(compiled, shape.q_len, shape.kv_len, shape.head_dim, q.dtype, target)
     if p.layout is not None:  # N-D tiles: run on permuted tokens, differentiably
-        out, lse = _run_tiled(executor, p, compiled, q, k, v, shape.scale)
+        out, lse = _run_tiled(executor, p, q, k, v, shape.scale)
         return (out, lse) if return_lse else out
     tables = compiled.tables
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *tables)):
@@ -165,46 +165,43 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
 
 
 @dataclass(frozen=True)
-class _LayoutIndex:
-    """Index vectors of a tiled plan on one device: run position -> original token
-    (gather; padding reads token 0) and original token -> run position (scatter)."""
+class _TiledRun:
+    """What running a tiled plan on one device needs, built once: index vectors (run
+    position -> original token, padding reading token 0; original token -> run position)
+    and each kernel's mask on run positions, as the executors take it."""
 
     q_gather: torch.Tensor
     q_scatter: torch.Tensor
     q_padding: torch.Tensor  # bool per run position
     kv_gather: torch.Tensor
     kv_scatter: torch.Tensor
+    patterns: CompiledPattern
 
 
-_layout_indices: dict[tuple, _LayoutIndex] = {}
+_tiled_runs: dict[tuple[int, str], tuple[Plan, _TiledRun]] = {}
 
 
-def _layout_index(p: Plan, device) -> _LayoutIndex:
-    key = (p.layout, str(device))
-    found = _layout_indices.get(key)
-    if found is None:
-        q_gather, q_scatter = p.layout[0].index_tensors(device)
-        kv_gather, kv_scatter = p.layout[1].index_tensors(device)
-        padding = torch.ones(p.layout[0].run_len, dtype=torch.bool, device=device)
-        padding[q_scatter] = False
-        found = _layout_indices[key] = _LayoutIndex(q_gather, q_scatter, padding, kv_gather,
-                                                    kv_scatter)
-    return found
+def _tiled_run(p: Plan, device) -> _TiledRun:
+    key = (id(p), str(device))
+    hit = _tiled_runs.get(key)
+    if hit is not None and hit[0] is p:
+        return hit[1]
+    q_gather, q_scatter = p.layout[0].index_tensors(device)
+    kv_gather, kv_scatter = p.layout[1].index_tensors(device)
+    padding = torch.ones(p.layout[0].run_len, dtype=torch.bool, device=device)
+    padding[q_scatter] = False
+    patterns = CompiledPattern(p.pattern, repr(p.pattern), tuple(k.pattern for k in p.kernels), ())
+    run = _TiledRun(q_gather, q_scatter, padding, kv_gather, kv_scatter, patterns)
+    _tiled_runs[key] = (p, run)  # holding the plan keeps its id unique
+    return run
 
 
-def _tiled_patterns(p: Plan, compiled: CompiledPattern) -> CompiledPattern:
-    """What a tiled plan's executors run: each kernel's mask on run positions."""
-    return CompiledPattern(compiled.canonical, compiled.key,
-                           tuple(kernel.pattern for kernel in p.kernels), ())
-
-
-def _run_tiled(executor: str, p: Plan, compiled: CompiledPattern, q, k, v, scale: float):
+def _run_tiled(executor: str, p: Plan, q, k, v, scale: float):
     """Gather Q, K, V into the plan's tiled token order, attend, scatter the rows back.
     ``index_select`` carries the gradient; padding tokens never hold an allowed pair, so
     their rows and columns contribute nothing to it."""
-    ix = _layout_index(p, q.device)
-    q_gather, kv_gather, q_scatter = ix.q_gather, ix.kv_gather, ix.q_scatter
-    tiled = _tiled_patterns(p, compiled)
+    run = _tiled_run(p, q.device)
+    q_gather, kv_gather, q_scatter, tiled = run.q_gather, run.kv_gather, run.q_scatter, run.patterns
     qt, kt, vt = q.index_select(2, q_gather), k.index_select(2, kv_gather), v.index_select(2, kv_gather)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         out, lse = _SparseAttentionFunction.apply(qt, kt, vt, executor, p, tiled, scale)
@@ -227,18 +224,17 @@ def attention_backward(q, k, v, out, lse, grad_out, grad_lse, pattern: Pattern, 
     compiled = compile_pattern(pattern)
     p = cached_plan(compiled, shape.q_len, shape.kv_len, shape.head_dim, q.dtype, target)
     if p.layout is not None:
-        return _backward_tiled(executor, p, compiled, q, k, v, out, lse, grad_out, grad_lse,
-                               shape.scale)
+        return _backward_tiled(executor, p, q, k, v, out, lse, grad_out, grad_lse, shape.scale)
     dq, dk, dv, grads = _backward(executor, p, compiled, q, k, v, out, lse, grad_out, grad_lse,
                                   shape.scale)
     return dq, dk, dv, [grads[id(t)] for t in compiled.tables]
 
 
-def _backward_tiled(executor, p: Plan, compiled, q, k, v, out, lse, grad_out, grad_lse, scale):
+def _backward_tiled(executor, p: Plan, q, k, v, out, lse, grad_out, grad_lse, scale):
     """``attention_backward`` of a tiled plan: everything gathered into run order, the
     padding rows' output gradients zeroed (their recomputed probabilities are not), the
     gradients scattered back."""
-    ix = _layout_index(p, q.device)
+    ix = _tiled_run(p, q.device)
 
     def rows(x, index):
         return None if x is None else x.index_select(2, index)
@@ -247,7 +243,7 @@ def _backward_tiled(executor, p: Plan, compiled, q, k, v, out, lse, grad_out, gr
     go = go.masked_fill(ix.q_padding[:, None], 0)
     if gl is not None:
         gl = gl.masked_fill(ix.q_padding, 0)
-    dq, dk, dv, _ = _backward(executor, p, _tiled_patterns(p, compiled), rows(q, ix.q_gather),
+    dq, dk, dv, _ = _backward(executor, p, ix.patterns, rows(q, ix.q_gather),
                               rows(k, ix.kv_gather), rows(v, ix.kv_gather), rows(out, ix.q_gather),
                               rows(lse, ix.q_gather), go, gl, scale)
     return rows(dq, ix.q_scatter), rows(dk, ix.kv_scatter), rows(dv, ix.kv_scatter), []
