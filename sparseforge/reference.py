@@ -65,9 +65,9 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patte
 
 def _modified(canonical: Pattern, s: torch.Tensor, shape) -> torch.Tensor:
     """Scores after each head's score modifiers (alibi, rel_bias, softcap), in fp64."""
-    i = torch.arange(shape.q_len, device=s.device)[:, None]
-    off = torch.arange(shape.kv_len, device=s.device)[None, :] - (i + shape.kv_len - shape.q_len)
+    p = torch.arange(shape.q_len, device=s.device)[:, None] + (shape.kv_len - shape.q_len)
+    j = torch.arange(shape.kv_len, device=s.device)[None, :]
     if not isinstance(canonical, PerHead):
-        return modified_scores(canonical, s, torch.arange(shape.q_heads), off)
-    return torch.cat([modified_scores(p, s[:, h:h + 1], torch.tensor([h]), off)
-                      for h, p in enumerate(canonical.patterns)], dim=1)
+        return modified_scores(canonical, s, torch.arange(shape.q_heads), p, j)
+    return torch.cat([modified_scores(head, s[:, h:h + 1], torch.tensor([h]), p, j)
+                      for h, head in enumerate(canonical.patterns)], dim=1)

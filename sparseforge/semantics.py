@@ -26,7 +26,7 @@ from .ir.nodes import (
     Union,
     Window,
 )
-from .ir.scores import Alibi, RelBias, Softcap, score_terms
+from .ir.scores import Alibi, RelBias, Softcap, rel_index, score_spec, score_terms, strip_scores
 
 
 def _pairwise(on_ints, on_tensors, a, b):
@@ -144,23 +144,33 @@ def _documents(pat: Documents, i, p, j, q_len, kv_len) -> torch.Tensor:
     return iq == ik
 
 
-def biased_scores(pattern: Pattern, s: torch.Tensor, heads: torch.Tensor,
-                  off: torch.Tensor) -> torch.Tensor:
+def score_positions(pattern: Pattern, p, j):
+    """The positions score modifiers read: original ones, where ``p``/``j`` are a tiled
+    layout's run positions (the planner's ``Tiled`` mask maps them back)."""
+    original = getattr(strip_scores(pattern), "original_positions", None)
+    return (p, j) if original is None else original(p, j, TorchOps)
+
+
+def biased_scores(pattern: Pattern, s: torch.Tensor, heads: torch.Tensor, p: torch.Tensor,
+                  j: torch.Tensor) -> torch.Tensor:
     """``s`` plus the additive modifiers of a head pattern (alibi, rel_bias), literally.
 
-    ``s``: [..., H, *off.shape] scaled scores; ``heads``: the query head of each of the H
-    rows (indexes slopes and table); ``off``: ``j - p`` of every pair.
+    ``s``: [..., H, *pairs] scaled scores, where ``pairs`` is the broadcast shape of the
+    query positions ``p`` and keys ``j``; ``heads``: the query head of each of the H rows
+    (indexes slopes and table).
     """
     terms = score_terms(pattern)
     heads = heads.to(s.device)
+    p, j = score_positions(pattern, p, j)
+    off = (j - p).to(s.device)
     view = (len(heads),) + (1,) * off.dim()
     if Alibi in terms:
         slopes = terms[Alibi].slopes.to(device=s.device, dtype=s.dtype)
         s = s + slopes[heads].view(view) * off.to(s.dtype)
     if RelBias in terms:
-        rel = terms[RelBias]
-        idx = (off.clamp(-rel.radius, rel.radius) + rel.radius).to(s.device)
-        s = s + rel.table.to(device=s.device, dtype=s.dtype)[heads][:, idx]
+        table = terms[RelBias].table.to(device=s.device, dtype=s.dtype)
+        idx = rel_index(score_spec(pattern), p, j, TorchOps).to(s.device)
+        s = s + table.flatten(1)[heads][:, idx]
     return s
 
 
@@ -170,10 +180,10 @@ def softcap_value(pattern: Pattern) -> float | None:
     return None if cap is None else cap.cap
 
 
-def modified_scores(pattern: Pattern, s: torch.Tensor, heads: torch.Tensor,
-                    off: torch.Tensor) -> torch.Tensor:
+def modified_scores(pattern: Pattern, s: torch.Tensor, heads: torch.Tensor, p: torch.Tensor,
+                    j: torch.Tensor) -> torch.Tensor:
     """Every modifier of a head pattern applied to scaled scores ``s`` (see
     ``biased_scores``), in DESIGN's order: alibi, rel_bias, then softcap."""
-    s = biased_scores(pattern, s, heads, off)
+    s = biased_scores(pattern, s, heads, p, j)
     cap = softcap_value(pattern)
     return s if cap is None else cap * torch.tanh(s / cap)

@@ -102,6 +102,16 @@ def predicate_prelude(pattern: Pattern) -> list[str]:
     return prelude(TritonText, TritonOps) if prelude else []
 
 
+def positions_prelude(pattern: Pattern) -> list[str]:
+    """Statements the ``_biased`` helper runs first: under a tiled layout, score modifiers
+    read original positions, so run positions ``p``/``j`` are mapped back."""
+    original = getattr(pattern, "original_positions", None)
+    if original is None:
+        return []
+    p, j = original(TritonText("p"), TritonText("j"), TritonOps)
+    return [f"p = {p}", f"j = {j}"]
+
+
 def triton_predicate(pattern: Pattern) -> str:
     if isinstance(pattern, Full):
         return "j >= 0"

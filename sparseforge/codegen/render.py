@@ -19,7 +19,7 @@ from typing import NamedTuple
 import jinja2
 
 from .._version import __version__
-from ..ir.scores import ScoreSpec
+from ..ir.scores import ScoreSpec, rel_index
 from ..planner.plan import KernelPlan, Plan
 from ..planner.ranges import (
     FULL_HI,
@@ -34,9 +34,16 @@ from ..planner.ranges import (
     normalise_steps,
 )
 from ..planner.symbolic import BLOCK_M, BLOCK_N, TRITON_NAMES, to_triton
-from .predicate import predicate_prelude, slug, triton_predicate
+from .predicate import (
+    TritonOps,
+    TritonText,
+    positions_prelude,
+    predicate_prelude,
+    slug,
+    triton_predicate,
+)
 
-TEMPLATE_VERSION = 3  # of the templates as a set: part of every cache key
+TEMPLATE_VERSION = 4  # of the templates as a set: part of every cache key
 
 
 class KernelKind(NamedTuple):
@@ -166,8 +173,12 @@ def _next_pow2(n: int) -> int:
 def _score_context(score: ScoreSpec, cfg) -> dict:
     """Which score modifiers the kernel applies, and the static sizes of the rel_bias
     gradient (table entries padded to a power of two; diagonals of a dK/dV tile)."""
+    rel_text = (str(rel_index(score, TritonText("p"), TritonText("j"), TritonOps))
+                if score.rel_bias else "")
     return dict(score_any=score.any, alibi=score.alibi, softcap=score.softcap,
-                rel_bias=score.rel_bias, rel_radius=max(score.rel_radius, 0),
+                rel_bias=score.rel_bias, rel_index=rel_text,
+                rel_grad=score.rel_grad,
+                rel_radius=max(score.rel_radius, 0),
                 bias_t_pad=_next_pow2(2 * max(score.rel_radius, 0) + 1),
                 bias_chunk=_next_pow2(cfg.block_m + cfg.block_n - 1))
 
@@ -200,6 +211,7 @@ def render_kernel(plan: Plan, kernel_index: int = 0, kind: str = "forward") -> K
         segment_lets=segment_lets,
         predicate=triton_predicate(analysed),
         predicate_prelude=predicate_prelude(analysed),
+        positions_prelude=positions_prelude(analysed) if kernel.score.any else [],
         has_documents=kernel.has_documents,
         d_padded=plan.padded_head_dim != plan.head_dim,
         dot_precision=', input_precision="ieee"' if plan.dtype == "float32" else "",

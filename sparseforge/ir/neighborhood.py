@@ -273,18 +273,18 @@ def na_query_range(first, last, ng, k: int, s: int, causal: bool, ops):
             _last_centre_at_most(first + left, ng, k, s, ops))
 
 
-def grid_coordinate(flat, pattern: Neighborhood, dim: int, ops):
-    """Coordinate ``dim`` of the token at row-major position ``flat`` (in the grid)."""
-    stride = pattern.row_strides[dim]
-    x = ops.fdiv(flat, stride)
-    return x if dim == 0 else x - ops.fdiv(x, pattern.shape[dim]) * pattern.shape[dim]
+def grid_coordinate(flat, shape: tuple[int, ...], dim: int, ops):
+    """Coordinate ``dim`` of the token at row-major position ``flat`` of a grid of
+    ``shape`` (positions past the grid continue dimension 0)."""
+    x = ops.fdiv(flat, math.prod(shape[dim + 1:]))
+    return x if dim == 0 else x - ops.fdiv(x, shape[dim]) * shape[dim]
 
 
 def neighborhood_keep(pattern: Neighborhood, p, j, ops):
     """The whole N-D rule on flat positions: query ``p``, key ``j`` (both row-major)."""
     keep = (p >= 0) & (p < pattern.size) & (j < pattern.size)
     for dim in range(pattern.ndim):
-        xq, xk = grid_coordinate(p, pattern, dim, ops), grid_coordinate(j, pattern, dim, ops)
+        xq, xk = (grid_coordinate(x, pattern.shape, dim, ops) for x in (p, j))
         keep = keep & na_keep(xq, xk, pattern.shape[dim], pattern.kernel[dim],
                               pattern.dilation[dim], pattern.stride[dim], pattern.causal[dim], ops)
     return keep

@@ -6,8 +6,12 @@
    test long"; FlexAttention's ALiBi example uses the same sign and offset);
 2. ``rel_bias(table)``: ``s += table[h, clamp(j - p, -R, R) + R]`` with ``table`` of shape
    ``[H, 2R + 1]``: a learned bias per relative offset, clipped at distance R beyond
-   (Shaw et al. 2018's clipped relative positions; the 1-D form of Swin/MaxViT's
-   relative-position bias over a window). Differentiable in ``table``;
+   (Shaw et al. 2018's clipped relative positions). Differentiable in ``table``.
+   With an N-D table ``[H, 2R_0 + 1, ..., 2R_n-1 + 1]`` (n = 2 or 3) the offsets are
+   window offsets on the grid of the pattern's ``neighborhood``: per dimension, the
+   difference of the key's and query's coordinates inside their dilation group, clipped
+   to ``+-R_d`` (Swin's and MaxViT's relative-position bias over a window, NATTEN's
+   ``rpb``). Forward and q/k/v gradients; the table's own gradient is on the CPU path;
 3. ``softcap(c)``: ``s = c * tanh(s / c)`` (Gemma 2, Grok-1: logit soft-capping).
 
 ``p = i + Lkv - Lq`` is the query's absolute position (bottom-right alignment). A
@@ -96,25 +100,58 @@ class Alibi(_TensorModifier):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class RelBias(_TensorModifier):
-    """``s += table[h, clamp(j - p, -R, R) + R]``; ``table`` is ``[Hq, 2R + 1]``."""
+    """``s += table[h, clamp(j - p, -R, R) + R]``; ``table`` is ``[Hq, 2R + 1]``, or
+    ``[Hq, 2R_0 + 1, ..., 2R_n-1 + 1]`` for window offsets on a neighbourhood's grid."""
 
     table: Any
     tensor_name = "table"
     kind = "rel_bias"
 
     def __post_init__(self) -> None:
-        _check_float_tensor("rel_bias", "table", self.table, 2, "[Hq, 2R + 1]")
+        import torch
+
+        if isinstance(self.table, torch.Tensor) and self.table.dim() in (3, 4):
+            _check_float_tensor("rel_bias", "table", self.table, self.table.dim(),
+                                "[Hq, 2R_0 + 1, ..., 2R_n-1 + 1]")
+            if any(e % 2 == 0 for e in self.table.shape[1:]):
+                raise ValueError(f"rel_bias(table=...): every window extent must be odd "
+                                 f"(2R + 1 offsets), got {tuple(self.table.shape[1:])}")
+            return
+        _check_float_tensor("rel_bias", "table", self.table, 2,
+                            "[Hq, 2R + 1] (token offsets) or [Hq, 2R_0 + 1, 2R_1 + 1(, 2R_2 + 1)] "
+                            "(window offsets)")
         width = self.table.shape[1]
         if width % 2 == 0 or not 1 <= width <= MAX_REL_BIAS_WIDTH:
             raise ValueError(f"rel_bias(table=...): expected an odd number of offsets 2R + 1 "
                              f"in [1, {MAX_REL_BIAS_WIDTH}], got {width}")
 
     @property
+    def window_dims(self) -> int:
+        """Grid dimensions of a window-offset table; 0 for token offsets."""
+        return self.table.dim() - 1 if self.table.dim() > 2 else 0
+
+    @property
     def radius(self) -> int:
-        return self.table.shape[1] // 2
+        """Half the flattened table width: entries are 0 .. 2 * radius."""
+        return (self.table[0].numel() - 1) // 2
 
 
 MODIFIERS = (Alibi, RelBias, Softcap)  # in the order they apply
+
+
+@dataclass(frozen=True)
+class RelGrid:
+    """Where a window-offset ``rel_bias`` table reads its offsets: the grid and dilation of
+    the pattern's neighbourhood, and the table's half-extents ``R_d``."""
+
+    shape: tuple[int, ...]
+    dilation: tuple[int, ...]
+    halves: tuple[int, ...]
+    #: some allowed pair may lie outside the table (clip per dimension); False when the
+    #: mask is inside a neighbourhood whose windows the table covers (every group offset
+    #: of NATTEN's rule is within kernel - 1), so the entry is a difference of two
+    #: per-token numbers: cheaper in the kernel's [BM, BN] registers
+    clipped: bool = True
 
 
 @dataclass(frozen=True)
@@ -122,8 +159,9 @@ class ScoreSpec:
     """What a kernel is specialised on: which modifiers are present (not their values)."""
 
     alibi: bool = False
-    rel_radius: int = -1  # R of rel_bias, -1 without one
+    rel_radius: int = -1  # half the flattened rel_bias width, -1 without one
     softcap: bool = False
+    rel_grid: RelGrid | None = None  # window offsets; None: token offsets j - p
 
     @property
     def rel_bias(self) -> bool:
@@ -132,6 +170,12 @@ class ScoreSpec:
     @property
     def any(self) -> bool:
         return self.alibi or self.rel_bias or self.softcap
+
+    @property
+    def rel_grad(self) -> bool:
+        """The dK/dV kernel accumulates the table's gradient (token offsets only: their
+        entries run along the tile's diagonals)."""
+        return self.rel_bias and self.rel_grid is None
 
 
 def _operands(pattern: Pattern) -> tuple[Pattern, ...]:
@@ -153,7 +197,66 @@ def score_terms(pattern: Pattern) -> dict[type, ScoreModifier]:
 def score_spec(pattern: Pattern) -> ScoreSpec:
     terms = score_terms(pattern)
     rel = terms.get(RelBias)
-    return ScoreSpec(Alibi in terms, rel.radius if rel is not None else -1, Softcap in terms)
+    grid = _rel_grid(pattern, rel) if rel is not None and rel.window_dims else None
+    return ScoreSpec(Alibi in terms, rel.radius if rel is not None else -1, Softcap in terms, grid)
+
+
+def _rel_grid(pattern: Pattern, rel: RelBias) -> RelGrid:
+    """The grid a window-offset table is read on: that of the pattern's neighbourhood
+    (all of its neighbourhoods must share one grid and dilation)."""
+    from .neighborhood import Neighborhood
+    from .nodes import walk
+
+    grids = {(n.shape, n.dilation) for n in walk(pattern) if isinstance(n, Neighborhood)}
+    shape_text = "x".join(str(e) for e in rel.table.shape[1:])
+    if len(grids) != 1:
+        raise ValueError(f"{rel!r}: a window-offset table [{shape_text}] reads coordinates from "
+                         f"the pattern's sf.neighborhood; expected exactly one grid and dilation, "
+                         f"found {len(grids)}")
+    (shape, dilation), = grids
+    if len(shape) != rel.window_dims:
+        raise ValueError(f"{rel!r}: the table has {rel.window_dims} window dimensions but the "
+                         f"neighbourhood's grid {shape} has {len(shape)}")
+    halves = tuple((e - 1) // 2 for e in rel.table.shape[1:])
+    mask = strip_scores(pattern)
+    if hasattr(mask, "original_positions"):  # a planner's tiled layout of the mask
+        mask = mask.pattern
+    bounding = [mask] if isinstance(mask, Neighborhood) else [
+        p for p in getattr(mask, "parts", ()) if isinstance(mask, Intersection)
+        and isinstance(p, Neighborhood)]
+    covered = any(all(h >= k - 1 for h, k in zip(halves, n.kernel)) for n in bounding)
+    return RelGrid(shape, dilation, halves, clipped=not covered)
+
+
+def rel_index(spec: ScoreSpec, p, j, ops):
+    """Flattened table entry of query position ``p`` and key ``j``, written once over an
+    ``ops`` namespace (torch for the oracle and CPU path, Triton text for the kernels).
+
+    Token offsets: ``clamp(j - p, -R, R) + R``. Window offsets: per dimension the
+    difference of the coordinates inside the dilation group, clipped to ``+-R_d``,
+    row-major over the table's extents.
+    """
+    from .neighborhood import grid_coordinate
+
+    if spec.rel_grid is None:
+        r = spec.rel_radius
+        return ops.min(ops.max(j - p, -r), r) + r
+    grid = spec.rel_grid
+    index = 0
+    flat_q = flat_k = 0
+    for dim, (dil, half) in enumerate(zip(grid.dilation, grid.halves)):
+        xq, xk = (ops.fdiv(grid_coordinate(x, grid.shape, dim, ops), dil) for x in (p, j))
+        inner = math.prod(2 * h + 1 for h in grid.halves[dim + 1:])
+        if grid.clipped:
+            index = index + (ops.min(ops.max(xk - xq, -half), half) + half) * inner
+        else:
+            flat_q, flat_k = flat_q + xq * inner, flat_k + xk * inner
+    if grid.clipped:
+        return index
+    # the same entry for every pair the table covers; the clamp keeps masked pairs'
+    # loads inside the table
+    r = spec.rel_radius
+    return ops.min(ops.max(flat_k - flat_q + r, 0), 2 * r)
 
 
 def rel_bias_table(pattern: Pattern):
@@ -197,7 +300,10 @@ def alibi(slopes) -> Pattern:
 
 def rel_bias(table) -> Pattern:
     """Add a learned per-offset bias ``table[h, clamp(j - p, -R, R) + R]`` (Shaw et al.
-    2018; the 1-D form of Swin/MaxViT's relative-position bias). ``table``: [Hq, 2R+1]."""
+    2018), ``table``: [Hq, 2R+1]; or, with ``table`` [Hq, 2R_0+1, ..., 2R_n-1+1], the
+    relative-position bias over a window of Swin (Liu et al. 2021) and MaxViT (Tu et al.
+    2022): offsets are coordinate differences on the grid of the pattern's
+    ``sf.neighborhood`` (inside dilation groups), clipped per dimension."""
     return RelBias(table)
 
 

@@ -36,7 +36,7 @@ def explain(plan) -> str:
         ]
         if k.score.any:
             mods = [name for name, on in (("alibi", k.score.alibi),
-                                          (f"rel_bias (R={k.score.rel_radius})", k.score.rel_bias),
+                                          (_rel_bias_text(k.score), k.score.rel_bias),
                                           ("softcap", k.score.softcap)) if on]
             lines.append(f"  scores       {', '.join(mods)} on every visited pair (values are "
                          "run-time arguments)")
@@ -72,3 +72,12 @@ def _box(tiling, block: int) -> str:
     """A kernel tile of ``block`` tokens as an N-D box."""
     ratio = block // tiling.tile_size
     return "x".join(map(str, tiling.tile[:-1] + (tiling.tile[-1] * ratio,)))
+
+
+def _rel_bias_text(score) -> str:
+    grid = score.rel_grid
+    if grid is None:
+        return f"rel_bias (token offsets, R={score.rel_radius})"
+    extents = "x".join(str(2 * h + 1) for h in grid.halves)
+    how = "clipped per dimension" if grid.clipped else "inside the windows: one difference per pair"
+    return f"rel_bias (window offsets {extents} on grid {'x'.join(map(str, grid.shape))}, {how})"

@@ -204,6 +204,14 @@ class Tiled(Pattern):
         length = self.q.length
         return vi & vj & evaluate_mask(self.pattern, fi, fj, length, length)
 
+    def original_positions(self, p, j, ops):
+        """Original (query position, key) of run positions ``p`` (``i`` + the run-length
+        shift) and ``j``: score modifiers read these (padding maps anywhere in range,
+        it is masked)."""
+        fi, _ = self.q.decode(p - (self.kv.run_len - self.q.run_len), ops)
+        fj, _ = self.kv.decode(j, ops)
+        return fi, fj  # original q_len == kv_len: p = i
+
     def triton_prelude(self, text, ops) -> list[str]:
         fi, vi = self.q.decode(text("i"), ops)
         fj, vj = self.kv.decode(text("j"), ops)

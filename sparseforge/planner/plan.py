@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from ..ir.canonicalize import canonicalize
-from ..ir.nodes import Documents, Pattern, PerHead, Window, walk
-from ..ir.scores import ScoreSpec, score_spec, strip_scores
+from ..ir.nodes import Documents, Intersection, Pattern, PerHead, Window, walk
+from ..ir.scores import ScoreSpec, score_spec, score_terms, strip_scores
 from ..semantics import pair_mask
 from .layout import GridTiling, Tiled, choose_tiling, layout_node
 from .ranges import TileSegment, hull_segment, tile_segments
@@ -246,45 +246,58 @@ def plan(pattern: Pattern, *, q_len: int, kv_len: int, head_dim: int, dtype="bfl
         configs = [TileConfig(block_m or base.block_m, block_n or base.block_n, base.num_warps,
                               base.num_stages, base.efficiency, base.tile_overhead)]
     backward = backward_configs(target, head_dim, dtype, scored)
-    node = _tileable(heads, q_len, kv_len, groups, scored) if tiled is not False else None
+    node = _tileable(heads, q_len, kv_len, groups) if tiled is not False else None
     if tiled and node is None:
         raise ValueError("plan(tiled=True): the tiled layout needs an N-D neighborhood in every "
                          "head (one grid and dilation), q_len == kv_len >= the grid size > "
-                         f"{DECODE_MAX_Q}, and no documents or score modifiers")
+                         f"{DECODE_MAX_Q}, no documents and no token-offset rel_bias")
+    tiled_backward = backward_configs(target, head_dim, dtype, scored, tiled=True)
     best = None
     for cfg in configs:
-        options = [] if tiled else [(None, heads, q_len, kv_len)]
+        options = [] if tiled else [(None, heads, q_len, kv_len, backward)]
         # 128 x 128 tiles spill once the layout's predicate is live beside them (cuobjdump)
         small = cfg.block_m * cfg.block_n <= 128 * 64
-        layout = choose_tiling(node, q_len, cfg, backward) if node is not None and small else None
+        layout = (choose_tiling(node, q_len, cfg, tiled_backward) if node is not None and small
+                  else None)
         if layout is not None:
-            blocks = tuple((c.block_m, c.block_n) for c in (cfg, *backward))
-            options.append((layout, [(Tiled(strip_scores(p), *layout, blocks), h) for p, h in heads],
-                            layout[0].run_len, layout[1].run_len))
-        for option, option_heads, lq, lkv in options:
+            blocks = tuple((c.block_m, c.block_n) for c in (cfg, *tiled_backward))
+            options.append((layout, [(_with_scores(Tiled(strip_scores(p), *layout, blocks), p), h)
+                                     for p, h in heads],
+                            layout[0].run_len, layout[1].run_len, tiled_backward))
+        for option, option_heads, lq, lkv, option_backward in options:
             choices = [_choose_kernel(strip_scores(p), lq, lkv, cfg, schedule, groups)
                        for p, _ in option_heads]
             cost = sum(c[0] for c in choices)
             if best is None or cost < best[0]:
-                best = (cost, cfg, choices, option, option_heads, lq, lkv)
-    _, cfg, choices, layout, heads, run_q, run_kv = best
+                best = (cost, cfg, choices, option, option_heads, lq, lkv, option_backward)
+    _, cfg, choices, layout, heads, run_q, run_kv, backward = best
     kernels = tuple(KernelPlan(p, analysed, g, tuple(segs), sched, h)
                     for (_, analysed, g, segs, sched), (p, h) in zip(choices, heads))
     return Plan(canonical, run_q, run_kv, head_dim, dtype, target, cfg, kernels, *backward,
                 decode_config(target, head_dim, dtype, scored), layout)
 
 
-def _tileable(heads, q_len: int, kv_len: int, groups, scored: bool):
+def _tileable(heads, q_len: int, kv_len: int, groups):
     """The neighbourhood a tiled layout would serve, or None where one cannot be used:
-    it permutes absolute positions (q_len == kv_len), decode keeps original order, and
-    document ids and score modifiers read original positions."""
+    it permutes absolute positions (q_len == kv_len), decode keeps original order,
+    document ids are read per original position, and a token-offset rel_bias table's
+    gradient is summed along tile diagonals (score modifiers otherwise map run positions
+    back, ``Tiled.original_positions``)."""
     masks = [p for p, _ in heads]
     node = layout_node(masks)
     if (node is None or groups is not None or q_len != kv_len or q_len < node.size
-            or q_len <= DECODE_MAX_Q or scored
+            or q_len <= DECODE_MAX_Q
+            or any(score_spec(p).rel_grad for p in masks)
             or any(isinstance(n, Documents) for p in masks for n in walk(p))):
         return None
     return node
+
+
+def _with_scores(tiled: Tiled, head: Pattern) -> Pattern:
+    """A tiled head keeps its score modifiers beside the tiled mask (``score_spec`` and
+    the executors read them from the top-level intersection)."""
+    modifiers = tuple(score_terms(head).values())
+    return Intersection((tiled, *modifiers)) if modifiers else tiled
 
 
 def _head_groups(canonical: Pattern) -> list[tuple[Pattern, tuple[int, ...] | None]]:

@@ -90,13 +90,15 @@ for _arch in ("sm_80", "sm_90"):
         _GPU_CONFIGS[(_arch, "float32", _d)] = [_cfg]
 
 
-def backward_configs(target: str, head_dim: int, dtype: str,
-                     scored: bool = False) -> tuple[TileConfig, TileConfig]:
+def backward_configs(target: str, head_dim: int, dtype: str, scored: bool = False,
+                     tiled: bool = False) -> tuple[TileConfig, TileConfig]:
     """Tiles of the backward (dQ kernel, dK/dV kernel). Smaller than the forward's: a
     dK/dV program keeps K, V and two fp32 [BLOCK_N, D] accumulators of its key tile
     live across all its query tiles, and both kernels recompute P and dP per tile.
     ``scored``: the kernels apply score modifiers (and dK/dV gathers the rel_bias
-    gradient), which needs smaller 16-bit tiles up to D=128."""
+    gradient), which needs smaller 16-bit tiles up to D=128. ``tiled``: an N-D tiled
+    layout, whose modifiers first map run positions back (``Tiled.original_positions``):
+    sm_80's scored dQ then needs 32-row tiles (its 64-row tile spilled, cuobjdump)."""
     if target not in TARGETS:
         raise ValueError(f"target={target!r}: expected one of {', '.join(TARGETS)}")
     if target == "interpret":
@@ -108,7 +110,8 @@ def backward_configs(target: str, head_dim: int, dtype: str,
     # swept with cuobjdump on the scores_* variants (64-row dK/dV tiles and 64 x 64 dQ
     # tiles spill with modifiers; fp32 dK/dV differs per target)
     if scored and dtype != "float32" and d <= 128:
-        return _C(64, 32, 8, 2), _C(32, 32, 8, 1)
+        dq = _C(32, 32, 4, 2) if tiled and target == "sm_80" else _C(64, 32, 8, 2)
+        return dq, _C(32, 32, 8, 1)
     if scored and dtype == "float32" and d == 64:
         dq, _ = _BACKWARD_CONFIGS[(target, "float32", d)]
         return dq, (_C(32, 16, 4, 1) if target == "sm_80" else _C(16, 32, 8, 1))

@@ -115,8 +115,12 @@ attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 def compiled_attention(q, k, v, pattern, *, scale, enable_gqa, return_lse, backend):
     """What ``sf.attention`` does while dynamo traces: one opaque op call."""
+    from .dispatch import check_table_grads, resolve_backend
+
+    tensors = pattern_tensors(pattern)  # its tables are the only float N-D tensors among these
+    check_table_grads(resolve_backend(backend, q)[0], tensors)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    out, lse = attention_op(q, k, v, pattern_tensors(pattern), pattern_key(pattern), float(scale),
-                            enable_gqa, backend)
+    out, lse = attention_op(q, k, v, tensors, pattern_key(pattern), float(scale), enable_gqa,
+                            backend)
     return (out, lse) if return_lse else out

@@ -64,7 +64,7 @@ def cached_plan(compiled: CompiledPattern, q_len: int, kv_len: int, head_dim: in
     return found
 
 
-def _resolve_backend(backend: str, q: torch.Tensor) -> tuple[str, str]:
+def resolve_backend(backend: str, q: torch.Tensor) -> tuple[str, str]:
     """(executor, plan target) for the requested backend and the tensors' device."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
@@ -81,6 +81,20 @@ def _resolve_backend(backend: str, q: torch.Tensor) -> tuple[str, str]:
                              "in the environment (or use backend='torch' on CPU)")
         return "interpret", "interpret"
     return backend, "cpu"
+
+
+def check_table_grads(executor: str, tables) -> None:
+    """A window-offset rel_bias table (N-D) gets its gradient from the torch executor only
+    so far: the generated dK/dV kernel sums token-offset tables along tile diagonals,
+    which window offsets do not follow. Refuse, rather than return no gradient."""
+    if executor in ("torch", "reference") or not torch.is_grad_enabled():
+        return
+    for t in tables:
+        if t.requires_grad and t.dim() > 2:
+            raise ValueError(f"rel_bias(table=[{'x'.join(map(str, t.shape))}]): the Triton "
+                             "kernels do not compute a window-offset table's gradient yet; pass "
+                             "table.detach() (q, k and v still get gradients) or train on "
+                             "backend='torch'")
 
 
 def _forward(executor: str, p: Plan, compiled: CompiledPattern, q, k, v, scale: float):
@@ -130,7 +144,7 @@ class _SparseAttentionFunction(torch.autograd.Function):
         executor, p, compiled, scale = ctx.args
         dq, dk, dv, table_grads = _backward(executor, p, compiled, q, k, v, out, lse, grad_out,
                                             grad_lse, scale)
-        return (dq, dk, dv, None, None, None, None, *(table_grads[t] for t in ctx.table_ids))
+        return (dq, dk, dv, None, None, None, None, *(table_grads.get(t) for t in ctx.table_ids))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, *,
@@ -145,12 +159,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
         return custom_op.compiled_attention(q, k, v, pattern, scale=scale, enable_gqa=enable_gqa,
                                             return_lse=return_lse, backend=backend)
     shape = check_attention_inputs(q, k, v, pattern, scale=scale, enable_gqa=enable_gqa)
-    executor, target = _resolve_backend(backend, q)
+    executor, target = resolve_backend(backend, q)
     if executor == "reference":
         out, lse = reference_attention(q, k, v, pattern, scale=shape.scale,
                                        enable_gqa=enable_gqa, return_lse=True)
         return (out, lse) if return_lse else out
     compiled = compile_pattern(pattern)
+    check_table_grads(executor, compiled.tables)
     p = cached_plan(compiled, shape.q_len, shape.kv_len, shape.head_dim, q.dtype, target)
     if p.layout is not None:  # N-D tiles: run on permuted tokens, differentiably
         out, lse = _run_tiled(executor, p, q, k, v, shape.scale)
@@ -190,7 +205,9 @@ def _tiled_run(p: Plan, device) -> _TiledRun:
     kv_gather, kv_scatter = p.layout[1].index_tensors(device)
     padding = torch.ones(p.layout[0].run_len, dtype=torch.bool, device=device)
     padding[q_scatter] = False
-    patterns = CompiledPattern(p.pattern, repr(p.pattern), tuple(k.pattern for k in p.kernels), ())
+    heads = tuple(k.pattern for k in p.kernels)
+    tables = {id(t): t for t in map(rel_bias_table, heads) if t is not None}
+    patterns = CompiledPattern(p.pattern, repr(p.pattern), heads, tuple(tables.values()))
     run = _TiledRun(q_gather, q_scatter, padding, kv_gather, kv_scatter, patterns)
     _tiled_runs[key] = (p, run)  # holding the plan keeps its id unique
     return run
@@ -203,8 +220,9 @@ def _run_tiled(executor: str, p: Plan, q, k, v, scale: float):
     run = _tiled_run(p, q.device)
     q_gather, kv_gather, q_scatter, tiled = run.q_gather, run.kv_gather, run.q_scatter, run.patterns
     qt, kt, vt = q.index_select(2, q_gather), k.index_select(2, kv_gather), v.index_select(2, kv_gather)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        out, lse = _SparseAttentionFunction.apply(qt, kt, vt, executor, p, tiled, scale)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *tiled.tables)):
+        out, lse = _SparseAttentionFunction.apply(qt, kt, vt, executor, p, tiled, scale,
+                                                  *tiled.tables)
     else:
         out, lse = _forward(executor, p, tiled, qt, kt, vt, scale)
     return out.index_select(2, q_scatter), lse.index_select(2, q_scatter)
@@ -218,7 +236,7 @@ def attention_backward(q, k, v, out, lse, grad_out, grad_lse, pattern: Pattern, 
     order (``CompiledPattern.tables``). The torch.compile custom op's backward; also
     usable on its own."""
     shape = check_attention_inputs(q, k, v, pattern, scale=scale, enable_gqa=enable_gqa)
-    executor, target = _resolve_backend(backend, q)
+    executor, target = resolve_backend(backend, q)
     if executor == "reference":  # no backward of its own: the plan run with torch ops
         executor, target = "torch", "cpu"
     compiled = compile_pattern(pattern)
@@ -227,7 +245,7 @@ def attention_backward(q, k, v, out, lse, grad_out, grad_lse, pattern: Pattern, 
         return _backward_tiled(executor, p, q, k, v, out, lse, grad_out, grad_lse, shape.scale)
     dq, dk, dv, grads = _backward(executor, p, compiled, q, k, v, out, lse, grad_out, grad_lse,
                                   shape.scale)
-    return dq, dk, dv, [grads[id(t)] for t in compiled.tables]
+    return dq, dk, dv, [grads.get(id(t)) for t in compiled.tables]
 
 
 def _backward_tiled(executor, p: Plan, q, k, v, out, lse, grad_out, grad_lse, scale):
@@ -243,7 +261,8 @@ def _backward_tiled(executor, p: Plan, q, k, v, out, lse, grad_out, grad_lse, sc
     go = go.masked_fill(ix.q_padding[:, None], 0)
     if gl is not None:
         gl = gl.masked_fill(ix.q_padding, 0)
-    dq, dk, dv, _ = _backward(executor, p, ix.patterns, rows(q, ix.q_gather),
-                              rows(k, ix.kv_gather), rows(v, ix.kv_gather), rows(out, ix.q_gather),
-                              rows(lse, ix.q_gather), go, gl, scale)
-    return rows(dq, ix.q_scatter), rows(dk, ix.kv_scatter), rows(dv, ix.kv_scatter), []
+    dq, dk, dv, grads = _backward(executor, p, ix.patterns, rows(q, ix.q_gather),
+                                  rows(k, ix.kv_gather), rows(v, ix.kv_gather),
+                                  rows(out, ix.q_gather), rows(lse, ix.q_gather), go, gl, scale)
+    return (rows(dq, ix.q_scatter), rows(dk, ix.kv_scatter), rows(dv, ix.kv_scatter),
+            [grads.get(id(t)) for t in ix.patterns.tables])

@@ -17,10 +17,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..ir.scores import rel_bias_table, score_spec
+from ..ir.scores import rel_bias_table, rel_index, score_spec
 from ..planner.plan import KernelPlan, Plan
 from ..planner.schedule import GroupSchedule
-from ..semantics import biased_scores, modified_scores, pair_mask, softcap_value
+from ..semantics import (
+    TorchOps,
+    biased_scores,
+    modified_scores,
+    pair_mask,
+    score_positions,
+    softcap_value,
+)
 
 # Score elements materialised per batch of query tiles (at least one tile per batch).
 _SCORE_BUDGET = 1 << 24
@@ -94,8 +101,8 @@ def _attend(pattern, geo, groups, plan, q, kt, vt, visit, full, tiles_q, lk, sca
     vg = vt[:, :, kv_idx]
     s = torch.matmul(q, kg.flatten(3, 4).transpose(-1, -2)) * scale  # [B, H, nq, BM, C*BN]
     if score_spec(pattern).any:
-        off = _tile_offsets(geo, groups, tiles_q, kv_idx, bm, bn, totals)
-        s = modified_scores(pattern, s, torch.tensor(heads), off.to(s.device))
+        p, j = _tile_positions(geo, groups, tiles_q, kv_idx, bm, bn, totals)
+        s = modified_scores(pattern, s, torch.tensor(heads), p.to(s.device), j.to(s.device))
     allowed = _tile_mask(pattern, geo, groups, tiles_q, kv_idx, is_full, bm, bn, lk, totals).to(s.device)
     s = s.masked_fill(~allowed.view(allowed.shape[0], 1, nq, bm, count * bn)
                       if allowed.dim() == 5 else ~allowed.view(nq, bm, count * bn), float("-inf"))
@@ -146,7 +153,8 @@ def run_backward(plan: Plan, call_kernels, q, k, v, out, lse, grad_out, grad_lse
             dk[:, :, cols] += grads[1]
             dv[:, :, cols] += grads[2]
             if grads[3] is not None:
-                dtables[id(rel_bias_table(call_pattern))][heads] += grads[3]
+                dtable = dtables[id(rel_bias_table(call_pattern))]
+                dtable[heads] += grads[3].view(len(heads), *dtable.shape[1:])
     return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
             {key: g.to(tables[key].dtype) for key, g in dtables.items()})
 
@@ -190,8 +198,9 @@ def _group_backward(plan, kernel, pattern, sched, q, k, v, do, lse, delta, heads
             qs, dos = qt[:, :, sel], dot[:, :, sel]
             s = torch.matmul(qs, kg.transpose(-1, -2)) * scale  # [B, Hs, nq, BM, C*BN]
             if score.any:
-                off = _tile_offsets(geo, kernel.groups, sel, kv_idx, bm, bn, totals).to(q.device)
-                s = biased_scores(pattern, s, head_index, off)
+                p_pos, j_pos = (x.to(q.device) for x in
+                                _tile_positions(geo, kernel.groups, sel, kv_idx, bm, bn, totals))
+                s = biased_scores(pattern, s, head_index, p_pos, j_pos)
                 if cap is not None:
                     t = torch.tanh(s / cap)
                     s = cap * t
@@ -208,7 +217,7 @@ def _group_backward(plan, kernel, pattern, sched, q, k, v, do, lse, delta, heads
             if cap is not None:
                 ds = ds * (1 - t * t)  # through the cap
             if dtable is not None:  # each pair's dS to its (clipped) table entry
-                idx = (off.clamp(-score.rel_radius, score.rel_radius) + score.rel_radius).flatten()
+                idx = rel_index(score, *score_positions(pattern, p_pos, j_pos), TorchOps).flatten()
                 dtable.index_add_(1, idx, ds.sum(0).flatten(1))
             dqt[:, :, sel] = torch.matmul(ds, kg) * scale
             flat = kv_idx.flatten().to(q.device)
@@ -223,15 +232,15 @@ def _group_backward(plan, kernel, pattern, sched, q, k, v, do, lse, delta, heads
     return dqt.view(b, hs, tq * bm, d)[:, :, :lq], dk[:, :, :lk], dv[:, :, :lk], dtable
 
 
-def _tile_offsets(geo, groups, tiles_q, kv_idx, bm, bn, totals):
-    """``j - p`` of every pair of a batch of query tiles and their gathered kv tiles, in
-    original coordinates: [nq, BM, C*BN]."""
+def _tile_positions(geo, groups, tiles_q, kv_idx, bm, bn, totals):
+    """Query positions ``p`` [nq, BM, 1] and keys ``j`` [nq, 1, C*BN] of a batch of query
+    tiles and their gathered kv tiles, in original coordinates."""
     q_len_total, kv_len_total = totals
     rows = torch.from_numpy(np.asarray(tiles_q))[:, None] * bm + torch.arange(bm)
     cols = (kv_idx[:, :, None] * bn + torch.arange(bn)).flatten(1)
     p = geo.q_start + rows * groups + (kv_len_total - q_len_total)
     j = geo.kv_start + cols * groups
-    return j[:, None, :] - p[:, :, None]
+    return p[:, :, None], j[:, None, :]
 
 
 def _kv_tiles(x, kv_heads, tiles: int, block_n: int):

@@ -75,7 +75,7 @@ def _score_args(kernel, call_pattern, device) -> list:
     if score.alibi:
         args.append(terms[Alibi].slopes.detach().to(device=device, dtype=torch.float32).contiguous())
     if score.rel_bias:
-        table = terms[RelBias].table.detach().to(device=device, dtype=torch.float32).contiguous()
+        table = terms[RelBias].table.detach().to(device=device, dtype=torch.float32).flatten(1).contiguous()
         args += [table, table.stride(0)]
     if score.softcap:
         args.append(terms[Softcap].cap * LOG2E)
@@ -130,7 +130,7 @@ def backward_launches(plan: Plan, call_kernels, q, k, v, do, dq, dk, dv, lse, de
             else:
                 tiles = max(1, max(-(-geo.kv_len // bn) for geo in geos))
                 tensors = [q, k, v, do, dk, dv, lse, delta]
-                if kernel.score.rel_bias:
+                if kernel.score.rel_grad:
                     part = bias_parts[index]
                     extra = extra + [part, *part.stride()[:3]]
             for first_head, n_heads in head_runs(kernel.heads, hq):
@@ -148,7 +148,7 @@ def bias_grad_buffers(plan: Plan, call_kernels, q, k) -> dict:
     lkv = k.shape[2]
     parts = {}
     for index, kernel in enumerate(plan.kernels):
-        if kernel.score.rel_bias:
+        if kernel.score.rel_grad:
             tiles = max(1, max(-(-geo.kv_len // plan.backward_dkdv.block_n)
                                for geo in group_geometry(lq, lkv, kernel.groups)))
             parts[index] = torch.zeros((b, hq, kernel.groups * tiles, 2 * kernel.score.rel_radius + 1),

@@ -66,6 +66,16 @@ def variant_specs() -> dict[str, tuple]:
                             | ir.sinks(4), 64, "bfloat16", {"tiled": True})
     shapes["na2d_original"] = (neighborhood((64, 64), (5, 9), stride=(1, 3)), 64, "bfloat16",
                                {"tiled": False})
+    # window-offset rel_bias (Swin / MaxViT / NATTEN rpb) on a dilated 2-D neighbourhood:
+    # inside the table's windows (one difference per pair), and clipped per dimension
+    # beside sinks and every other modifier
+    na = neighborhood((64, 64), 7, dilation=(1, 2))
+    window_table = scores.rel_bias(torch.zeros(heads, 13, 13))
+    shapes["na2d_rel_bias"] = (na & window_table, 64, "bfloat16", {"tiled": False})
+    shapes["na2d_tiled_rel_bias"] = (na & window_table, 64, "bfloat16", {"tiled": True})
+    shapes["na2d_rel_bias_clipped"] = ((na | ir.sinks(4)) & window_table & scores.softcap(20.0)
+                                       & scores.alibi(torch.ones(heads)), 64, "bfloat16",
+                                       {"tiled": False})
     return shapes
 
 
