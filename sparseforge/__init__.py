@@ -19,6 +19,7 @@ from .ir.nodes import (
     sliding_window,
     window,
 )
+from .ir.routing import threshold_blocks, topk_blocks, topk_chunks, vertical_slash
 from .ir.scores import alibi, alibi_slopes, rel_bias, softcap
 from .modules import SparseAttention
 from .natten_api import na1d, na2d, na3d
@@ -32,5 +33,6 @@ __all__ = [
     "dense_mask", "documents", "full", "global_queries", "halo_blocks", "load_kernels",
     "maxvit_block", "maxvit_grid", "na1d", "na2d", "na3d", "neighborhood", "per_head", "plan",
     "prefix_lm", "reference_attention", "rel_bias", "sinks", "sliding_window", "softcap",
-    "SparseAttention", "swin_window", "window",
+    "SparseAttention", "swin_window", "threshold_blocks", "topk_blocks", "topk_chunks",
+    "vertical_slash", "window",
 ]

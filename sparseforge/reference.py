@@ -6,6 +6,8 @@ import torch
 
 from .ir.canonicalize import canonicalize
 from .ir.nodes import Pattern, PerHead
+from .ir.routing import is_dynamic
+from .routing.reference import route
 from .runtime.validate import SUPPORTED_DTYPES, check_attention_inputs
 from .semantics import modified_scores, pair_mask
 
@@ -16,7 +18,10 @@ def dense_mask(pattern: Pattern, q_len: int, kv_len: int, *, batch: int | None =
 
     Shape ``[Lq, Lkv]`` for a head- and batch-independent pattern; ``[H, Lq, Lkv]`` for
     ``per_head``; ``[B, H or 1, Lq, Lkv]`` when a batched ``documents`` pattern (or
-    ``batch``) makes it batch dependent. ``content`` is reserved for dynamic patterns.
+    ``batch``) makes it batch dependent. A pattern with routing nodes (``topk_blocks``
+    and kin) is decided from the tensors: pass ``content=(q, k)`` or ``(q, k, scale)``
+    (``[B, Hq, Lq, D]``, ``[B, Hkv, Lkv, D]``; scale defaults to D ** -0.5) and get
+    ``[B, Hq, Lq, Lkv]``, routed by the torch reference (``sparseforge.routing``).
     """
     if not isinstance(pattern, Pattern):
         raise TypeError(f"pattern={type(pattern).__name__}: expected a sparseforge pattern")
@@ -25,6 +30,8 @@ def dense_mask(pattern: Pattern, q_len: int, kv_len: int, *, batch: int | None =
             raise ValueError(f"dense_mask({name}={v!r}): expected an int >= 0")
     i = torch.arange(q_len, device=device)[:, None]
     j = torch.arange(kv_len, device=device)[None, :]
+    if is_dynamic(pattern):
+        return _routed_mask(canonicalize(pattern), i, j, q_len, kv_len, content)
     heads = pattern.patterns if isinstance(pattern, PerHead) else (pattern,)
     masks = [pair_mask(h, i, j, q_len, kv_len) for h in heads]
     batched = any(m.dim() == 3 for m in masks) or batch is not None
@@ -33,6 +40,22 @@ def dense_mask(pattern: Pattern, q_len: int, kv_len: int, *, batch: int | None =
     nb = max([m.shape[0] for m in masks if m.dim() == 3] + [batch or 1])
     masks = [(m if m.dim() == 3 else m[None]).expand(nb, q_len, kv_len) for m in masks]
     return torch.stack(masks, dim=1)
+
+
+def _routed_mask(pattern: Pattern, i, j, q_len: int, kv_len: int, content) -> torch.Tensor:
+    if content is None or len(content) not in (2, 3):
+        raise ValueError(f"dense_mask({pattern!r}): a routed pattern needs content=(q, k) or "
+                         "(q, k, scale)")
+    q, k = content[0], content[1]
+    if q.shape[2] != q_len or k.shape[2] != kv_len:
+        raise ValueError(f"dense_mask(content=...): q and k have lengths {q.shape[2]} and "
+                         f"{k.shape[2]}, expected q_len={q_len} and kv_len={kv_len}")
+    scale = content[2] if len(content) == 3 and content[2] is not None else q.shape[-1] ** -0.5
+    routing = route(pattern, q, k, scale)
+    mask = pair_mask(pattern, i.to(q.device), j.to(q.device), q_len, kv_len, routing)
+    while mask.dim() < 4:
+        mask = mask[None]
+    return mask.expand(q.shape[0], q.shape[1], q_len, kv_len)
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, *,
@@ -46,7 +69,8 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patte
     shape = check_attention_inputs(q, k, v, pattern, scale=scale, enable_gqa=enable_gqa,
                                    dtypes=SUPPORTED_DTYPES + (torch.float64,))
     canonical = canonicalize(pattern)
-    mask = dense_mask(canonical, shape.q_len, shape.kv_len, device=q.device)
+    mask = dense_mask(canonical, shape.q_len, shape.kv_len, device=q.device,
+                      content=(q, k, shape.scale))
     if mask.dim() == 3:  # per-head [H, Lq, Lkv]
         mask = mask[None]
     group = shape.q_heads // shape.kv_heads

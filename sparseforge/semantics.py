@@ -26,6 +26,7 @@ from .ir.nodes import (
     Union,
     Window,
 )
+from .ir.routing import DynamicPattern
 from .ir.scores import Alibi, RelBias, Softcap, rel_index, score_spec, score_terms, strip_scores
 
 
@@ -61,16 +62,16 @@ class TorchOps:
 
 
 def pair_mask(pattern: Pattern, i: torch.Tensor, j: torch.Tensor, q_len: int,
-              kv_len: int) -> torch.Tensor:
+              kv_len: int, routing: dict | None = None) -> torch.Tensor:
     """Bool tensor: may query row ``i`` attend key ``j`` (broadcast shapes).
 
     A batched ``documents`` pattern adds a leading batch dimension.
     """
     p = i + (kv_len - q_len)
-    return _eval(pattern, i, p, j, q_len, kv_len)
+    return _eval(pattern, i, p, j, q_len, kv_len, routing)
 
 
-def _eval(pat: Pattern, i, p, j, q_len, kv_len) -> torch.Tensor:
+def _eval(pat: Pattern, i, p, j, q_len, kv_len, routing=None) -> torch.Tensor:
     if isinstance(pat, (Full, ScoreModifier)):  # modifiers change scores, not the mask
         return ~_no_pairs(p, j)
     if isinstance(pat, Empty):
@@ -92,21 +93,34 @@ def _eval(pat: Pattern, i, p, j, q_len, kv_len) -> torch.Tensor:
         return _documents(pat, i, p, j, q_len, kv_len)
     if isinstance(pat, Neighborhood):
         return neighborhood_keep(pat, p, j, TorchOps)
+    if isinstance(pat, DynamicPattern):
+        if routing is None or pat not in routing:
+            raise ValueError(f"{pat!r} is decided from q and k at run time: pass content=(q, k) "
+                             "to dense_mask (sf.attention and sf.reference_attention route "
+                             "themselves)")
+        return routing[pat].pair_mask(p, j)  # [B, Hq, *pairs]
     if hasattr(pat, "pair_mask"):  # planner-internal nodes (a token layout) define their own
         return pat.pair_mask(i, j, pair_mask)
-    if isinstance(pat, Union):
-        out = _eval(pat.parts[0], i, p, j, q_len, kv_len)
+    if isinstance(pat, (Union, Intersection)):
+        out = _eval(pat.parts[0], i, p, j, q_len, kv_len, routing)
         for part in pat.parts[1:]:
-            out = out | _eval(part, i, p, j, q_len, kv_len)
-        return out
-    if isinstance(pat, Intersection):
-        out = _eval(pat.parts[0], i, p, j, q_len, kv_len)
-        for part in pat.parts[1:]:
-            out = out & _eval(part, i, p, j, q_len, kv_len)
+            a, b = _aligned(out, _eval(part, i, p, j, q_len, kv_len, routing), p, j)
+            out = a | b if isinstance(pat, Union) else a & b
         return out
     if isinstance(pat, PerHead):
         raise ValueError("per_head: evaluate one head's pattern at a time (see dense_mask)")
     raise TypeError(f"pattern node {type(pat).__name__} has no semantics")
+
+
+def _aligned(a: torch.Tensor, b: torch.Tensor, p, j):
+    """A batched ``[B, *pairs]`` mask beside a routed ``[B, Hq, *pairs]`` one gains the head
+    dimension (unbatched masks broadcast as they are)."""
+    pairs = len(torch.broadcast_shapes(p.shape, j.shape))
+    if a.dim() == pairs + 1 and b.dim() == pairs + 2:
+        a = a.unsqueeze(1)
+    elif b.dim() == pairs + 1 and a.dim() == pairs + 2:
+        b = b.unsqueeze(1)
+    return a, b
 
 
 def _no_pairs(p: torch.Tensor, j: torch.Tensor) -> torch.Tensor:

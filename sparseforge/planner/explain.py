@@ -55,6 +55,11 @@ def explain(plan) -> str:
             f"  utilisation  {st.utilisation:.3f} (useful pairs {st.useful_pairs} / computed "
             f"{st.computed_pairs})",
         ]
+    if plan.routing:
+        lines += _routing_lines(plan)
+        lines.append("flex        (no BlockMask comparison: the mask is decided from q and k at run "
+                     "time; the kernels above cover its static envelope)")
+        return "\n".join(lines)
     flex = flex_blocks(plan.pattern, lq, lkv)
     if flex is None:
         lines.append("flex        (BlockMask comparison skipped: mask too large to evaluate densely)")
@@ -81,3 +86,22 @@ def _rel_bias_text(score) -> str:
     extents = "x".join(str(2 * h + 1) for h in grid.halves)
     how = "clipped per dimension" if grid.clipped else "inside the windows: one difference per pair"
     return f"rel_bias (window offsets {extents} on grid {'x'.join(map(str, grid.shape))}, {how})"
+
+
+def _routing_lines(plan) -> list[str]:
+    """The routing pre-kernel DAG, in dependency order, with each step's work."""
+    import networkx as nx
+
+    dag = plan.routing_dag
+    steps = {s.name: s for s in plan.routing}
+    total = sum(s.work for s in plan.routing)
+    lines = [f"routing     {len(plan.routing)} pre-kernel(s), DAG {dag.number_of_nodes()} nodes / "
+             f"{dag.number_of_edges()} edges, {total} ops per (batch, head); run today as "
+             "torch ops (the reference rules), generated pre-kernels not yet"]
+    for name in nx.topological_sort(dag):
+        if name in steps:
+            s = steps[name]
+            lines.append(f"  {s.name:10s} {s.op:32s} <- {', '.join(s.inputs):18s} -> {s.output} "
+                         f"({s.work} ops)")
+    lines.append(f"  attention  <- {', '.join(n for n in dag.predecessors('attention'))}")
+    return lines

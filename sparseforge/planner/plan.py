@@ -8,6 +8,7 @@ tile and whether they are walked one by one or as one hull. It is built once per
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from functools import cached_property
@@ -17,7 +18,9 @@ import torch
 
 from ..ir.canonicalize import canonicalize
 from ..ir.nodes import Documents, Intersection, Pattern, PerHead, Window, walk
+from ..ir.routing import is_dynamic
 from ..ir.scores import ScoreSpec, score_spec, score_terms, strip_scores
+from ..routing.dag import envelope, routing_steps
 from ..semantics import pair_mask
 from .layout import GridTiling, Tiled, choose_tiling, layout_node
 from .ranges import TileSegment, hull_segment, tile_segments
@@ -137,6 +140,16 @@ class Plan:
     backward_dkdv: TileConfig  # ... and of the dK/dV kernel
     decode: TileConfig  # tiles of the split-KV decode kernel (used when q_len is short)
     layout: tuple[GridTiling, GridTiling] | None = None  # (queries, keys) token order
+    #: routing pre-kernels of a dynamic pattern (``routing/dag.py``); the kernels above
+    #: then plan its static envelope (routing nodes read as ``full()``)
+    routing: tuple = ()
+
+    @cached_property
+    def routing_dag(self):
+        """The routing pre-kernels as a networkx DAG (empty for static patterns)."""
+        from ..routing.dag import routing_dag
+
+        return routing_dag(self.routing)
 
     @property
     def lengths(self) -> tuple[int, int]:
@@ -237,6 +250,13 @@ def plan(pattern: Pattern, *, q_len: int, kv_len: int, head_dim: int, dtype="bfl
     if tiled not in (None, True, False):
         raise ValueError(f"plan(tiled={tiled!r}): expected None, True or False")
     canonical = canonicalize(pattern)
+    routing: tuple = ()
+    if is_dynamic(canonical):
+        routing = routing_steps(canonical, q_len, kv_len, head_dim)
+        envelope_plan = plan(envelope(canonical), q_len=q_len, kv_len=kv_len, head_dim=head_dim,
+                             dtype=dtype, target=target, schedule=schedule, groups=groups,
+                             block_m=block_m, block_n=block_n, tiled=tiled)
+        return dataclasses.replace(envelope_plan, pattern=canonical, routing=routing)
     heads = _head_groups(canonical)
     scored = any(score_spec(p).any for p, _ in heads)
 

@@ -15,9 +15,11 @@ import torch
 
 from ..ir.canonicalize import canonicalize
 from ..ir.nodes import Pattern
+from ..ir.routing import is_dynamic
 from ..ir.scores import rel_bias_table
 from ..planner.plan import Plan, _head_groups, default_target, dtype_name, plan
 from ..reference import reference_attention
+from ..routing.execute import routed_attention
 from . import custom_op, torch_exec, triton_launch
 from .cache import interpreter_active
 from .validate import check_attention_inputs
@@ -155,6 +157,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     Returns ``out`` [B, Hq, Lq, D] (and ``lse`` [B, Hq, Lq], natural log, if
     ``return_lse``). A query with no allowed key gives 0 and lse ``-inf``.
     """
+    if torch.compiler.is_compiling() and is_dynamic(pattern):  # torch ops dynamo can trace
+        shape = check_attention_inputs(q, k, v, pattern, scale=scale, enable_gqa=enable_gqa)
+        out, lse = routed_attention(q, k, v, pattern, shape.scale)
+        return (out, lse) if return_lse else out
     if torch.compiler.is_compiling():  # one opaque custom op in the graph, no breaks
         return custom_op.compiled_attention(q, k, v, pattern, scale=scale, enable_gqa=enable_gqa,
                                             return_lse=return_lse, backend=backend)
@@ -163,6 +169,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     if executor == "reference":
         out, lse = reference_attention(q, k, v, pattern, scale=shape.scale,
                                        enable_gqa=enable_gqa, return_lse=True)
+        return (out, lse) if return_lse else out
+    if is_dynamic(pattern):
+        if backend == "triton":
+            raise ValueError(f"backend='triton' with {pattern!r}: routing pre-kernels are not "
+                             "generated yet; routed patterns run with torch ops (backend='auto' "
+                             "or 'torch')")
+        out, lse = routed_attention(q, k, v, pattern, shape.scale)
         return (out, lse) if return_lse else out
     compiled = compile_pattern(pattern)
     check_table_grads(executor, compiled.tables)

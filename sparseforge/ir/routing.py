@@ -1,0 +1,219 @@
+"""Content-dependent (dynamic) pattern nodes: which key blocks a query block reads is
+decided at run time from q and k (DESIGN section 3, the routing table).
+
+Each node is structure and validation only; the rules themselves are in
+``sparseforge.routing.reference`` (the torch oracle of the indices). Composition: in
+``S & node`` the *candidates* are the key blocks (chunks, columns, diagonals) where the
+other, static operands of the (flattened, canonical) intersection allow at least one
+pair, and the result is ``S`` and selected; a union adds its static parts whatever was
+selected. So ``(sf.causal() & sf.topk_blocks(512, 3, query_block=1)) | (sf.causal() &
+sf.chunks(512))`` is MoBA: the top-3 earlier blocks per token plus its own block.
+
+Seed systems: BiFormer (Zhu et al., CVPR 2023) and MoBA (Lu et al. 2025) route by pooled
+block top-k; NSA's selection branch (Yuan et al. 2025) likewise; DHSA (2025) pools
+variable-length chunks scaled by sqrt(len); XAttention / FlexPrefill keep the fewest
+blocks reaching a softmax coverage; MInference (Jiang et al. 2024) keeps vertical
+columns and slash diagonals estimated from the last queries.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .nodes import Pattern, _check_int
+
+SHARES = ("head", "group", "all")
+POOLS = ("mean", "max")
+
+
+class DynamicPattern(Pattern):
+    """Base of the routing nodes: their pairs depend on the tensors of the call."""
+
+    kind = ""
+
+
+def _check_choice(owner: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{owner}({name}={value!r}): expected one of {', '.join(choices)}")
+
+
+def _check_bool(owner: str, name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}({name}={value!r}): expected a bool")
+
+
+@dataclass(frozen=True)
+class TopkBlocks(DynamicPattern):
+    """Top-k key blocks of ``block`` tokens per query block of ``query_block`` tokens, by
+    the dot product of pooled q and pooled k (summed over the heads sharing a decision)."""
+
+    block: int
+    k: int
+    query_block: int | None = None
+    pool: str = "mean"
+    scale_by_sqrt_len: bool = False
+    share: str = "head"
+    kind = "topk_blocks"
+
+    def __post_init__(self) -> None:
+        owner = "topk_blocks"
+        _check_int(owner, "block", self.block, 1)
+        _check_int(owner, "k", self.k, 1)
+        if self.query_block is not None:
+            _check_int(owner, "query_block", self.query_block, 1)
+        _check_choice(owner, "pool", self.pool, POOLS)
+        _check_bool(owner, "scale_by_sqrt_len", self.scale_by_sqrt_len)
+        _check_choice(owner, "share", self.share, SHARES)
+
+    @property
+    def q_block(self) -> int:
+        return self.block if self.query_block is None else self.query_block
+
+    def __repr__(self) -> str:
+        extra = "".join(f", {name}={value!r}" for name, value, default in (
+            ("query_block", self.query_block, None), ("pool", self.pool, "mean"),
+            ("scale_by_sqrt_len", self.scale_by_sqrt_len, False), ("share", self.share, "head"))
+            if value != default)
+        return f"topk_blocks({self.block}, {self.k}{extra})"
+
+
+@dataclass(frozen=True, eq=False)
+class TopkChunks(DynamicPattern):
+    """Top-k variable-length key chunks per query chunk; chunk ``c`` holds positions
+    ``[boundaries[c], boundaries[c + 1])`` for keys and queries alike, and its vector is
+    its mean times sqrt(its length) (DHSA). Identity equality, like ``documents``: the
+    boundaries are run-time data."""
+
+    boundaries: Any
+    k: int
+    share: str = "head"
+    kind = "topk_chunks"
+
+    def __post_init__(self) -> None:
+        import torch
+
+        owner = "topk_chunks"
+        _check_int(owner, "k", self.k, 1)
+        _check_choice(owner, "share", self.share, SHARES)
+        b = self.boundaries
+        if not isinstance(b, torch.Tensor):
+            raise TypeError(f"{owner}(boundaries=...): expected an integer torch.Tensor, "
+                            f"got {type(b).__name__}")
+        if b.dtype.is_floating_point or b.dtype == torch.bool or b.is_complex():
+            raise TypeError(f"{owner}(boundaries=...): expected an integer dtype, got {b.dtype}")
+        if b.dim() not in (1, 2) or b.shape[-1] < 2:
+            raise ValueError(f"{owner}(boundaries=...): expected shape [C + 1] or [B, C + 1] "
+                             f"with C >= 1 chunks, got {tuple(b.shape)}")
+
+    @property
+    def chunks(self) -> int:
+        return self.boundaries.shape[-1] - 1
+
+    def __hash__(self) -> int:
+        return hash((TopkChunks, id(self.boundaries), self.k, self.share))
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, TopkChunks) and other.boundaries is self.boundaries
+                and (other.k, other.share) == (self.k, self.share))
+
+    def __repr__(self) -> str:
+        share = "" if self.share == "head" else f", share={self.share!r}"
+        shape = "x".join(str(s) for s in self.boundaries.shape)
+        return f"topk_chunks(<boundaries {shape}>, {self.k}{share})"
+
+
+@dataclass(frozen=True)
+class ThresholdBlocks(DynamicPattern):
+    """The fewest key blocks whose softmax-normalised pooled scores reach ``coverage``."""
+
+    block: int
+    coverage: float
+    query_block: int | None = None
+    share: str = "head"
+    kind = "threshold_blocks"
+
+    def __post_init__(self) -> None:
+        owner = "threshold_blocks"
+        _check_int(owner, "block", self.block, 1)
+        if self.query_block is not None:
+            _check_int(owner, "query_block", self.query_block, 1)
+        if isinstance(self.coverage, bool) or not isinstance(self.coverage, (int, float)):
+            raise TypeError(f"{owner}(coverage={self.coverage!r}): expected a float")
+        if not (math.isfinite(self.coverage) and 0.0 < self.coverage <= 1.0):
+            raise ValueError(f"{owner}(coverage={self.coverage!r}): expected a value in (0, 1]")
+        object.__setattr__(self, "coverage", float(self.coverage))
+        _check_choice(owner, "share", self.share, SHARES)
+
+    @property
+    def q_block(self) -> int:
+        return self.block if self.query_block is None else self.query_block
+
+    def __repr__(self) -> str:
+        extra = "".join(f", {name}={value!r}" for name, value, default in (
+            ("query_block", self.query_block, None), ("share", self.share, "head"))
+            if value != default)
+        return f"threshold_blocks({self.block}, {self.coverage!r}{extra})"
+
+
+@dataclass(frozen=True)
+class VerticalSlash(DynamicPattern):
+    """The ``n_vertical`` key columns and ``n_slash`` diagonals (offsets ``p - j``) with
+    the most attention mass from the last ``last_q`` queries, per head."""
+
+    n_vertical: int
+    n_slash: int
+    last_q: int = 64
+    kind = "vertical_slash"
+
+    def __post_init__(self) -> None:
+        owner = "vertical_slash"
+        _check_int(owner, "n_vertical", self.n_vertical, 0)
+        _check_int(owner, "n_slash", self.n_slash, 0)
+        _check_int(owner, "last_q", self.last_q, 1)
+        if self.n_vertical + self.n_slash == 0:
+            raise ValueError(f"{owner}(n_vertical=0, n_slash=0): keeps nothing; expected at "
+                             "least one column or diagonal")
+
+    def __repr__(self) -> str:
+        last = "" if self.last_q == 64 else f", last_q={self.last_q}"
+        return f"vertical_slash({self.n_vertical}, {self.n_slash}{last})"
+
+
+def is_dynamic(pattern: Pattern) -> bool:
+    from .nodes import walk
+
+    return any(isinstance(n, DynamicPattern) for n in walk(pattern))
+
+
+# ---------------------------------------------------------------- public constructors
+
+
+def topk_blocks(block: int, k: int, *, query_block: int | None = None, pool: str = "mean",
+                scale_by_sqrt_len: bool = False, share: str = "head") -> Pattern:
+    """Per query block, the ``k`` key blocks with the largest pooled dot product (ties:
+    lower index) among the candidates; ``query_block=1`` routes every token (MoBA).
+    ``share``: one decision per query head, per GQA group, or for all heads (BiFormer,
+    DHSA), scored by the sum of the member heads' dot products."""
+    return TopkBlocks(block, k, query_block, pool, scale_by_sqrt_len, share)
+
+
+def topk_chunks(boundaries, k: int, *, share: str = "head") -> Pattern:
+    """Like ``topk_blocks`` over variable-length chunks ``[boundaries[c],
+    boundaries[c + 1])`` (``[C + 1]`` or ``[B, C + 1]``, from 0 to Lkv), chunk vectors =
+    mean * sqrt(len), as in DHSA."""
+    return TopkChunks(boundaries, k, share)
+
+
+def threshold_blocks(block: int, coverage: float, *, query_block: int | None = None,
+                     share: str = "head") -> Pattern:
+    """The fewest candidate key blocks whose softmax over pooled scores sums to at least
+    ``coverage`` (XAttention, FlexPrefill)."""
+    return ThresholdBlocks(block, coverage, query_block, share)
+
+
+def vertical_slash(n_vertical: int, n_slash: int, last_q: int = 64) -> Pattern:
+    """MInference's vertical-slash pattern: the top key columns and top diagonals
+    estimated from the attention of the last ``last_q`` queries."""
+    return VerticalSlash(n_vertical, n_slash, last_q)

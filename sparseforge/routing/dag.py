@@ -1,0 +1,108 @@
+"""The routing pre-kernels a dynamic pattern needs, as a small DAG the plan records and
+``plan.explain()`` prints: pool q, pool k -> score -> select -> index layout, one chain
+per routing node, all feeding the attention. Work is counted at the plan's sizes
+(multiply-adds for pooling and scoring, comparisons for selection), so the cost of
+routing is visible next to the attention's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import networkx as nx
+
+from ..ir.nodes import Pattern, walk
+from ..ir.routing import DynamicPattern, ThresholdBlocks, TopkChunks, VerticalSlash
+
+
+@dataclass(frozen=True)
+class RoutingStep:
+    """One pre-kernel: ``name`` (unique), ``op``, its ``inputs`` (step names, or ``q``/``k``),
+    what it produces, and its work per (batch, head)."""
+
+    name: str
+    op: str
+    inputs: tuple[str, ...]
+    output: str
+    work: int
+
+
+def _bucket_counts(node, q_len: int, kv_len: int) -> tuple[int, int]:
+    if isinstance(node, TopkChunks):
+        return node.chunks, node.chunks
+    first = kv_len - q_len
+    cq = max(1, -(-kv_len // node.q_block) - math.floor(first / node.q_block))
+    return cq, max(1, -(-kv_len // node.block))
+
+
+def routing_steps(pattern: Pattern, q_len: int, kv_len: int, head_dim: int) -> tuple[RoutingStep, ...]:
+    """The pre-kernels of every routing node of ``pattern``, in dependency order."""
+    steps: list[RoutingStep] = []
+    seen = []
+    for node in walk(pattern):
+        if not isinstance(node, DynamicPattern) or node in seen:
+            continue
+        seen.append(node)
+        tag = f"{len(seen) - 1}"
+        if isinstance(node, VerticalSlash):
+            rows = min(node.last_q, q_len)
+            steps += [
+                RoutingStep(f"estimate{tag}", "last-rows attention", ("q", "k"),
+                            f"column and diagonal mass [{kv_len}], [{2 * kv_len - 1}]",
+                            2 * rows * kv_len * head_dim),
+                RoutingStep(f"select{tag}", f"top-{node.n_vertical} columns, top-{node.n_slash} "
+                            "diagonals", (f"estimate{tag}",), "column / diagonal flags",
+                            3 * kv_len * max(1, math.ceil(math.log2(max(kv_len, 2))))),
+            ]
+            continue
+        cq, ck = _bucket_counts(node, q_len, kv_len)
+        pool = getattr(node, "pool", "mean") + (" * sqrt(len)" if isinstance(node, TopkChunks)
+                                                or getattr(node, "scale_by_sqrt_len", False) else "")
+        if isinstance(node, ThresholdBlocks):
+            select, layout = f"coverage {node.coverage}", f"CSR counts [{cq}] + offsets"
+        else:
+            select, layout = f"top-{node.k}", f"fixed-k indices [{cq}, {node.k}]"
+        steps += [
+            RoutingStep(f"pool_q{tag}", f"pool {pool}", ("q",), f"[{cq}, {head_dim}]", q_len * head_dim),
+            RoutingStep(f"pool_k{tag}", f"pool {pool}", ("k",), f"[{ck}, {head_dim}]", kv_len * head_dim),
+            RoutingStep(f"score{tag}", f"dot, share={node.share}", (f"pool_q{tag}", f"pool_k{tag}"),
+                        f"[{cq}, {ck}]", cq * ck * head_dim),
+            RoutingStep(f"select{tag}", select, (f"score{tag}",), layout,
+                        cq * ck * max(1, math.ceil(math.log2(max(ck, 2))))),
+        ]
+    return tuple(steps)
+
+
+def routing_dag(steps: tuple[RoutingStep, ...]) -> nx.DiGraph:
+    """The steps as a networkx DAG ending in the ``attention`` node."""
+    g = nx.DiGraph()
+    for s in steps:
+        g.add_node(s.name, step=s)
+        for i in s.inputs:
+            g.add_edge(i, s.name)
+    for s in steps:
+        if s.name.startswith("select"):
+            g.add_edge(s.name, "attention")
+    assert nx.is_directed_acyclic_graph(g)
+    return g
+
+
+def envelope(pattern: Pattern) -> Pattern:
+    """The static pattern the kernels' tile bounds cover: each routing node replaced by
+    ``full()`` (it may select any candidate), so ``S & topk`` plans as ``S``."""
+    from ..ir.canonicalize import canonicalize
+    from ..ir.nodes import Full, Intersection, PerHead, Union
+
+    def strip(p: Pattern) -> Pattern:
+        if isinstance(p, DynamicPattern):
+            return Full()
+        if isinstance(p, Union):
+            return Union(tuple(strip(c) for c in p.parts))
+        if isinstance(p, Intersection):
+            return Intersection(tuple(strip(c) for c in p.parts))
+        if isinstance(p, PerHead):
+            return PerHead(tuple(strip(c) for c in p.patterns))
+        return p
+
+    return canonicalize(strip(pattern))

@@ -1,0 +1,51 @@
+"""Attention under a routed pattern with torch ops: route (the torch reference), then
+attend query rows in chunks against every key with the routed mask.
+
+This is the exact, differentiable path dynamic patterns run on today (any device): the
+mask is evaluated per chunk of rows, so memory stays O(rows x Lkv) per chunk, but the
+compute is dense. The generated routing pre-kernels and the block-sparse forward that
+consumes their indices are the next step (docs/routing.md says what is missing).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ir.canonicalize import canonicalize
+from ..semantics import modified_scores, pair_mask
+from .reference import route
+
+#: query rows attended at once: bounds the [B, H, rows, Lkv] score block
+ROW_CHUNK = 256
+
+
+def routed_attention(q, k, v, pattern, scale: float):
+    """(out ``[B, Hq, Lq, D]`` in q's dtype, lse ``[B, Hq, Lq]`` fp32) of a routed pattern;
+    GQA by head groups. Rows with no allowed key give 0 and lse -inf."""
+    canonical = canonicalize(pattern)
+    b, hq, q_len, _ = q.shape
+    hkv, kv_len = k.shape[1], k.shape[2]
+    with torch.no_grad():
+        routing = route(canonical, q.detach(), k.detach(), scale)
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    group = hq // hkv
+    kk = k.to(compute).repeat_interleave(group, dim=1)
+    vv = v.to(compute).repeat_interleave(group, dim=1)
+    j = torch.arange(kv_len, device=q.device)[None, :]
+    outs, lses = [], []
+    for r0 in range(0, q_len, ROW_CHUNK):
+        rows = torch.arange(r0, min(q_len, r0 + ROW_CHUNK), device=q.device)
+        mask = pair_mask(canonical, rows[:, None], j, q_len, kv_len, routing)
+        while mask.dim() < 4:
+            mask = mask[None]
+        s = q[:, :, rows].to(compute) @ kk.transpose(-1, -2) * scale
+        p = rows[:, None] + (kv_len - q_len)
+        s = modified_scores(canonical, s, torch.arange(hq), p, j)
+        s = s.masked_fill(~mask, float("-inf"))
+        lse = torch.logsumexp(s, dim=-1)
+        probs = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+        outs.append(probs @ vv)
+        lses.append(lse)
+    out = torch.cat(outs, 2) if outs else q.new_zeros(b, hq, 0, v.shape[-1], dtype=compute)
+    lse = torch.cat(lses, 2) if lses else q.new_zeros(b, hq, 0, dtype=compute)
+    return out.to(q.dtype), lse.float()

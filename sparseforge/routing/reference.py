@@ -1,0 +1,233 @@
+"""The torch reference of every routing rule: the oracle the generated pre-kernels'
+indices are checked against, and the routing the CPU path runs.
+
+Written literally (DESIGN section 3): pool, score, select. Routing is evaluated in
+float32 whatever the inputs' dtype, as the pre-kernels do, so both pick the same blocks;
+ties go to the lower index (a stable descending sort). ``route`` finds every dynamic node
+of a head pattern, its candidates (the buckets its static siblings allow at least one
+pair in) and returns node -> selection for ``semantics.pair_mask``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..ir.nodes import Intersection, Pattern, PerHead, walk
+from ..ir.routing import DynamicPattern, ThresholdBlocks, TopkChunks, VerticalSlash
+from .selection import BlockSelection, LineSelection, bucket_of
+
+#: rows of the static mask evaluated at once when reducing it to bucket candidates
+_ROW_CHUNK = 1024
+
+
+def block_starts(length: int, block: int, first: int = 0, device=None) -> torch.Tensor:
+    """Starts of the ``block``-aligned buckets covering positions [first, length), the
+    last entry = length: ``[1, C + 1]``."""
+    lo = math.floor(first / block) * block
+    starts = torch.arange(lo, max(length, lo + 1), block, device=device)
+    starts = torch.cat([starts.clamp(min=first), torch.tensor([length], device=device)])
+    return starts[None]
+
+
+def chunk_starts(node: TopkChunks, kv_len: int, device=None) -> torch.Tensor:
+    """The chunk boundaries ``[B or 1, C + 1]``, checked: from 0 to Lkv, increasing."""
+    b = node.boundaries.to(device=device, dtype=torch.int64)
+    b = b if b.dim() == 2 else b[None]
+    if bool((b[:, 0] != 0).any()) or bool((b[:, -1] != kv_len).any()):
+        raise ValueError(f"topk_chunks(boundaries=...): expected the first boundary 0 and the "
+                         f"last kv_len={kv_len}")
+    if bool((b[:, 1:] <= b[:, :-1]).any()):
+        raise ValueError("topk_chunks(boundaries=...): boundaries must be strictly increasing "
+                         "(every chunk holds at least one token)")
+    return b
+
+
+def pool(x: torch.Tensor, positions: torch.Tensor, starts: torch.Tensor, how: str = "mean",
+         sqrt_len: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled vectors ``[B, H, C, D]`` (fp32) of the tokens of ``x`` ``[B, H, L, D]`` at
+    ``positions`` ``[L]`` per bucket, and the bucket sizes ``[B or 1, C]``. Buckets without
+    a token pool to 0. ``sqrt_len`` scales each by sqrt(its size) (DHSA)."""
+    b, h, _, d = x.shape
+    c = starts.shape[-1] - 1
+    idx = bucket_of(positions, starts.to(x.device))  # [B|1, L]
+    idx = torch.where((idx >= 0) & (idx < c), idx, c)  # outside: a dummy bucket c
+    idx = idx.expand(b, -1)
+    ones = torch.ones_like(idx, dtype=torch.float32)
+    sizes = torch.zeros(b, c + 1, device=x.device).scatter_add_(1, idx, ones)
+    out = torch.zeros(b, h, c + 1, d, device=x.device)
+    src = x.float()
+    index = idx[:, None, :, None].expand(b, h, -1, d)
+    if how == "mean":
+        out.scatter_add_(2, index, src)
+        out = out / sizes.clamp(min=1)[:, None, :, None]
+    else:
+        out = out.scatter_reduce(2, index, src, "amax", include_self=False)
+    if sqrt_len:
+        out = out * sizes.sqrt()[:, None, :, None]
+    return out[:, :, :c], sizes[:, :c]
+
+
+def head_map(share: str, q_heads: int, kv_heads: int) -> torch.Tensor:
+    """Routing head of each query head: itself, its GQA group, or 0."""
+    h = torch.arange(q_heads)
+    return {"head": h, "group": h // (q_heads // kv_heads), "all": torch.zeros_like(h)}[share]
+
+
+def bucket_scores(qbar: torch.Tensor, kbar: torch.Tensor, share: str) -> torch.Tensor:
+    """``[B, Hr, Cq, Ck]``: the dot product of pooled q and pooled k of its kv head,
+    summed over the query heads sharing a decision."""
+    hq, hkv = qbar.shape[1], kbar.shape[1]
+    k_of_q = kbar[:, torch.arange(hq, device=qbar.device) // (hq // hkv)]
+    s = qbar @ k_of_q.transpose(-1, -2)  # [B, Hq, Cq, Ck]
+    routing = head_map(share, hq, hkv).to(qbar.device)
+    hr = int(routing.max()) + 1
+    return torch.zeros(s.shape[0], hr, *s.shape[2:], device=s.device).index_add_(1, routing, s)
+
+
+def select_topk(scores: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool like ``scores``: the k best candidates per row, ties to the lower index."""
+    keyed = scores.masked_fill(~candidates, float("-inf"))
+    order = torch.sort(keyed, dim=-1, descending=True, stable=True).indices
+    positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, positions)
+    return (rank < k) & candidates
+
+
+def select_coverage(scores: torch.Tensor, candidates: torch.Tensor, coverage: float,
+                    scale: float) -> torch.Tensor:
+    """Bool like ``scores``: the fewest candidates (best first, ties to the lower index)
+    whose softmax over the candidates' scaled scores sums to >= ``coverage``."""
+    keyed = (scores * scale).masked_fill(~candidates, float("-inf"))
+    probs = torch.softmax(keyed, -1).nan_to_num(0.0)
+    sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    before = sorted_p.cumsum(-1) - sorted_p  # mass of the better ones
+    keep_sorted = before < coverage
+    keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    return keep & candidates
+
+
+# ------------------------------------------------------------------ candidates and route
+
+
+def _static_siblings(head: Pattern, node: DynamicPattern) -> list[Pattern]:
+    """The other operands of the intersection holding ``node`` directly (none: every
+    bucket is a candidate)."""
+    for parent in walk(head):
+        if isinstance(parent, Intersection) and any(p is node or p == node for p in parent.parts):
+            others = [p for p in parent.parts if not (p is node or p == node)]
+            dynamic = [p for p in others if any(isinstance(n, DynamicPattern) for n in walk(p))]
+            if dynamic:
+                raise ValueError(f"{node!r} & {dynamic[0]!r}: two routing nodes in one "
+                                 "intersection are not supported; route once per pattern part")
+            return others
+    return []
+
+
+def _static_mask_rows(siblings, rows: torch.Tensor, q_len: int, kv_len: int, device) -> torch.Tensor:
+    """Bool ``[B or 1, len(rows), Lkv]``: the siblings' intersection on those rows."""
+    from ..semantics import pair_mask
+
+    j = torch.arange(kv_len, device=device)[None, :]
+    out = torch.ones(1, len(rows), kv_len, dtype=torch.bool, device=device)
+    for s in siblings:
+        m = pair_mask(s, rows[:, None], j, q_len, kv_len)
+        out = out & (m if m.dim() == 3 else m[None])
+    return out & (rows[:, None] >= 0)[None]
+
+
+def bucket_candidates(siblings, q_starts, k_starts, q_len: int, kv_len: int, device) -> torch.Tensor:
+    """Bool ``[B or 1, Cq, Ck]``: buckets pairs where the siblings allow at least one pair."""
+    cq, ck = q_starts.shape[-1] - 1, k_starts.shape[-1] - 1
+    shift = kv_len - q_len
+    kb = bucket_of(torch.arange(kv_len, device=device), k_starts.to(device))  # [B|1, Lkv]
+    k_onehot = torch.nn.functional.one_hot(kb.clamp(0, ck - 1), ck).float()  # [B|1, Lkv, Ck]
+    out = None
+    for r0 in range(0, q_len, _ROW_CHUNK):
+        rows = torch.arange(r0, min(q_len, r0 + _ROW_CHUNK), device=device)
+        allowed = _static_mask_rows(siblings, rows, q_len, kv_len, device).float()  # [B|1, R, Lkv]
+        qb = bucket_of(rows + shift, q_starts.to(device)).clamp(0, cq - 1)  # [B|1, R]
+        q_onehot = torch.nn.functional.one_hot(qb, cq).float().transpose(-1, -2)  # [B|1, Cq, R]
+        part = (q_onehot @ allowed @ k_onehot) > 0
+        out = part if out is None else out | part
+    if out is None:
+        out = torch.zeros(1, cq, ck, dtype=torch.bool, device=device)
+    return out
+
+
+def _buckets(node, q_len: int, kv_len: int, device):
+    if isinstance(node, TopkChunks):
+        starts = chunk_starts(node, kv_len, device)
+        return starts, starts
+    first = kv_len - q_len
+    return (block_starts(kv_len, node.q_block, first, device),
+            block_starts(kv_len, node.block, 0, device))
+
+
+def route_node(node: DynamicPattern, siblings, q: torch.Tensor, k: torch.Tensor, scale: float):
+    """The selection of one dynamic node for this call's q ``[B, Hq, Lq, D]`` and k
+    ``[B, Hkv, Lkv, D]``."""
+    _, hq, q_len, _ = q.shape
+    hkv, kv_len = k.shape[1], k.shape[2]
+    device = q.device
+    if isinstance(node, VerticalSlash):
+        return _vertical_slash(node, siblings, q, k, scale)
+    q_starts, k_starts = _buckets(node, q_len, kv_len, device)
+    sqrt_len = isinstance(node, TopkChunks) or getattr(node, "scale_by_sqrt_len", False)
+    how = getattr(node, "pool", "mean")
+    positions_q = torch.arange(q_len, device=device) + (kv_len - q_len)
+    qbar, _ = pool(q, positions_q, q_starts, how, sqrt_len)
+    kbar, _ = pool(k, torch.arange(kv_len, device=device), k_starts, how, sqrt_len)
+    scores = bucket_scores(qbar, kbar, node.share)
+    cand = bucket_candidates(siblings, q_starts, k_starts, q_len, kv_len, device)[:, None]
+    cand = cand.expand(scores.shape[0], scores.shape[1], -1, -1)
+    if isinstance(node, ThresholdBlocks):
+        selected = select_coverage(scores, cand, node.coverage, scale)
+    else:
+        selected = select_topk(scores, cand, node.k)
+    return BlockSelection(selected, q_starts, k_starts, head_map(node.share, hq, hkv))
+
+
+def _vertical_slash(node: VerticalSlash, siblings, q, k, scale) -> LineSelection:
+    b, hq, q_len, _ = q.shape
+    hkv, kv_len = k.shape[1], k.shape[2]
+    device = q.device
+    last = torch.arange(max(0, q_len - node.last_q), q_len, device=device)
+    allowed = _static_mask_rows(siblings, last, q_len, kv_len, device)  # [B|1, R, Lkv]
+    kk = k[:, torch.arange(hq, device=device) // (hq // hkv)].float()
+    s = (q[:, :, last].float() @ kk.transpose(-1, -2)) * scale
+    probs = torch.softmax(s.masked_fill(~allowed[:, None], float("-inf")), -1).nan_to_num(0.0)
+    vertical = probs.sum(2)  # [B, Hq, Lkv]
+    p = last + (kv_len - q_len)
+    off = (p[:, None] - torch.arange(kv_len, device=device)[None, :]) + kv_len - 1  # [R, Lkv]
+    slash = torch.zeros(b, hq, 2 * kv_len - 1, device=device)
+    slash.index_add_(2, off.flatten(), probs.flatten(2))
+    # candidates: columns / diagonals where the static part allows some pair on any row
+    col_cand = torch.zeros(1, kv_len, dtype=torch.bool, device=device)
+    diag_cand = torch.zeros(1, 2 * kv_len - 1, dtype=torch.bool, device=device)
+    for r0 in range(0, q_len, _ROW_CHUNK):
+        rows = torch.arange(r0, min(q_len, r0 + _ROW_CHUNK), device=device)
+        m = _static_mask_rows(siblings, rows, q_len, kv_len, device)
+        col_cand = col_cand | m.any(1)
+        o = ((rows + kv_len - q_len)[:, None] - torch.arange(kv_len, device=device)[None, :]
+             + kv_len - 1).expand_as(m[0])
+        hit = torch.zeros(m.shape[0], 2 * kv_len - 1, dtype=torch.bool, device=device)
+        for bi in range(m.shape[0]):
+            hit[bi, o[m[bi]].unique()] = True
+        diag_cand = diag_cand | hit
+    columns = select_topk(vertical, col_cand[:, None].expand_as(vertical), node.n_vertical)
+    diagonals = select_topk(slash, diag_cand[:, None].expand_as(slash), node.n_slash)
+    return LineSelection(columns, diagonals)
+
+
+def route(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, scale: float) -> dict:
+    """node -> selection for every dynamic node of a (canonical, single-head) pattern."""
+    if isinstance(pattern, PerHead):
+        raise ValueError("per_head with routing nodes is not supported yet: route one pattern "
+                         "for all heads (share='head' decides per head)")
+    out = {}
+    for node in walk(pattern):
+        if isinstance(node, DynamicPattern) and node not in out:
+            out[node] = route_node(node, _static_siblings(pattern, node), q, k, scale)
+    return out

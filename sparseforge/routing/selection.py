@@ -1,0 +1,97 @@
+"""What a routing rule decides, and the index layouts the kernels read.
+
+``BlockSelection``: per (batch, routing head, query bucket) the selected key buckets,
+where buckets are blocks, chunks or single tokens (``query_block=1``). ``LineSelection``:
+MInference's selected key columns and diagonals. Both answer ``pair_mask(p, j)`` for the
+oracle; ``BlockSelection`` also emits the fixed-k layout (``fixed_k_indices``) and the
+count + offsets (CSR) layout (``csr``) for variable counts. Everything stays on the
+device: no host synchronisation, fixed output sizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def bucket_of(positions: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """Bucket index of each position given bucket starts ``[B or 1, C + 1]`` (the last
+    entry is the end): ``[B or 1, *positions.shape]``, -1 before the first bucket and C at
+    or past the end."""
+    flat = positions.reshape(1, -1).expand(starts.shape[0], -1).contiguous()
+    idx = torch.searchsorted(starts.contiguous(), flat, right=True) - 1
+    idx = torch.where(flat >= starts[:, -1:], starts.shape[-1] - 1, idx)
+    return idx.view(starts.shape[0], *positions.shape)
+
+
+@dataclass(frozen=True)
+class BlockSelection:
+    """``selected`` bool ``[B, Hr, Cq, Ck]``; buckets by query position ``p`` in
+    ``q_starts`` and by key in ``k_starts`` (``[B or 1, C + 1]``); ``heads`` maps each query
+    head to its routing head (share = head, group or all)."""
+
+    selected: torch.Tensor
+    q_starts: torch.Tensor
+    k_starts: torch.Tensor
+    heads: torch.Tensor
+
+    def pair_mask(self, p: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """Bool ``[B, Hq, *pairs]``: is key ``j``'s bucket selected for ``p``'s bucket."""
+        b, _, cq, ck = self.selected.shape
+        qb = bucket_of(p, self.q_starts.to(p.device))  # [B|1, *p.shape]
+        kb = bucket_of(j, self.k_starts.to(j.device))
+        real = (qb >= 0) & (qb < cq) & (kb >= 0) & (kb < ck)
+        qb, kb = qb.clamp(0, cq - 1), kb.clamp(0, ck - 1)
+        sel = self.selected[:, self.heads.to(self.selected.device)]  # [B, Hq, Cq, Ck]
+        pairs = torch.broadcast_shapes(p.shape, j.shape)
+        flat = (qb * ck + kb).expand(-1, *pairs).reshape(qb.shape[0], -1)
+        flat = flat.expand(b, -1)
+        out = torch.gather(sel.flatten(2), 2, flat[:, None].expand(-1, sel.shape[1], -1))
+        return out.view(b, sel.shape[1], *pairs) & real.expand(-1, *pairs)[:, None]
+
+    def fixed_k_indices(self, k: int) -> torch.Tensor:
+        """int32 ``[B, Hr, Cq, k]``: selected key buckets in ascending order, -1 after the
+        last (a query bucket with fewer than k candidates)."""
+        ck = self.selected.shape[-1]
+        order = torch.arange(ck, device=self.selected.device)
+        keyed = torch.where(self.selected, order, ck)  # unselected sort last
+        idx = keyed.sort(dim=-1).values[..., :k]
+        if idx.shape[-1] < k:
+            idx = torch.nn.functional.pad(idx, (0, k - idx.shape[-1]), value=ck)
+        return torch.where(idx == ck, -1, idx).to(torch.int32)
+
+    def csr(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(counts ``[B, Hr, Cq]``, offsets ``[B * Hr * Cq + 1]``, indices ``[B * Hr * Cq *
+        Ck]``): the count + offsets layout for variable counts. ``indices`` has the fixed
+        worst-case size (no data-dependent shape); entries past ``offsets[-1]`` are -1."""
+        counts = self.selected.sum(-1).to(torch.int32)
+        offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=counts.device)
+        offsets[1:] = counts.flatten().cumsum(0)
+        ck = self.selected.shape[-1]
+        rows = self.fixed_k_indices(ck).flatten(0, 2)  # [N, Ck] ascending, -1 padded
+        valid = rows >= 0
+        dest = torch.where(valid, offsets[:-1, None] + torch.arange(ck, device=rows.device), -1)
+        flat = torch.full((rows.numel(),), -1, dtype=torch.int32, device=rows.device)
+        flat[dest[valid]] = rows[valid]
+        return counts, offsets, flat
+
+
+@dataclass(frozen=True)
+class LineSelection:
+    """MInference: ``columns`` bool ``[B, Hq, Lkv]`` and ``diagonals`` bool ``[B, Hq,
+    2 Lkv - 1]`` (offset ``p - j`` + Lkv - 1)."""
+
+    columns: torch.Tensor
+    diagonals: torch.Tensor
+
+    def pair_mask(self, p: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        lkv = self.columns.shape[-1]
+        pairs = torch.broadcast_shapes(p.shape, j.shape)
+        jj = j.expand(pairs).clamp(0, lkv - 1).reshape(-1)
+        off = (p - j).expand(pairs) + lkv - 1
+        inside = (off >= 0) & (off < 2 * lkv - 1)
+        off = off.clamp(0, 2 * lkv - 2).reshape(-1)
+        col = self.columns[..., jj].view(*self.columns.shape[:2], *pairs)
+        diag = self.diagonals[..., off].view(*self.diagonals.shape[:2], *pairs)
+        return col | (diag & inside)
