@@ -34,6 +34,20 @@ class DynamicPattern(Pattern):
     kind = ""
 
 
+class _BlockRouting(DynamicPattern):
+    """Routing over fixed-size key blocks and query blocks."""
+
+    @property
+    def q_block(self) -> int:
+        """Query bucket size: ``query_block``, by default the key ``block``."""
+        return self.block if self.query_block is None else self.query_block
+
+
+def _keywords(*entries) -> str:
+    """``, name=value`` for each (name, value, default) that differs from its default."""
+    return "".join(f", {name}={value!r}" for name, value, default in entries if value != default)
+
+
 def _check_choice(owner: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{owner}({name}={value!r}): expected one of {', '.join(choices)}")
@@ -45,7 +59,7 @@ def _check_bool(owner: str, name: str, value: Any) -> None:
 
 
 @dataclass(frozen=True)
-class TopkBlocks(DynamicPattern):
+class TopkBlocks(_BlockRouting):
     """Top-k key blocks of ``block`` tokens per query block of ``query_block`` tokens, by
     the dot product of pooled q and pooled k (summed over the heads sharing a decision)."""
 
@@ -67,15 +81,10 @@ class TopkBlocks(DynamicPattern):
         _check_bool(owner, "scale_by_sqrt_len", self.scale_by_sqrt_len)
         _check_choice(owner, "share", self.share, SHARES)
 
-    @property
-    def q_block(self) -> int:
-        return self.block if self.query_block is None else self.query_block
-
     def __repr__(self) -> str:
-        extra = "".join(f", {name}={value!r}" for name, value, default in (
-            ("query_block", self.query_block, None), ("pool", self.pool, "mean"),
-            ("scale_by_sqrt_len", self.scale_by_sqrt_len, False), ("share", self.share, "head"))
-            if value != default)
+        extra = _keywords(("query_block", self.query_block, None), ("pool", self.pool, "mean"),
+                          ("scale_by_sqrt_len", self.scale_by_sqrt_len, False),
+                          ("share", self.share, "head"))
         return f"topk_blocks({self.block}, {self.k}{extra})"
 
 
@@ -125,7 +134,7 @@ class TopkChunks(DynamicPattern):
 
 
 @dataclass(frozen=True)
-class ThresholdBlocks(DynamicPattern):
+class ThresholdBlocks(_BlockRouting):
     """The fewest key blocks whose softmax-normalised pooled scores reach ``coverage``."""
 
     block: int
@@ -146,14 +155,8 @@ class ThresholdBlocks(DynamicPattern):
         object.__setattr__(self, "coverage", float(self.coverage))
         _check_choice(owner, "share", self.share, SHARES)
 
-    @property
-    def q_block(self) -> int:
-        return self.block if self.query_block is None else self.query_block
-
     def __repr__(self) -> str:
-        extra = "".join(f", {name}={value!r}" for name, value, default in (
-            ("query_block", self.query_block, None), ("share", self.share, "head"))
-            if value != default)
+        extra = _keywords(("query_block", self.query_block, None), ("share", self.share, "head"))
         return f"threshold_blocks({self.block}, {self.coverage!r}{extra})"
 
 
