@@ -21,7 +21,7 @@ import sparseforge as sf
 def moba_naive(q, k, v, block: int, topk: int):
     """Gate = q . mean(k of block) over causally visible blocks, top-k per token (ties to
     the lower block), plus the own block; causal attention under that mask."""
-    b, h, n, d = q.shape
+    n, d = q.shape[2], q.shape[3]
     nb = -(-n // block)
     means = torch.stack([k[:, :, i * block:(i + 1) * block].mean(2) for i in range(nb)], 2)
     gate = q.float() @ means.float().transpose(-1, -2)  # [B, H, L, NB]

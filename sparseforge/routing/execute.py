@@ -3,8 +3,8 @@ attend query rows in chunks against every key with the routed mask.
 
 This is the exact, differentiable path dynamic patterns run on today (any device): the
 mask is evaluated per chunk of rows, so memory stays O(rows x Lkv) per chunk, but the
-compute is dense. The generated routing pre-kernels and the block-sparse forward that
-consumes their indices are the next step (docs/routing.md says what is missing).
+compute is dense. On CUDA the top-k rules route with the generated pre-kernels; the
+block-sparse forward that consumes their indices is the next step (docs/routing.md).
 """
 
 from __future__ import annotations
@@ -19,14 +19,16 @@ from .reference import route
 ROW_CHUNK = 256
 
 
-def routed_attention(q, k, v, pattern, scale: float):
+def routed_attention(q, k, v, pattern, scale: float, prekernels: str | None = None):
     """(out ``[B, Hq, Lq, D]`` in q's dtype, lse ``[B, Hq, Lq]`` fp32) of a routed pattern;
-    GQA by head groups. Rows with no allowed key give 0 and lse -inf."""
+    GQA by head groups. Rows with no allowed key give 0 and lse -inf. ``prekernels``
+    (``"compiled"`` on CUDA, ``"interpret"`` in tests): route top-k rules with the
+    generated pre-kernels instead of the torch reference."""
     canonical = canonicalize(pattern)
     b, hq, q_len, _ = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     with torch.no_grad():
-        routing = route(canonical, q.detach(), k.detach(), scale)
+        routing = route(canonical, q.detach(), k.detach(), scale, prekernels)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     group = hq // hkv
     kk = k.to(compute).repeat_interleave(group, dim=1)

@@ -15,7 +15,7 @@ import math
 import torch
 
 from ..ir.nodes import Intersection, Pattern, PerHead, walk
-from ..ir.routing import DynamicPattern, ThresholdBlocks, TopkChunks, VerticalSlash
+from ..ir.routing import DynamicPattern, ThresholdBlocks, TopkBlocks, TopkChunks, VerticalSlash
 from .selection import BlockSelection, LineSelection, bucket_of
 
 #: rows of the static mask evaluated at once when reducing it to bucket candidates
@@ -221,13 +221,27 @@ def _vertical_slash(node: VerticalSlash, siblings, q, k, scale) -> LineSelection
     return LineSelection(columns, diagonals)
 
 
-def route(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, scale: float) -> dict:
-    """node -> selection for every dynamic node of a (canonical, single-head) pattern."""
+def route(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, scale: float,
+          prekernels: str | None = None) -> dict:
+    """node -> selection for every dynamic node of a (canonical, single-head) pattern.
+
+    ``prekernels``: ``"compiled"`` or ``"interpret"`` routes ``topk_blocks`` and
+    ``topk_chunks`` with the generated pre-kernels (``routing/kernels.py``); the other
+    rules, and ``None``, use the torch reference here."""
     if isinstance(pattern, PerHead):
         raise ValueError("per_head with routing nodes is not supported yet: route one pattern "
                          "for all heads (share='head' decides per head)")
     out = {}
     for node in walk(pattern):
         if isinstance(node, DynamicPattern) and node not in out:
-            out[node] = route_node(node, _static_siblings(pattern, node), q, k, scale)
+            siblings = _static_siblings(pattern, node)
+            if prekernels and isinstance(node, (TopkBlocks, TopkChunks)):
+                from .kernels import route_topk
+
+                indices, call, heads = route_topk(node, siblings, q, k,
+                                                  interpret=prekernels == "interpret")
+                out[node] = BlockSelection.from_fixed_k(indices, call.q_starts, call.k_starts,
+                                                        heads)
+            else:
+                out[node] = route_node(node, siblings, q, k, scale)
     return out

@@ -50,6 +50,16 @@ class BlockSelection:
         out = torch.gather(sel.flatten(2), 2, flat[:, None].expand(-1, sel.shape[1], -1))
         return out.view(b, sel.shape[1], *pairs) & real.expand(-1, *pairs)[:, None]
 
+    @classmethod
+    def from_fixed_k(cls, indices: torch.Tensor, q_starts, k_starts, heads) -> BlockSelection:
+        """The selection a fixed-k layout (``-1`` padded) holds: what the generated
+        pre-kernels return."""
+        ck = k_starts.shape[-1] - 1
+        valid = indices >= 0
+        selected = torch.zeros(*indices.shape[:3], ck + 1, dtype=torch.bool, device=indices.device)
+        selected.scatter_(-1, torch.where(valid, indices, ck).long(), True)
+        return cls(selected[..., :ck], q_starts.long(), k_starts.long(), heads)
+
     def fixed_k_indices(self, k: int) -> torch.Tensor:
         """int32 ``[B, Hr, Cq, k]``: selected key buckets in ascending order, -1 after the
         last (a query bucket with fewer than k candidates)."""

@@ -175,7 +175,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
             raise ValueError(f"backend='triton' with {pattern!r}: routing pre-kernels are not "
                              "generated yet; routed patterns run with torch ops (backend='auto' "
                              "or 'torch')")
-        out, lse = routed_attention(q, k, v, pattern, shape.scale)
+        out, lse = routed_attention(q, k, v, pattern, shape.scale,
+                                    "compiled" if q.is_cuda else None)
         return (out, lse) if return_lse else out
     compiled = compile_pattern(pattern)
     check_table_grads(executor, compiled.tables)
