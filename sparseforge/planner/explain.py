@@ -96,8 +96,9 @@ def _routing_lines(plan) -> list[str]:
     steps = {s.name: s for s in plan.routing}
     total = sum(s.work for s in plan.routing)
     lines = [f"routing     {len(plan.routing)} pre-kernel(s), DAG {dag.number_of_nodes()} nodes / "
-             f"{dag.number_of_edges()} edges, {total} ops per (batch, head); top-k rules run "
-             "generated pre-kernels on CUDA, the others (and CPU) the torch reference"]
+             f"{dag.number_of_edges()} edges, {total} ops per (batch, head); top-k and coverage "
+             "rules run generated pre-kernels on CUDA, vertical_slash (and CPU) the torch "
+             "reference"]
     for name in nx.topological_sort(dag):
         if name in steps:
             s = steps[name]

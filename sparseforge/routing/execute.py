@@ -3,8 +3,9 @@ attend query rows in chunks against every key with the routed mask.
 
 This is the exact, differentiable path dynamic patterns run on today (any device): the
 mask is evaluated per chunk of rows, so memory stays O(rows x Lkv) per chunk, but the
-compute is dense. On CUDA the top-k rules route with the generated pre-kernels; the
-block-sparse forward that consumes their indices is the next step (docs/routing.md).
+compute is dense. On CUDA the top-k and coverage rules route with the generated
+pre-kernels; the block-sparse forward that consumes their indices is the next step
+(docs/routing.md).
 """
 
 from __future__ import annotations

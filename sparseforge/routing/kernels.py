@@ -1,5 +1,6 @@
 """The generated routing pre-kernels (``templates/routing.py.jinja``): pool -> score ->
-select for ``topk_blocks`` and ``topk_chunks``, emitting the fixed-k index layout.
+select for ``topk_blocks`` and ``topk_chunks`` (the fixed-k index layout) and
+``threshold_blocks`` (worst-case rows and counts: the CSR layout's input).
 
 Rendered per routing node (pool kind, sqrt scaling, share, k are baked in), cached and
 imported like the attention kernels, run under Triton's interpreter on CPU or compiled
@@ -18,7 +19,7 @@ import torch
 
 from .._version import __version__
 from ..codegen.render import TEMPLATE_VERSION, _environment, check_context
-from ..ir.routing import TopkBlocks, TopkChunks
+from ..ir.routing import ThresholdBlocks, TopkBlocks, TopkChunks
 from ..runtime.cache import load_kernel_module
 from .reference import _buckets, bucket_candidates, head_map
 
@@ -38,15 +39,21 @@ class RoutingSource:
     sha256: str
 
 
+PREKERNEL_NODES = (TopkBlocks, TopkChunks, ThresholdBlocks)
+
+
 def render_routing(node) -> RoutingSource:
     """Source of the three pre-kernels of one routing node."""
-    if not isinstance(node, (TopkBlocks, TopkChunks)):
-        raise TypeError(f"{node!r}: generated pre-kernels exist for topk_blocks and topk_chunks")
+    if not isinstance(node, PREKERNEL_NODES):
+        raise TypeError(f"{node!r}: generated pre-kernels exist for topk_blocks, topk_chunks "
+                        "and threshold_blocks")
     pool = getattr(node, "pool", "mean")
-    sqrt_len = isinstance(node, TopkChunks) or node.scale_by_sqrt_len
-    tag = f"{node.kind}_{pool}{'_sqrt' if sqrt_len else ''}_{node.share}_k{node.k}"
+    sqrt_len = isinstance(node, TopkChunks) or getattr(node, "scale_by_sqrt_len", False)
+    rule = "coverage" if isinstance(node, ThresholdBlocks) else "topk"
+    keep = "cov" if rule == "coverage" else f"k{node.k}"
+    tag = f"{node.kind}_{pool}{'_sqrt' if sqrt_len else ''}_{node.share}_{keep}"
     context = dict(version=__version__, template_version=TEMPLATE_VERSION, name=f"route_{tag}",
-                   pool=pool, sqrt_len=sqrt_len, share=node.share)
+                   pool=pool, sqrt_len=sqrt_len, share=node.share, rule=rule)
     check_context(context)
     source = _environment().get_template("routing.py.jinja").render(
         node_repr=repr(node), **context)
@@ -83,9 +90,14 @@ def routing_call(node, q_heads: int, kv_heads: int, q_len: int, kv_len: int, dev
                        routing_heads, q_heads // routing_heads)
 
 
-def route_topk(node, siblings, q: torch.Tensor, k: torch.Tensor, *, interpret: bool):
-    """(fixed-k indices int32 ``[B, Hr, Cq, k]``, the call's buckets) from the generated
-    pre-kernels, for q ``[B, Hq, Lq, D]`` and k ``[B, Hkv, Lkv, D]``."""
+def route_prekernels(node, siblings, q: torch.Tensor, k: torch.Tensor, scale: float, *,
+                     interpret: bool):
+    """(indices int32, counts, the call's buckets, query head -> routing head) from the
+    generated pre-kernels, for q ``[B, Hq, Lq, D]`` and k ``[B, Hkv, Lkv, D]``.
+
+    Top-k rules: fixed-k rows ``[B, Hr, Cq, k]`` and counts None. ``threshold_blocks``:
+    worst-case rows ``[B, Hr, Cq, Ck]`` and counts ``[B, Hr, Cq]`` (the CSR counts;
+    ``BlockSelection.csr`` compacts). Rows are ascending, -1 after the last."""
     b, hq, q_len, d = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     call = routing_call(node, hq, hkv, q_len, kv_len, q.device)
@@ -117,18 +129,28 @@ def route_topk(node, siblings, q: torch.Tensor, k: torch.Tensor, *, interpret: b
                 0 if cand.shape[0] == 1 else cand.stride(0), cand.stride(1), *scores.stride()[:3],
                 call.routing_heads, hq, hq // hkv, call.members, call.n_q, call.n_k,
                 HEAD_DIM=d, D_PAD=d_pad, BLOCK_Q=BLOCK_Q, BLOCK_C=BLOCK_C)
-    indices = torch.empty(b, call.routing_heads, call.n_q, node.k, dtype=torch.int32,
-                          device=q.device)
-    select[(call.n_q, b * call.routing_heads)](
-        scores, indices, *scores.stride()[:3], *indices.stride()[:3], call.routing_heads,
-        call.n_k, K=node.k, K_PAD=_pow2(node.k, 1), C_PAD=_pow2(call.n_k))
-    return indices, call, head_map(node.share, hq, hkv)
+    grid = (call.n_q, b * call.routing_heads)
+    if isinstance(node, ThresholdBlocks):
+        indices = torch.empty(b, call.routing_heads, call.n_q, call.n_k, dtype=torch.int32,
+                              device=q.device)
+        counts = torch.empty(b, call.routing_heads, call.n_q, dtype=torch.int32, device=q.device)
+        select[grid](scores, indices, counts, *scores.stride()[:3], *indices.stride()[:3],
+                     call.routing_heads, call.n_k, float(scale), node.coverage,
+                     C_PAD=_pow2(call.n_k))
+    else:
+        indices = torch.empty(b, call.routing_heads, call.n_q, node.k, dtype=torch.int32,
+                              device=q.device)
+        counts = None
+        select[grid](scores, indices, *scores.stride()[:3], *indices.stride()[:3],
+                     call.routing_heads, call.n_k, K=node.k, K_PAD=_pow2(node.k, 1),
+                     C_PAD=_pow2(call.n_k))
+    return indices, counts, call, head_map(node.share, hq, hkv)
 
 
 # ------------------------------------------------------------ cross-compilation (no GPU)
 
 _POINTERS = {"Starts": "*i32", "Out": "*fp32", "QBar": "*fp32", "KBar": "*fp32", "Cand": "*i8",
-             "Scores": "*fp32"}
+             "Scores": "*fp32", "Count": "*i32", "scale": "fp32", "coverage": "fp32"}
 _DATA = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}
 
 
@@ -137,7 +159,8 @@ def routing_constexprs(node, head_dim: int, n_k_buckets: int) -> dict:
     d_pad = _pow2(head_dim)
     return {"pool": dict(HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_T=BLOCK_T),
             "score": dict(HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_Q=BLOCK_Q, BLOCK_C=BLOCK_C),
-            "select": dict(K=node.k, K_PAD=_pow2(node.k, 1), C_PAD=_pow2(n_k_buckets))}
+            "select": (dict(C_PAD=_pow2(n_k_buckets)) if isinstance(node, ThresholdBlocks) else
+                       dict(K=node.k, K_PAD=_pow2(node.k, 1), C_PAD=_pow2(n_k_buckets)))}
 
 
 def compile_routing(node, arch: str, head_dim: int, dtype: str, n_k_buckets: int) -> list[dict]:

@@ -225,9 +225,9 @@ def route(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, scale: float,
           prekernels: str | None = None) -> dict:
     """node -> selection for every dynamic node of a (canonical, single-head) pattern.
 
-    ``prekernels``: ``"compiled"`` or ``"interpret"`` routes ``topk_blocks`` and
-    ``topk_chunks`` with the generated pre-kernels (``routing/kernels.py``); the other
-    rules, and ``None``, use the torch reference here."""
+    ``prekernels``: ``"compiled"`` or ``"interpret"`` routes ``topk_blocks``,
+    ``topk_chunks`` and ``threshold_blocks`` with the generated pre-kernels
+    (``routing/kernels.py``); ``vertical_slash``, and ``None``, use the torch reference."""
     if isinstance(pattern, PerHead):
         raise ValueError("per_head with routing nodes is not supported yet: route one pattern "
                          "for all heads (share='head' decides per head)")
@@ -235,11 +235,11 @@ def route(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, scale: float,
     for node in walk(pattern):
         if isinstance(node, DynamicPattern) and node not in out:
             siblings = _static_siblings(pattern, node)
-            if prekernels and isinstance(node, (TopkBlocks, TopkChunks)):
-                from .kernels import route_topk
+            if prekernels and isinstance(node, (TopkBlocks, TopkChunks, ThresholdBlocks)):
+                from .kernels import route_prekernels
 
-                indices, call, heads = route_topk(node, siblings, q, k,
-                                                  interpret=prekernels == "interpret")
+                indices, _, call, heads = route_prekernels(node, siblings, q, k, scale,
+                                                           interpret=prekernels == "interpret")
                 out[node] = BlockSelection.from_fixed_k(indices, call.q_starts, call.k_starts,
                                                         heads)
             else:

@@ -13,8 +13,9 @@ import torch
 import sparseforge as sf
 from sparseforge.ir.canonicalize import canonicalize
 from sparseforge.routing.execute import routed_attention
-from sparseforge.routing.kernels import route_topk
+from sparseforge.routing.kernels import route_prekernels
 from sparseforge.routing.reference import _static_siblings, route
+from sparseforge.routing.selection import BlockSelection
 
 CASES = [  # (pattern, Lq, Lkv, Hq, Hkv, D)
     (sf.causal() & sf.topk_blocks(8, 3), 64, 64, 2, 2, 16),
@@ -33,10 +34,31 @@ def test_prekernel_indices_equal_the_reference(pattern, lq, lkv, hq, hkv, d):
     canonical = canonicalize(pattern)
     q, k = torch.randn(2, hq, lq, d), torch.randn(2, hkv, lkv, d)
     ((node, want),) = route(canonical, q, k, d ** -0.5).items()
-    got, call, heads = route_topk(node, _static_siblings(canonical, node), q, k, interpret=True)
+    got, counts, call, heads = route_prekernels(node, _static_siblings(canonical, node), q, k,
+                                                d ** -0.5, interpret=True)
     assert got.dtype == torch.int32 and got.shape == (2, call.routing_heads, call.n_q, node.k)
+    assert counts is None
     assert torch.equal(got, want.fixed_k_indices(node.k))
     assert torch.equal(heads, want.heads)
+
+
+@pytest.mark.parametrize("coverage,share,lq,lkv", [
+    (0.5, "head", 64, 64), (0.9, "group", 40, 72), (0.2, "all", 48, 48), (1.0, "head", 33, 33),
+])
+def test_coverage_prekernel_equals_the_reference(coverage, share, lq, lkv):
+    """threshold_blocks: worst-case rows and counts, compacted to the CSR layout."""
+    torch.manual_seed(int(coverage * 10) + lq)
+    canonical = canonicalize(sf.causal() & sf.threshold_blocks(8, coverage, share=share))
+    q, k = torch.randn(2, 4, lq, 16), torch.randn(2, 2, lkv, 16)
+    ((node, want),) = route(canonical, q, k, 0.25).items()
+    rows, counts, call, heads = route_prekernels(node, _static_siblings(canonical, node), q, k,
+                                                 0.25, interpret=True)
+    assert rows.shape == (2, call.routing_heads, call.n_q, call.n_k)
+    assert torch.equal(rows, want.fixed_k_indices(call.n_k))
+    assert torch.equal(counts, want.selected.sum(-1).int())
+    got = BlockSelection.from_fixed_k(rows, call.q_starts, call.k_starts, heads)
+    for a, b in zip(got.csr(), want.csr()):
+        assert torch.equal(a, b)
 
 
 def test_bf16_inputs_route_in_fp32():
@@ -44,13 +66,17 @@ def test_bf16_inputs_route_in_fp32():
     pattern = canonicalize(sf.causal() & sf.topk_blocks(8, 2))
     q, k = torch.randn(1, 2, 48, 16).bfloat16(), torch.randn(1, 2, 48, 16).bfloat16()
     ((node, want),) = route(pattern, q, k, 0.25).items()
-    got, _, _ = route_topk(node, _static_siblings(pattern, node), q, k, interpret=True)
+    got, _, _, _ = route_prekernels(node, _static_siblings(pattern, node), q, k, 0.25,
+                                    interpret=True)
     assert torch.equal(got, want.fixed_k_indices(2))
 
 
-def test_attention_routed_by_the_prekernels():
+@pytest.mark.parametrize("pattern", [
+    (sf.causal() & sf.topk_blocks(8, 2, query_block=1)) | (sf.causal() & sf.chunks(8)),
+    sf.causal() & sf.threshold_blocks(8, 0.6),
+])
+def test_attention_routed_by_the_prekernels(pattern):
     torch.manual_seed(2)
-    pattern = (sf.causal() & sf.topk_blocks(8, 2, query_block=1)) | (sf.causal() & sf.chunks(8))
     q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
     out, _ = routed_attention(q, k, v, pattern, 0.25, prekernels="interpret")
     torch.testing.assert_close(out, sf.reference_attention(q, k, v, pattern, scale=0.25).float(),
@@ -61,7 +87,7 @@ def test_too_many_key_buckets_is_refused():
     q = torch.randn(1, 1, 20000, 16)
     node = sf.topk_blocks(1, 1)
     with pytest.raises(ValueError, match="key buckets"):
-        route_topk(node, [], q, q, interpret=True)
+        route_prekernels(node, [], q, q, 0.25, interpret=True)
 
 
 _COMPILE = """
@@ -69,7 +95,8 @@ import json, torch, sparseforge as sf
 from sparseforge.routing.kernels import compile_routing
 nodes = [sf.topk_blocks(64, 8, query_block=1, share="group"),
          sf.topk_blocks(128, 16, pool="max", scale_by_sqrt_len=True),
-         sf.topk_chunks(torch.tensor([0, 5, 9]), 4, share="all")]
+         sf.topk_chunks(torch.tensor([0, 5, 9]), 4, share="all"),
+         sf.threshold_blocks(64, 0.9, share="group")]
 out = []
 for node in nodes:
     for arch in ("sm_80", "sm_90"):
@@ -90,7 +117,7 @@ def compiled():
 
 
 def test_prekernels_compile_for_sm80_and_sm90_without_spills(compiled):
-    assert len(compiled) == 3 * 2 * 2 * 3
+    assert len(compiled) == 4 * 2 * 2 * 3
     assert {r["arch"] for r in compiled} == {"sm_80", "sm_90"}
     for r in compiled:
         assert r["cubin_size"] > 0, r
