@@ -1,13 +1,15 @@
 """The IR's printer for the kernel: a pattern as a Triton boolean expression.
 
 Names available in the generated ``_allowed`` helper: ``i`` (query rows, [BM, 1]), ``p``
-(their absolute positions), ``j`` (keys, [1, BN]) and, for documents, ``doc_q``/``doc_k``.
+(their absolute positions), ``j`` (keys, [1, BN]), for documents ``doc_q``/``doc_k``, and
+for a routed kernel ``routed`` ([BM, BN]: is the key's bucket selected for the row's).
 Only integers from validated IR nodes reach the text: never a user string.
 """
 
 from __future__ import annotations
 
 from ..ir.neighborhood import Neighborhood, neighborhood_keep
+from ..ir.routing import DynamicPattern
 from ..ir.nodes import (
     Causal,
     Chunks,
@@ -133,6 +135,8 @@ def triton_predicate(pattern: Pattern) -> str:
         return "doc_q == doc_k"
     if isinstance(pattern, Neighborhood):
         return str(neighborhood_keep(pattern, TritonText("p"), TritonText("j"), TritonOps))
+    if isinstance(pattern, DynamicPattern):  # the routed kernel's per-pair lookup (_routed)
+        return "routed"
     if hasattr(pattern, "triton_predicate"):  # planner-internal nodes (a token layout)
         return pattern.triton_predicate(triton_predicate)
     if isinstance(pattern, Union):

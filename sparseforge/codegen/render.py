@@ -19,6 +19,7 @@ from typing import NamedTuple
 import jinja2
 
 from .._version import __version__
+from ..ir.routing import is_dynamic
 from ..ir.scores import ScoreSpec, rel_index
 from ..planner.plan import KernelPlan, Plan
 from ..planner.ranges import (
@@ -192,6 +193,10 @@ def render_kernel(plan: Plan, kernel_index: int = 0, kind: str = "forward") -> K
     walked = getattr(kernel, spec.segments)
     # unpermuted kinds see the pattern in original coordinates, without dilation groups
     analysed, groups = (kernel.analysed, kernel.groups) if spec.permuted else (kernel.mask, 1)
+    routed = is_dynamic(analysed)
+    if routed and kind != "forward":
+        raise ValueError(f"{kind} kernel of {kernel.pattern!r}: routed patterns have a generated "
+                         "forward kernel only (their backward and decode run with torch ops)")
     segments = [_segment_texts(s, seg, tiles, spec.side) for s, seg in enumerate(walked)]
     lets = merged_lets(seg.subs(tiles) for seg in walked)
     let_names = {**TRITON_NAMES, **_let_names(lets)}
@@ -203,7 +208,7 @@ def render_kernel(plan: Plan, kernel_index: int = 0, kind: str = "forward") -> K
         version=__version__,
         template_version=TEMPLATE_VERSION,
         name=name,
-        pattern_repr=repr(kernel.pattern),
+        pattern_repr=repr(kernel.pattern).replace("'", ""),  # a comment: enum names unquoted
         schedule=kernel.schedule,
         groups=groups,
         segments=segments,
@@ -213,6 +218,7 @@ def render_kernel(plan: Plan, kernel_index: int = 0, kind: str = "forward") -> K
         predicate_prelude=predicate_prelude(analysed),
         positions_prelude=positions_prelude(analysed) if kernel.score.any else [],
         has_documents=kernel.has_documents,
+        routed=routed,
         d_padded=plan.padded_head_dim != plan.head_dim,
         dot_precision=', input_precision="ieee"' if plan.dtype == "float32" else "",
         **_score_context(kernel.score, cfg),

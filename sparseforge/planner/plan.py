@@ -20,7 +20,7 @@ from ..ir.canonicalize import canonicalize
 from ..ir.nodes import Documents, Intersection, Pattern, PerHead, Window, walk
 from ..ir.routing import is_dynamic
 from ..ir.scores import ScoreSpec, score_spec, score_terms, strip_scores
-from ..routing.dag import envelope, routing_steps
+from ..routing.dag import envelope, kernel_routing_node, routing_steps, static_part
 from ..semantics import pair_mask
 from .layout import GridTiling, Tiled, choose_tiling, layout_node
 from .ranges import TileSegment, hull_segment, tile_segments
@@ -116,6 +116,12 @@ class KernelPlan:
     def score(self) -> ScoreSpec:
         """Which score modifiers the kernels apply (their values are run-time arguments)."""
         return score_spec(self.pattern)
+
+    @cached_property
+    def static_mask(self) -> Pattern:
+        """What the closed-form segments cover: the mask, routing nodes read as empty (the
+        selected tiles of a routed kernel come on top, per call)."""
+        return static_part(self.mask) if is_dynamic(self.mask) else self.mask
 
     @property
     def has_documents(self) -> bool:
@@ -253,10 +259,23 @@ def plan(pattern: Pattern, *, q_len: int, kv_len: int, head_dim: int, dtype="bfl
     routing: tuple = ()
     if is_dynamic(canonical):
         routing = routing_steps(canonical, q_len, kv_len, head_dim)
-        envelope_plan = plan(envelope(canonical), q_len=q_len, kv_len=kv_len, head_dim=head_dim,
-                             dtype=dtype, target=target, schedule=schedule, groups=groups,
-                             block_m=block_m, block_n=block_n, tiled=tiled)
-        return dataclasses.replace(envelope_plan, pattern=canonical, routing=routing)
+        if kernel_routing_node(canonical) is None:  # the torch path runs it: plan the envelope
+            envelope_plan = plan(envelope(canonical), q_len=q_len, kv_len=kv_len,
+                                 head_dim=head_dim, dtype=dtype, target=target,
+                                 schedule=schedule, groups=groups, block_m=block_m,
+                                 block_n=block_n, tiled=tiled)
+            return dataclasses.replace(envelope_plan, pattern=canonical, routing=routing)
+        # the routed kernel: closed-form segments of the part allowed whatever is selected
+        # (original token order), then the selected tiles; the predicate is the whole pattern
+        if groups not in (None, 1) or tiled:
+            raise ValueError("plan(groups=, tiled=): a routed pattern runs in original token "
+                             "order (groups=1, tiled=False)")
+        static = plan(static_part(canonical), q_len=q_len, kv_len=kv_len, head_dim=head_dim,
+                      dtype=dtype, target=target, schedule=schedule, groups=1, block_m=block_m,
+                      block_n=block_n, tiled=False)
+        kernels = tuple(dataclasses.replace(kp, pattern=canonical, analysed=strip_scores(canonical))
+                        for kp in static.kernels)
+        return dataclasses.replace(static, pattern=canonical, kernels=kernels, routing=routing)
     heads = _head_groups(canonical)
     scored = any(score_spec(p).any for p, _ in heads)
 
@@ -374,7 +393,7 @@ def _stats(p: Plan, index: int) -> TileStats:
         kv_tiles = max(kv_tiles, v.shape[1] if v.ndim == 2 else 0)
         visited += int(v.sum())
         full_tiles += int(f.sum())
-        useful += _useful_pairs(kernel.pattern, sched.geometry, kernel.groups, v, f, p.q_len,
+        useful += _useful_pairs(kernel.static_mask, sched.geometry, kernel.groups, v, f, p.q_len,
                                 p.kv_len, bm, bn)
     lq, lkv = p.lengths
     return TileStats(q_tiles, kv_tiles, visited, full_tiles, useful, visited * bm * bn, lq * lkv)

@@ -88,15 +88,14 @@ def routing_dag(steps: tuple[RoutingStep, ...]) -> nx.DiGraph:
     return g
 
 
-def envelope(pattern: Pattern) -> Pattern:
-    """The static pattern the kernels' tile bounds cover: each routing node replaced by
-    ``full()`` (it may select any candidate), so ``S & topk`` plans as ``S``."""
+def replace_routing(pattern: Pattern, by: Pattern) -> Pattern:
+    """``pattern`` with every routing node replaced by the static ``by``, canonical."""
     from ..ir.canonicalize import canonicalize
-    from ..ir.nodes import Full, Intersection, PerHead, Union
+    from ..ir.nodes import Intersection, PerHead, Union
 
     def strip(p: Pattern) -> Pattern:
         if isinstance(p, DynamicPattern):
-            return Full()
+            return by
         if isinstance(p, Union):
             return Union(tuple(strip(c) for c in p.parts))
         if isinstance(p, Intersection):
@@ -106,3 +105,35 @@ def envelope(pattern: Pattern) -> Pattern:
         return p
 
     return canonicalize(strip(pattern))
+
+
+def envelope(pattern: Pattern) -> Pattern:
+    """Every pair the pattern may allow: each routing node read as ``full()`` (it may
+    select any candidate), so ``S & topk`` plans as ``S``."""
+    from ..ir.nodes import Full
+
+    return replace_routing(pattern, Full())
+
+
+def static_part(pattern: Pattern) -> Pattern:
+    """The pairs allowed whatever is selected: each routing node read as ``empty()``. A
+    routed kernel walks this part's closed-form tile ranges, then the selected tiles.
+    Patterns have no negation, so static_part <= pattern <= envelope."""
+    from ..ir.nodes import Empty
+
+    return replace_routing(pattern, Empty())
+
+
+def kernel_routing_node(pattern: Pattern):
+    """The routing node of a pattern the generated forward kernel runs (static segments
+    plus selected tiles), or None when only the torch path runs it: one block or chunk
+    routing node (top-k or coverage) and no per-head patterns. ``vertical_slash``
+    selects lines, not tiles, and has no kernel yet."""
+    from ..ir.nodes import PerHead
+    from ..ir.routing import ThresholdBlocks, TopkBlocks, TopkChunks
+
+    nodes = {n for n in walk(pattern) if isinstance(n, DynamicPattern)}
+    if len(nodes) != 1 or any(isinstance(n, PerHead) for n in walk(pattern)):
+        return None
+    (node,) = nodes
+    return node if isinstance(node, (TopkBlocks, TopkChunks, ThresholdBlocks)) else None

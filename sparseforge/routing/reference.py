@@ -111,7 +111,7 @@ def select_coverage(scores: torch.Tensor, candidates: torch.Tensor, coverage: fl
 # ------------------------------------------------------------------ candidates and route
 
 
-def _static_siblings(head: Pattern, node: DynamicPattern) -> list[Pattern]:
+def static_siblings(head: Pattern, node: DynamicPattern) -> list[Pattern]:
     """The other operands of the intersection holding ``node`` directly (none: every
     bucket is a candidate)."""
     for parent in walk(head):
@@ -234,7 +234,7 @@ def route(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, scale: float,
     out = {}
     for node in walk(pattern):
         if isinstance(node, DynamicPattern) and node not in out:
-            siblings = _static_siblings(pattern, node)
+            siblings = static_siblings(pattern, node)
             if prekernels and isinstance(node, (TopkBlocks, TopkChunks, ThresholdBlocks)):
                 from .kernels import route_prekernels
 

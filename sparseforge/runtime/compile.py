@@ -75,7 +75,8 @@ def resource_usage(cubin: bytes) -> dict:
 # run-time parameters that are not int32 scalars: data pointers take the plan's dtype
 _DATA_POINTERS = {"Q", "K", "V", "Out", "DO", "DQ"}
 _FP32_POINTERS = {"Lse", "Delta", "DK", "DV", "OutPart", "LsePart", "Slopes", "Bias", "DBias"}
-_INT32_POINTERS = {"DocQ", "DocK"}
+_INT32_POINTERS = {"DocQ", "DocK", "Sel", "SelCount", "QBucket", "KBucket", "KStarts", "TileList",
+                   "TileCount", "HeadMap"}
 _FP32_SCALARS = {"qk_scale", "sm_scale", "cap2"}
 _UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od"}
 

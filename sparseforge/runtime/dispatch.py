@@ -19,7 +19,10 @@ from ..ir.routing import is_dynamic
 from ..ir.scores import rel_bias_table
 from ..planner.plan import Plan, _head_groups, default_target, dtype_name, plan
 from ..reference import reference_attention
+from ..routing.dag import kernel_routing_node
 from ..routing.execute import routed_attention
+from ..routing.launch import route_tiles
+from ..routing.reference import static_siblings
 from . import custom_op, torch_exec, triton_launch
 from .cache import interpreter_active
 from .validate import check_attention_inputs
@@ -171,12 +174,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
                                        enable_gqa=enable_gqa, return_lse=True)
         return (out, lse) if return_lse else out
     if is_dynamic(pattern):
-        if backend == "triton":
-            raise ValueError(f"backend='triton' with {pattern!r}: routing pre-kernels are not "
-                             "generated yet; routed patterns run with torch ops (backend='auto' "
-                             "or 'torch')")
-        out, lse = routed_attention(q, k, v, pattern, shape.scale,
-                                    "compiled" if q.is_cuda else None)
+        out, lse = _run_routed(executor, target, backend, q, k, v, pattern, shape)
         return (out, lse) if return_lse else out
     compiled = compile_pattern(pattern)
     check_table_grads(executor, compiled.tables)
@@ -191,6 +189,35 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     else:
         out, lse = _forward(executor, p, compiled, q, k, v, shape.scale)
     return (out, lse) if return_lse else out
+
+
+def _run_routed(executor: str, target: str, backend: str, q, k, v, pattern: Pattern, shape):
+    """A routed pattern: the generated pre-kernels route, then the routed forward kernel
+    walks the static segments plus the selected tiles. Training (a gradient wanted), the
+    torch executor and rules without a kernel (``vertical_slash``, two routing nodes) run
+    ``routed_attention`` (torch ops, exact, differentiable); ``backend='triton'`` refuses
+    what it cannot run rather than fall back silently."""
+    compiled = compile_pattern(pattern)
+    node = kernel_routing_node(compiled.canonical)
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    why_not = ("it has no generated kernel (one topk_blocks, topk_chunks or threshold_blocks "
+               "node per pattern)" if node is None else
+               "the routed kernel has no generated backward yet" if wants_grad else None)
+    if executor in ("triton", "interpret") and why_not is None and shape.q_len and shape.kv_len:
+        p = cached_plan(compiled, shape.q_len, shape.kv_len, shape.head_dim, q.dtype, target)
+        prekernels = "interpret" if executor == "interpret" else "compiled"
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        routed = route_tiles(node, static_siblings(compiled.canonical, node), q, k, shape.scale,
+                             p.block_m, prekernels)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+        triton_launch.run_forward(p, compiled.head_patterns, q, k, v, out, lse, shape.scale,
+                                  interpret=executor == "interpret", routed=routed)
+        return out, lse
+    if backend == "triton" and why_not is not None:
+        raise ValueError(f"backend='triton' with {pattern!r}: {why_not}; backend='auto' or "
+                         "'torch' runs it with torch ops")
+    return routed_attention(q, k, v, pattern, shape.scale, "compiled" if q.is_cuda else None)
 
 
 @dataclass(frozen=True)

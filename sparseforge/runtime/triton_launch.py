@@ -93,13 +93,16 @@ def kv_heads_spanned(first_head: int, n_heads: int, group: int) -> int:
     return (first_head + n_heads - 1) // group - first_head // group + 1
 
 
-def kernel_launches(plan: Plan, call_kernels, q, k, v, out, lse, scale: float):
+def kernel_launches(plan: Plan, call_kernels, q, k, v, out, lse, scale: float, routed=None):
     """(kernel index, grid, run-time arguments) of every launch a call makes, in the
-    kernel's parameter order (the constexprs that follow are the launcher's business)."""
+    kernel's parameter order (the constexprs that follow are the launcher's business).
+    ``routed``: this call's ``RoutedTiles`` for a routed plan."""
     b, hq, lq, _ = q.shape
     hkv, lkv = k.shape[1], k.shape[2]
     for index, kernel in enumerate(plan.kernels):
         extra = _pattern_args(kernel, call_kernels[index], lq, lkv, q.device)
+        if routed is not None:
+            extra += routed.kernel_args()
         g = kernel.groups
         tiles_per_group = max(1, max(-(-geo.q_len // plan.block_m)
                                      for geo in group_geometry(lq, lkv, g)))
@@ -260,7 +263,8 @@ def merge_partials(out_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Te
 
 def decode_eligible(plan: Plan) -> bool:
     """Whether the split-KV decode kernel serves this call: a few new tokens."""
-    return 1 <= plan.q_len <= DECODE_MAX_Q and plan.kv_len > 0  # decode BLOCK_M >= 16
+    # decode BLOCK_M >= 16; a routed plan has a forward kernel only
+    return 1 <= plan.q_len <= DECODE_MAX_Q and plan.kv_len > 0 and not plan.routing
 
 
 def run_decode(plan: Plan, call_kernels, q, k, v, out, lse, scale: float, interpret: bool) -> None:
@@ -276,13 +280,15 @@ def run_decode(plan: Plan, call_kernels, q, k, v, out, lse, scale: float, interp
     merge_partials(out_part, lse_part, out, lse)
 
 
-def run_forward(plan: Plan, call_kernels, q, k, v, out, lse, scale: float, interpret: bool) -> None:
+def run_forward(plan: Plan, call_kernels, q, k, v, out, lse, scale: float, interpret: bool,
+                routed=None) -> None:
     """Launch every kernel of ``plan`` writing into ``out``/``lse``.
 
-    ``call_kernels`` holds the call's own head patterns (with this call's document ids).
+    ``call_kernels`` holds the call's own head patterns (with this call's document ids);
+    ``routed`` the call's routing (``routing.launch.RoutedTiles``) for a routed plan.
     """
     if q.shape[2] == 0:
         return
     held = _held_launcher(q, interpret)
-    for index, grid, args in kernel_launches(plan, call_kernels, q, k, v, out, lse, scale):
+    for index, grid, args in kernel_launches(plan, call_kernels, q, k, v, out, lse, scale, routed):
         _launch(plan, index, "forward", grid, args, q, interpret, held)

@@ -14,7 +14,7 @@ import sparseforge as sf
 from sparseforge.ir.canonicalize import canonicalize
 from sparseforge.routing.execute import routed_attention
 from sparseforge.routing.kernels import route_prekernels
-from sparseforge.routing.reference import _static_siblings, route
+from sparseforge.routing.reference import static_siblings, route
 from sparseforge.routing.selection import BlockSelection
 
 CASES = [  # (pattern, Lq, Lkv, Hq, Hkv, D)
@@ -34,7 +34,7 @@ def test_prekernel_indices_equal_the_reference(pattern, lq, lkv, hq, hkv, d):
     canonical = canonicalize(pattern)
     q, k = torch.randn(2, hq, lq, d), torch.randn(2, hkv, lkv, d)
     ((node, want),) = route(canonical, q, k, d ** -0.5).items()
-    got, counts, call, heads = route_prekernels(node, _static_siblings(canonical, node), q, k,
+    got, counts, call, heads = route_prekernels(node, static_siblings(canonical, node), q, k,
                                                 d ** -0.5, interpret=True)
     assert got.dtype == torch.int32 and got.shape == (2, call.routing_heads, call.n_q, node.k)
     assert counts is None
@@ -51,7 +51,7 @@ def test_coverage_prekernel_equals_the_reference(coverage, share, lq, lkv):
     canonical = canonicalize(sf.causal() & sf.threshold_blocks(8, coverage, share=share))
     q, k = torch.randn(2, 4, lq, 16), torch.randn(2, 2, lkv, 16)
     ((node, want),) = route(canonical, q, k, 0.25).items()
-    rows, counts, call, heads = route_prekernels(node, _static_siblings(canonical, node), q, k,
+    rows, counts, call, heads = route_prekernels(node, static_siblings(canonical, node), q, k,
                                                  0.25, interpret=True)
     assert rows.shape == (2, call.routing_heads, call.n_q, call.n_k)
     assert torch.equal(rows, want.fixed_k_indices(call.n_k))
@@ -66,7 +66,7 @@ def test_bf16_inputs_route_in_fp32():
     pattern = canonicalize(sf.causal() & sf.topk_blocks(8, 2))
     q, k = torch.randn(1, 2, 48, 16).bfloat16(), torch.randn(1, 2, 48, 16).bfloat16()
     ((node, want),) = route(pattern, q, k, 0.25).items()
-    got, _, _, _ = route_prekernels(node, _static_siblings(pattern, node), q, k, 0.25,
+    got, _, _, _ = route_prekernels(node, static_siblings(pattern, node), q, k, 0.25,
                                     interpret=True)
     assert torch.equal(got, want.fixed_k_indices(2))
 

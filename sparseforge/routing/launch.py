@@ -1,0 +1,135 @@
+"""What the routed forward kernel reads besides q, k, v: each row's selected key buckets
+and, per query tile, the union of its rows' selections as a sorted bucket list.
+
+The forward kernel (``templates/forward.py.jinja`` with ``routed``) first walks the
+closed-form segments of the pattern's static part, then the kv tiles of the buckets in
+its query tile's list, skipping tiles a segment already walked, so no tile is visited
+twice; inside a tile it looks each pair's key bucket up among its row's selected buckets.
+
+Everything is built on the device with fixed sizes (sort, compare, gather): no host
+synchronisation, so routing plus attention can be captured in a CUDA graph. The
+shape-only tensors (bucket ids, which query buckets a tile spans) are cached per shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..ir.routing import TopkChunks
+from .selection import BlockSelection, bucket_of
+
+
+@dataclass(frozen=True)
+class RoutedTiles:
+    """The routed kernel's run-time tensors, in its parameter order (``kernel_args``).
+
+    ``sel`` int32 ``[B, Hr, Cq, S]``: selected key buckets per query bucket, ascending,
+    -1 padded; ``sel_count`` ``[B, Hr, Cq]``; ``q_bucket`` ``[B or 1, Lq]`` per row;
+    ``k_bucket`` ``[B or 1, Lkv]`` per key; ``k_starts`` ``[B or 1, Ck + 1]``;
+    ``tile_list`` ``[B, Hr, Tq, U]`` per query tile the union of its rows' selections
+    (ascending, -1 padded) and ``tile_count`` ``[B, Hr, Tq]``; ``head_map`` ``[Hq]``."""
+
+    sel: torch.Tensor
+    sel_count: torch.Tensor
+    q_bucket: torch.Tensor
+    k_bucket: torch.Tensor
+    k_starts: torch.Tensor
+    tile_list: torch.Tensor
+    tile_count: torch.Tensor
+    head_map: torch.Tensor
+
+    def kernel_args(self) -> list:
+        def batch_stride(t):
+            return 0 if t.shape[0] == 1 else t.stride(0)
+
+        return [self.sel, self.sel_count, self.q_bucket, self.k_bucket, self.k_starts,
+                self.tile_list, self.tile_count, self.head_map,
+                batch_stride(self.q_bucket), batch_stride(self.k_bucket),
+                batch_stride(self.k_starts), self.sel.shape[1], self.sel.shape[2],
+                self.sel.shape[3], self.tile_list.shape[2], self.tile_list.shape[3]]
+
+
+_geometry: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _tile_geometry(node, q_starts, k_starts, q_len: int, kv_len: int, block_m: int, span: int):
+    """(q bucket per row, k bucket per key, query buckets each query tile spans
+    ``[B or 1, Tq, span]``, repeats of the last one where it spans fewer). Fixed blocks
+    depend on the shapes only and are cached; chunk boundaries are data."""
+    cacheable = not isinstance(node, TopkChunks)
+    key = (q_len, kv_len, block_m, span, str(q_starts.device),
+           *((node.q_block, node.block) if cacheable else ()))
+    if cacheable and key in _geometry:
+        return _geometry[key]
+    device = q_starts.device
+    cq = q_starts.shape[-1] - 1
+    rows = torch.arange(q_len, device=device) + (kv_len - q_len)
+    q_bucket = bucket_of(rows, q_starts.long()).clamp(0, cq - 1)  # [B|1, Lq]
+    k_bucket = bucket_of(torch.arange(kv_len, device=device), k_starts.long())
+    k_bucket = torch.where((k_bucket >= 0) & (k_bucket < k_starts.shape[-1] - 1), k_bucket, -2)
+    first = q_bucket[:, ::block_m]  # [B|1, Tq]
+    last_rows = torch.clamp(torch.arange(first.shape[1], device=device) * block_m + block_m - 1,
+                            max=q_len - 1)
+    last = q_bucket[:, last_rows]
+    spanned = torch.minimum(first[..., None] + torch.arange(span, device=device), last[..., None])
+    out = (q_bucket.to(torch.int32).contiguous(), k_bucket.to(torch.int32).contiguous(), spanned)
+    if cacheable:
+        if len(_geometry) > 256:
+            _geometry.clear()
+        _geometry[key] = out
+    return out
+
+
+def routed_tiles(node, sel: torch.Tensor, sel_count: torch.Tensor, q_starts: torch.Tensor,
+                 k_starts: torch.Tensor, head_map: torch.Tensor, q_len: int, kv_len: int,
+                 block_m: int) -> RoutedTiles:
+    """The kernel's tensors from a selection in the fixed-k layout ``sel`` ``[B, Hr, Cq,
+    S]`` (ascending, -1 padded: the pre-kernels' output) and its counts."""
+    b, hr, cq, s = sel.shape
+    ck = k_starts.shape[-1] - 1
+    # query buckets one tile of block_m rows can span: blocks of q_block rows, or any chunk
+    span = cq if isinstance(node, TopkChunks) else min(cq, (block_m - 1) // node.q_block + 2)
+    q_bucket, k_bucket, spanned = _tile_geometry(node, q_starts, k_starts, q_len, kv_len, block_m,
+                                                 span)
+    tq = spanned.shape[1]
+    batch = torch.arange(b, device=sel.device)[:, None, None]
+    gathered = sel.permute(0, 2, 1, 3)[batch, spanned.expand(b, -1, -1)]  # [B, Tq, span, Hr, S]
+    union = gathered.permute(0, 3, 1, 2, 4).reshape(b, hr, tq, span * s).long()
+    union = torch.where(union < 0, ck, union).sort(-1).values  # padding sorts last
+    repeat = torch.zeros_like(union, dtype=torch.bool)
+    repeat[..., 1:] = union[..., 1:] == union[..., :-1]
+    union = torch.where(repeat, ck, union).sort(-1).values[..., :min(span * s, ck)]
+    tile_count = (union < ck).sum(-1).to(torch.int32)
+    tile_list = torch.where(union < ck, union, -1).to(torch.int32)
+    return RoutedTiles(sel.to(torch.int32).contiguous(), sel_count.to(torch.int32).contiguous(),
+                       q_bucket, k_bucket, k_starts.to(torch.int32).contiguous(),
+                       tile_list.contiguous(), tile_count.contiguous(),
+                       head_map.to(device=sel.device, dtype=torch.int32).contiguous())
+
+
+def route_tiles(node, siblings, q: torch.Tensor, k: torch.Tensor, scale: float, block_m: int,
+                prekernels: str | None) -> RoutedTiles:
+    """Route ``node`` for this call and lay the result out for the kernel: with the
+    generated pre-kernels (``"compiled"``, ``"interpret"``) or the torch reference
+    (``None``)."""
+    q_len, kv_len = q.shape[2], k.shape[2]
+    if prekernels:
+        from .kernels import route_prekernels
+
+        indices, counts, call, heads = route_prekernels(node, siblings, q, k, scale,
+                                                        interpret=prekernels == "interpret")
+        q_starts, k_starts = call.q_starts, call.k_starts
+    else:
+        from .reference import route_node
+
+        selection: BlockSelection = route_node(node, siblings, q, k, scale)
+        ck = selection.selected.shape[-1]
+        indices = selection.fixed_k_indices(min(getattr(node, "k", ck), ck))
+        counts, heads = None, selection.heads
+        q_starts, k_starts = selection.q_starts, selection.k_starts
+    if counts is None:
+        counts = (indices >= 0).sum(-1)
+    return routed_tiles(node, indices, counts, q_starts.to(q.device), k_starts.to(q.device),
+                        heads, q_len, kv_len, block_m)
