@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..routing.dag import kernel_routing_node
 from .flex_blocks import flex_blocks
 from .symbolic import to_triton
 
@@ -57,8 +58,16 @@ def explain(plan) -> str:
         ]
     if plan.routing:
         lines += _routing_lines(plan)
-        lines.append("flex        (no BlockMask comparison: the mask is decided from q and k at run "
-                     "time; the kernels above cover its static envelope)")
+        if kernel_routing_node(plan.pattern) is not None:
+            lines.append(f"routed      the forward kernel walks the segments above (the static "
+                         f"part {plan.kernels[0].static_mask!r}; tiles and utilisation count it "
+                         "only), then per query tile the kv tiles of its rows' selected buckets, "
+                         "each tile once; backward and decode run with torch ops")
+        else:
+            lines.append("routed      no generated kernel for this rule: torch ops run it (dense "
+                         "per row chunk); the kernels above cover its static envelope")
+        lines.append("flex        (no BlockMask comparison: the mask is decided from q and k at "
+                     "run time)")
         return "\n".join(lines)
     flex = flex_blocks(plan.pattern, lq, lkv)
     if flex is None:
@@ -97,8 +106,8 @@ def _routing_lines(plan) -> list[str]:
     total = sum(s.work for s in plan.routing)
     lines = [f"routing     {len(plan.routing)} pre-kernel(s), DAG {dag.number_of_nodes()} nodes / "
              f"{dag.number_of_edges()} edges, {total} ops per (batch, head); top-k and coverage "
-             "rules run generated pre-kernels on CUDA, vertical_slash (and CPU) the torch "
-             "reference"]
+             "rules run generated pre-kernels (CUDA, or the interpreter with backend='triton'), "
+             "vertical_slash and the torch backend the torch reference"]
     for name in nx.topological_sort(dag):
         if name in steps:
             s = steps[name]

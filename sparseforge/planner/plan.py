@@ -20,7 +20,13 @@ from ..ir.canonicalize import canonicalize
 from ..ir.nodes import Documents, Intersection, Pattern, PerHead, Window, walk
 from ..ir.routing import is_dynamic
 from ..ir.scores import ScoreSpec, score_spec, score_terms, strip_scores
-from ..routing.dag import envelope, kernel_routing_node, routing_steps, static_part
+from ..routing.dag import (
+    envelope,
+    kernel_routing_node,
+    routing_steps,
+    static_part,
+    tile_list_step,
+)
 from ..semantics import pair_mask
 from .layout import GridTiling, Tiled, choose_tiling, layout_node
 from .ranges import TileSegment, hull_segment, tile_segments
@@ -234,6 +240,10 @@ def default_target(device: torch.device | None = None) -> str:
     return "cpu"
 
 
+#: a routed kernel's key tiles span at most this many buckets (one bit each per row)
+MAX_ROUTED_BLOCK_N = 64
+
+
 def plan(pattern: Pattern, *, q_len: int, kv_len: int, head_dim: int, dtype="bfloat16",
          target: str = "cpu", block_m: int | None = None, block_n: int | None = None,
          schedule: str | None = None, groups: int | None = None,
@@ -273,8 +283,14 @@ def plan(pattern: Pattern, *, q_len: int, kv_len: int, head_dim: int, dtype="bfl
         static = plan(static_part(canonical), q_len=q_len, kv_len=kv_len, head_dim=head_dim,
                       dtype=dtype, target=target, schedule=schedule, groups=1, block_m=block_m,
                       block_n=block_n, tiled=False)
+        if static.block_n > MAX_ROUTED_BLOCK_N:  # the kernel's per-row 64-bit bucket masks
+            static = plan(static_part(canonical), q_len=q_len, kv_len=kv_len, head_dim=head_dim,
+                          dtype=dtype, target=target, schedule=schedule, groups=1,
+                          block_m=static.block_m, block_n=MAX_ROUTED_BLOCK_N, tiled=False)
         kernels = tuple(dataclasses.replace(kp, pattern=canonical, analysed=strip_scores(canonical))
                         for kp in static.kernels)
+        routing += (tile_list_step(routing, kernel_routing_node(canonical), q_len, kv_len,
+                                   static.block_m),)
         return dataclasses.replace(static, pattern=canonical, kernels=kernels, routing=routing)
     heads = _head_groups(canonical)
     scored = any(score_spec(p).any for p, _ in heads)

@@ -74,6 +74,22 @@ def routing_steps(pattern: Pattern, q_len: int, kv_len: int, head_dim: int) -> t
     return tuple(steps)
 
 
+def tile_list_step(steps: tuple[RoutingStep, ...], node, q_len: int, kv_len: int,
+                   block_m: int) -> RoutingStep:
+    """The step the routed forward kernel adds after ``select``: per query tile of
+    ``block_m`` rows, the sorted union of its rows' selected key buckets (gather, sort,
+    drop repeats: fixed sizes, on the device)."""
+    select = next(s for s in steps if s.name.startswith("select"))
+    q_tiles = -(-q_len // block_m)
+    cq, ck = _bucket_counts(node, q_len, kv_len)
+    span = cq if isinstance(node, TopkChunks) else min(cq, (block_m - 1) // node.q_block + 2)
+    gathered = span * min(getattr(node, "k", ck), ck)
+    width = min(gathered, ck)
+    return RoutingStep(f"tiles{select.name[len('select'):]}", f"union per {block_m}-row tile",
+                       (select.name,), f"sorted bucket lists [{q_tiles}, <= {width}]",
+                       2 * q_tiles * gathered * max(1, math.ceil(math.log2(max(gathered, 2)))))
+
+
 def routing_dag(steps: tuple[RoutingStep, ...]) -> nx.DiGraph:
     """The steps as a networkx DAG ending in the ``attention`` node."""
     g = nx.DiGraph()
@@ -82,7 +98,7 @@ def routing_dag(steps: tuple[RoutingStep, ...]) -> nx.DiGraph:
         for i in s.inputs:
             g.add_edge(i, s.name)
     for s in steps:
-        if s.name.startswith("select"):
+        if g.out_degree(s.name) == 0:  # the last step of each chain feeds the attention
             g.add_edge(s.name, "attention")
     assert nx.is_directed_acyclic_graph(g)
     return g

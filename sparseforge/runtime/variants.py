@@ -21,7 +21,7 @@ import torch
 
 from ..codegen.render import KINDS
 from ..ir import nodes as ir
-from ..ir import scores
+from ..ir import routing, scores
 from ..ir.neighborhood import neighborhood
 from ..planner.plan import Plan, plan
 
@@ -76,7 +76,24 @@ def variant_specs() -> dict[str, tuple]:
     shapes["na2d_rel_bias_clipped"] = ((na | ir.sinks(4)) & window_table & scores.softcap(20.0)
                                        & scores.alibi(torch.ones(heads)), 64, "bfloat16",
                                        {"tiled": False})
+    # routed forward (static segments + selected tiles): static part empty, beside one and
+    # three segments, chunks with score modifiers; these have a forward kernel only
+    shapes["routed_topk"] = (ir.causal() & routing.topk_blocks(128, 4), 128, "bfloat16", {})
+    shapes["routed_moba"] = ((ir.causal() & routing.topk_blocks(512, 3, query_block=1))
+                             | (ir.causal() & ir.chunks(512)), 128, "bfloat16", {})
+    shapes["routed_threshold"] = ((ir.causal() & routing.threshold_blocks(64, 0.9))
+                                  | ir.sliding_window(256) | ir.sinks(4), 64, "float16",
+                                  {"schedule": "segments"})
+    cuts = torch.tensor([0, 100, 900, 1500, 3000, L])
+    shapes["routed_chunks_scores"] = (ir.causal() & routing.topk_chunks(cuts, 2, share="all")
+                                      & scores.alibi(torch.ones(heads)) & scores.softcap(30.0),
+                                      64, "bfloat16", {})
     return shapes
+
+
+def variant_kinds(name: str) -> tuple[str, ...]:
+    """The kernel kinds a variant has: routed plans have a forward kernel only."""
+    return ("forward",) if name.startswith("routed_") else tuple(KINDS)
 
 
 def variant_plan(name: str, target: str = "sm_90") -> Plan:
@@ -99,7 +116,8 @@ def _compile_one(job: tuple[str, str]) -> dict:
 
 
 def compile_all(archs=("sm_80", "sm_90"), workers: int = 2, kinds=KINDS) -> list[dict]:
-    jobs = [(name, arch, kind) for name in variant_specs() for arch in archs for kind in kinds]
+    jobs = [(name, arch, kind) for name in variant_specs() for arch in archs for kind in kinds
+            if kind in variant_kinds(name)]
     # spawn, not fork: a forked child of a process that ran torch ops can deadlock in
     # torch's thread pool
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:

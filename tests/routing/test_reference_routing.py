@@ -242,8 +242,8 @@ def test_call_time_errors():
         sf.attention(q, q, q, sf.topk_chunks(torch.tensor([0, 8, 8, 16]), 1))
     with pytest.raises(ValueError, match="two routing nodes"):
         sf.attention(q, q, q, sf.topk_blocks(4, 1) & sf.threshold_blocks(4, 0.5))
-    with pytest.raises(ValueError, match="routing pre-kernels are not generated yet"):
-        sf.attention(q, q, q, sf.topk_blocks(4, 1), backend="triton")
+    with pytest.raises(ValueError, match="no generated kernel"):
+        sf.attention(q, q, q, sf.vertical_slash(1, 1), backend="triton")
     with pytest.raises(ValueError, match="per_head with routing nodes"):
         sf.attention(q, q, q, sf.per_head([sf.topk_blocks(4, 1), sf.causal()]))
 
@@ -252,9 +252,15 @@ def test_plan_records_the_routing_dag():
     p = sf.plan((sf.causal() & sf.topk_blocks(512, 3, query_block=1)) | (sf.causal() & sf.chunks(512)),
                 q_len=8192, kv_len=8192, head_dim=128, target="sm_90")
     dag = p.routing_dag
-    assert set(dag.predecessors("attention")) == {"select0"}
+    assert set(dag.predecessors("attention")) == {"tiles0"}
+    assert list(dag.predecessors("tiles0")) == ["select0"]
     assert list(dag.predecessors("score0")) == ["pool_q0", "pool_k0"]
     text = p.explain()
-    assert "routing     4 pre-kernel(s)" in text and "fixed-k indices [8192, 3]" in text
-    envelope = p.kernels[0].pattern  # routing nodes read as full(): the causal envelope
-    assert torch.equal(sf.dense_mask(envelope, 64, 64), sf.dense_mask(sf.causal(), 64, 64))
+    assert "routing     5 pre-kernel(s)" in text and "fixed-k indices [8192, 3]" in text
+    # the kernel walks the static part (routing nodes read as empty) in closed form
+    static = p.kernels[0].static_mask
+    assert torch.equal(sf.dense_mask(static, 64, 64), sf.dense_mask(sf.causal() & sf.chunks(512), 64, 64))
+    # a rule without a kernel plans its envelope (routing nodes read as full) for the torch path
+    envelope = sf.plan(sf.causal() & sf.vertical_slash(4, 4), q_len=512, kv_len=512, head_dim=64)
+    assert torch.equal(sf.dense_mask(envelope.kernels[0].pattern, 64, 64),
+                       sf.dense_mask(sf.causal(), 64, 64))
