@@ -21,6 +21,7 @@ from .ir.nodes import (
 )
 from .ir.routing import threshold_blocks, topk_blocks, topk_chunks, vertical_slash
 from .ir.scores import alibi, alibi_slopes, rel_bias, softcap
+from .merge import merge
 from .modules import SparseAttention
 from .natten_api import na1d, na2d, na3d
 from .planner.plan import Plan, plan
@@ -31,7 +32,7 @@ from .runtime.prebuilt import load_kernels
 __all__ = [
     "BuildSpec", "Pattern", "Plan", "alibi", "alibi_slopes", "attention", "causal", "chunks",
     "dense_mask", "documents", "full", "global_queries", "halo_blocks", "load_kernels",
-    "maxvit_block", "maxvit_grid", "na1d", "na2d", "na3d", "neighborhood", "per_head", "plan",
+    "maxvit_block", "maxvit_grid", "merge", "na1d", "na2d", "na3d", "neighborhood", "per_head", "plan",
     "prefix_lm", "reference_attention", "rel_bias", "sinks", "sliding_window", "softcap",
     "SparseAttention", "swin_window", "threshold_blocks", "topk_blocks", "topk_chunks",
     "vertical_slash", "window",

@@ -9,7 +9,6 @@ Only integers from validated IR nodes reach the text: never a user string.
 from __future__ import annotations
 
 from ..ir.neighborhood import Neighborhood, neighborhood_keep
-from ..ir.routing import DynamicPattern
 from ..ir.nodes import (
     Causal,
     Chunks,
@@ -23,6 +22,7 @@ from ..ir.nodes import (
     Union,
     Window,
 )
+from ..ir.routing import DynamicPattern
 
 
 class TritonText:

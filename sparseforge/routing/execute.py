@@ -1,11 +1,11 @@
 """Attention under a routed pattern with torch ops: route (the torch reference), then
 attend query rows in chunks against every key with the routed mask.
 
-This is the exact, differentiable path dynamic patterns run on today (any device): the
+The exact, differentiable path for what the routed forward kernel does not run
+(training, ``vertical_slash``, the torch backend; ``runtime.dispatch._run_routed``): the
 mask is evaluated per chunk of rows, so memory stays O(rows x Lkv) per chunk, but the
 compute is dense. On CUDA the top-k and coverage rules route with the generated
-pre-kernels; the block-sparse forward that consumes their indices is the next step
-(docs/routing.md).
+pre-kernels (docs/routing.md).
 """
 
 from __future__ import annotations

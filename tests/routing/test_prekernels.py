@@ -14,7 +14,7 @@ import sparseforge as sf
 from sparseforge.ir.canonicalize import canonicalize
 from sparseforge.routing.execute import routed_attention
 from sparseforge.routing.kernels import route_prekernels
-from sparseforge.routing.reference import static_siblings, route
+from sparseforge.routing.reference import route, static_siblings
 from sparseforge.routing.selection import BlockSelection
 
 CASES = [  # (pattern, Lq, Lkv, Hq, Hkv, D)

@@ -34,7 +34,7 @@ def _check(pattern, q, k, v, atol=2e-5):
     mask = _rebuilt_mask(pattern, q.float(), k.float(), scale)
     want = _masked_attention(q.float(), k.float(), v.float(), mask, scale)
     torch.testing.assert_close(out.double(), want, atol=atol, rtol=1e-2 if atol > 1e-3 else 1e-5)
-    ref, ref_lse = sf.reference_attention(q.float(), k.float(), v.float(), pattern,
+    _, ref_lse = sf.reference_attention(q.float(), k.float(), v.float(), pattern,
                                           enable_gqa=True, return_lse=True)
     empty = ~mask.any(-1)
     assert torch.equal(torch.isinf(lse), empty) and bool((lse[empty] < 0).all())
