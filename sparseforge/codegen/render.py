@@ -184,6 +184,20 @@ def _score_context(score: ScoreSpec, cfg) -> dict:
                 bias_chunk=_next_pow2(cfg.block_m + cfg.block_n - 1))
 
 
+def _routing_context(pattern) -> dict:
+    """Which routed walk the forward kernel takes: key buckets (top-k / coverage) or lines
+    (vertical_slash: columns and diagonals, with the binary searches' unrolled steps)."""
+    from ..ir.nodes import walk
+    from ..ir.routing import VerticalSlash
+
+    lines = [n for n in walk(pattern) if isinstance(n, VerticalSlash)] if pattern else []
+    if not lines:
+        return dict(routed_lines=False, col_steps=0, off_steps=0)
+    node = lines[0]
+    return dict(routed_lines=True, col_steps=max(node.n_vertical, 1).bit_length() + 1,
+                off_steps=max(node.n_slash, 1).bit_length() + 1)
+
+
 def render_kernel(plan: Plan, kernel_index: int = 0, kind: str = "forward") -> KernelSource:
     """Source of one kernel of ``plan``; ``kind`` is a key of ``KINDS``."""
     cfg = kind_config(plan, kind)
@@ -219,6 +233,7 @@ def render_kernel(plan: Plan, kernel_index: int = 0, kind: str = "forward") -> K
         positions_prelude=positions_prelude(analysed) if kernel.score.any else [],
         has_documents=kernel.has_documents,
         routed=routed,
+        **_routing_context(kernel.analysed if routed else None),
         d_padded=plan.padded_head_dim != plan.head_dim,
         dot_precision=', input_precision="ieee"' if plan.dtype == "float32" else "",
         **_score_context(kernel.score, cfg),

@@ -21,6 +21,7 @@ from ..ir.nodes import Documents, Intersection, Pattern, PerHead, Window, walk
 from ..ir.routing import is_dynamic
 from ..ir.scores import ScoreSpec, score_spec, score_terms, strip_scores
 from ..routing.dag import (
+    MAX_ROUTED_BLOCK_N,
     envelope,
     kernel_routing_node,
     routing_steps,
@@ -125,9 +126,9 @@ class KernelPlan:
 
     @cached_property
     def static_mask(self) -> Pattern:
-        """What the closed-form segments cover: the mask, routing nodes read as empty (the
-        selected tiles of a routed kernel come on top, per call)."""
-        return static_part(self.mask) if is_dynamic(self.mask) else self.mask
+        """What the closed-form segments cover, in run coordinates: the pattern, routing
+        nodes read as empty (a routed kernel's selected tiles come on top, per call)."""
+        return static_part(self.pattern) if is_dynamic(self.pattern) else self.pattern
 
     @property
     def has_documents(self) -> bool:
@@ -240,10 +241,6 @@ def default_target(device: torch.device | None = None) -> str:
     return "cpu"
 
 
-#: a routed kernel's key tiles span at most this many buckets (one bit each per row)
-MAX_ROUTED_BLOCK_N = 64
-
-
 def plan(pattern: Pattern, *, q_len: int, kv_len: int, head_dim: int, dtype="bfloat16",
          target: str = "cpu", block_m: int | None = None, block_n: int | None = None,
          schedule: str | None = None, groups: int | None = None,
@@ -290,7 +287,7 @@ def plan(pattern: Pattern, *, q_len: int, kv_len: int, head_dim: int, dtype="bfl
         kernels = tuple(dataclasses.replace(kp, pattern=canonical, analysed=strip_scores(canonical))
                         for kp in static.kernels)
         routing += (tile_list_step(routing, kernel_routing_node(canonical), q_len, kv_len,
-                                   static.block_m),)
+                                   static.block_m, static.block_n),)
         return dataclasses.replace(static, pattern=canonical, kernels=kernels, routing=routing)
     heads = _head_groups(canonical)
     scored = any(score_spec(p).any for p, _ in heads)

@@ -15,6 +15,9 @@ import networkx as nx
 from ..ir.nodes import Pattern, walk
 from ..ir.routing import DynamicPattern, ThresholdBlocks, TopkChunks, VerticalSlash
 
+#: a routed kernel's key tiles hold at most this many keys (one bit each per row)
+MAX_ROUTED_BLOCK_N = 64
+
 
 @dataclass(frozen=True)
 class RoutingStep:
@@ -75,12 +78,17 @@ def routing_steps(pattern: Pattern, q_len: int, kv_len: int, head_dim: int) -> t
 
 
 def tile_list_step(steps: tuple[RoutingStep, ...], node, q_len: int, kv_len: int,
-                   block_m: int) -> RoutingStep:
+                   block_m: int, block_n: int) -> RoutingStep:
     """The step the routed forward kernel adds after ``select``: per query tile of
     ``block_m`` rows, the sorted union of its rows' selected key buckets (gather, sort,
     drop repeats: fixed sizes, on the device)."""
     select = next(s for s in steps if s.name.startswith("select"))
     q_tiles = -(-q_len // block_m)
+    if isinstance(node, VerticalSlash):
+        kv_tiles = -(-kv_len // block_n)
+        return RoutingStep(f"tiles{select.name[len('select'):]}", "tiles the lines cross",
+                           (select.name,), f"tile byte map [{q_tiles}, {kv_tiles}] + spans",
+                           4 * q_tiles * kv_tiles)
     cq, ck = _bucket_counts(node, q_len, kv_len)
     span = cq if isinstance(node, TopkChunks) else min(cq, (block_m - 1) // node.q_block + 2)
     gathered = span * min(getattr(node, "k", ck), ck)
@@ -142,14 +150,11 @@ def static_part(pattern: Pattern) -> Pattern:
 
 def kernel_routing_node(pattern: Pattern):
     """The routing node of a pattern the generated forward kernel runs (static segments
-    plus selected tiles), or None when only the torch path runs it: one block or chunk
-    routing node (top-k or coverage) and no per-head patterns. ``vertical_slash``
-    selects lines, not tiles, and has no kernel yet."""
+    plus selected tiles), or None when only the torch path runs it: one routing node
+    and no per-head patterns."""
     from ..ir.nodes import PerHead
-    from ..ir.routing import ThresholdBlocks, TopkBlocks, TopkChunks
 
     nodes = {n for n in walk(pattern) if isinstance(n, DynamicPattern)}
     if len(nodes) != 1 or any(isinstance(n, PerHead) for n in walk(pattern)):
         return None
-    (node,) = nodes
-    return node if isinstance(node, (TopkBlocks, TopkChunks, ThresholdBlocks)) else None
+    return next(iter(nodes))

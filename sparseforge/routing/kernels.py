@@ -6,8 +6,8 @@ Rendered per routing node (pool kind, sqrt scaling, share, k are baked in), cach
 imported like the attention kernels, run under Triton's interpreter on CPU or compiled
 for a GPU. Every output has a size known before the call (no host synchronisation in
 the kernels). The bucket candidates (where the static part allows a pair) come from
-``reference.bucket_candidates``: they depend on the shapes only, except for batched chunk
-boundaries.
+``reference.node_candidates``: they depend on the shapes only (cached), except for chunk
+boundaries and document ids.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .._version import __version__
 from ..codegen.render import TEMPLATE_VERSION, _environment, check_context
 from ..ir.routing import ThresholdBlocks, TopkBlocks, TopkChunks
 from ..runtime.cache import load_kernel_module
-from .reference import _buckets, bucket_candidates, head_map
+from .reference import _buckets, head_map, node_candidates
 
 BLOCK_T = 64  # tokens a pool program loads per step
 BLOCK_Q = BLOCK_C = 32  # query x key buckets a score program computes
@@ -120,8 +120,8 @@ def route_prekernels(node, siblings, q: torch.Tensor, k: torch.Tensor, scale: fl
             x, starts, out, x.stride(0), x.stride(1), x.stride(2), sb, out.stride(0),
             out.stride(1), out.stride(2), heads, x.shape[2], offset, out.shape[2],
             HEAD_DIM=d, D_PAD=d_pad, BLOCK_T=BLOCK_T)
-    cand = bucket_candidates(siblings, call.q_starts, call.k_starts, q_len, kv_len,
-                             q.device).to(torch.int8).contiguous()
+    cand = node_candidates(node, siblings, call.q_starts, call.k_starts, q_len, kv_len,
+                           q.device).to(torch.int8).contiguous()
     scores = torch.empty(b, call.routing_heads, call.n_q, call.n_k, dtype=torch.float32,
                          device=q.device)
     grid = (-(-call.n_q // BLOCK_Q), -(-call.n_k // BLOCK_C), b * call.routing_heads)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ir.routing import TopkChunks
+from ..ir.routing import TopkChunks, VerticalSlash
 from .selection import BlockSelection, bucket_of
 
 
@@ -109,12 +109,82 @@ def routed_tiles(node, sel: torch.Tensor, sel_count: torch.Tensor, q_starts: tor
                        head_map.to(device=sel.device, dtype=torch.int32).contiguous())
 
 
+@dataclass(frozen=True)
+class RoutedLines:
+    """The routed kernel's tensors for ``vertical_slash`` (per query head): ``cols``
+    ``[B, Hq, V]`` selected key columns ascending and ``col_count`` ``[B, Hq]``; ``offs``
+    ``[B, Hq, S]`` selected diagonal offsets ``p - j`` ascending and ``off_count``;
+    ``tile_map`` uint8 ``[B, Hq, Tq, Tk]``: does a selected line cross kv tile t for query
+    tile m; ``tile_span`` ``[B, Hq, Tq, 2]`` its first and one-past-last set tile."""
+
+    cols: torch.Tensor
+    col_count: torch.Tensor
+    offs: torch.Tensor
+    off_count: torch.Tensor
+    tile_map: torch.Tensor
+    tile_span: torch.Tensor
+    head_map: torch.Tensor
+
+    def kernel_args(self) -> list:
+        return [self.cols, self.col_count, self.offs, self.off_count, self.tile_map,
+                self.tile_span, self.head_map, self.cols.shape[1], self.cols.shape[2],
+                self.offs.shape[2], self.tile_map.shape[2], self.tile_map.shape[3]]
+
+
+def _ascending(flags: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices of the set flags ascending ``[..., width]``, -1 padded; their count)."""
+    n = flags.shape[-1]
+    keyed = torch.where(flags, torch.arange(n, device=flags.device), n)
+    idx = keyed.sort(-1).values[..., :width]
+    return torch.where(idx < n, idx, -1).to(torch.int32), flags.sum(-1).to(torch.int32)
+
+
+def routed_lines(selection, n_vertical: int, n_slash: int, q_len: int, kv_len: int,
+                 block_m: int, block_n: int) -> RoutedLines:
+    """The kernel's tensors from a ``LineSelection`` (device ops, fixed sizes)."""
+    columns, diagonals = selection.columns, selection.diagonals  # [B, H, Lkv], [B, H, 2Lkv-1]
+    b, h, _ = columns.shape
+    device = columns.device
+    cols, col_count = _ascending(columns, max(1, min(n_vertical, kv_len)))
+    offs, off_count = _ascending(diagonals, max(1, min(n_slash, 2 * kv_len - 1)))
+    offs = torch.where(offs >= 0, offs - (kv_len - 1), 0).to(torch.int32)  # offset values p - j
+    tq, tk = -(-q_len // block_m), -(-kv_len // block_n)
+    pad = tk * block_n - kv_len
+    col_tiles = torch.nn.functional.pad(columns, (0, pad)).view(b, h, tk, block_n).any(-1)
+    # a diagonal crosses (m, t) iff a selected offset lies in [p_first - j_last, p_last - j_first]
+    cum = torch.zeros(b, h, 2 * kv_len, dtype=torch.int32, device=device)
+    cum[..., 1:] = diagonals.to(torch.int32).cumsum(-1)
+    m, t = torch.arange(tq, device=device), torch.arange(tk, device=device)
+    p_first = m * block_m + (kv_len - q_len)
+    p_last = torch.clamp(m * block_m + block_m, max=q_len) - 1 + (kv_len - q_len)
+    j_first, j_last = t * block_n, torch.clamp(t * block_n + block_n, max=kv_len) - 1
+    lo = (p_first[:, None] - j_last[None, :] + kv_len - 1).clamp(0, 2 * kv_len - 1)
+    hi = (p_last[:, None] - j_first[None, :] + kv_len).clamp(0, 2 * kv_len - 1)  # exclusive
+    count = (cum.gather(-1, hi.flatten()[None, None].expand(b, h, -1))
+             - cum.gather(-1, lo.flatten()[None, None].expand(b, h, -1)))
+    tile_map = (count.view(b, h, tq, tk) > 0) | col_tiles[:, :, None, :]
+    ticks = torch.arange(1, tk + 1, device=device)
+    last = torch.where(tile_map, ticks, 0).amax(-1)
+    first = torch.where(tile_map, ticks, tk + 1).amin(-1) - 1
+    span = torch.stack([torch.where(last > 0, first, 0), last], -1).to(torch.int32)
+    heads = torch.arange(h, device=device, dtype=torch.int32)
+    return RoutedLines(cols.contiguous(), col_count.contiguous(), offs.contiguous(),
+                       off_count.contiguous(), tile_map.to(torch.uint8).contiguous(),
+                       span.contiguous(), heads)
+
+
 def route_tiles(node, siblings, q: torch.Tensor, k: torch.Tensor, scale: float, block_m: int,
-                prekernels: str | None) -> RoutedTiles:
+                prekernels: str | None, block_n: int = 64):
     """Route ``node`` for this call and lay the result out for the kernel: with the
     generated pre-kernels (``"compiled"``, ``"interpret"``) or the torch reference
     (``None``)."""
     q_len, kv_len = q.shape[2], k.shape[2]
+    if isinstance(node, VerticalSlash):
+        from .reference import route_node
+
+        selection = route_node(node, siblings, q, k, scale)
+        return routed_lines(selection, node.n_vertical, node.n_slash, q_len, kv_len, block_m,
+                            block_n)
     if prekernels:
         from .kernels import route_prekernels
 

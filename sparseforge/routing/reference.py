@@ -20,6 +20,7 @@ from .selection import BlockSelection, LineSelection, bucket_of
 
 #: rows of the static mask evaluated at once when reducing it to bucket candidates
 _ROW_CHUNK = 1024
+_BLOCK_NODES = (TopkBlocks, ThresholdBlocks)
 
 
 def block_starts(length: int, block: int, first: int = 0, device=None) -> torch.Tensor:
@@ -35,13 +36,21 @@ def chunk_starts(node: TopkChunks, kv_len: int, device=None) -> torch.Tensor:
     """The chunk boundaries ``[B or 1, C + 1]``, checked: from 0 to Lkv, increasing."""
     b = node.boundaries.to(device=device, dtype=torch.int64)
     b = b if b.dim() == 2 else b[None]
-    if bool((b[:, 0] != 0).any()) or bool((b[:, -1] != kv_len).any()):
-        raise ValueError(f"topk_chunks(boundaries=...): expected the first boundary 0 and the "
-                         f"last kv_len={kv_len}")
-    if bool((b[:, 1:] <= b[:, :-1]).any()):
-        raise ValueError("topk_chunks(boundaries=...): boundaries must be strictly increasing "
-                         "(every chunk holds at least one token)")
+    _require((b[:, 0] == 0).all() & (b[:, -1] == kv_len).all(),
+             f"topk_chunks(boundaries=...): expected the first boundary 0 and the last "
+             f"kv_len={kv_len}")
+    _require((b[:, 1:] > b[:, :-1]).all(), "topk_chunks(boundaries=...): boundaries must be "
+             "strictly increasing (every chunk holds at least one token)")
     return b
+
+
+def _require(ok: torch.Tensor, message: str) -> None:
+    """A ValueError on the host; on a GPU a device-side assert instead, so that routing
+    never waits for the device (and stays capturable in a CUDA graph)."""
+    if ok.is_cuda:
+        torch._assert_async(ok, message)
+    elif not bool(ok):
+        raise ValueError(message)
 
 
 def pool(x: torch.Tensor, positions: torch.Tensor, starts: torch.Tensor, how: str = "mean",
@@ -156,6 +165,29 @@ def bucket_candidates(siblings, q_starts, k_starts, q_len: int, kv_len: int, dev
     return out
 
 
+_candidates: dict[tuple, torch.Tensor] = {}
+
+
+def node_candidates(node, siblings, q_starts, k_starts, q_len: int, kv_len: int,
+                    device) -> torch.Tensor:
+    """``bucket_candidates`` of a routing node, cached when they depend on the shapes only
+    (fixed blocks, no document ids): a warm call does no mask evaluation at all."""
+    from ..ir.nodes import Documents
+
+    static = isinstance(node, _BLOCK_NODES) and not any(
+        isinstance(n, Documents) for s in siblings for n in walk(s))
+    key = (tuple(repr(s) for s in siblings), node.q_block, node.block, q_len, kv_len,
+           str(device)) if static else None
+    if key is not None and key in _candidates:
+        return _candidates[key]
+    cand = bucket_candidates(siblings, q_starts, k_starts, q_len, kv_len, device)
+    if key is not None:
+        if len(_candidates) > 256:
+            _candidates.clear()
+        _candidates[key] = cand
+    return cand
+
+
 def _buckets(node, q_len: int, kv_len: int, device):
     if isinstance(node, TopkChunks):
         starts = chunk_starts(node, kv_len, device)
@@ -180,13 +212,22 @@ def route_node(node: DynamicPattern, siblings, q: torch.Tensor, k: torch.Tensor,
     qbar, _ = pool(q, positions_q, q_starts, how, sqrt_len)
     kbar, _ = pool(k, torch.arange(kv_len, device=device), k_starts, how, sqrt_len)
     scores = bucket_scores(qbar, kbar, node.share)
-    cand = bucket_candidates(siblings, q_starts, k_starts, q_len, kv_len, device)[:, None]
+    cand = node_candidates(node, siblings, q_starts, k_starts, q_len, kv_len, device)[:, None]
     cand = cand.expand(scores.shape[0], scores.shape[1], -1, -1)
     if isinstance(node, ThresholdBlocks):
         selected = select_coverage(scores, cand, node.coverage, scale)
     else:
         selected = select_topk(scores, cand, node.k)
     return BlockSelection(selected, q_starts, k_starts, head_map(node.share, hq, hkv))
+
+
+def _diagonal_index(p: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index ``p - j + Lkv - 1`` of each (row, key) pair's diagonal, clamped; whether the
+    diagonal exists): offsets beyond ``-(Lkv - 1)`` only occur for rows before the first
+    key (Lq > Lkv) and are never selected."""
+    off = p[:, None] - torch.arange(kv_len, device=p.device)[None, :] + kv_len - 1
+    inside = off >= 0
+    return off.clamp(min=0), inside
 
 
 def _vertical_slash(node: VerticalSlash, siblings, q, k, scale) -> LineSelection:
@@ -199,10 +240,9 @@ def _vertical_slash(node: VerticalSlash, siblings, q, k, scale) -> LineSelection
     s = (q[:, :, last].float() @ kk.transpose(-1, -2)) * scale
     probs = torch.softmax(s.masked_fill(~allowed[:, None], float("-inf")), -1).nan_to_num(0.0)
     vertical = probs.sum(2)  # [B, Hq, Lkv]
-    p = last + (kv_len - q_len)
-    off = (p[:, None] - torch.arange(kv_len, device=device)[None, :]) + kv_len - 1  # [R, Lkv]
+    off, inside = _diagonal_index(last + (kv_len - q_len), kv_len)  # [R, Lkv]
     slash = torch.zeros(b, hq, 2 * kv_len - 1, device=device)
-    slash.index_add_(2, off.flatten(), probs.flatten(2))
+    slash.index_add_(2, off.flatten(), (probs * inside).flatten(2))
     # candidates: columns / diagonals where the static part allows some pair on any row
     col_cand = torch.zeros(1, kv_len, dtype=torch.bool, device=device)
     diag_cand = torch.zeros(1, 2 * kv_len - 1, dtype=torch.bool, device=device)
@@ -210,12 +250,10 @@ def _vertical_slash(node: VerticalSlash, siblings, q, k, scale) -> LineSelection
         rows = torch.arange(r0, min(q_len, r0 + _ROW_CHUNK), device=device)
         m = _static_mask_rows(siblings, rows, q_len, kv_len, device)
         col_cand = col_cand | m.any(1)
-        o = ((rows + kv_len - q_len)[:, None] - torch.arange(kv_len, device=device)[None, :]
-             + kv_len - 1).expand_as(m[0])
-        hit = torch.zeros(m.shape[0], 2 * kv_len - 1, dtype=torch.bool, device=device)
-        for bi in range(m.shape[0]):
-            hit[bi, o[m[bi]].unique()] = True
-        diag_cand = diag_cand | hit
+        o, inside = _diagonal_index(rows + (kv_len - q_len), kv_len)
+        hits = torch.zeros(m.shape[0], 2 * kv_len - 1, dtype=torch.int32, device=device)
+        hits.index_add_(1, o.flatten(), (m & inside).flatten(1).to(torch.int32))  # no sync
+        diag_cand = diag_cand | (hits > 0)
     columns = select_topk(vertical, col_cand[:, None].expand_as(vertical), node.n_vertical)
     diagonals = select_topk(slash, diag_cand[:, None].expand_as(slash), node.n_slash)
     return LineSelection(columns, diagonals)

@@ -76,7 +76,8 @@ def resource_usage(cubin: bytes) -> dict:
 _DATA_POINTERS = {"Q", "K", "V", "Out", "DO", "DQ"}
 _FP32_POINTERS = {"Lse", "Delta", "DK", "DV", "OutPart", "LsePart", "Slopes", "Bias", "DBias"}
 _INT32_POINTERS = {"DocQ", "DocK", "Sel", "SelCount", "QBucket", "KBucket", "KStarts", "TileList",
-                   "TileCount", "HeadMap"}
+                   "TileCount", "HeadMap", "Cols", "ColCount", "Offs", "OffCount", "TileSpan"}
+_UINT8_POINTERS = {"TileMap"}
 _FP32_SCALARS = {"qk_scale", "sm_scale", "cap2"}
 _UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od"}
 
@@ -102,6 +103,8 @@ def kernel_signature(plan: Plan, kernel_index: int, kind: str = "forward") -> tu
             sig[name] = "*fp32"
         elif name in _INT32_POINTERS:
             sig[name] = "*i32"
+        elif name in _UINT8_POINTERS:
+            sig[name] = "*u8"
         elif name in _FP32_SCALARS:
             sig[name] = "fp32"
         else:
@@ -113,7 +116,7 @@ def divisibility_attrs(fn, signature: dict, plan: Plan) -> dict:
     """The facts Triton's JIT would specialise on for contiguous [B, H, L, D] inputs:
     pointers are 16-byte aligned, and token/head/batch strides are multiples of 16 when
     the head dim is. Without them nothing vectorises (scalar loads, 2-byte smem stores)."""
-    aligned = _DATA_POINTERS | _FP32_POINTERS | _INT32_POINTERS
+    aligned = _DATA_POINTERS | _FP32_POINTERS | _INT32_POINTERS | _UINT8_POINTERS
     if plan.head_dim % 16 == 0:
         aligned |= {f"stride_{t}{d}" for t in "qkvo" for d in "bhmn"}
     return {(fn.arg_names.index(name),): [["tt.divisibility", 16]]

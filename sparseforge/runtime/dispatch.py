@@ -200,15 +200,14 @@ def _run_routed(executor: str, target: str, backend: str, q, k, v, pattern: Patt
     compiled = compile_pattern(pattern)
     node = kernel_routing_node(compiled.canonical)
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    why_not = ("it has no generated kernel (one topk_blocks, topk_chunks or threshold_blocks "
-               "node per pattern)" if node is None else
+    why_not = ("it has no generated kernel (one routing node per pattern)" if node is None else
                "the routed kernel has no generated backward yet" if wants_grad else None)
     if executor in ("triton", "interpret") and why_not is None and shape.q_len and shape.kv_len:
         p = cached_plan(compiled, shape.q_len, shape.kv_len, shape.head_dim, q.dtype, target)
         prekernels = "interpret" if executor == "interpret" else "compiled"
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         routed = route_tiles(node, static_siblings(compiled.canonical, node), q, k, shape.scale,
-                             p.block_m, prekernels)
+                             p.block_m, prekernels, p.block_n)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
         triton_launch.run_forward(p, compiled.head_patterns, q, k, v, out, lse, shape.scale,

@@ -243,7 +243,7 @@ def test_call_time_errors():
     with pytest.raises(ValueError, match="two routing nodes"):
         sf.attention(q, q, q, sf.topk_blocks(4, 1) & sf.threshold_blocks(4, 0.5))
     with pytest.raises(ValueError, match="no generated kernel"):
-        sf.attention(q, q, q, sf.vertical_slash(1, 1), backend="triton")
+        sf.attention(q, q, q, sf.vertical_slash(1, 1) | sf.topk_blocks(4, 1), backend="triton")
     with pytest.raises(ValueError, match="per_head with routing nodes"):
         sf.attention(q, q, q, sf.per_head([sf.topk_blocks(4, 1), sf.causal()]))
 
@@ -260,7 +260,8 @@ def test_plan_records_the_routing_dag():
     # the kernel walks the static part (routing nodes read as empty) in closed form
     static = p.kernels[0].static_mask
     assert torch.equal(sf.dense_mask(static, 64, 64), sf.dense_mask(sf.causal() & sf.chunks(512), 64, 64))
-    # a rule without a kernel plans its envelope (routing nodes read as full) for the torch path
-    envelope = sf.plan(sf.causal() & sf.vertical_slash(4, 4), q_len=512, kv_len=512, head_dim=64)
+    # two routing nodes (no kernel): the envelope (routing nodes read as full), for torch ops
+    envelope = sf.plan(sf.causal() & (sf.vertical_slash(4, 4) | sf.topk_blocks(64, 1)),
+                       q_len=512, kv_len=512, head_dim=64)
     assert torch.equal(sf.dense_mask(envelope.kernels[0].pattern, 64, 64),
                        sf.dense_mask(sf.causal(), 64, 64))

@@ -61,8 +61,9 @@ def _rebuilt_mask(pattern, q, k, scale):
     def node_mask(node):
         sel = routing[node]
         if isinstance(node, VerticalSlash):
-            off = p[:, None] - j[None, :] + lkv - 1
-            return sel.columns[:, :, None, :] | sel.diagonals[:, :, off]
+            off = p[:, None] - j[None, :] + lkv - 1  # < 0: rows before the first key
+            diag = sel.diagonals[:, :, off.clamp(min=0)] & (off >= 0)
+            return sel.columns[:, :, None, :] | diag
         idx = sel.fixed_k_indices(sel.selected.shape[-1]).long()  # [B, Hr, Cq, Ck]
         qs, ks = sel.q_starts, sel.k_starts
         out = torch.zeros(b, hq, lq, lkv, dtype=torch.bool)

@@ -16,8 +16,13 @@ from sparseforge.routing.reference import route_node, static_siblings
 
 from .test_routed_attention_fuzz import _config, _masked_attention, _rebuilt_mask
 
-KERNEL_SEEDS = [s for s in range(200)
-                if kernel_routing_node(canonicalize(_config(s)[0])) is not None][:36]
+
+def _rule(seed):
+    return type(kernel_routing_node(canonicalize(_config(seed)[0]))).__name__
+
+
+RULES = ("TopkBlocks", "TopkChunks", "ThresholdBlocks", "VerticalSlash")
+KERNEL_SEEDS = [s for rule in RULES for s in [s for s in range(200) if _rule(s) == rule][:10]]
 
 
 def _inputs(seed, b, hq, hkv, lq, lkv, d, dtype=torch.float32):
@@ -44,7 +49,8 @@ def _check(pattern, q, k, v, atol=2e-5):
 
 
 def test_enough_kernel_configurations():
-    assert len(KERNEL_SEEDS) == 36
+    assert len(KERNEL_SEEDS) == 40
+    assert {_rule(s) for s in KERNEL_SEEDS} == set(RULES)
 
 
 @pytest.mark.parametrize("seed", KERNEL_SEEDS)
@@ -60,6 +66,24 @@ def test_routed_kernel_matches_its_indices(seed):
 ], ids=["tiny_blocks", "per_token_tiny_blocks", "one_token_chunks"])
 def test_tiles_spanning_many_buckets(pattern):
     _check(pattern, *_inputs(1, 1, 4, 2, 61, 77, 24))
+
+
+@pytest.mark.parametrize("pattern", [
+    sf.topk_blocks(8, 2, query_block=4) | sf.sinks(3),
+    sf.threshold_blocks(8, 0.6, share="all"),
+    sf.vertical_slash(4, 5, last_q=8) | sf.sliding_window(4),
+    sf.causal() & sf.vertical_slash(0, 3),
+], ids=["topk", "threshold", "vertical_slash", "slash_only"])
+def test_more_queries_than_keys(pattern):
+    # positions p = i + Lkv - Lq are negative for the first rows
+    _check(pattern, *_inputs(11, 1, 2, 1, 75, 40, 24))
+
+
+@pytest.mark.parametrize("n_vertical, n_slash", [(0, 1), (9, 0), (40, 40)])
+def test_vertical_slash_lines(n_vertical, n_slash):
+    # slash only, columns only, and more lines than a tile holds (many per tile)
+    pattern = (sf.causal() & sf.vertical_slash(n_vertical, n_slash, last_q=12)) | sf.sinks(2)
+    _check(pattern, *_inputs(12, 2, 4, 2, 97, 97, 40))
 
 
 def test_empty_rows_give_zero_and_minus_inf():
@@ -114,7 +138,8 @@ def test_training_and_lines_refused_on_the_triton_backend():
     out.sum().backward()
     assert q.grad is not None and bool(torch.isfinite(q.grad).all())
     with pytest.raises(ValueError, match="no generated kernel"):
-        sf.attention(q.detach(), k, v, sf.causal() & sf.vertical_slash(2, 2), backend="triton")
+        sf.attention(q.detach(), k, v, sf.topk_blocks(8, 2) | sf.vertical_slash(2, 2),
+                     backend="triton")
 
 
 def test_routed_plan_walks_the_static_part():
