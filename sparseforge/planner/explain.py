@@ -60,12 +60,14 @@ def explain(plan) -> str:
         lines += _routing_lines(plan)
         if kernel_routing_node(plan.pattern) is not None:
             lines.append(f"routed      the forward kernel walks the segments above (the static "
-                         f"part {plan.kernels[0].static_mask!r}; tiles and utilisation count it "
-                         "only), then per query tile the kv tiles of its rows' selected buckets, "
-                         "each tile once; backward and decode run with torch ops")
+                         f"part {plan.kernels[0].static_mask!r}; tiles, density and utilisation "
+                         "count it only), then per query tile the kv tiles its rows' selected "
+                         "buckets or lines cross, each tile once; backward and decode run with "
+                         "torch ops")
         else:
-            lines.append("routed      no generated kernel for this rule: torch ops run it (dense "
-                         "per row chunk); the kernels above cover its static envelope")
+            lines.append("routed      no generated kernel (two routing nodes or per-head "
+                         "patterns): torch ops run it (dense per row chunk); the kernels above "
+                         "cover its static envelope")
         lines.append("flex        (no BlockMask comparison: the mask is decided from q and k at "
                      "run time)")
         return "\n".join(lines)
@@ -105,9 +107,9 @@ def _routing_lines(plan) -> list[str]:
     steps = {s.name: s for s in plan.routing}
     total = sum(s.work for s in plan.routing)
     lines = [f"routing     {len(plan.routing)} pre-kernel(s), DAG {dag.number_of_nodes()} nodes / "
-             f"{dag.number_of_edges()} edges, {total} ops per (batch, head); top-k and coverage "
-             "rules run generated pre-kernels (CUDA, or the interpreter with backend='triton'), "
-             "vertical_slash and the torch backend the torch reference"]
+             f"{dag.number_of_edges()} edges, {total} ops per (batch, head); generated "
+             "pre-kernels on CUDA (or the interpreter with backend='triton'), the torch "
+             "reference on the torch backend"]
     for name in nx.topological_sort(dag):
         if name in steps:
             s = steps[name]

@@ -1,6 +1,7 @@
 """The routing pre-kernels a dynamic pattern needs, as a small DAG the plan records and
-``plan.explain()`` prints: pool q, pool k -> score -> select -> index layout, one chain
-per routing node, all feeding the attention. Work is counted at the plan's sizes
+``plan.explain()`` prints: pool q, pool k -> score -> select -> per-tile lists for block
+rules, lse -> column and diagonal masses -> select -> tile map for ``vertical_slash``, one
+chain per routing node, all feeding the attention. Work is counted at the plan's sizes
 (multiply-adds for pooling and scoring, comparisons for selection), so the cost of
 routing is visible next to the attention's.
 """
@@ -51,11 +52,15 @@ def routing_steps(pattern: Pattern, q_len: int, kv_len: int, head_dim: int) -> t
         if isinstance(node, VerticalSlash):
             rows = min(node.last_q, q_len)
             steps += [
-                RoutingStep(f"estimate{tag}", "last-rows attention", ("q", "k"),
-                            f"column and diagonal mass [{kv_len}], [{2 * kv_len - 1}]",
-                            2 * rows * kv_len * head_dim),
+                RoutingStep(f"lse{tag}", f"last {rows} rows' log-sum-exp", ("q", "k"),
+                            f"[{rows}]", rows * kv_len * head_dim),
+                RoutingStep(f"columns{tag}", "column mass", ("q", "k", f"lse{tag}"),
+                            f"[{kv_len}]", rows * kv_len * head_dim),
+                RoutingStep(f"diagonals{tag}", "diagonal mass", ("q", "k", f"lse{tag}"),
+                            f"[{2 * kv_len - 1}]", rows * (2 * kv_len - 1) * head_dim),
                 RoutingStep(f"select{tag}", f"top-{node.n_vertical} columns, top-{node.n_slash} "
-                            "diagonals", (f"estimate{tag}",), "column / diagonal flags",
+                            "diagonals", (f"columns{tag}", f"diagonals{tag}"),
+                            "ascending columns / offsets",
                             3 * kv_len * max(1, math.ceil(math.log2(max(kv_len, 2))))),
             ]
             continue

@@ -144,7 +144,7 @@ def route_prekernels(node, siblings, q: torch.Tensor, k: torch.Tensor, scale: fl
         select[grid](scores, indices, *scores.stride()[:3], *indices.stride()[:3],
                      call.routing_heads, call.n_k, K=node.k, K_PAD=_pow2(node.k, 1),
                      C_PAD=_pow2(call.n_k))
-    return indices, counts, call, head_map(node.share, hq, hkv)
+    return indices, counts, call, head_map(node.share, hq, hkv, str(q.device))
 
 
 # ------------------------------------------------------------ cross-compilation (no GPU)

@@ -180,9 +180,14 @@ def route_tiles(node, siblings, q: torch.Tensor, k: torch.Tensor, scale: float, 
     (``None``)."""
     q_len, kv_len = q.shape[2], k.shape[2]
     if isinstance(node, VerticalSlash):
+        from .lines import lines_supported, route_lines
         from .reference import route_node
 
-        selection = route_node(node, siblings, q, k, scale)
+        if prekernels and lines_supported(siblings):
+            selection = route_lines(node, siblings, q, k, scale,
+                                    interpret=prekernels == "interpret")[0]
+        else:
+            selection = route_node(node, siblings, q, k, scale)
         return routed_lines(selection, node.n_vertical, node.n_slash, q_len, kv_len, block_m,
                             block_n)
     if prekernels:

@@ -11,6 +11,7 @@ pair in) and returns node -> selection for ``semantics.pair_mask``.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 
@@ -78,9 +79,11 @@ def pool(x: torch.Tensor, positions: torch.Tensor, starts: torch.Tensor, how: st
     return out[:, :, :c], sizes[:, :c]
 
 
-def head_map(share: str, q_heads: int, kv_heads: int) -> torch.Tensor:
-    """Routing head of each query head: itself, its GQA group, or 0."""
-    h = torch.arange(q_heads)
+@lru_cache(maxsize=256)
+def head_map(share: str, q_heads: int, kv_heads: int, device: str = "cpu") -> torch.Tensor:
+    """Routing head of each query head: itself, its GQA group, or 0 (built once per device:
+    a warm call copies nothing to the GPU)."""
+    h = torch.arange(q_heads, device=device)
     return {"head": h, "group": h // (q_heads // kv_heads), "all": torch.zeros_like(h)}[share]
 
 
@@ -90,8 +93,8 @@ def bucket_scores(qbar: torch.Tensor, kbar: torch.Tensor, share: str) -> torch.T
     hq, hkv = qbar.shape[1], kbar.shape[1]
     k_of_q = kbar[:, torch.arange(hq, device=qbar.device) // (hq // hkv)]
     s = qbar @ k_of_q.transpose(-1, -2)  # [B, Hq, Cq, Ck]
-    routing = head_map(share, hq, hkv).to(qbar.device)
-    hr = int(routing.max()) + 1
+    routing = head_map(share, hq, hkv, str(qbar.device))
+    hr = {"head": hq, "group": hkv, "all": 1}[share]
     return torch.zeros(s.shape[0], hr, *s.shape[2:], device=s.device).index_add_(1, routing, s)
 
 
@@ -192,9 +195,14 @@ def _buckets(node, q_len: int, kv_len: int, device):
     if isinstance(node, TopkChunks):
         starts = chunk_starts(node, kv_len, device)
         return starts, starts
-    first = kv_len - q_len
-    return (block_starts(kv_len, node.q_block, first, device),
-            block_starts(kv_len, node.block, 0, device))
+    return _block_buckets(node.q_block, node.block, q_len, kv_len, str(device))
+
+
+@lru_cache(maxsize=256)
+def _block_buckets(q_block: int, block: int, q_len: int, kv_len: int, device: str):
+    """Query and key bucket starts of fixed blocks: built once per shape and device."""
+    return (block_starts(kv_len, q_block, kv_len - q_len, device),
+            block_starts(kv_len, block, 0, device))
 
 
 def route_node(node: DynamicPattern, siblings, q: torch.Tensor, k: torch.Tensor, scale: float):
@@ -218,7 +226,7 @@ def route_node(node: DynamicPattern, siblings, q: torch.Tensor, k: torch.Tensor,
         selected = select_coverage(scores, cand, node.coverage, scale)
     else:
         selected = select_topk(scores, cand, node.k)
-    return BlockSelection(selected, q_starts, k_starts, head_map(node.share, hq, hkv))
+    return BlockSelection(selected, q_starts, k_starts, head_map(node.share, hq, hkv, str(device)))
 
 
 def _diagonal_index(p: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,7 +238,10 @@ def _diagonal_index(p: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.T
     return off.clamp(min=0), inside
 
 
-def _vertical_slash(node: VerticalSlash, siblings, q, k, scale) -> LineSelection:
+def line_masses(node: VerticalSlash, siblings, q, k, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """(column masses ``[B, Hq, Lkv]``, diagonal masses ``[B, Hq, 2 Lkv - 1]``): the softmax
+    of the last ``last_q`` queries over their allowed keys (fp32), summed per key and per
+    diagonal ``p - j``."""
     b, hq, q_len, _ = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     device = q.device
@@ -239,11 +250,24 @@ def _vertical_slash(node: VerticalSlash, siblings, q, k, scale) -> LineSelection
     kk = k[:, torch.arange(hq, device=device) // (hq // hkv)].float()
     s = (q[:, :, last].float() @ kk.transpose(-1, -2)) * scale
     probs = torch.softmax(s.masked_fill(~allowed[:, None], float("-inf")), -1).nan_to_num(0.0)
-    vertical = probs.sum(2)  # [B, Hq, Lkv]
     off, inside = _diagonal_index(last + (kv_len - q_len), kv_len)  # [R, Lkv]
     slash = torch.zeros(b, hq, 2 * kv_len - 1, device=device)
     slash.index_add_(2, off.flatten(), (probs * inside).flatten(2))
-    # candidates: columns / diagonals where the static part allows some pair on any row
+    return probs.sum(2), slash
+
+
+_line_candidates: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def line_candidates(siblings, q_len: int, kv_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(columns ``[B or 1, Lkv]``, diagonals ``[B or 1, 2 Lkv - 1]``) where the static part
+    allows a pair on some row; cached per shape unless document ids make them data."""
+    from ..ir.nodes import Documents
+
+    static = not any(isinstance(n, Documents) for s in siblings for n in walk(s))
+    key = (tuple(repr(s) for s in siblings), q_len, kv_len, str(device)) if static else None
+    if key is not None and key in _line_candidates:
+        return _line_candidates[key]
     col_cand = torch.zeros(1, kv_len, dtype=torch.bool, device=device)
     diag_cand = torch.zeros(1, 2 * kv_len - 1, dtype=torch.bool, device=device)
     for r0 in range(0, q_len, _ROW_CHUNK):
@@ -254,6 +278,16 @@ def _vertical_slash(node: VerticalSlash, siblings, q, k, scale) -> LineSelection
         hits = torch.zeros(m.shape[0], 2 * kv_len - 1, dtype=torch.int32, device=device)
         hits.index_add_(1, o.flatten(), (m & inside).flatten(1).to(torch.int32))  # no sync
         diag_cand = diag_cand | (hits > 0)
+    if key is not None:
+        if len(_line_candidates) > 64:
+            _line_candidates.clear()
+        _line_candidates[key] = (col_cand, diag_cand)
+    return col_cand, diag_cand
+
+
+def _vertical_slash(node: VerticalSlash, siblings, q, k, scale) -> LineSelection:
+    vertical, slash = line_masses(node, siblings, q, k, scale)
+    col_cand, diag_cand = line_candidates(siblings, q.shape[2], k.shape[2], q.device)
     columns = select_topk(vertical, col_cand[:, None].expand_as(vertical), node.n_vertical)
     diagonals = select_topk(slash, diag_cand[:, None].expand_as(slash), node.n_slash)
     return LineSelection(columns, diagonals)
@@ -263,9 +297,9 @@ def route(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, scale: float,
           prekernels: str | None = None) -> dict:
     """node -> selection for every dynamic node of a (canonical, single-head) pattern.
 
-    ``prekernels``: ``"compiled"`` or ``"interpret"`` routes ``topk_blocks``,
-    ``topk_chunks`` and ``threshold_blocks`` with the generated pre-kernels
-    (``routing/kernels.py``); ``vertical_slash``, and ``None``, use the torch reference."""
+    ``prekernels``: ``"compiled"`` or ``"interpret"`` routes with the generated
+    pre-kernels (``routing/kernels.py``, ``routing/lines.py``; ``vertical_slash`` beside
+    document ids uses the torch reference); ``None`` routes with the torch reference."""
     if isinstance(pattern, PerHead):
         raise ValueError("per_head with routing nodes is not supported yet: route one pattern "
                          "for all heads (share='head' decides per head)")
@@ -273,6 +307,13 @@ def route(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, scale: float,
     for node in walk(pattern):
         if isinstance(node, DynamicPattern) and node not in out:
             siblings = static_siblings(pattern, node)
+            if prekernels and isinstance(node, VerticalSlash):
+                from .lines import lines_supported, route_lines
+
+                if lines_supported(siblings):
+                    out[node] = route_lines(node, siblings, q, k, scale,
+                                            interpret=prekernels == "interpret")[0]
+                    continue
             if prekernels and isinstance(node, (TopkBlocks, TopkChunks, ThresholdBlocks)):
                 from .kernels import route_prekernels
 

@@ -90,9 +90,38 @@ def test_too_many_key_buckets_is_refused():
         route_prekernels(node, [], q, q, 0.25, interpret=True)
 
 
+LINE_CASES = [  # (pattern, Lq, Lkv, Hq, Hkv, D)
+    (sf.causal() & sf.vertical_slash(4, 5, last_q=8), 50, 50, 2, 1, 16),
+    (sf.vertical_slash(3, 4, last_q=20) & sf.sliding_window(10), 37, 60, 4, 2, 24),
+    (sf.vertical_slash(3, 4, last_q=64), 80, 40, 2, 2, 13),  # Lq > Lkv, last_q > Lq
+    (sf.causal() & sf.chunks(16) & sf.vertical_slash(0, 6, last_q=16), 64, 64, 3, 1, 32),
+    (sf.neighborhood((8, 8), 3) & sf.vertical_slash(5, 2, last_q=16), 64, 64, 2, 2, 16),
+]
+
+
+@pytest.mark.parametrize("pattern,lq,lkv,hq,hkv,d", LINE_CASES)
+def test_vertical_slash_prekernels_equal_the_reference(pattern, lq, lkv, hq, hkv, d):
+    from sparseforge.routing.lines import route_lines
+    from sparseforge.routing.reference import line_masses
+
+    torch.manual_seed(lq + 3 * lkv + d)
+    canonical = canonicalize(pattern)
+    q, k = torch.randn(2, hq, lq, d), torch.randn(2, hkv, lkv, d)
+    ((node, want),) = route(canonical, q, k, d ** -0.5).items()
+    siblings = static_siblings(canonical, node)
+    got, vertical, slash = route_lines(node, siblings, q, k, d ** -0.5, interpret=True)
+    ref_vertical, ref_slash = line_masses(node, siblings, q, k, d ** -0.5)
+    torch.testing.assert_close(vertical, ref_vertical, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(slash, ref_slash, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got.columns, want.columns) and torch.equal(got.diagonals, want.diagonals)
+
+
 _COMPILE = """
 import json, torch, sparseforge as sf
+from sparseforge.ir.canonicalize import canonicalize
 from sparseforge.routing.kernels import compile_routing
+from sparseforge.routing.lines import compile_lines
+from sparseforge.routing.reference import static_siblings
 nodes = [sf.topk_blocks(64, 8, query_block=1, share="group"),
          sf.topk_blocks(128, 16, pool="max", scale_by_sqrt_len=True),
          sf.topk_chunks(torch.tensor([0, 5, 9]), 4, share="all"),
@@ -102,6 +131,14 @@ for node in nodes:
     for arch in ("sm_80", "sm_90"):
         for d, dtype, buckets in ((64, "float16", 512), (128, "bfloat16", 2048)):
             built = compile_routing(node, arch, d, dtype, buckets)
+            out += [dict(r, node=repr(node), head_dim=d) for r in built]
+for pattern in (sf.causal() & sf.vertical_slash(1000, 2000),
+                sf.neighborhood((64, 64), 7) & sf.vertical_slash(64, 64, last_q=128)):
+    canonical = canonicalize(pattern)
+    node = next(n for n in canonical.parts if type(n).__name__ == "VerticalSlash")
+    for arch in ("sm_80", "sm_90"):
+        for d, dtype in ((64, "float16"), (128, "bfloat16")):
+            built = compile_lines(node, static_siblings(canonical, node), arch, d, dtype)
             out += [dict(r, node=repr(node), head_dim=d) for r in built]
 print(json.dumps(out))
 """
@@ -117,7 +154,7 @@ def compiled():
 
 
 def test_prekernels_compile_for_sm80_and_sm90_without_spills(compiled):
-    assert len(compiled) == 4 * 2 * 2 * 3
+    assert len(compiled) == 4 * 2 * 2 * 3 + 2 * 2 * 2 * 3  # block rules, then vertical_slash
     assert {r["arch"] for r in compiled} == {"sm_80", "sm_90"}
     for r in compiled:
         assert r["cubin_size"] > 0, r
