@@ -1,0 +1,219 @@
+"""GPU benchmark of dynamic routing (issue 4): index building and attention timed
+separately, against compiled FlexAttention given a BlockMask built from the same
+selection, a gather-and-dense implementation (BiFormer/MoBA style, block routing only),
+and dense causal SDPA. bf16, D=128. Writes bench/results/routing_<device>.json.
+
+    python bench/routing_gpu.py                      # L = 32k and 128k on a CUDA device
+    python bench/routing_gpu.py --smoke              # tiny sizes on CPU (interpreter)
+
+Timings: CUDA events around each call, median of --repeats after a warm-up. Each row
+also records the max abs difference between sparseforge and FlexAttention on that
+input (the same mask), so a fast wrong kernel cannot hide.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if "--smoke" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+import sparseforge as sf  # noqa: E402
+from sparseforge.ir.canonicalize import canonicalize  # noqa: E402
+from sparseforge.routing.dag import kernel_routing_node  # noqa: E402
+from sparseforge.routing.launch import route_tiles  # noqa: E402
+from sparseforge.routing.reference import static_siblings  # noqa: E402
+from sparseforge.runtime import dispatch, triton_launch  # noqa: E402
+
+
+def patterns(block: int, k: int) -> dict:
+    """name -> (pattern, query block): MoBA (per-token routing plus the own block) and
+    block top-k (one decision per query block, gatherable)."""
+    return {
+        "moba_per_token": ((sf.causal() & sf.topk_blocks(block, k, query_block=1))
+                           | (sf.causal() & sf.chunks(block)), 1),
+        "block_topk": ((sf.causal() & sf.topk_blocks(block, k)) | (sf.causal() & sf.chunks(block)),
+                       block),
+    }
+
+
+def timed(fn, repeats: int, cuda: bool) -> float:
+    """Median seconds of ``fn()`` after one warm-up call."""
+    fn()
+    samples = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t)
+    return statistics.median(samples)
+
+
+def selected_blocks(pattern, q, k, scale) -> torch.Tensor:
+    """Bool ``[B, H, Lq, NB]``: the key blocks each query row may read (routed or own),
+    from the torch reference's selection (the same indices the pre-kernels produce)."""
+    from sparseforge.routing.reference import route
+
+    canonical = canonicalize(pattern)
+    ((node, selection),) = route(canonical, q, k, scale).items()
+    sel = selection.selected[:, selection.heads.to(q.device)]  # [B, H, Cq, Ck]
+    p = torch.arange(q.shape[2], device=q.device) + k.shape[2] - q.shape[2]
+    rows = torch.div(p, node.q_block, rounding_mode="floor")
+    return sel[:, :, rows], node.block
+
+
+def flex_run(q, k, v, blocks: torch.Tensor, block: int):
+    """(build the BlockMask, run compiled flex_attention) closures for the same mask."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        own = (q_idx // block) == (kv_idx // block)
+        return (kv_idx <= q_idx) & (blocks[b, h, q_idx, kv_idx // block] | own)
+
+    b, h, n = q.shape[0], q.shape[1], q.shape[2]
+    holder = {}
+
+    def build():
+        holder["mask"] = create_block_mask(mask_mod, b, h, n, n, device=q.device.type)
+
+    compiled = torch.compile(flex_attention)
+    build()
+    return build, lambda: compiled(q, k, v, block_mask=holder["mask"])
+
+
+def gather_attention(q, k, v, blocks: torch.Tensor, block: int, topk: int):
+    """BiFormer/MoBA-style: per query block, gather its selected key blocks and attend
+    densely (causal inside the own block). Block routing only (one choice per block)."""
+    b, h, n, d = q.shape
+    nb = n // block
+    qb = q.view(b, h, nb, block, d)
+    first = blocks[:, :, ::block] | torch.eye(nb, dtype=torch.bool, device=q.device)  # + own
+    order = torch.where(first, torch.arange(nb, device=q.device), nb).sort(-1).values[..., :topk + 1]
+    valid = order < nb
+    idx = order.clamp(max=nb - 1)
+    kb, vb = k.view(b, h, nb, block, d), v.view(b, h, nb, block, d)
+    gather = idx[..., None, None].expand(-1, -1, -1, -1, block, d)
+    kg = torch.gather(kb[:, :, None].expand(-1, -1, nb, -1, -1, -1), 3, gather)
+    vg = torch.gather(vb[:, :, None].expand(-1, -1, nb, -1, -1, -1), 3, gather)
+    pos_k = idx[..., None] * block + torch.arange(block, device=q.device)  # [B, H, NB, S, block]
+    pos_q = torch.arange(n, device=q.device).view(nb, block)
+    mask = (pos_k.flatten(-2)[..., None, :] <= pos_q[None, None, :, :, None]) & \
+        valid[..., None].expand(-1, -1, -1, -1, block).flatten(-2)[..., None, :]
+    return torch.nn.functional.scaled_dot_product_attention(
+        qb, kg.flatten(3, 4), vg.flatten(3, 4), attn_mask=mask).view(b, h, n, d)
+
+
+def run(length: int, heads: int, block: int, topk: int, repeats: int, device: str, dtype) -> list:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, heads, length, 128, device=device, dtype=dtype) for _ in range(3))
+    scale = 128 ** -0.5
+    cuda = device == "cuda"
+    rows = []
+    for name, (pattern, _) in patterns(block, topk).items():
+        rows.append(bench_pattern(name, pattern, q, k, v, scale, block, topk, repeats, cuda))
+        print(json.dumps(rows[-1]))
+    return rows
+
+
+def bench_pattern(name, pattern, q, k, v, scale, block, topk, repeats, cuda) -> dict:
+    """One row: routing, routed attention, the whole call, FlexAttention, gather, SDPA."""
+    length, heads, device = q.shape[2], q.shape[1], q.device
+    canonical = canonicalize(pattern)
+    node = kernel_routing_node(canonical)
+    compiled = dispatch.compile_pattern(pattern)
+    target = dispatch.resolve_backend("triton", q)[1]
+    p = dispatch.cached_plan(compiled, length, length, 128, q.dtype, target)
+    prekernels = "compiled" if cuda else "interpret"
+    siblings = static_siblings(canonical, node)
+    holder = {}
+
+    def route():
+        holder["tiles"] = route_tiles(node, siblings, q, k, scale, p.block_m, prekernels,
+                                      p.block_n)
+
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], device=device, dtype=torch.float32)
+
+    def attend():
+        triton_launch.run_forward(p, compiled.head_patterns, q, k, v, out, lse, scale,
+                                  interpret=not cuda, routed=holder["tiles"])
+
+    row = {"pattern": name, "repr": repr(canonical), "length": length, "heads": heads,
+           "block": block, "topk": topk,
+           "sparseforge_route_s": timed(route, repeats, cuda),
+           "sparseforge_attention_s": timed(attend, repeats, cuda),
+           "sparseforge_total_s": timed(lambda: sf.attention(q, k, v, pattern,
+                                                             backend="triton"),
+                                        repeats, cuda)}
+    blocks, _ = selected_blocks(pattern, q, k, scale)
+    try:
+        build, flex = flex_run(q, k, v, blocks, block)
+        row["flex_blockmask_s"] = timed(build, repeats, cuda)
+        row["flex_attention_s"] = timed(flex, repeats, cuda)
+        row["max_abs_diff_vs_flex"] = float((out.float() - flex().float()).abs().max())
+    except Exception as exc:  # report, do not hide
+        row["flex"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
+    if name == "block_topk":
+        try:
+            row["gather_s"] = timed(lambda: gather_attention(q, k, v, blocks, block, topk),
+                                    repeats, cuda)
+            row["max_abs_diff_vs_gather"] = float(
+                (out.float() - gather_attention(q, k, v, blocks, block, topk).float()).abs().max())
+        except torch.OutOfMemoryError as exc:
+            row["gather"] = f"out of memory: {str(exc)[:200]}"
+    row["sdpa_dense_causal_s"] = timed(
+        lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
+        repeats, cuda)
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="32768,131072")
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--block", type=int, default=512)
+    parser.add_argument("--topk", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU")
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        device, dtype, lengths = "cpu", torch.float32, [256]
+        args.heads, args.block, args.topk, args.repeats = 2, 64, 2, 1
+    else:
+        if not torch.cuda.is_available():
+            parser.error("needs a CUDA device (or --smoke)")
+        device, dtype, lengths = "cuda", torch.bfloat16, [int(x) for x in args.lengths.split(",")]
+    rows = [r for n in lengths for r in run(n, args.heads, args.block, args.topk, args.repeats,
+                                             device, dtype)]
+    import triton
+
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    result = {"device": name, "torch": torch.__version__, "triton": triton.__version__,
+              "sparseforge": sf.__version__, "dtype": str(dtype), "rows": rows}
+    if not args.smoke:
+        path = Path(args.out) / f"routing_{name.replace(' ', '_')}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
