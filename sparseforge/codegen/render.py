@@ -184,18 +184,28 @@ def _score_context(score: ScoreSpec, cfg) -> dict:
                 bias_chunk=_next_pow2(cfg.block_m + cfg.block_n - 1))
 
 
-def _routing_context(pattern) -> dict:
+def _routing_context(pattern, kv_len: int) -> dict:
     """Which routed walk the forward kernel takes: key buckets (top-k / coverage) or lines
-    (vertical_slash: columns and diagonals, with the binary searches' unrolled steps)."""
+    (vertical_slash: columns and diagonals), with the binary searches' unrolled steps
+    (enough for the longest selection a row can hold)."""
     from ..ir.nodes import walk
-    from ..ir.routing import VerticalSlash
+    from ..ir.routing import DynamicPattern, ThresholdBlocks, TopkChunks, VerticalSlash
 
-    lines = [n for n in walk(pattern) if isinstance(n, VerticalSlash)] if pattern else []
-    if not lines:
-        return dict(routed_lines=False, col_steps=0, off_steps=0)
-    node = lines[0]
-    return dict(routed_lines=True, col_steps=max(node.n_vertical, 1).bit_length() + 1,
-                off_steps=max(node.n_slash, 1).bit_length() + 1)
+    nodes = [n for n in walk(pattern) if isinstance(n, DynamicPattern)] if pattern else []
+    context = dict(routed_lines=False, col_steps=0, off_steps=0, sel_steps=0)
+    if not nodes:
+        return context
+    node = nodes[0]
+
+    def steps(n: int) -> int:
+        return max(n, 1).bit_length() + 1
+
+    if isinstance(node, VerticalSlash):
+        return dict(context, routed_lines=True, col_steps=steps(node.n_vertical),
+                    off_steps=steps(node.n_slash))
+    buckets = node.chunks if isinstance(node, TopkChunks) else -(-kv_len // node.block) + 1
+    width = buckets if isinstance(node, ThresholdBlocks) else min(node.k, buckets)
+    return dict(context, sel_steps=steps(width))
 
 
 def render_kernel(plan: Plan, kernel_index: int = 0, kind: str = "forward") -> KernelSource:
@@ -233,7 +243,7 @@ def render_kernel(plan: Plan, kernel_index: int = 0, kind: str = "forward") -> K
         positions_prelude=positions_prelude(analysed) if kernel.score.any else [],
         has_documents=kernel.has_documents,
         routed=routed,
-        **_routing_context(kernel.analysed if routed else None),
+        **_routing_context(kernel.analysed if routed else None, plan.kv_len),
         d_padded=plan.padded_head_dim != plan.head_dim,
         dot_precision=', input_precision="ieee"' if plan.dtype == "float32" else "",
         **_score_context(kernel.score, cfg),

@@ -63,7 +63,8 @@ def test_routed_kernel_matches_its_indices(seed):
     sf.causal() & sf.topk_blocks(2, 3),  # 16 buckets per 32-key tile
     sf.topk_blocks(3, 5, query_block=1, share="group") | sf.sinks(2),
     sf.topk_chunks(torch.tensor([0, 1, 2, 3, 9, 10, 40, 41, 77]), 3) & sf.causal(),
-], ids=["tiny_blocks", "per_token_tiny_blocks", "one_token_chunks"])
+    sf.causal() & sf.threshold_blocks(2, 1.0, query_block=8),  # rows holding ~39 buckets
+], ids=["tiny_blocks", "per_token_tiny_blocks", "one_token_chunks", "long_coverage_rows"])
 def test_tiles_spanning_many_buckets(pattern):
     _check(pattern, *_inputs(1, 1, 4, 2, 61, 77, 24))
 
