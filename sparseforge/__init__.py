@@ -19,7 +19,7 @@ from .ir.nodes import (
     sliding_window,
     window,
 )
-from .ir.routing import threshold_blocks, topk_blocks, topk_chunks, vertical_slash
+from .ir.routing import threshold_blocks, topk_blocks, topk_chunks, topk_keys, vertical_slash
 from .ir.scores import alibi, alibi_slopes, rel_bias, softcap
 from .merge import merge
 from .modules import SparseAttention
@@ -34,6 +34,6 @@ __all__ = [
     "dense_mask", "documents", "full", "global_queries", "halo_blocks", "load_kernels",
     "maxvit_block", "maxvit_grid", "merge", "na1d", "na2d", "na3d", "neighborhood", "per_head", "plan",
     "prefix_lm", "reference_attention", "rel_bias", "sinks", "sliding_window", "softcap",
-    "SparseAttention", "swin_window", "threshold_blocks", "topk_blocks", "topk_chunks",
+    "SparseAttention", "swin_window", "threshold_blocks", "topk_blocks", "topk_chunks", "topk_keys",
     "vertical_slash", "window",
 ]

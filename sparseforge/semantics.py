@@ -25,8 +25,9 @@ from .ir.nodes import (
     Sinks,
     Union,
     Window,
+    walk,
 )
-from .ir.routing import DynamicPattern
+from .ir.routing import DynamicPattern, TopkKeys
 from .ir.scores import Alibi, RelBias, Softcap, rel_index, score_spec, score_terms, strip_scores
 
 
@@ -185,6 +186,12 @@ def biased_scores(pattern: Pattern, s: torch.Tensor, heads: torch.Tensor, p: tor
         table = terms[RelBias].table.to(device=s.device, dtype=s.dtype)
         idx = rel_index(score_spec(pattern), p, j, TorchOps).to(s.device)
         s = s + table.flatten(1)[heads][:, idx]
+    for node in {n for n in walk(pattern) if isinstance(n, TopkKeys)}:  # DMA's per-key bias
+        bias = node.bias.to(device=s.device, dtype=s.dtype)
+        bias = (bias if bias.dim() == 3 else bias[None])[:, heads]  # [B|1, H, Lkv]
+        pairs = off.shape
+        jj = j.to(s.device).expand(pairs).reshape(-1)
+        s = s + bias[..., jj].view(*bias.shape[:2], *pairs)
     return s
 
 

@@ -189,13 +189,14 @@ def _routing_context(pattern, kv_len: int) -> dict:
     (vertical_slash: columns and diagonals), with the binary searches' unrolled steps
     (enough for the longest selection a row can hold)."""
     from ..ir.nodes import walk
-    from ..ir.routing import DynamicPattern, ThresholdBlocks, TopkChunks, VerticalSlash
+    from ..ir.routing import DynamicPattern, ThresholdBlocks, TopkChunks, TopkKeys, VerticalSlash
 
     nodes = [n for n in walk(pattern) if isinstance(n, DynamicPattern)] if pattern else []
-    context = dict(routed_lines=False, col_steps=0, off_steps=0, sel_steps=0)
+    context = dict(routed_lines=False, col_steps=0, off_steps=0, sel_steps=0, key_bias=False)
     if not nodes:
         return context
     node = nodes[0]
+    context["key_bias"] = isinstance(node, TopkKeys)
 
     def steps(n: int) -> int:
         return max(n, 1).bit_length() + 1
@@ -204,6 +205,7 @@ def _routing_context(pattern, kv_len: int) -> dict:
         return dict(context, routed_lines=True, col_steps=steps(node.n_vertical),
                     off_steps=steps(node.n_slash))
     buckets = node.chunks if isinstance(node, TopkChunks) else -(-kv_len // node.block) + 1
+    # (topk_keys: blocks of one key, so a row may hold min(k, Lkv) of them)
     width = buckets if isinstance(node, ThresholdBlocks) else min(node.k, buckets)
     return dict(context, sel_steps=steps(width))
 

@@ -184,6 +184,47 @@ class VerticalSlash(DynamicPattern):
         return f"vertical_slash({self.n_vertical}, {self.n_slash}{last})"
 
 
+@dataclass(frozen=True, eq=False)
+class TopkKeys(_BlockRouting):
+    """DMA: per query head, the ``k`` keys with the largest per-key ``bias`` among those
+    the static part allows some row of the query block (``query_block`` rows); the bias
+    is added to every score of the pattern (a per-key additive modifier). Identity
+    equality: the bias is run-time data."""
+
+    bias: Any
+    k: int
+    query_block: int = 64
+    kind = "topk_keys"
+    block = 1  # key buckets are single keys
+    share = "head"
+
+    def __post_init__(self) -> None:
+        import torch
+
+        owner = "topk_keys"
+        _check_int(owner, "k", self.k, 1)
+        _check_int(owner, "query_block", self.query_block, 1)
+        b = self.bias
+        if not isinstance(b, torch.Tensor) or not b.dtype.is_floating_point:
+            raise TypeError(f"{owner}(bias=...): expected a float torch.Tensor [Hq, Lkv] or "
+                            f"[B, Hq, Lkv], got {type(b).__name__}")
+        if b.dim() not in (2, 3):
+            raise ValueError(f"{owner}(bias=...): expected shape [Hq, Lkv] or [B, Hq, Lkv], got "
+                             f"{tuple(b.shape)}")
+
+    def __hash__(self) -> int:
+        return hash((TopkKeys, id(self.bias), self.k, self.query_block))
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, TopkKeys) and other.bias is self.bias
+                and (other.k, other.query_block) == (self.k, self.query_block))
+
+    def __repr__(self) -> str:
+        shape = "x".join(str(s) for s in self.bias.shape)
+        extra = _keywords(("query_block", self.query_block, 64))
+        return f"topk_keys(<bias {shape}>, {self.k}{extra})"
+
+
 def is_dynamic(pattern: Pattern) -> bool:
     from .nodes import walk
 
@@ -214,6 +255,13 @@ def threshold_blocks(block: int, coverage: float, *, query_block: int | None = N
     """The fewest candidate key blocks whose softmax over pooled scores sums to at least
     ``coverage`` (XAttention, FlexPrefill)."""
     return ThresholdBlocks(block, coverage, query_block, share)
+
+
+def topk_keys(bias, k: int, *, query_block: int = 64) -> Pattern:
+    """DMA's learned per-key top-k: per query head and query block of ``query_block`` rows,
+    the ``k`` allowed keys with the largest ``bias`` (``[Hq, Lkv]`` or ``[B, Hq, Lkv]``,
+    ties to the lower index); the bias is also added to the scores."""
+    return TopkKeys(bias, k, query_block)
 
 
 def vertical_slash(n_vertical: int, n_slash: int, last_q: int = 64) -> Pattern:

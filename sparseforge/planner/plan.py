@@ -18,7 +18,7 @@ import torch
 
 from ..ir.canonicalize import canonicalize
 from ..ir.nodes import Documents, Intersection, Pattern, PerHead, Window, walk
-from ..ir.routing import is_dynamic
+from ..ir.routing import TopkKeys, is_dynamic
 from ..ir.scores import ScoreSpec, score_spec, score_terms, strip_scores
 from ..routing.dag import (
     MAX_ROUTED_BLOCK_N,
@@ -280,10 +280,18 @@ def plan(pattern: Pattern, *, q_len: int, kv_len: int, head_dim: int, dtype="bfl
         static = plan(static_part(canonical), q_len=q_len, kv_len=kv_len, head_dim=head_dim,
                       dtype=dtype, target=target, schedule=schedule, groups=1, block_m=block_m,
                       block_n=block_n, tiled=False)
-        if static.block_n > MAX_ROUTED_BLOCK_N:  # the kernel's per-row 64-bit bucket masks
+        cfg = static.config
+        if (score_spec(canonical).any or isinstance(kernel_routing_node(canonical), TopkKeys)) \
+                and not (block_m or block_n):  # modifiers (or DMA's key bias) beside the scores
+            cfg = candidate_configs(target, head_dim, dtype, scored=True)[0]
+        cfg = dataclasses.replace(cfg, block_n=min(cfg.block_n, MAX_ROUTED_BLOCK_N))  # 64-bit masks
+        if target == "sm_80":  # a fourth inlined tile walk: two stages left stack bytes (cuobjdump)
+            cfg = dataclasses.replace(cfg, num_stages=1)
+        if (cfg.block_m, cfg.block_n) != (static.block_m, static.block_n):
             static = plan(static_part(canonical), q_len=q_len, kv_len=kv_len, head_dim=head_dim,
                           dtype=dtype, target=target, schedule=schedule, groups=1,
-                          block_m=static.block_m, block_n=MAX_ROUTED_BLOCK_N, tiled=False)
+                          block_m=cfg.block_m, block_n=cfg.block_n, tiled=False)
+        static = dataclasses.replace(static, config=cfg)
         kernels = tuple(dataclasses.replace(kp, pattern=canonical, analysed=strip_scores(canonical))
                         for kp in static.kernels)
         routing += (tile_list_step(routing, kernel_routing_node(canonical), q_len, kv_len,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import networkx as nx
 
 from ..ir.nodes import Pattern, walk
-from ..ir.routing import DynamicPattern, ThresholdBlocks, TopkChunks, VerticalSlash
+from ..ir.routing import DynamicPattern, ThresholdBlocks, TopkChunks, TopkKeys, VerticalSlash
 
 #: a routed kernel's key tiles hold at most this many keys (one bit each per row)
 MAX_ROUTED_BLOCK_N = 64
@@ -65,6 +65,12 @@ def routing_steps(pattern: Pattern, q_len: int, kv_len: int, head_dim: int) -> t
             ]
             continue
         cq, ck = _bucket_counts(node, q_len, kv_len)
+        if isinstance(node, TopkKeys):
+            steps.append(RoutingStep(f"select{tag}", f"top-{node.k} keys by bias per "
+                                     f"{node.query_block}-row block", ("bias",),
+                                     f"fixed-k key indices [{cq}, {node.k}]",
+                                     cq * ck * max(1, math.ceil(math.log2(max(ck, 2))))))
+            continue
         pool = getattr(node, "pool", "mean") + (" * sqrt(len)" if isinstance(node, TopkChunks)
                                                 or getattr(node, "scale_by_sqrt_len", False) else "")
         if isinstance(node, ThresholdBlocks):

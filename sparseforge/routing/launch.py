@@ -13,11 +13,12 @@ shape-only tensors (bucket ids, which query buckets a tile spans) are cached per
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from ..ir.routing import TopkChunks, VerticalSlash
+from ..ir.routing import TopkChunks, TopkKeys, VerticalSlash
 from .selection import BlockSelection, bucket_of
 
 
@@ -39,16 +40,18 @@ class RoutedTiles:
     tile_list: torch.Tensor
     tile_count: torch.Tensor
     head_map: torch.Tensor
+    key_bias: torch.Tensor | None = None  # topk_keys: fp32 [B or 1, Hq, Lkv]
 
     def kernel_args(self) -> list:
         def batch_stride(t):
             return 0 if t.shape[0] == 1 else t.stride(0)
 
+        bias = [] if self.key_bias is None else [self.key_bias, batch_stride(self.key_bias)]
         return [self.sel, self.sel_count, self.q_bucket, self.k_bucket, self.k_starts,
                 self.tile_list, self.tile_count, self.head_map,
                 batch_stride(self.q_bucket), batch_stride(self.k_bucket),
                 batch_stride(self.k_starts), self.sel.shape[1], self.sel.shape[2],
-                self.sel.shape[3], self.tile_list.shape[2], self.tile_list.shape[3]]
+                self.sel.shape[3], self.tile_list.shape[2], self.tile_list.shape[3], *bias]
 
 
 _geometry: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -190,6 +193,8 @@ def route_tiles(node, siblings, q: torch.Tensor, k: torch.Tensor, scale: float, 
             selection = route_node(node, siblings, q, k, scale)
         return routed_lines(selection, node.n_vertical, node.n_slash, q_len, kv_len, block_m,
                             block_n)
+    if isinstance(node, TopkKeys):  # the bias is the score: selected with device sorts
+        prekernels = None
     if prekernels:
         from .kernels import route_prekernels
 
@@ -206,5 +211,11 @@ def route_tiles(node, siblings, q: torch.Tensor, k: torch.Tensor, scale: float, 
         q_starts, k_starts = selection.q_starts, selection.k_starts
     if counts is None:
         counts = (indices >= 0).sum(-1)
-    return routed_tiles(node, indices, counts, q_starts.to(q.device), k_starts.to(q.device),
-                        heads, q_len, kv_len, block_m)
+    tiles = routed_tiles(node, indices, counts, q_starts.to(q.device), k_starts.to(q.device),
+                         heads, q_len, kv_len, block_m)
+    if isinstance(node, TopkKeys):
+        from .reference import key_bias
+
+        bias = key_bias(node, q.shape[1], kv_len, q.device).contiguous()
+        tiles = dataclasses.replace(tiles, key_bias=bias)
+    return tiles

@@ -16,12 +16,19 @@ from functools import lru_cache
 import torch
 
 from ..ir.nodes import Intersection, Pattern, PerHead, walk
-from ..ir.routing import DynamicPattern, ThresholdBlocks, TopkBlocks, TopkChunks, VerticalSlash
+from ..ir.routing import (
+    DynamicPattern,
+    ThresholdBlocks,
+    TopkBlocks,
+    TopkChunks,
+    TopkKeys,
+    VerticalSlash,
+)
 from .selection import BlockSelection, LineSelection, bucket_of
 
 #: rows of the static mask evaluated at once when reducing it to bucket candidates
 _ROW_CHUNK = 1024
-_BLOCK_NODES = (TopkBlocks, ThresholdBlocks)
+_BLOCK_NODES = (TopkBlocks, ThresholdBlocks, TopkKeys)
 
 
 def block_starts(length: int, block: int, first: int = 0, device=None) -> torch.Tensor:
@@ -153,15 +160,16 @@ def bucket_candidates(siblings, q_starts, k_starts, q_len: int, kv_len: int, dev
     """Bool ``[B or 1, Cq, Ck]``: buckets pairs where the siblings allow at least one pair."""
     cq, ck = q_starts.shape[-1] - 1, k_starts.shape[-1] - 1
     shift = kv_len - q_len
+    unit_keys = ck == kv_len  # one key per bucket (topk_keys): the key one-hot is the identity
     kb = bucket_of(torch.arange(kv_len, device=device), k_starts.to(device))  # [B|1, Lkv]
-    k_onehot = torch.nn.functional.one_hot(kb.clamp(0, ck - 1), ck).float()  # [B|1, Lkv, Ck]
+    k_onehot = None if unit_keys else torch.nn.functional.one_hot(kb.clamp(0, ck - 1), ck).float()
     out = None
     for r0 in range(0, q_len, _ROW_CHUNK):
         rows = torch.arange(r0, min(q_len, r0 + _ROW_CHUNK), device=device)
         allowed = _static_mask_rows(siblings, rows, q_len, kv_len, device).float()  # [B|1, R, Lkv]
         qb = bucket_of(rows + shift, q_starts.to(device)).clamp(0, cq - 1)  # [B|1, R]
         q_onehot = torch.nn.functional.one_hot(qb, cq).float().transpose(-1, -2)  # [B|1, Cq, R]
-        part = (q_onehot @ allowed @ k_onehot) > 0
+        part = (q_onehot @ allowed if unit_keys else q_onehot @ allowed @ k_onehot) > 0
         out = part if out is None else out | part
     if out is None:
         out = torch.zeros(1, cq, ck, dtype=torch.bool, device=device)
@@ -205,6 +213,16 @@ def _block_buckets(q_block: int, block: int, q_len: int, kv_len: int, device: st
             block_starts(kv_len, block, 0, device))
 
 
+def key_bias(node: TopkKeys, q_heads: int, kv_len: int, device) -> torch.Tensor:
+    """The node's bias as fp32 ``[B or 1, Hq, Lkv]``, checked against the call."""
+    b = node.bias.to(device=device, dtype=torch.float32)
+    b = b if b.dim() == 3 else b[None]
+    if b.shape[1:] != (q_heads, kv_len):
+        raise ValueError(f"topk_keys(bias=[{'x'.join(map(str, node.bias.shape))}]): expected "
+                         f"[Hq={q_heads}, Lkv={kv_len}] or [B, {q_heads}, {kv_len}] for this call")
+    return b
+
+
 def route_node(node: DynamicPattern, siblings, q: torch.Tensor, k: torch.Tensor, scale: float):
     """The selection of one dynamic node for this call's q ``[B, Hq, Lq, D]`` and k
     ``[B, Hkv, Lkv, D]``."""
@@ -214,6 +232,13 @@ def route_node(node: DynamicPattern, siblings, q: torch.Tensor, k: torch.Tensor,
     if isinstance(node, VerticalSlash):
         return _vertical_slash(node, siblings, q, k, scale)
     q_starts, k_starts = _buckets(node, q_len, kv_len, device)
+    if isinstance(node, TopkKeys):
+        cand = node_candidates(node, siblings, q_starts, k_starts, q_len, kv_len, device)
+        scores = key_bias(node, hq, kv_len, device)[:, :, None, :]  # [B|1, Hq, 1, Lkv]
+        cq = q_starts.shape[-1] - 1
+        scores = scores.expand(max(scores.shape[0], cand.shape[0], q.shape[0]), hq, cq, kv_len)
+        selected = select_topk(scores, cand[:, None].expand_as(scores), node.k)
+        return BlockSelection(selected, q_starts, k_starts, head_map("head", hq, hkv, str(device)))
     sqrt_len = isinstance(node, TopkChunks) or getattr(node, "scale_by_sqrt_len", False)
     how = getattr(node, "pool", "mean")
     positions_q = torch.arange(q_len, device=device) + (kv_len - q_len)

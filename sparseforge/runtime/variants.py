@@ -88,6 +88,8 @@ def variant_specs() -> dict[str, tuple]:
     shapes["routed_chunks_scores"] = (ir.causal() & routing.topk_chunks(cuts, 2, share="all")
                                       & scores.alibi(torch.ones(heads)) & scores.softcap(30.0),
                                       64, "bfloat16", {})
+    shapes["routed_topk_keys"] = ((ir.causal() & routing.topk_keys(torch.zeros(heads, L), 512))
+                                  | ir.sliding_window(128), 128, "bfloat16", {})
     shapes["routed_vertical_slash"] = ((ir.causal() & routing.vertical_slash(1000, 2000))
                                        | (ir.causal() & ir.sinks(64)), 128, "bfloat16", {})
     return shapes
