@@ -153,3 +153,43 @@ def test_routed_plan_walks_the_static_part():
     text = p.explain()
     assert "routed" in text and "select0" in text
 
+
+
+HOST_READS = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+@pytest.mark.parametrize("pattern", [
+    (sf.causal() & sf.topk_blocks(16, 2, query_block=1)) | (sf.causal() & sf.chunks(16)),
+    sf.causal() & sf.threshold_blocks(8, 0.8, share="group"),
+    sf.causal() & sf.topk_chunks(torch.tensor([0, 10, 33, 64]), 2),
+    sf.causal() & sf.vertical_slash(3, 3, last_q=8),
+    sf.causal() & sf.topk_keys(torch.randn(4, 64), 9, query_block=16),
+], ids=["moba", "threshold", "chunks", "vertical_slash", "topk_keys"])
+def test_warm_routed_calls_never_read_a_tensor_on_the_host(pattern, monkeypatch):
+    """What a CUDA graph needs of routing, checked on CPU: after a warm-up call, a routed
+    call (pre-kernels, tile lists, kernel) never reads a tensor value from sparseforge's
+    Python code (`.item()`, `bool(t)`, `.tolist()`, ...: each would be a device sync on a
+    GPU and breaks capture), so every shape is fixed by the problem size alone."""
+    import os
+    import sys
+
+    package = os.path.dirname(sf.__file__)
+    q, k, v = _inputs(13, 1, 4, 2, 64, 64, 16)
+    sf.attention(q, k, v, pattern, enable_gqa=True, backend="triton")  # warm: plans, caches
+    reads = []
+
+    def guarded(name, original):
+        def read(self, *args, **kwargs):
+            frame = sys._getframe(1)
+            caller = frame.f_code.co_filename
+            # _require checks on the host only for CPU tensors (a device assert on CUDA)
+            if caller.startswith(package) and frame.f_code.co_name != "_require":
+                reads.append(f"{name} at {os.path.relpath(caller, package)}:{frame.f_lineno}")
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, guarded(name, getattr(torch.Tensor, name)))
+    sf.attention(q, k, v, pattern, enable_gqa=True, backend="triton")
+    monkeypatch.undo()
+    assert not reads, reads
