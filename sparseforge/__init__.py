@@ -19,7 +19,14 @@ from .ir.nodes import (
     sliding_window,
     window,
 )
-from .ir.routing import threshold_blocks, topk_blocks, topk_chunks, topk_keys, vertical_slash
+from .ir.routing import (
+    clusters,
+    threshold_blocks,
+    topk_blocks,
+    topk_chunks,
+    topk_keys,
+    vertical_slash,
+)
 from .ir.scores import alibi, alibi_slopes, rel_bias, softcap
 from .merge import merge
 from .modules import SparseAttention
@@ -31,6 +38,7 @@ from .runtime.prebuilt import load_kernels
 
 __all__ = [
     "BuildSpec", "Pattern", "Plan", "alibi", "alibi_slopes", "attention", "causal", "chunks",
+    "clusters",
     "dense_mask", "documents", "full", "global_queries", "halo_blocks", "load_kernels",
     "maxvit_block", "maxvit_grid", "merge", "na1d", "na2d", "na3d", "neighborhood", "per_head", "plan",
     "prefix_lm", "reference_attention", "rel_bias", "sinks", "sliding_window", "softcap",

@@ -225,6 +225,46 @@ class TopkKeys(_BlockRouting):
         return f"topk_keys(<bias {shape}>, {self.k}{extra})"
 
 
+@dataclass(frozen=True, eq=False)
+class Clusters(DynamicPattern):
+    """Routing Transformer: unit-normalised queries and keys each go to the centroid
+    (``[Hkv or 1, C, D]``) with the largest dot product (ties: lower centroid); a pair
+    interacts iff both went to the same one. ``balanced=w``: each centroid instead takes
+    its ``w`` nearest queries and its ``w`` nearest keys (equal-size clusters; a token may
+    sit in several or none), and a pair interacts iff they share a cluster. Identity
+    equality: the centroids are run-time data."""
+
+    centroids: Any
+    balanced: int | None = None
+    kind = "clusters"
+
+    def __post_init__(self) -> None:
+        import torch
+
+        owner = "clusters"
+        c = self.centroids
+        if not isinstance(c, torch.Tensor) or not c.dtype.is_floating_point:
+            raise TypeError(f"{owner}(centroids=...): expected a float torch.Tensor "
+                            f"[Hkv or 1, C, D], got {type(c).__name__}")
+        if c.dim() != 3 or c.shape[1] < 1:
+            raise ValueError(f"{owner}(centroids=...): expected shape [Hkv or 1, C, D] with C >= 1, "
+                             f"got {tuple(c.shape)}")
+        if self.balanced is not None:
+            _check_int(owner, "balanced", self.balanced, 1)
+
+    def __hash__(self) -> int:
+        return hash((Clusters, id(self.centroids), self.balanced))
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, Clusters) and other.centroids is self.centroids
+                and other.balanced == self.balanced)
+
+    def __repr__(self) -> str:
+        shape = "x".join(str(s) for s in self.centroids.shape)
+        extra = _keywords(("balanced", self.balanced, None))
+        return f"clusters(<centroids {shape}>{extra})"
+
+
 def is_dynamic(pattern: Pattern) -> bool:
     from .nodes import walk
 
@@ -262,6 +302,14 @@ def topk_keys(bias, k: int, *, query_block: int = 64) -> Pattern:
     the ``k`` allowed keys with the largest ``bias`` (``[Hq, Lkv]`` or ``[B, Hq, Lkv]``,
     ties to the lower index); the bias is also added to the scores."""
     return TopkKeys(bias, k, query_block)
+
+
+def clusters(centroids, *, balanced: int | None = None) -> Pattern:
+    """Routing Transformer's content clusters: a pair interacts iff the query and the key
+    (unit-normalised) go to the same centroid of ``centroids`` ``[Hkv or 1, C, D]``;
+    ``balanced=w`` gives every centroid its ``w`` nearest queries and keys instead.
+    Compose with ``sf.causal()`` for causality by original position."""
+    return Clusters(centroids, balanced)
 
 
 def vertical_slash(n_vertical: int, n_slash: int, last_q: int = 64) -> Pattern:

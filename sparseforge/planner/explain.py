@@ -65,9 +65,9 @@ def explain(plan) -> str:
                          "buckets or lines cross, each tile once; backward and decode run with "
                          "torch ops")
         else:
-            lines.append("routed      no generated kernel (two routing nodes or per-head "
-                         "patterns): torch ops run it (dense per row chunk); the kernels above "
-                         "cover its static envelope")
+            lines.append("routed      no generated kernel (clusters, two routing nodes or "
+                         "per-head patterns): torch ops run it (dense per row chunk); the kernels "
+                         "above cover its static envelope")
         lines.append("flex        (no BlockMask comparison: the mask is decided from q and k at "
                      "run time)")
         return "\n".join(lines)
@@ -108,7 +108,8 @@ def _routing_lines(plan) -> list[str]:
     total = sum(s.work for s in plan.routing)
     lines = [f"routing     {len(plan.routing)} pre-kernel(s), DAG {dag.number_of_nodes()} nodes / "
              f"{dag.number_of_edges()} edges, {total} ops per (batch, head); generated "
-             "pre-kernels on CUDA (or the interpreter with backend='triton'), the torch "
+             "pre-kernels for block rules and vertical_slash on CUDA (or the interpreter with "
+             "backend='triton'), device torch ops for topk_keys and clusters, the torch "
              "reference on the torch backend"]
     for name in nx.topological_sort(dag):
         if name in steps:

@@ -14,7 +14,14 @@ from dataclasses import dataclass
 import networkx as nx
 
 from ..ir.nodes import Pattern, walk
-from ..ir.routing import DynamicPattern, ThresholdBlocks, TopkChunks, TopkKeys, VerticalSlash
+from ..ir.routing import (
+    Clusters,
+    DynamicPattern,
+    ThresholdBlocks,
+    TopkChunks,
+    TopkKeys,
+    VerticalSlash,
+)
 
 #: a routed kernel's key tiles hold at most this many keys (one bit each per row)
 MAX_ROUTED_BLOCK_N = 64
@@ -62,6 +69,17 @@ def routing_steps(pattern: Pattern, q_len: int, kv_len: int, head_dim: int) -> t
                             "diagonals", (f"columns{tag}", f"diagonals{tag}"),
                             "ascending columns / offsets",
                             3 * kv_len * max(1, math.ceil(math.log2(max(kv_len, 2))))),
+            ]
+            continue
+        if isinstance(node, Clusters):
+            c = node.centroids.shape[1]
+            how = "nearest centroid" if node.balanced is None else f"{node.balanced} nearest per centroid"
+            sort = max(1, math.ceil(math.log2(max(q_len, 2)))) if node.balanced else 1
+            steps += [
+                RoutingStep(f"assign_q{tag}", f"normalise, {how}", ("q",),
+                            f"memberships [{q_len}, {c}]", q_len * c * (head_dim + sort)),
+                RoutingStep(f"assign_k{tag}", f"normalise, {how}", ("k",),
+                            f"memberships [{kv_len}, {c}]", kv_len * c * (head_dim + sort)),
             ]
             continue
         cq, ck = _bucket_counts(node, q_len, kv_len)
@@ -164,8 +182,10 @@ def kernel_routing_node(pattern: Pattern):
     plus selected tiles), or None when only the torch path runs it: one routing node
     and no per-head patterns."""
     from ..ir.nodes import PerHead
+    from ..ir.routing import Clusters
 
     nodes = {n for n in walk(pattern) if isinstance(n, DynamicPattern)}
     if len(nodes) != 1 or any(isinstance(n, PerHead) for n in walk(pattern)):
         return None
-    return next(iter(nodes))
+    node = next(iter(nodes))
+    return None if isinstance(node, Clusters) else node  # clusters: cluster-sorted run not yet

@@ -17,6 +17,7 @@ import torch
 
 from ..ir.nodes import Intersection, Pattern, PerHead, walk
 from ..ir.routing import (
+    Clusters,
     DynamicPattern,
     ThresholdBlocks,
     TopkBlocks,
@@ -24,7 +25,7 @@ from ..ir.routing import (
     TopkKeys,
     VerticalSlash,
 )
-from .selection import BlockSelection, LineSelection, bucket_of
+from .selection import BlockSelection, ClusterSelection, LineSelection, bucket_of
 
 #: rows of the static mask evaluated at once when reducing it to bucket candidates
 _ROW_CHUNK = 1024
@@ -223,6 +224,40 @@ def key_bias(node: TopkKeys, q_heads: int, kv_len: int, device) -> torch.Tensor:
     return b
 
 
+def cluster_affinity(node: Clusters, x: torch.Tensor) -> torch.Tensor:
+    """fp32 ``[B, H, L, C]``: each unit-normalised token of ``x`` ``[B, H, L, D]`` dotted
+    with the centroids of its head's kv head (``[Hkv or 1, C, D]``)."""
+    d = x.shape[-1]
+    cent = node.centroids.to(device=x.device, dtype=torch.float32)
+    if cent.shape[-1] != d:
+        raise ValueError(f"clusters(centroids=[{'x'.join(map(str, node.centroids.shape))}]): "
+                         f"expected head dim {d}")
+    return torch.nn.functional.normalize(x.float(), dim=-1) @ cent.transpose(-1, -2)[None]
+
+
+def route_clusters(node: Clusters, q: torch.Tensor, k: torch.Tensor) -> ClusterSelection:
+    """Membership of every query and key: the nearest centroid (ties to the lower one),
+    or with ``balanced=w`` each centroid's ``w`` nearest tokens (ties to the lower
+    position)."""
+    hq, hkv = q.shape[1], k.shape[1]
+    cent_heads = node.centroids.shape[0]
+    if cent_heads not in (1, hkv):
+        raise ValueError(f"clusters(centroids=[{'x'.join(map(str, node.centroids.shape))}]): "
+                         f"expected {hkv} (kv heads) or 1 centroid sets")
+    cent_q = node.centroids.repeat_interleave(hq // hkv, 0) if cent_heads > 1 else node.centroids
+
+    def members(x, centroids):
+        a = cluster_affinity(Clusters(centroids, node.balanced), x)  # [B, H, L, C]
+        if node.balanced is None:
+            best = a.argmax(-1, keepdim=True)  # the first maximum: ties to the lower centroid
+            return torch.zeros_like(a, dtype=torch.bool).scatter_(-1, best, True)
+        w = min(node.balanced, a.shape[2])
+        order = torch.sort(a, dim=2, descending=True, stable=True).indices[:, :, :w]
+        return torch.zeros_like(a, dtype=torch.bool).scatter_(2, order, True)
+
+    return ClusterSelection(members(q, cent_q), members(k, node.centroids), k.shape[2] - q.shape[2])
+
+
 def route_node(node: DynamicPattern, siblings, q: torch.Tensor, k: torch.Tensor, scale: float):
     """The selection of one dynamic node for this call's q ``[B, Hq, Lq, D]`` and k
     ``[B, Hkv, Lkv, D]``."""
@@ -231,6 +266,8 @@ def route_node(node: DynamicPattern, siblings, q: torch.Tensor, k: torch.Tensor,
     device = q.device
     if isinstance(node, VerticalSlash):
         return _vertical_slash(node, siblings, q, k, scale)
+    if isinstance(node, Clusters):
+        return route_clusters(node, q, k)
     q_starts, k_starts = _buckets(node, q_len, kv_len, device)
     if isinstance(node, TopkKeys):
         cand = node_candidates(node, siblings, q_starts, k_starts, q_len, kv_len, device)

@@ -105,3 +105,26 @@ class LineSelection:
         col = self.columns[..., jj].view(*self.columns.shape[:2], *pairs)
         diag = self.diagonals[..., off].view(*self.diagonals.shape[:2], *pairs)
         return col | (diag & inside)
+
+
+@dataclass(frozen=True)
+class ClusterSelection:
+    """Routing Transformer: ``q_member`` bool ``[B, Hq, Lq, C]`` (rows by index) and
+    ``k_member`` ``[B, Hkv, Lkv, C]``; a pair interacts iff they share a cluster.
+    ``shift`` = Lkv - Lq maps query positions to rows."""
+
+    q_member: torch.Tensor
+    k_member: torch.Tensor
+    shift: int
+
+    def pair_mask(self, p: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        b, hq, lq, _ = self.q_member.shape
+        hkv, lkv = self.k_member.shape[1], self.k_member.shape[2]
+        pairs = torch.broadcast_shapes(p.shape, j.shape)
+        i = (p - self.shift).expand(pairs).reshape(-1)
+        jj = j.expand(pairs).reshape(-1)
+        real = (i >= 0) & (i < lq) & (jj >= 0) & (jj < lkv)
+        i, jj = i.clamp(0, lq - 1), jj.clamp(0, lkv - 1)
+        k_member = self.k_member[:, torch.arange(hq, device=p.device) // (hq // hkv)]
+        out = (self.q_member[:, :, i] & k_member[:, :, jj]).any(-1) & real
+        return out.view(b, hq, *pairs)

@@ -200,7 +200,8 @@ def _run_routed(executor: str, target: str, backend: str, q, k, v, pattern: Patt
     compiled = compile_pattern(pattern)
     node = kernel_routing_node(compiled.canonical)
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    why_not = ("it has no generated kernel (one routing node per pattern)" if node is None else
+    why_not = ("it has no generated kernel (one routing node per pattern, not clusters)"
+               if node is None else
                "the routed kernel has no generated backward yet" if wants_grad else None)
     if executor in ("triton", "interpret") and why_not is None and shape.q_len and shape.kv_len:
         p = cached_plan(compiled, shape.q_len, shape.kv_len, shape.head_dim, q.dtype, target)

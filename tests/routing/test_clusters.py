@@ -1,0 +1,95 @@
+"""``sf.clusters`` (Routing Transformer): queries and keys (unit-normalised) go to their
+nearest centroid, or each centroid takes its w nearest (balanced); pairs interact inside
+a shared cluster. The torch path and the oracle equal a literal implementation (loops
+over clusters), with GQA, shared centroids, Lq != Lkv and causality by position;
+gradients flow; bad centroids are refused by name."""
+
+import pytest
+import torch
+
+import sparseforge as sf
+
+
+def literal(q, k, v, centroids, balanced, causal=True):
+    """Per (batch, head, cluster): the cluster's queries attend the cluster's keys (fp64)."""
+    b, h, lq, d = q.shape
+    hkv, lkv = k.shape[1], k.shape[2]
+    group = h // hkv
+    p = torch.arange(lq) + lkv - lq
+    mask = torch.zeros(b, h, lq, lkv, dtype=torch.bool)
+    for bi in range(b):
+        for hi in range(h):
+            cent = centroids[min(hi // group, centroids.shape[0] - 1)].float()
+            aq = torch.nn.functional.normalize(q[bi, hi].float(), dim=-1) @ cent.T
+            ak = torch.nn.functional.normalize(k[bi, hi // group].float(), dim=-1) @ cent.T
+            for c in range(cent.shape[0]):
+                if balanced is None:
+                    qs = (aq.argmax(-1) == c).nonzero().flatten()
+                    ks = (ak.argmax(-1) == c).nonzero().flatten()
+                else:
+                    qs = torch.sort(aq[:, c], descending=True, stable=True).indices[:balanced]
+                    ks = torch.sort(ak[:, c], descending=True, stable=True).indices[:balanced]
+                mask[bi, hi, qs[:, None], ks[None, :]] = True
+    if causal:
+        mask &= torch.arange(lkv)[None, :] <= p[:, None]
+    kk, vv = (x.double().repeat_interleave(group, 1) for x in (k, v))
+    s = (q.double() @ kk.transpose(-1, -2)) * d ** -0.5
+    return torch.softmax(s.masked_fill(~mask, float("-inf")), -1).nan_to_num(0.0) @ vv, mask
+
+
+@pytest.mark.parametrize("b, h, hkv, lq, lkv, c, shared, balanced", [
+    (2, 4, 2, 50, 50, 4, False, None),
+    (1, 2, 2, 30, 70, 5, True, None),
+    (2, 4, 1, 64, 64, 3, False, 12),
+    (1, 2, 1, 40, 40, 6, True, 40),  # every token in every cluster: causal attention
+])
+def test_torch_path_and_oracle_equal_the_literal_clusters(b, h, hkv, lq, lkv, c, shared, balanced):
+    g = torch.Generator().manual_seed(lq + c)
+    q = torch.randn(b, h, lq, 16, generator=g)
+    k, v = (torch.randn(b, hkv, lkv, 16, generator=g) for _ in range(2))
+    centroids = torch.randn(1 if shared else hkv, c, 16, generator=g)
+    pattern = sf.causal() & sf.clusters(centroids, balanced=balanced)
+    want, mask = literal(q, k, v, centroids, balanced)
+    torch.testing.assert_close(sf.attention(q, k, v, pattern, enable_gqa=True).double(), want,
+                               atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(sf.reference_attention(q, k, v, pattern, enable_gqa=True).double(),
+                               want, atol=1e-6, rtol=1e-6)
+    got_mask = sf.dense_mask(pattern, lq, lkv, content=(q, k))
+    assert torch.equal(got_mask, mask)
+    if balanced == lkv:
+        assert torch.equal(mask[0, 0], sf.dense_mask(sf.causal(), lq, lkv))
+
+
+def test_gradients_flow_through_the_torch_path():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 32, 8, generator=g, requires_grad=True) for _ in range(3))
+    pattern = sf.causal() & sf.clusters(torch.randn(2, 3, 8, generator=g))
+    go = torch.randn(1, 2, 32, 8, generator=g)
+    got = torch.autograd.grad(sf.attention(q, k, v, pattern), (q, k, v), go)
+    want = torch.autograd.grad(sf.reference_attention(q, k, v, pattern), (q, k, v), go.double())
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w.float(), atol=2e-5, rtol=1e-5)
+
+
+def test_plan_shows_the_assignment_steps_and_triton_refuses():
+    centroids = torch.randn(2, 8, 64)
+    p = sf.plan(sf.causal() & sf.clusters(centroids), q_len=8192, kv_len=8192, head_dim=64)
+    text = p.explain()
+    assert "assign_q0" in text and "memberships [8192, 8]" in text
+    q = torch.randn(1, 2, 16, 64)
+    with pytest.raises(ValueError, match="no generated kernel"):
+        sf.attention(q, q, q, sf.causal() & sf.clusters(centroids), backend="triton")
+
+
+def test_bad_centroids_are_refused_by_name():
+    with pytest.raises(TypeError, match="centroids"):
+        sf.clusters([[0.0]])
+    with pytest.raises(ValueError, match="centroids"):
+        sf.clusters(torch.zeros(4, 8))
+    with pytest.raises(ValueError, match="balanced"):
+        sf.clusters(torch.zeros(1, 4, 8), balanced=0)
+    q = torch.randn(1, 2, 16, 8)
+    with pytest.raises(ValueError, match="head dim 8"):
+        sf.attention(q, q, q, sf.clusters(torch.zeros(1, 4, 6)))
+    with pytest.raises(ValueError, match="centroid sets"):
+        sf.attention(q, q, q, sf.clusters(torch.zeros(3, 4, 8)))
