@@ -21,6 +21,7 @@ from .ir.nodes import (
 )
 from .ir.routing import (
     clusters,
+    hierarchical,
     threshold_blocks,
     topk_blocks,
     topk_chunks,
@@ -39,7 +40,7 @@ from .runtime.prebuilt import load_kernels
 __all__ = [
     "BuildSpec", "Pattern", "Plan", "alibi", "alibi_slopes", "attention", "causal", "chunks",
     "clusters",
-    "dense_mask", "documents", "full", "global_queries", "halo_blocks", "load_kernels",
+    "dense_mask", "documents", "full", "global_queries", "halo_blocks", "hierarchical", "load_kernels",
     "maxvit_block", "maxvit_grid", "merge", "na1d", "na2d", "na3d", "neighborhood", "per_head", "plan",
     "prefix_lm", "reference_attention", "rel_bias", "sinks", "sliding_window", "softcap",
     "SparseAttention", "swin_window", "threshold_blocks", "topk_blocks", "topk_chunks", "topk_keys",

@@ -225,6 +225,32 @@ class TopkKeys(_BlockRouting):
         return f"topk_keys(<bias {shape}>, {self.k}{extra})"
 
 
+@dataclass(frozen=True)
+class Hierarchical(_BlockRouting):
+    """HiP's tree search per query block: start from ``k`` equal branches over the
+    candidate key blocks, split every branch in two, score each child by its
+    representative key (the middle key of its range) against the query block (max over
+    the block's queries, per head), keep the top ``k`` children (ties: lower block), and
+    repeat until every branch is one key block wide. O(k log L) scores per query block."""
+
+    k: int
+    block: int
+    query_block: int | None = None
+    kind = "hierarchical"
+    share = "head"
+
+    def __post_init__(self) -> None:
+        owner = "hierarchical"
+        _check_int(owner, "k", self.k, 1)
+        _check_int(owner, "block", self.block, 1)
+        if self.query_block is not None:
+            _check_int(owner, "query_block", self.query_block, 1)
+
+    def __repr__(self) -> str:
+        extra = _keywords(("query_block", self.query_block, None))
+        return f"hierarchical({self.k}, {self.block}{extra})"
+
+
 @dataclass(frozen=True, eq=False)
 class Clusters(DynamicPattern):
     """Routing Transformer: unit-normalised queries and keys each go to the centroid
@@ -302,6 +328,14 @@ def topk_keys(bias, k: int, *, query_block: int = 64) -> Pattern:
     the ``k`` allowed keys with the largest ``bias`` (``[Hq, Lkv]`` or ``[B, Hq, Lkv]``,
     ties to the lower index); the bias is also added to the scores."""
     return TopkKeys(bias, k, query_block)
+
+
+def hierarchical(k: int, block: int, *, query_block: int | None = None) -> Pattern:
+    """HiP's hierarchically pruned attention: per query block (``query_block`` rows,
+    default ``block``), ``k`` key blocks of ``block`` tokens found by a binary tree search
+    over the candidate blocks (split, score the children's middle keys, keep the top k).
+    Add the window and sinks HiP always keeps with ``|``."""
+    return Hierarchical(k, block, query_block)
 
 
 def clusters(centroids, *, balanced: int | None = None) -> Pattern:

@@ -17,6 +17,7 @@ from ..ir.nodes import Pattern, walk
 from ..ir.routing import (
     Clusters,
     DynamicPattern,
+    Hierarchical,
     ThresholdBlocks,
     TopkChunks,
     TopkKeys,
@@ -83,6 +84,18 @@ def routing_steps(pattern: Pattern, q_len: int, kv_len: int, head_dim: int) -> t
             ]
             continue
         cq, ck = _bucket_counts(node, q_len, kv_len)
+        if isinstance(node, Hierarchical):
+            rounds = max(1, (ck - 1).bit_length())
+            steps += [
+                RoutingStep(f"branches{tag}", f"{node.k} equal branches per query block", (),
+                            f"[{cq}, {node.k}] block ranges", cq * node.k),
+                RoutingStep(f"refine{tag}", f"{rounds} rounds: split, score middle keys "
+                            f"(max over {node.q_block} queries), keep top-{node.k}",
+                            ("q", "k", f"branches{tag}"), f"fixed-k indices [{cq}, {node.k}]",
+                            rounds * cq * 2 * node.k * (node.q_block * head_dim
+                                                        + max(1, (2 * node.k).bit_length()))),
+            ]
+            continue
         if isinstance(node, TopkKeys):
             steps.append(RoutingStep(f"select{tag}", f"top-{node.k} keys by bias per "
                                      f"{node.query_block}-row block", ("bias",),
@@ -106,23 +119,28 @@ def routing_steps(pattern: Pattern, q_len: int, kv_len: int, head_dim: int) -> t
     return tuple(steps)
 
 
+def _tag(name: str) -> str:
+    """The routing node's number at the end of a step name (``select0`` -> ``0``)."""
+    return name[len(name.rstrip("0123456789")):]
+
+
 def tile_list_step(steps: tuple[RoutingStep, ...], node, q_len: int, kv_len: int,
                    block_m: int, block_n: int) -> RoutingStep:
     """The step the routed forward kernel adds after ``select``: per query tile of
     ``block_m`` rows, the sorted union of its rows' selected key buckets (gather, sort,
     drop repeats: fixed sizes, on the device)."""
-    select = next(s for s in steps if s.name.startswith("select"))
+    select = next(s for s in reversed(steps) if s.name.startswith(("select", "refine")))
     q_tiles = -(-q_len // block_m)
     if isinstance(node, VerticalSlash):
         kv_tiles = -(-kv_len // block_n)
-        return RoutingStep(f"tiles{select.name[len('select'):]}", "tiles the lines cross",
+        return RoutingStep(f"tiles{_tag(select.name)}", "tiles the lines cross",
                            (select.name,), f"tile byte map [{q_tiles}, {kv_tiles}] + spans",
                            4 * q_tiles * kv_tiles)
     cq, ck = _bucket_counts(node, q_len, kv_len)
     span = cq if isinstance(node, TopkChunks) else min(cq, (block_m - 1) // node.q_block + 2)
     gathered = span * min(getattr(node, "k", ck), ck)
     width = min(gathered, ck)
-    return RoutingStep(f"tiles{select.name[len('select'):]}", f"union per {block_m}-row tile",
+    return RoutingStep(f"tiles{_tag(select.name)}", f"union per {block_m}-row tile",
                        (select.name,), f"sorted bucket lists [{q_tiles}, <= {width}]",
                        2 * q_tiles * gathered * max(1, math.ceil(math.log2(max(gathered, 2)))))
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ir.routing import TopkChunks, TopkKeys, VerticalSlash
+from ..ir.routing import Hierarchical, TopkChunks, TopkKeys, VerticalSlash
 from .selection import BlockSelection, bucket_of
 
 
@@ -193,7 +193,7 @@ def route_tiles(node, siblings, q: torch.Tensor, k: torch.Tensor, scale: float, 
             selection = route_node(node, siblings, q, k, scale)
         return routed_lines(selection, node.n_vertical, node.n_slash, q_len, kv_len, block_m,
                             block_n)
-    if isinstance(node, TopkKeys):  # the bias is the score: selected with device sorts
+    if isinstance(node, (TopkKeys, Hierarchical)):  # selected with device ops (no pre-kernel)
         prekernels = None
     if prekernels:
         from .kernels import route_prekernels

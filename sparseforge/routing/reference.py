@@ -19,6 +19,7 @@ from ..ir.nodes import Intersection, Pattern, PerHead, walk
 from ..ir.routing import (
     Clusters,
     DynamicPattern,
+    Hierarchical,
     ThresholdBlocks,
     TopkBlocks,
     TopkChunks,
@@ -29,7 +30,7 @@ from .selection import BlockSelection, ClusterSelection, LineSelection, bucket_o
 
 #: rows of the static mask evaluated at once when reducing it to bucket candidates
 _ROW_CHUNK = 1024
-_BLOCK_NODES = (TopkBlocks, ThresholdBlocks, TopkKeys)
+_BLOCK_NODES = (TopkBlocks, ThresholdBlocks, TopkKeys, Hierarchical)
 
 
 def block_starts(length: int, block: int, first: int = 0, device=None) -> torch.Tensor:
@@ -258,6 +259,69 @@ def route_clusters(node: Clusters, q: torch.Tensor, k: torch.Tensor) -> ClusterS
     return ClusterSelection(members(q, cent_q), members(k, node.centroids), k.shape[2] - q.shape[2])
 
 
+def _block_max_scores(q, k, rep, q_starts, q_block: int, kv_len: int) -> torch.Tensor:
+    """fp32 ``[B, Hq, Cq, N]``: for each query bucket, the max over its queries of the
+    dot product with each of its ``N`` representative keys ``rep`` ``[B, Hq, Cq, N]``."""
+    b, hq, lq, d = q.shape
+    hkv = k.shape[1]
+    cq = rep.shape[2]
+    p = torch.arange(lq, device=q.device) + (kv_len - lq)
+    bucket = bucket_of(p, q_starts.to(q.device)).clamp(0, cq - 1)[0]  # [Lq] (blocks: unbatched)
+    slot = bucket * q_block + (p - q_starts[0, bucket].to(q.device))
+    rows = torch.zeros(b, hq, cq * q_block, d, device=q.device)
+    rows[:, :, slot] = q.float()
+    real = torch.zeros(cq * q_block, dtype=torch.bool, device=q.device)
+    real[slot] = True
+    kk = k.float()[:, torch.arange(hq, device=q.device) // (hq // hkv)]  # [B, Hq, Lkv, D]
+    keys = torch.gather(kk, 2, rep.flatten(2)[..., None].expand(-1, -1, -1, d))
+    keys = keys.view(b, hq, cq, rep.shape[-1], d)
+    s = rows.view(b, hq, cq, q_block, d) @ keys.transpose(-1, -2)  # [B, Hq, Cq, qb, N]
+    s = s.masked_fill(~real.view(cq, q_block)[None, None, :, :, None], float("-inf"))
+    return s.amax(3)
+
+
+def hierarchical_select(node: Hierarchical, q, k, q_starts, k_starts, cand) -> torch.Tensor:
+    """Bool ``[B, Hq, Cq, Ck]``: HiP's tree search per query bucket (see ``Hierarchical``),
+    over the hull of its candidate blocks; a child holding no candidate never wins."""
+    b, hq = q.shape[:2]
+    kv_len = k.shape[2]
+    cq, ck = cand.shape[-2], cand.shape[-1]
+    device = q.device
+    cand = cand.expand(b, cq, ck)
+    blocks = torch.arange(ck, device=device)
+    has = cand.any(-1)
+    lo0 = torch.where(cand, blocks, ck).amin(-1)  # [B, Cq]
+    hi0 = torch.where(cand, blocks + 1, 0).amax(-1)
+    lo0, hi0 = torch.where(has, lo0, 0), torch.where(has, hi0, 0)
+    cum = torch.zeros(b, cq, ck + 1, dtype=torch.int32, device=device)
+    cum[..., 1:] = cand.to(torch.int32).cumsum(-1)
+    edges = lo0[..., None] + ((hi0 - lo0)[..., None] * torch.arange(node.k + 1, device=device)) // node.k
+    lo = edges[..., :-1][:, None].expand(b, hq, cq, node.k).clone()  # [B, Hq, Cq, k] branches
+    hi = edges[..., 1:][:, None].expand(b, hq, cq, node.k).clone()
+    starts = k_starts[0].to(device)
+    for _ in range(max(1, (ck - 1).bit_length())):
+        # children in position order: halves of a wider branch; a one-block branch keeps
+        # itself (and an empty second child)
+        split = torch.where(hi - lo > 1, lo + (hi - lo + 1) // 2, hi)
+        c_lo = torch.stack([lo, split], -1).flatten(-2)
+        c_hi = torch.stack([split, hi], -1).flatten(-2)
+        first_key = starts[c_lo.clamp(max=ck - 1)]
+        last_key = torch.minimum(starts[c_hi.clamp(max=ck)], torch.tensor(kv_len, device=device)) - 1
+        rep = ((first_key + last_key) // 2).clamp(0, kv_len - 1)
+        score = _block_max_scores(q, k, rep, q_starts, node.q_block, kv_len)
+        inside = (torch.gather(cum[:, None].expand(b, hq, cq, ck + 1), 3, c_hi.clamp(max=ck))
+                  - torch.gather(cum[:, None].expand(b, hq, cq, ck + 1), 3, c_lo.clamp(max=ck))) > 0
+        score = torch.where(inside & (c_hi > c_lo), score, float("-inf"))
+        keep = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :node.k]
+        keep = keep.sort(-1).values  # back to position order
+        alive = torch.gather(score, -1, keep) > float("-inf")
+        lo = torch.where(alive, torch.gather(c_lo, -1, keep), 0)
+        hi = torch.where(alive, torch.gather(c_hi, -1, keep), 0)
+    selected = torch.zeros(b, hq, cq, ck + 1, dtype=torch.bool, device=device)
+    selected.scatter_(-1, torch.where(hi - lo == 1, lo, ck), True)
+    return selected[..., :ck] & cand[:, None]
+
+
 def route_node(node: DynamicPattern, siblings, q: torch.Tensor, k: torch.Tensor, scale: float):
     """The selection of one dynamic node for this call's q ``[B, Hq, Lq, D]`` and k
     ``[B, Hkv, Lkv, D]``."""
@@ -269,6 +333,10 @@ def route_node(node: DynamicPattern, siblings, q: torch.Tensor, k: torch.Tensor,
     if isinstance(node, Clusters):
         return route_clusters(node, q, k)
     q_starts, k_starts = _buckets(node, q_len, kv_len, device)
+    if isinstance(node, Hierarchical):
+        cand = node_candidates(node, siblings, q_starts, k_starts, q_len, kv_len, device)
+        selected = hierarchical_select(node, q, k, q_starts, k_starts, cand)
+        return BlockSelection(selected, q_starts, k_starts, head_map("head", hq, hkv, str(device)))
     if isinstance(node, TopkKeys):
         cand = node_candidates(node, siblings, q_starts, k_starts, q_len, kv_len, device)
         scores = key_bias(node, hq, kv_len, device)[:, :, None, :]  # [B|1, Hq, 1, Lkv]

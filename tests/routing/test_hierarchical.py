@@ -1,0 +1,104 @@
+"""``sf.hierarchical`` (HiP): the tree search per query block, vectorised in the torch
+reference, equals a literal loop implementation of the algorithm (k equal branches over
+the candidate blocks, split in two, score the middle key of each child by the max over
+the block's queries, keep the top k, repeat to single blocks); attention equals the
+oracle on the torch path and in the routed kernel (interpreter); the plan counts
+O(L log L) routing work."""
+
+import pytest
+import torch
+
+import sparseforge as sf
+from sparseforge.ir.canonicalize import canonicalize
+from sparseforge.routing.reference import route
+
+
+def literal_hip(q, k, top, block, q_block, allowed_blocks):
+    """Loops. ``allowed_blocks(c)``: the candidate key blocks of query bucket c (sorted)."""
+    b, h, lq, _ = q.shape
+    hkv, lkv = k.shape[1], k.shape[2]
+    ck = -(-lkv // block)
+    first = (lkv - lq) // q_block
+    cq = -(-lkv // q_block) - first
+    out = torch.zeros(b, h, cq, ck, dtype=torch.bool)
+    for bi in range(b):
+        for hi_ in range(h):
+            kh = k[bi, hi_ // (h // hkv)].float()
+            for c in range(cq):
+                rows = [i for i in range(lq) if (i + lkv - lq) // q_block == c + first]
+                cands = allowed_blocks(c)
+                if not rows or not cands:
+                    continue
+                lo0, hi0 = cands[0], cands[-1] + 1
+                edges = [lo0 + (hi0 - lo0) * i // top for i in range(top + 1)]
+                branches = [(edges[i], edges[i + 1]) for i in range(top) if edges[i + 1] > edges[i]]
+                while any(e - s > 1 for s, e in branches):
+                    children = []
+                    for s, e in branches:
+                        if e - s > 1:
+                            m = s + (e - s + 1) // 2
+                            children += [(s, m), (m, e)]
+                        else:
+                            children.append((s, e))
+                    scored = []
+                    for s, e in children:
+                        if not any(s <= x < e for x in cands):
+                            continue
+                        rep = (s * block + min(e * block, lkv) - 1) // 2
+                        score = max(float(q[bi, hi_, r].float() @ kh[rep]) for r in rows)
+                        scored.append((-score, s, e))
+                    branches = [(s, e) for _, s, e in sorted(scored)[:top]]
+                    branches.sort()
+                for s, _ in branches:  # single blocks now
+                    if s in cands:
+                        out[bi, hi_, c, s] = True
+    return out
+
+
+@pytest.mark.parametrize("lq, lkv, top, block, q_block", [
+    (100, 100, 3, 8, None),
+    (40, 120, 2, 4, 8),  # Lq != Lkv, query blocks of 8
+    (64, 64, 5, 2, 16),  # more blocks than k
+    (30, 30, 8, 16, None),  # k above the candidates
+])
+def test_tree_search_equals_the_literal_algorithm(lq, lkv, top, block, q_block):
+    g = torch.Generator().manual_seed(lq + top)
+    q = torch.randn(2, 4, lq, 16, generator=g)
+    k = torch.randn(2, 2, lkv, 16, generator=g)
+    pattern = canonicalize(sf.causal() & sf.hierarchical(top, block, query_block=q_block))
+    ((_, sel),) = route(pattern, q, k, 0.25).items()
+    qb = q_block or block
+    first = (lkv - lq) // qb
+
+    def allowed(c):  # causal: blocks holding a key at or before the bucket's last position
+        last = min((c + first + 1) * qb, lkv) - 1
+        return list(range(last // block + 1))
+
+    want = literal_hip(q, k, top, block, qb, allowed)
+    assert torch.equal(sel.selected, want)
+    assert bool((sel.selected.sum(-1) <= top).all())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_hip_prefill_attention_equals_the_oracle(backend):
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(1, 4, 90, 32, generator=g)
+    k, v = (torch.randn(1, 2, 90, 32, generator=g) for _ in range(2))
+    pattern = ((sf.causal() & sf.hierarchical(3, 8, query_block=16)) | sf.sliding_window(8)
+               | (sf.causal() & sf.sinks(4)))
+    out = sf.attention(q, k, v, pattern, enable_gqa=True, backend=backend)
+    ref = sf.reference_attention(q, k, v, pattern, enable_gqa=True)
+    torch.testing.assert_close(out.double(), ref.double(), atol=2e-5, rtol=1e-5)
+
+
+def test_plan_counts_l_log_l_routing_work():
+    works = []
+    for n in (8192, 32768, 131072):
+        p = sf.plan(sf.causal() & sf.hierarchical(8, 64), q_len=n, kv_len=n, head_dim=128,
+                    target="sm_90")
+        assert "refine0" in p.explain()
+        works.append(sum(s.work for s in p.routing if s.name.startswith(("refine", "branches"))))
+    # O(L log L): work / (L log2(L / block)) is the same at every size (quadratic would
+    # grow 4x per step)
+    per = [w / (n * (n // 64 - 1).bit_length()) for w, n in zip(works, (8192, 32768, 131072))]
+    assert max(per) / min(per) < 1.01, works
