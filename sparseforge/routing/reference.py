@@ -306,7 +306,7 @@ def hierarchical_select(node: Hierarchical, q, k, q_starts, k_starts, cand) -> t
         c_lo = torch.stack([lo, split], -1).flatten(-2)
         c_hi = torch.stack([split, hi], -1).flatten(-2)
         first_key = starts[c_lo.clamp(max=ck - 1)]
-        last_key = torch.minimum(starts[c_hi.clamp(max=ck)], torch.tensor(kv_len, device=device)) - 1
+        last_key = starts[c_hi.clamp(max=ck)].clamp(max=kv_len) - 1
         rep = ((first_key + last_key) // 2).clamp(0, kv_len - 1)
         score = _block_max_scores(q, k, rep, q_starts, node.q_block, kv_len)
         inside = (torch.gather(cum[:, None].expand(b, hq, cq, ck + 1), 3, c_hi.clamp(max=ck))
