@@ -193,9 +193,15 @@ def route_tiles(node, siblings, q: torch.Tensor, k: torch.Tensor, scale: float, 
             selection = route_node(node, siblings, q, k, scale)
         return routed_lines(selection, node.n_vertical, node.n_slash, q_len, kv_len, block_m,
                             block_n)
-    if isinstance(node, (TopkKeys, Hierarchical)):  # selected with device ops (no pre-kernel)
+    if isinstance(node, TopkKeys):  # the bias is the score: selected with device sorts
         prekernels = None
-    if prekernels:
+    if prekernels and isinstance(node, Hierarchical):
+        from .hip import route_hip
+
+        indices, q_starts, k_starts, heads = route_hip(node, siblings, q, k,
+                                                       interpret=prekernels == "interpret")
+        counts = None
+    elif prekernels:
         from .kernels import route_prekernels
 
         indices, counts, call, heads = route_prekernels(node, siblings, q, k, scale,

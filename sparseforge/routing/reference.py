@@ -437,6 +437,13 @@ def route(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, scale: float,
     for node in walk(pattern):
         if isinstance(node, DynamicPattern) and node not in out:
             siblings = static_siblings(pattern, node)
+            if prekernels and isinstance(node, Hierarchical):
+                from .hip import route_hip
+
+                indices, q_starts, k_starts, heads = route_hip(
+                    node, siblings, q, k, interpret=prekernels == "interpret")
+                out[node] = BlockSelection.from_fixed_k(indices, q_starts, k_starts, heads)
+                continue
             if prekernels and isinstance(node, VerticalSlash):
                 from .lines import lines_supported, route_lines
 

@@ -1,9 +1,10 @@
 """``sf.hierarchical`` (HiP): the tree search per query block, vectorised in the torch
 reference, equals a literal loop implementation of the algorithm (k equal branches over
 the candidate blocks, split in two, score the middle key of each child by the max over
-the block's queries, keep the top k, repeat to single blocks); attention equals the
-oracle on the torch path and in the routed kernel (interpreter); the plan counts
-O(L log L) routing work."""
+the block's queries, keep the top k, repeat to single blocks); the generated pre-kernel
+equals the reference in the interpreter and compiles for sm_80/sm_90 without spills;
+attention equals the oracle on the torch path and in the routed kernel (interpreter);
+the plan counts O(L log L) routing work."""
 
 import pytest
 import torch
@@ -77,6 +78,59 @@ def test_tree_search_equals_the_literal_algorithm(lq, lkv, top, block, q_block):
     want = literal_hip(q, k, top, block, qb, allowed)
     assert torch.equal(sel.selected, want)
     assert bool((sel.selected.sum(-1) <= top).all())
+
+
+@pytest.mark.parametrize("lq, lkv, top, block, q_block", [
+    (100, 100, 3, 8, None), (40, 120, 2, 4, 8), (64, 64, 5, 2, 16), (30, 30, 8, 16, None),
+])
+def test_generated_search_equals_the_reference(lq, lkv, top, block, q_block):
+    from sparseforge.routing.hip import route_hip
+    from sparseforge.routing.reference import static_siblings
+    from sparseforge.routing.selection import BlockSelection
+
+    g = torch.Generator().manual_seed(lq + top)
+    q = torch.randn(2, 4, lq, 16, generator=g)
+    k = torch.randn(2, 2, lkv, 16, generator=g)
+    pattern = canonicalize((sf.causal() & sf.hierarchical(top, block, query_block=q_block))
+                           | sf.sinks(2))
+    ((node, want),) = route(pattern, q, k, 0.25).items()
+    idx, q_starts, k_starts, heads = route_hip(node, static_siblings(pattern, node), q, k,
+                                               interpret=True)
+    assert idx.dtype == torch.int32 and idx.shape[-1] == top
+    got = BlockSelection.from_fixed_k(idx, q_starts, k_starts, heads)
+    assert torch.equal(got.selected, want.selected)
+    valid = idx >= 0  # ascending, -1 after the last
+    assert bool((idx[..., 1:][valid[..., 1:]] > idx[..., :-1][valid[..., 1:]]).all())
+    assert bool((valid[..., :-1] | ~valid[..., 1:]).all())
+
+
+_COMPILE = """
+import json, sparseforge as sf
+from sparseforge.routing.hip import compile_hip
+out = []
+for node in (sf.hierarchical(8, 64), sf.hierarchical(16, 32, query_block=128)):
+    for arch in ("sm_80", "sm_90"):
+        for d, dtype, n_k in ((64, "float16", 512), (128, "bfloat16", 2048)):
+            out.append(compile_hip(node, arch, d, dtype, n_k))
+print(json.dumps(out))
+"""
+
+
+def test_generated_search_compiles_for_sm80_and_sm90_without_spills():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == 8 and {r["arch"] for r in results} == {"sm_80", "sm_90"}
+    for r in results:
+        assert r["cubin_size"] > 0 and r["spills"] == 0 and r["stack"] == 0, r
+        assert 0 < r["registers"] <= 255, r
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
