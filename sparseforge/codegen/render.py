@@ -189,14 +189,24 @@ def _routing_context(pattern, kv_len: int) -> dict:
     (vertical_slash: columns and diagonals), with the binary searches' unrolled steps
     (enough for the longest selection a row can hold)."""
     from ..ir.nodes import walk
-    from ..ir.routing import DynamicPattern, ThresholdBlocks, TopkChunks, TopkKeys, VerticalSlash
+    from ..ir.routing import (
+        Clusters,
+        DynamicPattern,
+        ThresholdBlocks,
+        TopkChunks,
+        TopkKeys,
+        VerticalSlash,
+    )
 
     nodes = [n for n in walk(pattern) if isinstance(n, DynamicPattern)] if pattern else []
-    context = dict(routed_lines=False, col_steps=0, off_steps=0, sel_steps=0, key_bias=False)
+    context = dict(routed_lines=False, col_steps=0, off_steps=0, sel_steps=0, key_bias=False,
+                   remapped=False)
     if not nodes:
         return context
     node = nodes[0]
     context["key_bias"] = isinstance(node, TopkKeys)
+    if isinstance(node, Clusters):  # tokens sorted by cluster; one key bucket per query bucket
+        return dict(context, remapped=True, sel_steps=2)  # one entry per row
 
     def steps(n: int) -> int:
         return max(n, 1).bit_length() + 1

@@ -129,6 +129,13 @@ def tile_list_step(steps: tuple[RoutingStep, ...], node, q_len: int, kv_len: int
     """The step the routed forward kernel adds after ``select``: per query tile of
     ``block_m`` rows, the sorted union of its rows' selected key buckets (gather, sort,
     drop repeats: fixed sizes, on the device)."""
+    if isinstance(node, Clusters):
+        tag = _tag(next(s.name for s in reversed(steps) if s.name.startswith("assign_q")))
+        log = max(1, math.ceil(math.log2(max(q_len, kv_len, 2))))
+        return RoutingStep(f"sort{tag}", "sort each head's tokens by cluster",
+                           (f"assign_q{tag}", f"assign_k{tag}"),
+                           f"permutations [{q_len}], [{kv_len}] + per-tile cluster lists",
+                           (q_len + kv_len) * log)
     select = next(s for s in reversed(steps) if s.name.startswith(("select", "refine")))
     q_tiles = -(-q_len // block_m)
     if isinstance(node, VerticalSlash):
@@ -206,4 +213,18 @@ def kernel_routing_node(pattern: Pattern):
     if len(nodes) != 1 or any(isinstance(n, PerHead) for n in walk(pattern)):
         return None
     node = next(iter(nodes))
-    return None if isinstance(node, Clusters) else node  # clusters: cluster-sorted run not yet
+    if isinstance(node, Clusters) and not cluster_kernel_ok(pattern, node):
+        return None
+    return node
+
+
+def cluster_kernel_ok(pattern: Pattern, node) -> bool:
+    """Clusters run sorted by cluster in the kernel when nothing else needs token order:
+    nearest-centroid mode (a permutation; balanced clusters overlap), no static part
+    outside the intersection, no documents, ALiBi or rel_bias (softcap is fine)."""
+    from ..ir.nodes import Documents, Empty
+    from ..ir.scores import Alibi, RelBias
+
+    if node.balanced is not None or not isinstance(static_part(pattern), Empty):
+        return False
+    return not any(isinstance(n, (Documents, Alibi, RelBias)) for n in walk(pattern))

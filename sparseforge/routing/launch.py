@@ -41,17 +41,26 @@ class RoutedTiles:
     tile_count: torch.Tensor
     head_map: torch.Tensor
     key_bias: torch.Tensor | None = None  # topk_keys: fp32 [B or 1, Hq, Lkv]
+    positions: tuple | None = None  # clusters: original positions of the sorted q and k
 
     def kernel_args(self) -> list:
         def batch_stride(t):
             return 0 if t.shape[0] == 1 else t.stride(0)
 
+        def head_stride(t):  # per-head buckets (clusters) or shared by all heads
+            return t.stride(1) if t.dim() == 3 else 0
+
         bias = [] if self.key_bias is None else [self.key_bias, batch_stride(self.key_bias)]
+        positions = [] if self.positions is None else [
+            *self.positions, batch_stride(self.positions[0]), self.positions[0].stride(1),
+            batch_stride(self.positions[1]), self.positions[1].stride(1)]
         return [self.sel, self.sel_count, self.q_bucket, self.k_bucket, self.k_starts,
                 self.tile_list, self.tile_count, self.head_map,
-                batch_stride(self.q_bucket), batch_stride(self.k_bucket),
-                batch_stride(self.k_starts), self.sel.shape[1], self.sel.shape[2],
-                self.sel.shape[3], self.tile_list.shape[2], self.tile_list.shape[3], *bias]
+                batch_stride(self.q_bucket), head_stride(self.q_bucket),
+                batch_stride(self.k_bucket), head_stride(self.k_bucket),
+                batch_stride(self.k_starts), head_stride(self.k_starts), self.sel.shape[1],
+                self.sel.shape[2], self.sel.shape[3], self.tile_list.shape[2],
+                self.tile_list.shape[3], *bias, *positions]
 
 
 _geometry: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -225,3 +234,43 @@ def route_tiles(node, siblings, q: torch.Tensor, k: torch.Tensor, scale: float, 
         bias = key_bias(node, q.shape[1], kv_len, q.device).contiguous()
         tiles = dataclasses.replace(tiles, key_bias=bias)
     return tiles
+
+
+def cluster_tiles(node, q: torch.Tensor, k: torch.Tensor, block_m: int):
+    """Routing Transformer in the kernel: each head's tokens sorted by cluster (a stable
+    sort of the nearest-centroid ids: a per-head permutation), so a cluster is one run of
+    keys; query bucket = key bucket = cluster, each query cluster selecting its own key
+    cluster, and the predicate reading original positions.
+
+    Returns (query order ``[B, Hq, Lq]``, key order ``[B, Hkv, Lkv]``, ``RoutedTiles``):
+    run the kernel on the gathered q, k, v and scatter the rows back by the query order."""
+    from .reference import route_clusters
+
+    b, hq, q_len, _ = q.shape
+    hkv, kv_len = k.shape[1], k.shape[2]
+    c = node.centroids.shape[1]
+    members = route_clusters(node, q, k)
+    ids_q = members.q_member.to(torch.int8).argmax(-1)  # [B, Hq, Lq]
+    ids_k = members.k_member.to(torch.int8).argmax(-1)  # [B, Hkv, Lkv]
+    order_q = torch.sort(ids_q, dim=-1, stable=True).indices
+    order_k = torch.sort(ids_k, dim=-1, stable=True).indices
+    sorted_q, sorted_k = torch.gather(ids_q, 2, order_q), torch.gather(ids_k, 2, order_k)
+    counts = torch.nn.functional.one_hot(ids_k, c).sum(2)  # [B, Hkv, C]
+    k_starts = torch.nn.functional.pad(counts.cumsum(-1), (1, 0)).to(torch.int32)
+    own = counts[:, torch.arange(hq, device=q.device) // (hq // hkv)] > 0  # [B, Hq, C]
+    sel = torch.arange(c, device=q.device, dtype=torch.int32).view(1, 1, c, 1).expand(b, hq, c, 1)
+    # per query tile: the clusters its sorted rows span that hold a key, ascending
+    firsts = sorted_q[..., ::block_m]
+    lasts = sorted_q[..., torch.clamp(torch.arange(firsts.shape[-1], device=q.device) * block_m
+                                      + block_m - 1, max=q_len - 1)]
+    cl = torch.arange(c, device=q.device)
+    listed = ((cl >= firsts[..., None]) & (cl <= lasts[..., None])
+              & torch.gather(own, 2, cl.expand(b, hq, c))[:, :, None, :])  # [B, Hq, Tq, C]
+    tile_list, tile_count = _ascending(listed, c)
+    tiles = RoutedTiles(sel.contiguous(), own.to(torch.int32).contiguous(),
+                        sorted_q.to(torch.int32).contiguous(), sorted_k.to(torch.int32).contiguous(),
+                        k_starts.contiguous(), tile_list.contiguous(), tile_count.contiguous(),
+                        torch.arange(hq, device=q.device, dtype=torch.int32),
+                        positions=((order_q + (kv_len - q_len)).to(torch.int32).contiguous(),
+                                   order_k.to(torch.int32).contiguous()))
+    return order_q, order_k, tiles

@@ -77,7 +77,8 @@ _DATA_POINTERS = {"Q", "K", "V", "Out", "DO", "DQ"}
 _FP32_POINTERS = {"Lse", "Delta", "DK", "DV", "OutPart", "LsePart", "Slopes", "Bias", "DBias",
                   "KeyBias"}
 _INT32_POINTERS = {"DocQ", "DocK", "Sel", "SelCount", "QBucket", "KBucket", "KStarts", "TileList",
-                   "TileCount", "HeadMap", "Cols", "ColCount", "Offs", "OffCount", "TileSpan"}
+                   "TileCount", "HeadMap", "Cols", "ColCount", "Offs", "OffCount", "TileSpan",
+                   "PosQ", "PosK"}
 _UINT8_POINTERS = {"TileMap"}
 _FP32_SCALARS = {"qk_scale", "sm_scale", "cap2"}
 _UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od"}

@@ -15,13 +15,13 @@ import torch
 
 from ..ir.canonicalize import canonicalize
 from ..ir.nodes import Pattern
-from ..ir.routing import is_dynamic
+from ..ir.routing import Clusters, is_dynamic
 from ..ir.scores import rel_bias_table
 from ..planner.plan import Plan, _head_groups, default_target, dtype_name, plan
 from ..reference import reference_attention
 from ..routing.dag import kernel_routing_node
 from ..routing.execute import routed_attention
-from ..routing.launch import route_tiles
+from ..routing.launch import cluster_tiles, route_tiles
 from ..routing.reference import static_siblings
 from . import custom_op, torch_exec, triton_launch
 from .cache import interpreter_active
@@ -207,6 +207,8 @@ def _run_routed(executor: str, target: str, backend: str, q, k, v, pattern: Patt
         p = cached_plan(compiled, shape.q_len, shape.kv_len, shape.head_dim, q.dtype, target)
         prekernels = "interpret" if executor == "interpret" else "compiled"
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        if isinstance(node, Clusters):
+            return _run_clusters(executor, p, compiled, node, q, k, v, shape.scale)
         routed = route_tiles(node, static_siblings(compiled.canonical, node), q, k, shape.scale,
                              p.block_m, prekernels, p.block_n)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -218,6 +220,23 @@ def _run_routed(executor: str, target: str, backend: str, q, k, v, pattern: Patt
         raise ValueError(f"backend='triton' with {pattern!r}: {why_not}; backend='auto' or "
                          "'torch' runs it with torch ops")
     return routed_attention(q, k, v, pattern, shape.scale, "compiled" if q.is_cuda else None)
+
+
+def _run_clusters(executor, p: Plan, compiled, node, q, k, v, scale: float):
+    """Routing Transformer in the kernel: gather each head's tokens in cluster order, run
+    the routed kernel (each query cluster reads its own key cluster's run, the predicate
+    on original positions), scatter the rows back."""
+    order_q, order_k, tiles = cluster_tiles(node, q, k, p.block_m)
+    d = q.shape[-1]
+    qs = torch.gather(q, 2, order_q[..., None].expand(-1, -1, -1, d))
+    ks = torch.gather(k, 2, order_k[..., None].expand(-1, -1, -1, d))
+    vs = torch.gather(v, 2, order_k[..., None].expand(-1, -1, -1, v.shape[-1]))
+    out_s = torch.empty(qs.shape, dtype=q.dtype, device=q.device)
+    lse_s = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    triton_launch.run_forward(p, compiled.head_patterns, qs, ks, vs, out_s, lse_s, scale,
+                              interpret=executor == "interpret", routed=tiles)
+    out = torch.empty_like(out_s).scatter_(2, order_q[..., None].expand(-1, -1, -1, d), out_s)
+    return out, torch.empty_like(lse_s).scatter_(2, order_q, lse_s)
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,8 @@ def variant_specs() -> dict[str, tuple]:
                                       64, "bfloat16", {})
     shapes["routed_topk_keys"] = ((ir.causal() & routing.topk_keys(torch.zeros(heads, L), 512))
                                   | ir.sliding_window(128), 128, "bfloat16", {})
+    shapes["routed_clusters"] = (ir.causal() & routing.clusters(torch.zeros(heads, 16, 128))
+                                 & scores.softcap(30.0), 128, "bfloat16", {})
     shapes["routed_vertical_slash"] = ((ir.causal() & routing.vertical_slash(1000, 2000))
                                        | (ir.causal() & ir.sinks(64)), 128, "bfloat16", {})
     return shapes

@@ -2,7 +2,8 @@
 nearest centroid, or each centroid takes its w nearest (balanced); pairs interact inside
 a shared cluster. The torch path and the oracle equal a literal implementation (loops
 over clusters), with GQA, shared centroids, Lq != Lkv and causality by position;
-gradients flow; bad centroids are refused by name."""
+the cluster-sorted kernel equals the oracle in the interpreter; gradients flow; bad
+centroids are refused by name."""
 
 import pytest
 import torch
@@ -71,14 +72,39 @@ def test_gradients_flow_through_the_torch_path():
         torch.testing.assert_close(a, w.float(), atol=2e-5, rtol=1e-5)
 
 
-def test_plan_shows_the_assignment_steps_and_triton_refuses():
+def test_plan_shows_the_assignment_steps_and_triton_refuses_balanced():
     centroids = torch.randn(2, 8, 64)
     p = sf.plan(sf.causal() & sf.clusters(centroids), q_len=8192, kv_len=8192, head_dim=64)
     text = p.explain()
-    assert "assign_q0" in text and "memberships [8192, 8]" in text
+    assert "assign_q0" in text and "memberships [8192, 8]" in text and "sort0" in text
     q = torch.randn(1, 2, 16, 64)
-    with pytest.raises(ValueError, match="no generated kernel"):
-        sf.attention(q, q, q, sf.causal() & sf.clusters(centroids), backend="triton")
+    with pytest.raises(ValueError, match="no generated kernel"):  # overlapping clusters
+        sf.attention(q, q, q, sf.causal() & sf.clusters(centroids, balanced=4), backend="triton")
+
+
+@pytest.mark.parametrize("b, h, hkv, lq, lkv, c, softcap", [
+    (2, 4, 2, 70, 70, 4, False),
+    (1, 2, 1, 40, 90, 5, True),  # Lq != Lkv, shared centroids, a modifier
+    (2, 2, 2, 64, 64, 1, False),  # one cluster: plain causal attention
+])
+def test_cluster_sorted_kernel_equals_the_oracle(b, h, hkv, lq, lkv, c, softcap):
+    """The kernel runs each head's tokens sorted by cluster (a cluster = one run of keys),
+    the causal predicate on original positions, and scatters the rows back."""
+    g = torch.Generator().manual_seed(lkv + c)
+    q = torch.randn(b, h, lq, 24, generator=g)
+    k, v = (torch.randn(b, hkv, lkv, 24, generator=g) for _ in range(2))
+    pattern = sf.causal() & sf.clusters(torch.randn(1 if softcap else hkv, c, 24, generator=g))
+    if softcap:
+        pattern = pattern & sf.softcap(2.0)
+    out, lse = sf.attention(q, k, v, pattern, enable_gqa=True, backend="triton", return_lse=True)
+    ref, ref_lse = sf.reference_attention(q, k, v, pattern, enable_gqa=True, return_lse=True)
+    torch.testing.assert_close(out.double(), ref.double(), atol=2e-5, rtol=1e-5)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    torch.testing.assert_close(lse[finite].double(), ref_lse[finite].double(), atol=1e-4, rtol=1e-4)
+    if c == 1:
+        causal = sf.attention(q, k, v, sf.causal(), enable_gqa=True, backend="triton")
+        torch.testing.assert_close(out, causal, atol=2e-5, rtol=1e-5)
 
 
 def test_bad_centroids_are_refused_by_name():

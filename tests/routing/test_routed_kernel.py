@@ -165,7 +165,8 @@ HOST_READS = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__
     sf.causal() & sf.vertical_slash(3, 3, last_q=8),
     sf.causal() & sf.topk_keys(torch.randn(4, 64), 9, query_block=16),
     (sf.causal() & sf.hierarchical(2, 8, query_block=16)) | sf.sliding_window(4),
-], ids=["moba", "threshold", "chunks", "vertical_slash", "topk_keys", "hierarchical"])
+    sf.causal() & sf.clusters(torch.randn(2, 3, 16)),
+], ids=["moba", "threshold", "chunks", "vertical_slash", "topk_keys", "hierarchical", "clusters"])
 def test_warm_routed_calls_never_read_a_tensor_on_the_host(pattern, monkeypatch):
     """What a CUDA graph needs of routing, checked on CPU: after a warm-up call, a routed
     call (pre-kernels, tile lists, kernel) never reads a tensor value from sparseforge's
