@@ -108,9 +108,9 @@ def _routing_lines(plan) -> list[str]:
     total = sum(s.work for s in plan.routing)
     lines = [f"routing     {len(plan.routing)} pre-kernel(s), DAG {dag.number_of_nodes()} nodes / "
              f"{dag.number_of_edges()} edges, {total} ops per (batch, head); generated "
-             "pre-kernels for block rules, hierarchical and vertical_slash on CUDA (or the "
-             "interpreter with backend='triton'), device torch ops for topk_keys and "
-             "clusters, the torch reference on the torch backend"]
+             "pre-kernels on CUDA (or the interpreter with backend='triton'; topk_keys "
+             "selects and clusters sort with device torch ops), the torch reference on the "
+             "torch backend"]
     for name in nx.topological_sort(dag):
         if name in steps:
             s = steps[name]

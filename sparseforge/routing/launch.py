@@ -236,7 +236,8 @@ def route_tiles(node, siblings, q: torch.Tensor, k: torch.Tensor, scale: float, 
     return tiles
 
 
-def cluster_tiles(node, q: torch.Tensor, k: torch.Tensor, block_m: int):
+def cluster_tiles(node, q: torch.Tensor, k: torch.Tensor, block_m: int,
+                  prekernels: str | None = None):
     """Routing Transformer in the kernel: each head's tokens sorted by cluster (a stable
     sort of the nearest-centroid ids: a per-head permutation), so a cluster is one run of
     keys; query bucket = key bucket = cluster, each query cluster selecting its own key
@@ -244,14 +245,21 @@ def cluster_tiles(node, q: torch.Tensor, k: torch.Tensor, block_m: int):
 
     Returns (query order ``[B, Hq, Lq]``, key order ``[B, Hkv, Lkv]``, ``RoutedTiles``):
     run the kernel on the gathered q, k, v and scatter the rows back by the query order."""
-    from .reference import route_clusters
-
     b, hq, q_len, _ = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     c = node.centroids.shape[1]
-    members = route_clusters(node, q, k)
-    ids_q = members.q_member.to(torch.int8).argmax(-1)  # [B, Hq, Lq]
-    ids_k = members.k_member.to(torch.int8).argmax(-1)  # [B, Hkv, Lkv]
+    if prekernels:  # the generated assignment (routing/cluster_kernels.py)
+        from .cluster_kernels import assign
+
+        interpret = prekernels == "interpret"
+        ids_q = assign(node, q, hq // hkv, interpret=interpret)  # [B, Hq, Lq]
+        ids_k = assign(node, k, 1, interpret=interpret)  # [B, Hkv, Lkv]
+    else:
+        from .reference import route_clusters
+
+        members = route_clusters(node, q, k)
+        ids_q = members.q_member.to(torch.int8).argmax(-1)
+        ids_k = members.k_member.to(torch.int8).argmax(-1)
     order_q = torch.sort(ids_q, dim=-1, stable=True).indices
     order_k = torch.sort(ids_k, dim=-1, stable=True).indices
     sorted_q, sorted_k = torch.gather(ids_q, 2, order_q), torch.gather(ids_k, 2, order_k)

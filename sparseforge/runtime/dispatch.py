@@ -208,7 +208,7 @@ def _run_routed(executor: str, target: str, backend: str, q, k, v, pattern: Patt
         prekernels = "interpret" if executor == "interpret" else "compiled"
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         if isinstance(node, Clusters):
-            return _run_clusters(executor, p, compiled, node, q, k, v, shape.scale)
+            return _run_clusters(executor, p, compiled, node, q, k, v, shape.scale, prekernels)
         routed = route_tiles(node, static_siblings(compiled.canonical, node), q, k, shape.scale,
                              p.block_m, prekernels, p.block_n)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -222,11 +222,11 @@ def _run_routed(executor: str, target: str, backend: str, q, k, v, pattern: Patt
     return routed_attention(q, k, v, pattern, shape.scale, "compiled" if q.is_cuda else None)
 
 
-def _run_clusters(executor, p: Plan, compiled, node, q, k, v, scale: float):
+def _run_clusters(executor, p: Plan, compiled, node, q, k, v, scale: float, prekernels: str):
     """Routing Transformer in the kernel: gather each head's tokens in cluster order, run
     the routed kernel (each query cluster reads its own key cluster's run, the predicate
     on original positions), scatter the rows back."""
-    order_q, order_k, tiles = cluster_tiles(node, q, k, p.block_m)
+    order_q, order_k, tiles = cluster_tiles(node, q, k, p.block_m, prekernels)
     d = q.shape[-1]
     qs = torch.gather(q, 2, order_q[..., None].expand(-1, -1, -1, d))
     ks = torch.gather(k, 2, order_k[..., None].expand(-1, -1, -1, d))

@@ -119,3 +119,41 @@ def test_bad_centroids_are_refused_by_name():
         sf.attention(q, q, q, sf.clusters(torch.zeros(1, 4, 6)))
     with pytest.raises(ValueError, match="centroid sets"):
         sf.attention(q, q, q, sf.clusters(torch.zeros(3, 4, 8)))
+
+
+@pytest.mark.parametrize("hq, hkv, sets, c, d", [(4, 2, 2, 5, 16), (2, 1, 1, 3, 24), (4, 4, 4, 16, 64)])
+def test_generated_assignment_equals_the_reference(hq, hkv, sets, c, d):
+    from sparseforge.routing.cluster_kernels import assign
+    from sparseforge.routing.reference import route_clusters
+
+    g = torch.Generator().manual_seed(c + d)
+    q, k = torch.randn(2, hq, 45, d, generator=g), torch.randn(2, hkv, 45, d, generator=g)
+    node = sf.clusters(torch.randn(sets, c, d, generator=g))
+    want = route_clusters(node, q, k)
+    assert torch.equal(assign(node, q, hq // hkv, interpret=True),
+                       want.q_member.to(torch.int8).argmax(-1))
+    assert torch.equal(assign(node, k, 1, interpret=True), want.k_member.to(torch.int8).argmax(-1))
+
+
+_COMPILE = """
+import json
+from sparseforge.routing.cluster_kernels import compile_clusters
+print(json.dumps([compile_clusters(arch, d, dtype, c) for arch in ("sm_80", "sm_90")
+                  for d, dtype, c in ((64, "float16", 16), (128, "bfloat16", 64))]))
+"""
+
+
+def test_generated_assignment_compiles_for_sm80_and_sm90_without_spills():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == 4
+    for r in results:
+        assert r["cubin_size"] > 0 and r["spills"] == 0 and r["stack"] == 0, r
