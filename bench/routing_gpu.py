@@ -1,7 +1,8 @@
-"""GPU benchmark of dynamic routing (issue 4): index building and attention timed
+"""GPU benchmark of dynamic routing (issues 4 and 5): index building and attention timed
 separately, against compiled FlexAttention given a BlockMask built from the same
 selection, a gather-and-dense implementation (BiFormer/MoBA style, block routing only),
-and dense causal SDPA. bf16, D=128. Writes bench/results/routing_<device>.json.
+and dense causal SDPA, for MoBA, block top-k, HiP and (at 8k) the Routing Transformer.
+bf16, D=128. Writes bench/results/routing_<device>.json.
 
     python bench/routing_gpu.py                      # L = 32k and 128k on a CUDA device
     python bench/routing_gpu.py --smoke              # tiny sizes on CPU (interpreter)
@@ -29,20 +30,32 @@ import torch  # noqa: E402
 
 import sparseforge as sf  # noqa: E402
 from sparseforge.ir.canonicalize import canonicalize  # noqa: E402
+from sparseforge.ir.routing import Clusters  # noqa: E402
 from sparseforge.routing.dag import kernel_routing_node  # noqa: E402
-from sparseforge.routing.launch import route_tiles  # noqa: E402
+from sparseforge.routing.launch import cluster_tiles, route_tiles  # noqa: E402
 from sparseforge.routing.reference import static_siblings  # noqa: E402
 from sparseforge.runtime import dispatch, triton_launch  # noqa: E402
 
 
 def patterns(block: int, k: int) -> dict:
-    """name -> (pattern, query block): MoBA (per-token routing plus the own block) and
-    block top-k (one decision per query block, gatherable)."""
+    """name -> (pattern, the static extra pairs as a FlexAttention mask_mod term): MoBA
+    (per-token routing plus the own block), block top-k (gatherable), HiP (hierarchical
+    search plus window and sinks) and the Routing Transformer (nearest-centroid
+    clusters; its centroids are drawn per run)."""
+    def own_block(q_idx, kv_idx):
+        return ((q_idx // block) == (kv_idx // block)) & (kv_idx <= q_idx)
+
+    def window_sinks(q_idx, kv_idx):
+        return (kv_idx <= q_idx) & ((q_idx - kv_idx < 256) | (kv_idx < 64))
+
     return {
         "moba_per_token": ((sf.causal() & sf.topk_blocks(block, k, query_block=1))
-                           | (sf.causal() & sf.chunks(block)), 1),
+                           | (sf.causal() & sf.chunks(block)), own_block),
         "block_topk": ((sf.causal() & sf.topk_blocks(block, k)) | (sf.causal() & sf.chunks(block)),
-                       block),
+                       own_block),
+        "hip": ((sf.causal() & sf.hierarchical(8, 64, query_block=64)) | sf.sliding_window(256)
+                | (sf.causal() & sf.sinks(64)), window_sinks),
+        "routing_transformer": (None, None),  # built per run (centroids match the head dim)
     }
 
 
@@ -65,26 +78,37 @@ def timed(fn, repeats: int, cuda: bool) -> float:
     return statistics.median(samples)
 
 
-def selected_blocks(pattern, q, k, scale) -> torch.Tensor:
-    """Bool ``[B, H, Lq, NB]``: the key blocks each query row may read (routed or own),
-    from the torch reference's selection (the same indices the pre-kernels produce)."""
+def routed_mask_mod(pattern, extra, q, k, scale):
+    """A FlexAttention mask_mod for the same pairs as ``pattern`` on this input: the
+    selection of the torch reference (the indices the pre-kernels produce) looked up per
+    pair, causal, or'ed with the static ``extra`` pairs; and the block selection
+    ``[B, H, Cq, Ck]`` (None for clusters)."""
+    from sparseforge.ir.routing import Clusters
     from sparseforge.routing.reference import route
 
     canonical = canonicalize(pattern)
     ((node, selection),) = route(canonical, q, k, scale).items()
+    if isinstance(node, Clusters):
+        ids_q = selection.q_member.to(torch.int8).argmax(-1)
+        ids_k = selection.k_member.to(torch.int8).argmax(-1)
+
+        def clusters_mod(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx) & (ids_q[b, h, q_idx] == ids_k[b, h, kv_idx])
+
+        return clusters_mod, None
     sel = selection.selected[:, selection.heads.to(q.device)]  # [B, H, Cq, Ck]
-    p = torch.arange(q.shape[2], device=q.device) + k.shape[2] - q.shape[2]
-    rows = torch.div(p, node.q_block, rounding_mode="floor")
-    return sel[:, :, rows], node.block
-
-
-def flex_run(q, k, v, blocks: torch.Tensor, block: int):
-    """(build the BlockMask, run compiled flex_attention) closures for the same mask."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    q_block, block = node.q_block, node.block
 
     def mask_mod(b, h, q_idx, kv_idx):
-        own = (q_idx // block) == (kv_idx // block)
-        return (kv_idx <= q_idx) & (blocks[b, h, q_idx, kv_idx // block] | own)
+        routed = sel[b, h, q_idx // q_block, kv_idx // block] & (kv_idx <= q_idx)
+        return routed | extra(q_idx, kv_idx)
+
+    return mask_mod, sel
+
+
+def flex_run(q, k, v, mask_mod):
+    """(build the BlockMask, run compiled flex_attention) closures for ``mask_mod``."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     b, h, n = q.shape[0], q.shape[1], q.shape[2]
     holder = {}
@@ -92,18 +116,20 @@ def flex_run(q, k, v, blocks: torch.Tensor, block: int):
     def build():
         holder["mask"] = create_block_mask(mask_mod, b, h, n, n, device=q.device.type)
 
+    torch._dynamo.reset()  # a fresh compile per mask (recompiling with dynamic shapes failed on CPU)
     compiled = torch.compile(flex_attention)
     build()
     return build, lambda: compiled(q, k, v, block_mask=holder["mask"])
 
 
-def gather_attention(q, k, v, blocks: torch.Tensor, block: int, topk: int):
-    """BiFormer/MoBA-style: per query block, gather its selected key blocks and attend
-    densely (causal inside the own block). Block routing only (one choice per block)."""
+def gather_attention(q, k, v, sel: torch.Tensor, block: int, topk: int):
+    """BiFormer/MoBA-style: per query block, gather its selected key blocks (``sel``
+    ``[B, H, NB, NB]``) and its own block, and attend densely (causal). Block routing
+    only (one choice per block)."""
     b, h, n, d = q.shape
     nb = n // block
     qb = q.view(b, h, nb, block, d)
-    first = blocks[:, :, ::block] | torch.eye(nb, dtype=torch.bool, device=q.device)  # + own
+    first = sel | torch.eye(nb, dtype=torch.bool, device=q.device)  # + own
     order = torch.where(first, torch.arange(nb, device=q.device), nb).sort(-1).values[..., :topk + 1]
     valid = order < nb
     idx = order.clamp(max=nb - 1)
@@ -125,13 +151,19 @@ def run(length: int, heads: int, block: int, topk: int, repeats: int, device: st
     scale = 128 ** -0.5
     cuda = device == "cuda"
     rows = []
-    for name, (pattern, _) in patterns(block, topk).items():
-        rows.append(bench_pattern(name, pattern, q, k, v, scale, block, topk, repeats, cuda))
+    for name, (pattern, extra) in patterns(block, topk).items():
+        if name == "routing_transformer":
+            if length > 8192 and cuda:
+                continue  # the issue asks for the Routing Transformer layer at 8k
+            centroids = torch.nn.functional.normalize(torch.randn(heads, 16, 128, device=device), dim=-1)
+            pattern = sf.causal() & sf.clusters(centroids)
+        rows.append(bench_pattern(name, pattern, extra, q, k, v, scale, block, topk, repeats,
+                                  cuda))
         print(json.dumps(rows[-1]))
     return rows
 
 
-def bench_pattern(name, pattern, q, k, v, scale, block, topk, repeats, cuda) -> dict:
+def bench_pattern(name, pattern, extra, q, k, v, scale, block, topk, repeats, cuda) -> dict:
     """One row: routing, routed attention, the whole call, FlexAttention, gather, SDPA."""
     length, heads, device = q.shape[2], q.shape[1], q.device
     canonical = canonicalize(pattern)
@@ -143,16 +175,29 @@ def bench_pattern(name, pattern, q, k, v, scale, block, topk, repeats, cuda) -> 
     siblings = static_siblings(canonical, node)
     holder = {}
 
-    def route():
-        holder["tiles"] = route_tiles(node, siblings, q, k, scale, p.block_m, prekernels,
-                                      p.block_n)
-
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], device=device, dtype=torch.float32)
+    if isinstance(node, Clusters):  # route = assign + sort + gather; attention + scatter back
+        def route():
+            order_q, order_k, tiles = cluster_tiles(node, q, k, p.block_m, prekernels)
+            idx_q, idx_k = order_q[..., None].expand_as(q), order_k[..., None].expand_as(k)
+            holder.update(tiles=tiles, idx_q=idx_q, qs=torch.gather(q, 2, idx_q),
+                          ks=torch.gather(k, 2, idx_k), vs=torch.gather(v, 2, idx_k))
 
-    def attend():
-        triton_launch.run_forward(p, compiled.head_patterns, q, k, v, out, lse, scale,
-                                  interpret=not cuda, routed=holder["tiles"])
+        def attend():
+            out_s = torch.empty_like(q)
+            triton_launch.run_forward(p, compiled.head_patterns, holder["qs"], holder["ks"],
+                                      holder["vs"], out_s, lse, scale, interpret=not cuda,
+                                      routed=holder["tiles"])
+            out.scatter_(2, holder["idx_q"], out_s)
+    else:
+        def route():
+            holder["tiles"] = route_tiles(node, siblings, q, k, scale, p.block_m, prekernels,
+                                          p.block_n)
+
+        def attend():
+            triton_launch.run_forward(p, compiled.head_patterns, q, k, v, out, lse, scale,
+                                      interpret=not cuda, routed=holder["tiles"])
 
     row = {"pattern": name, "repr": repr(canonical), "length": length, "heads": heads,
            "block": block, "topk": topk,
@@ -161,9 +206,9 @@ def bench_pattern(name, pattern, q, k, v, scale, block, topk, repeats, cuda) -> 
            "sparseforge_total_s": timed(lambda: sf.attention(q, k, v, pattern,
                                                              backend="triton"),
                                         repeats, cuda)}
-    blocks, _ = selected_blocks(pattern, q, k, scale)
+    mask_mod, sel = routed_mask_mod(pattern, extra, q, k, scale)
     try:
-        build, flex = flex_run(q, k, v, blocks, block)
+        build, flex = flex_run(q, k, v, mask_mod)
         row["flex_blockmask_s"] = timed(build, repeats, cuda)
         row["flex_attention_s"] = timed(flex, repeats, cuda)
         row["max_abs_diff_vs_flex"] = float((out.float() - flex().float()).abs().max())
@@ -171,10 +216,10 @@ def bench_pattern(name, pattern, q, k, v, scale, block, topk, repeats, cuda) -> 
         row["flex"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
     if name == "block_topk":
         try:
-            row["gather_s"] = timed(lambda: gather_attention(q, k, v, blocks, block, topk),
+            row["gather_s"] = timed(lambda: gather_attention(q, k, v, sel, block, topk),
                                     repeats, cuda)
             row["max_abs_diff_vs_gather"] = float(
-                (out.float() - gather_attention(q, k, v, blocks, block, topk).float()).abs().max())
+                (out.float() - gather_attention(q, k, v, sel, block, topk).float()).abs().max())
         except torch.OutOfMemoryError as exc:
             row["gather"] = f"out of memory: {str(exc)[:200]}"
     row["sdpa_dense_causal_s"] = timed(
@@ -185,7 +230,7 @@ def bench_pattern(name, pattern, q, k, v, scale, block, topk, repeats, cuda) -> 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", default="32768,131072")
+    parser.add_argument("--lengths", default="8192,32768,131072")
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--block", type=int, default=512)
     parser.add_argument("--topk", type=int, default=3)
