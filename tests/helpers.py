@@ -33,3 +33,18 @@ def assert_matches_oracle(pattern, q, k, v, backend, **kw):
         lerr = (lse[fin].double() - ref_lse[fin].double()).abs().max().item()
         assert lerr <= tol * 4 * max(1.0, ref_lse[fin].abs().max().item()), f"lse error {lerr:.3g}"
     return out, lse
+
+
+def compile_in_subprocess(code: str, timeout: int = 600) -> list[dict]:
+    """Run ``code`` (which prints a JSON list last) in a fresh interpreter with Triton's
+    interpreter off, as cross-compilation needs, and return what it printed."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -18,6 +18,7 @@ columns and slash diagonals estimated from the last queries.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,23 @@ class DynamicPattern(Pattern):
     """Base of the routing nodes: their pairs depend on the tensors of the call."""
 
     kind = ""
+
+
+class _HoldsTensors(DynamicPattern):
+    """Identity equality for routing nodes holding run-time tensors (as ``documents``
+    has): the fields named in ``_tensors`` compare by identity, the others by value."""
+
+    _tensors: tuple[str, ...] = ()
+
+    def _identity(self) -> tuple:
+        return tuple(id(getattr(self, f.name)) if f.name in self._tensors else getattr(self, f.name)
+                     for f in dataclasses.fields(self))
+
+    def __hash__(self) -> int:
+        return hash((type(self), self._identity()))
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other._identity() == self._identity()
 
 
 class _BlockRouting(DynamicPattern):
@@ -89,7 +107,7 @@ class TopkBlocks(_BlockRouting):
 
 
 @dataclass(frozen=True, eq=False)
-class TopkChunks(DynamicPattern):
+class TopkChunks(_HoldsTensors):
     """Top-k variable-length key chunks per query chunk; chunk ``c`` holds positions
     ``[boundaries[c], boundaries[c + 1])`` for keys and queries alike, and its vector is
     its mean times sqrt(its length) (DHSA). Identity equality, like ``documents``: the
@@ -99,6 +117,7 @@ class TopkChunks(DynamicPattern):
     k: int
     share: str = "head"
     kind = "topk_chunks"
+    _tensors = ("boundaries",)
 
     def __post_init__(self) -> None:
         import torch
@@ -119,13 +138,6 @@ class TopkChunks(DynamicPattern):
     @property
     def chunks(self) -> int:
         return self.boundaries.shape[-1] - 1
-
-    def __hash__(self) -> int:
-        return hash((TopkChunks, id(self.boundaries), self.k, self.share))
-
-    def __eq__(self, other: object) -> bool:
-        return (isinstance(other, TopkChunks) and other.boundaries is self.boundaries
-                and (other.k, other.share) == (self.k, self.share))
 
     def __repr__(self) -> str:
         share = "" if self.share == "head" else f", share={self.share!r}"
@@ -185,7 +197,7 @@ class VerticalSlash(DynamicPattern):
 
 
 @dataclass(frozen=True, eq=False)
-class TopkKeys(_BlockRouting):
+class TopkKeys(_HoldsTensors, _BlockRouting):
     """DMA: per query head, the ``k`` keys with the largest per-key ``bias`` among those
     the static part allows some row of the query block (``query_block`` rows); the bias
     is added to every score of the pattern (a per-key additive modifier). Identity
@@ -197,6 +209,7 @@ class TopkKeys(_BlockRouting):
     kind = "topk_keys"
     block = 1  # key buckets are single keys
     share = "head"
+    _tensors = ("bias",)
 
     def __post_init__(self) -> None:
         import torch
@@ -211,13 +224,6 @@ class TopkKeys(_BlockRouting):
         if b.dim() not in (2, 3):
             raise ValueError(f"{owner}(bias=...): expected shape [Hq, Lkv] or [B, Hq, Lkv], got "
                              f"{tuple(b.shape)}")
-
-    def __hash__(self) -> int:
-        return hash((TopkKeys, id(self.bias), self.k, self.query_block))
-
-    def __eq__(self, other: object) -> bool:
-        return (isinstance(other, TopkKeys) and other.bias is self.bias
-                and (other.k, other.query_block) == (self.k, self.query_block))
 
     def __repr__(self) -> str:
         shape = "x".join(str(s) for s in self.bias.shape)
@@ -252,7 +258,7 @@ class Hierarchical(_BlockRouting):
 
 
 @dataclass(frozen=True, eq=False)
-class Clusters(DynamicPattern):
+class Clusters(_HoldsTensors):
     """Routing Transformer: unit-normalised queries and keys each go to the centroid
     (``[Hkv or 1, C, D]``) with the largest dot product (ties: lower centroid); a pair
     interacts iff both went to the same one. ``balanced=w``: each centroid instead takes
@@ -263,6 +269,7 @@ class Clusters(DynamicPattern):
     centroids: Any
     balanced: int | None = None
     kind = "clusters"
+    _tensors = ("centroids",)
 
     def __post_init__(self) -> None:
         import torch
@@ -277,13 +284,6 @@ class Clusters(DynamicPattern):
                              f"got {tuple(c.shape)}")
         if self.balanced is not None:
             _check_int(owner, "balanced", self.balanced, 1)
-
-    def __hash__(self) -> int:
-        return hash((Clusters, id(self.centroids), self.balanced))
-
-    def __eq__(self, other: object) -> bool:
-        return (isinstance(other, Clusters) and other.centroids is self.centroids
-                and other.balanced == self.balanced)
 
     def __repr__(self) -> str:
         shape = "x".join(str(s) for s in self.centroids.shape)

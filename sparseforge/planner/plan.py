@@ -266,7 +266,8 @@ def plan(pattern: Pattern, *, q_len: int, kv_len: int, head_dim: int, dtype="bfl
     routing: tuple = ()
     if is_dynamic(canonical):
         routing = routing_steps(canonical, q_len, kv_len, head_dim)
-        if kernel_routing_node(canonical) is None:  # the torch path runs it: plan the envelope
+        node = kernel_routing_node(canonical)
+        if node is None:  # the torch path runs it: plan the envelope
             envelope_plan = plan(envelope(canonical), q_len=q_len, kv_len=kv_len,
                                  head_dim=head_dim, dtype=dtype, target=target,
                                  schedule=schedule, groups=groups, block_m=block_m,
@@ -281,8 +282,8 @@ def plan(pattern: Pattern, *, q_len: int, kv_len: int, head_dim: int, dtype="bfl
                       dtype=dtype, target=target, schedule=schedule, groups=1, block_m=block_m,
                       block_n=block_n, tiled=False)
         cfg = static.config
-        if (score_spec(canonical).any or isinstance(kernel_routing_node(canonical), TopkKeys)) \
-                and not (block_m or block_n):  # modifiers (or DMA's key bias) beside the scores
+        if (score_spec(canonical).any or isinstance(node, TopkKeys)) and not (block_m or block_n):
+            # modifiers (or DMA's key bias) beside the scores: the scored tile table
             cfg = candidate_configs(target, head_dim, dtype, scored=True)[0]
         cfg = dataclasses.replace(cfg, block_n=min(cfg.block_n, MAX_ROUTED_BLOCK_N))  # 64-bit masks
         if target == "sm_80":  # a fourth inlined tile walk: two stages left stack bytes (cuobjdump)
@@ -294,8 +295,7 @@ def plan(pattern: Pattern, *, q_len: int, kv_len: int, head_dim: int, dtype="bfl
         static = dataclasses.replace(static, config=cfg)
         kernels = tuple(dataclasses.replace(kp, pattern=canonical, analysed=strip_scores(canonical))
                         for kp in static.kernels)
-        routing += (tile_list_step(routing, kernel_routing_node(canonical), q_len, kv_len,
-                                   static.block_m, static.block_n),)
+        routing += (tile_list_step(routing, node, q_len, kv_len, static.block_m, static.block_n),)
         return dataclasses.replace(static, pattern=canonical, kernels=kernels, routing=routing)
     heads = _head_groups(canonical)
     scored = any(score_spec(p).any for p, _ in heads)

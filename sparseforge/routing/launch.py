@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from ..ir.routing import Hierarchical, TopkChunks, TopkKeys, VerticalSlash
-from .selection import BlockSelection, bucket_of
+from .selection import BlockSelection, ascending_indices, bucket_of
+from .shape_cache import ShapeCache
 
 
 @dataclass(frozen=True)
@@ -63,18 +64,20 @@ class RoutedTiles:
                 self.tile_list.shape[3], *bias, *positions]
 
 
-_geometry: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_geometry = ShapeCache(256)
 
 
 def _tile_geometry(node, q_starts, k_starts, q_len: int, kv_len: int, block_m: int, span: int):
     """(q bucket per row, k bucket per key, query buckets each query tile spans
     ``[B or 1, Tq, span]``, repeats of the last one where it spans fewer). Fixed blocks
     depend on the shapes only and are cached; chunk boundaries are data."""
-    cacheable = not isinstance(node, TopkChunks)
-    key = (q_len, kv_len, block_m, span, str(q_starts.device),
-           *((node.q_block, node.block) if cacheable else ()))
-    if cacheable and key in _geometry:
-        return _geometry[key]
+    key = (None if isinstance(node, TopkChunks) else
+           (q_len, kv_len, block_m, span, str(q_starts.device), node.q_block, node.block))
+    return _geometry.get(key, lambda: _build_tile_geometry(q_starts, k_starts, q_len, kv_len,
+                                                           block_m, span))
+
+
+def _build_tile_geometry(q_starts, k_starts, q_len: int, kv_len: int, block_m: int, span: int):
     device = q_starts.device
     cq = q_starts.shape[-1] - 1
     rows = torch.arange(q_len, device=device) + (kv_len - q_len)
@@ -86,12 +89,7 @@ def _tile_geometry(node, q_starts, k_starts, q_len: int, kv_len: int, block_m: i
                             max=q_len - 1)
     last = q_bucket[:, last_rows]
     spanned = torch.minimum(first[..., None] + torch.arange(span, device=device), last[..., None])
-    out = (q_bucket.to(torch.int32).contiguous(), k_bucket.to(torch.int32).contiguous(), spanned)
-    if cacheable:
-        if len(_geometry) > 256:
-            _geometry.clear()
-        _geometry[key] = out
-    return out
+    return q_bucket.to(torch.int32).contiguous(), k_bucket.to(torch.int32).contiguous(), spanned
 
 
 def routed_tiles(node, sel: torch.Tensor, sel_count: torch.Tensor, q_starts: torch.Tensor,
@@ -144,11 +142,8 @@ class RoutedLines:
 
 
 def _ascending(flags: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(indices of the set flags ascending ``[..., width]``, -1 padded; their count)."""
-    n = flags.shape[-1]
-    keyed = torch.where(flags, torch.arange(n, device=flags.device), n)
-    idx = keyed.sort(-1).values[..., :width]
-    return torch.where(idx < n, idx, -1).to(torch.int32), flags.sum(-1).to(torch.int32)
+    """(``ascending_indices`` of the set flags, their count)."""
+    return ascending_indices(flags, width), flags.sum(-1).to(torch.int32)
 
 
 def routed_lines(selection, n_vertical: int, n_slash: int, q_len: int, kv_len: int,

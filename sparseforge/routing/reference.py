@@ -27,6 +27,7 @@ from ..ir.routing import (
     VerticalSlash,
 )
 from .selection import BlockSelection, ClusterSelection, LineSelection, bucket_of
+from .shape_cache import ShapeCache
 
 #: rows of the static mask evaluated at once when reducing it to bucket candidates
 _ROW_CHUNK = 1024
@@ -178,27 +179,24 @@ def bucket_candidates(siblings, q_starts, k_starts, q_len: int, kv_len: int, dev
     return out
 
 
-_candidates: dict[tuple, torch.Tensor] = {}
+_candidates = ShapeCache(256)
+
+
+def _shape_only(siblings) -> bool:
+    """Whether the static part's mask depends on the shapes only (no document ids)."""
+    from ..ir.nodes import Documents
+
+    return not any(isinstance(n, Documents) for s in siblings for n in walk(s))
 
 
 def node_candidates(node, siblings, q_starts, k_starts, q_len: int, kv_len: int,
                     device) -> torch.Tensor:
     """``bucket_candidates`` of a routing node, cached when they depend on the shapes only
     (fixed blocks, no document ids): a warm call does no mask evaluation at all."""
-    from ..ir.nodes import Documents
-
-    static = isinstance(node, _BLOCK_NODES) and not any(
-        isinstance(n, Documents) for s in siblings for n in walk(s))
-    key = (tuple(repr(s) for s in siblings), node.q_block, node.block, q_len, kv_len,
-           str(device)) if static else None
-    if key is not None and key in _candidates:
-        return _candidates[key]
-    cand = bucket_candidates(siblings, q_starts, k_starts, q_len, kv_len, device)
-    if key is not None:
-        if len(_candidates) > 256:
-            _candidates.clear()
-        _candidates[key] = cand
-    return cand
+    key = ((tuple(repr(s) for s in siblings), node.q_block, node.block, q_len, kv_len,
+            str(device)) if isinstance(node, _BLOCK_NODES) and _shape_only(siblings) else None)
+    return _candidates.get(key, lambda: bucket_candidates(siblings, q_starts, k_starts, q_len,
+                                                          kv_len, device))
 
 
 def _buckets(node, q_len: int, kv_len: int, device):
@@ -295,6 +293,7 @@ def hierarchical_select(node: Hierarchical, q, k, q_starts, k_starts, cand) -> t
     lo0, hi0 = torch.where(has, lo0, 0), torch.where(has, hi0, 0)
     cum = torch.zeros(b, cq, ck + 1, dtype=torch.int32, device=device)
     cum[..., 1:] = cand.to(torch.int32).cumsum(-1)
+    cum_heads = cum[:, None].expand(b, hq, cq, ck + 1)
     edges = lo0[..., None] + ((hi0 - lo0)[..., None] * torch.arange(node.k + 1, device=device)) // node.k
     lo = edges[..., :-1][:, None].expand(b, hq, cq, node.k).clone()  # [B, Hq, Cq, k] branches
     hi = edges[..., 1:][:, None].expand(b, hq, cq, node.k).clone()
@@ -309,8 +308,8 @@ def hierarchical_select(node: Hierarchical, q, k, q_starts, k_starts, cand) -> t
         last_key = starts[c_hi.clamp(max=ck)].clamp(max=kv_len) - 1
         rep = ((first_key + last_key) // 2).clamp(0, kv_len - 1)
         score = _block_max_scores(q, k, rep, q_starts, node.q_block, kv_len)
-        inside = (torch.gather(cum[:, None].expand(b, hq, cq, ck + 1), 3, c_hi.clamp(max=ck))
-                  - torch.gather(cum[:, None].expand(b, hq, cq, ck + 1), 3, c_lo.clamp(max=ck))) > 0
+        inside = (torch.gather(cum_heads, 3, c_hi.clamp(max=ck))
+                  - torch.gather(cum_heads, 3, c_lo.clamp(max=ck))) > 0
         score = torch.where(inside & (c_hi > c_lo), score, float("-inf"))
         keep = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :node.k]
         keep = keep.sort(-1).values  # back to position order
@@ -386,18 +385,18 @@ def line_masses(node: VerticalSlash, siblings, q, k, scale) -> tuple[torch.Tenso
     return probs.sum(2), slash
 
 
-_line_candidates: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_line_candidates = ShapeCache(64)
 
 
 def line_candidates(siblings, q_len: int, kv_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(columns ``[B or 1, Lkv]``, diagonals ``[B or 1, 2 Lkv - 1]``) where the static part
     allows a pair on some row; cached per shape unless document ids make them data."""
-    from ..ir.nodes import Documents
+    key = ((tuple(repr(s) for s in siblings), q_len, kv_len, str(device))
+           if _shape_only(siblings) else None)
+    return _line_candidates.get(key, lambda: _line_candidates_of(siblings, q_len, kv_len, device))
 
-    static = not any(isinstance(n, Documents) for s in siblings for n in walk(s))
-    key = (tuple(repr(s) for s in siblings), q_len, kv_len, str(device)) if static else None
-    if key is not None and key in _line_candidates:
-        return _line_candidates[key]
+
+def _line_candidates_of(siblings, q_len: int, kv_len: int, device):
     col_cand = torch.zeros(1, kv_len, dtype=torch.bool, device=device)
     diag_cand = torch.zeros(1, 2 * kv_len - 1, dtype=torch.bool, device=device)
     for r0 in range(0, q_len, _ROW_CHUNK):
@@ -408,10 +407,6 @@ def line_candidates(siblings, q_len: int, kv_len: int, device) -> tuple[torch.Te
         hits = torch.zeros(m.shape[0], 2 * kv_len - 1, dtype=torch.int32, device=device)
         hits.index_add_(1, o.flatten(), (m & inside).flatten(1).to(torch.int32))  # no sync
         diag_cand = diag_cand | (hits > 0)
-    if key is not None:
-        if len(_line_candidates) > 64:
-            _line_candidates.clear()
-        _line_candidates[key] = (col_cand, diag_cand)
     return col_cand, diag_cand
 
 

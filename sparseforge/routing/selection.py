@@ -25,6 +25,17 @@ def bucket_of(positions: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
     return idx.view(starts.shape[0], *positions.shape)
 
 
+def ascending_indices(flags: torch.Tensor, width: int) -> torch.Tensor:
+    """int32 ``[..., width]``: the indices of the set ``flags`` along the last dim,
+    ascending, -1 after the last (device ops, a fixed width)."""
+    n = flags.shape[-1]
+    keyed = torch.where(flags, torch.arange(n, device=flags.device), n)  # unset sort last
+    idx = keyed.sort(dim=-1).values[..., :width]
+    if idx.shape[-1] < width:
+        idx = torch.nn.functional.pad(idx, (0, width - idx.shape[-1]), value=n)
+    return torch.where(idx == n, -1, idx).to(torch.int32)
+
+
 @dataclass(frozen=True)
 class BlockSelection:
     """``selected`` bool ``[B, Hr, Cq, Ck]``; buckets by query position ``p`` in
@@ -63,13 +74,7 @@ class BlockSelection:
     def fixed_k_indices(self, k: int) -> torch.Tensor:
         """int32 ``[B, Hr, Cq, k]``: selected key buckets in ascending order, -1 after the
         last (a query bucket with fewer than k candidates)."""
-        ck = self.selected.shape[-1]
-        order = torch.arange(ck, device=self.selected.device)
-        keyed = torch.where(self.selected, order, ck)  # unselected sort last
-        idx = keyed.sort(dim=-1).values[..., :k]
-        if idx.shape[-1] < k:
-            idx = torch.nn.functional.pad(idx, (0, k - idx.shape[-1]), value=ck)
-        return torch.where(idx == ck, -1, idx).to(torch.int32)
+        return ascending_indices(self.selected, k)
 
     def csr(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(counts ``[B, Hr, Cq]``, offsets ``[B * Hr * Cq + 1]``, indices ``[B * Hr * Cq *

@@ -37,6 +37,9 @@ class CompiledPattern:
     key: str  # structural key: equal for patterns that render the same kernels
     head_patterns: tuple[Pattern, ...]  # per kernel, in the plan's kernel order
     tables: tuple  # the distinct rel_bias tables of the pattern: inputs with a gradient
+    # the routing node the generated kernel runs and its static siblings (the candidates'
+    # source), found once per pattern; () when there is none
+    routing: tuple = ()
 
 
 _patterns: dict[int, tuple[Pattern, CompiledPattern]] = {}
@@ -50,7 +53,9 @@ def compile_pattern(pattern: Pattern) -> CompiledPattern:
     canonical = canonicalize(pattern)
     heads = tuple(p for p, _ in _head_groups(canonical))
     tables = {id(t): t for t in map(rel_bias_table, heads) if t is not None}
-    compiled = CompiledPattern(canonical, repr(canonical), heads, tuple(tables.values()))
+    node = kernel_routing_node(canonical) if is_dynamic(canonical) else None
+    routing = () if node is None else (node, tuple(static_siblings(canonical, node)))
+    compiled = CompiledPattern(canonical, repr(canonical), heads, tuple(tables.values()), routing)
     if len(_patterns) > 4096:
         _patterns.clear()
     _patterns[id(pattern)] = (pattern, compiled)  # holding the pattern keeps its id unique
@@ -194,11 +199,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
 def _run_routed(executor: str, target: str, backend: str, q, k, v, pattern: Pattern, shape):
     """A routed pattern: the generated pre-kernels route, then the routed forward kernel
     walks the static segments plus the selected tiles. Training (a gradient wanted), the
-    torch executor and rules without a kernel (``vertical_slash``, two routing nodes) run
-    ``routed_attention`` (torch ops, exact, differentiable); ``backend='triton'`` refuses
-    what it cannot run rather than fall back silently."""
+    torch executor and patterns without a kernel (two routing nodes, per-head patterns,
+    balanced clusters) run ``routed_attention`` (torch ops, exact, differentiable);
+    ``backend='triton'`` refuses what it cannot run rather than fall back silently."""
     compiled = compile_pattern(pattern)
-    node = kernel_routing_node(compiled.canonical)
+    node, siblings = compiled.routing or (None, ())
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     why_not = ("it has no generated kernel (one routing node per pattern, not clusters)"
                if node is None else
@@ -209,8 +214,8 @@ def _run_routed(executor: str, target: str, backend: str, q, k, v, pattern: Patt
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         if isinstance(node, Clusters):
             return _run_clusters(executor, p, compiled, node, q, k, v, shape.scale, prekernels)
-        routed = route_tiles(node, static_siblings(compiled.canonical, node), q, k, shape.scale,
-                             p.block_m, prekernels, p.block_n)
+        routed = route_tiles(node, siblings, q, k, shape.scale, p.block_m, prekernels,
+                             p.block_n)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
         triton_launch.run_forward(p, compiled.head_patterns, q, k, v, out, lse, shape.scale,

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import sparseforge as sf
+from tests.helpers import assert_matches_oracle, compile_in_subprocess, random_qkv
 
 
 def literal(q, k, v, centroids, balanced, causal=True):
@@ -90,18 +91,12 @@ def test_plan_shows_the_assignment_steps_and_triton_refuses_balanced():
 def test_cluster_sorted_kernel_equals_the_oracle(b, h, hkv, lq, lkv, c, softcap):
     """The kernel runs each head's tokens sorted by cluster (a cluster = one run of keys),
     the causal predicate on original positions, and scatters the rows back."""
-    g = torch.Generator().manual_seed(lkv + c)
-    q = torch.randn(b, h, lq, 24, generator=g)
-    k, v = (torch.randn(b, hkv, lkv, 24, generator=g) for _ in range(2))
-    pattern = sf.causal() & sf.clusters(torch.randn(1 if softcap else hkv, c, 24, generator=g))
+    q, k, v = random_qkv(b, h, hkv, lq, lkv, 24, seed=lkv + c)
+    centroids = torch.randn(1 if softcap else hkv, c, 24, generator=torch.Generator().manual_seed(c))
+    pattern = sf.causal() & sf.clusters(centroids)
     if softcap:
         pattern = pattern & sf.softcap(2.0)
-    out, lse = sf.attention(q, k, v, pattern, enable_gqa=True, backend="triton", return_lse=True)
-    ref, ref_lse = sf.reference_attention(q, k, v, pattern, enable_gqa=True, return_lse=True)
-    torch.testing.assert_close(out.double(), ref.double(), atol=2e-5, rtol=1e-5)
-    finite = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isfinite(lse), finite)
-    torch.testing.assert_close(lse[finite].double(), ref_lse[finite].double(), atol=1e-4, rtol=1e-4)
+    out, _ = assert_matches_oracle(pattern, q, k, v, "triton")
     if c == 1:
         causal = sf.attention(q, k, v, sf.causal(), enable_gqa=True, backend="triton")
         torch.testing.assert_close(out, causal, atol=2e-5, rtol=1e-5)
@@ -144,16 +139,7 @@ print(json.dumps([compile_clusters(arch, d, dtype, c) for arch in ("sm_80", "sm_
 
 
 def test_generated_assignment_compiles_for_sm80_and_sm90_without_spills():
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = compile_in_subprocess(_COMPILE)
     assert len(results) == 4
     for r in results:
         assert r["cubin_size"] > 0 and r["spills"] == 0 and r["stack"] == 0, r

@@ -12,6 +12,7 @@ import torch
 import sparseforge as sf
 from sparseforge.ir.canonicalize import canonicalize
 from sparseforge.routing.reference import route
+from tests.helpers import compile_in_subprocess
 
 
 def literal_hip(q, k, top, block, q_block, allowed_blocks):
@@ -117,16 +118,7 @@ print(json.dumps(out))
 
 
 def test_generated_search_compiles_for_sm80_and_sm90_without_spills():
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = compile_in_subprocess(_COMPILE)
     assert len(results) == 8 and {r["arch"] for r in results} == {"sm_80", "sm_90"}
     for r in results:
         assert r["cubin_size"] > 0 and r["spills"] == 0 and r["stack"] == 0, r

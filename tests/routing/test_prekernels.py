@@ -2,10 +2,6 @@
 equal the torch reference's in Triton's interpreter on random inputs, attention routed
 by them equals the oracle, and every variant compiles for sm_80 and sm_90 without spills."""
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,6 +12,7 @@ from sparseforge.routing.execute import routed_attention
 from sparseforge.routing.kernels import route_prekernels
 from sparseforge.routing.reference import route, static_siblings
 from sparseforge.routing.selection import BlockSelection
+from tests.helpers import compile_in_subprocess
 
 CASES = [  # (pattern, Lq, Lkv, Hq, Hkv, D)
     (sf.causal() & sf.topk_blocks(8, 3), 64, 64, 2, 2, 16),
@@ -146,11 +143,7 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def compiled():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return compile_in_subprocess(_COMPILE, timeout=900)
 
 
 def test_prekernels_compile_for_sm80_and_sm90_without_spills(compiled):

@@ -13,6 +13,7 @@ from sparseforge.ir.canonicalize import canonicalize
 from sparseforge.routing.dag import kernel_routing_node
 from sparseforge.routing.launch import route_tiles
 from sparseforge.routing.reference import route_node, static_siblings
+from tests.helpers import random_qkv
 
 from .test_routed_attention_fuzz import _config, _masked_attention, _rebuilt_mask
 
@@ -23,13 +24,6 @@ def _rule(seed):
 
 RULES = ("TopkBlocks", "TopkChunks", "ThresholdBlocks", "VerticalSlash")
 KERNEL_SEEDS = [s for rule in RULES for s in [s for s in range(200) if _rule(s) == rule][:10]]
-
-
-def _inputs(seed, b, hq, hkv, lq, lkv, d, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, hq, lq, d, generator=g).to(dtype)
-    k, v = (torch.randn(b, hkv, lkv, d, generator=g).to(dtype) for _ in range(2))
-    return q, k, v
 
 
 def _check(pattern, q, k, v, atol=2e-5):
@@ -56,7 +50,7 @@ def test_enough_kernel_configurations():
 @pytest.mark.parametrize("seed", KERNEL_SEEDS)
 def test_routed_kernel_matches_its_indices(seed):
     pattern, lq, lkv, hq, hkv, d = _config(seed)
-    _check(pattern, *_inputs(seed, 2, hq, hkv, lq, lkv, d))
+    _check(pattern, *random_qkv(2, hq, hkv, lq, lkv, d, seed=seed))
 
 
 @pytest.mark.parametrize("pattern", [
@@ -66,7 +60,7 @@ def test_routed_kernel_matches_its_indices(seed):
     sf.causal() & sf.threshold_blocks(2, 1.0, query_block=8),  # rows holding ~39 buckets
 ], ids=["tiny_blocks", "per_token_tiny_blocks", "one_token_chunks", "long_coverage_rows"])
 def test_tiles_spanning_many_buckets(pattern):
-    _check(pattern, *_inputs(1, 1, 4, 2, 61, 77, 24))
+    _check(pattern, *random_qkv(1, 4, 2, 61, 77, 24, seed=1))
 
 
 @pytest.mark.parametrize("pattern", [
@@ -77,19 +71,19 @@ def test_tiles_spanning_many_buckets(pattern):
 ], ids=["topk", "threshold", "vertical_slash", "slash_only"])
 def test_more_queries_than_keys(pattern):
     # positions p = i + Lkv - Lq are negative for the first rows
-    _check(pattern, *_inputs(11, 1, 2, 1, 75, 40, 24))
+    _check(pattern, *random_qkv(1, 2, 1, 75, 40, 24, seed=11))
 
 
 @pytest.mark.parametrize("n_vertical, n_slash", [(0, 1), (9, 0), (40, 40)])
 def test_vertical_slash_lines(n_vertical, n_slash):
     # slash only, columns only, and more lines than a tile holds (many per tile)
     pattern = (sf.causal() & sf.vertical_slash(n_vertical, n_slash, last_q=12)) | sf.sinks(2)
-    _check(pattern, *_inputs(12, 2, 4, 2, 97, 97, 40))
+    _check(pattern, *random_qkv(2, 4, 2, 97, 97, 40, seed=12))
 
 
 def test_empty_rows_give_zero_and_minus_inf():
     pattern = sf.topk_blocks(8, 2) & sf.global_queries(10)  # rows >= 10 have no candidate
-    out, empty = _check(pattern, *_inputs(2, 2, 2, 1, 45, 45, 16))
+    out, empty = _check(pattern, *random_qkv(2, 2, 1, 45, 45, 16, seed=2))
     assert bool(empty[..., 10:].all()) and not bool(empty[..., :10].any())
     assert bool((out[..., 10:, :] == 0).all())
 
@@ -98,7 +92,7 @@ def test_scores_and_documents_with_routing():
     ids = torch.tensor([0] * 30 + [1] * 40)
     pattern = (sf.documents(ids) & sf.causal() & sf.topk_blocks(8, 2)
                & sf.alibi(torch.tensor([0.5, 0.25])) & sf.softcap(5.0))
-    q, k, v = _inputs(3, 1, 2, 2, 70, 70, 16)
+    q, k, v = random_qkv(1, 2, 2, 70, 70, 16, seed=3)
     out = sf.attention(q, k, v, pattern, backend="triton")
     ref = sf.reference_attention(q, k, v, pattern)
     torch.testing.assert_close(out.double(), ref.double(), atol=2e-5, rtol=1e-5)
@@ -107,13 +101,13 @@ def test_scores_and_documents_with_routing():
 def test_bf16_moba_prefill():
     pattern = ((sf.causal() & sf.topk_blocks(16, 2, query_block=1))
                | (sf.causal() & sf.chunks(16)))
-    _check(pattern, *_inputs(4, 1, 4, 2, 100, 100, 32, torch.bfloat16), atol=2e-2)
+    _check(pattern, *random_qkv(1, 4, 2, 100, 100, 32, torch.bfloat16, seed=4), atol=2e-2)
 
 
 def test_tile_lists_are_the_union_of_the_rows_selections():
     pattern = canonicalize(sf.causal() & sf.topk_blocks(8, 2, query_block=4))
     node = kernel_routing_node(pattern)
-    q, k, _ = _inputs(5, 2, 2, 1, 50, 70, 16)
+    q, k, _ = random_qkv(2, 2, 1, 50, 70, 16, seed=5)
     scale = 0.25
     tiles = route_tiles(node, static_siblings(pattern, node), q, k, scale, block_m=16,
                         prekernels="interpret")
@@ -131,7 +125,7 @@ def test_tile_lists_are_the_union_of_the_rows_selections():
 
 
 def test_training_and_lines_refused_on_the_triton_backend():
-    q, k, v = _inputs(6, 1, 2, 2, 40, 40, 16)
+    q, k, v = random_qkv(1, 2, 2, 40, 40, 16, seed=6)
     q.requires_grad_(True)
     with pytest.raises(ValueError, match="no generated backward"):
         sf.attention(q, k, v, sf.causal() & sf.topk_blocks(8, 2), backend="triton")
@@ -176,7 +170,7 @@ def test_warm_routed_calls_never_read_a_tensor_on_the_host(pattern, monkeypatch)
     import sys
 
     package = os.path.dirname(sf.__file__)
-    q, k, v = _inputs(13, 1, 4, 2, 64, 64, 16)
+    q, k, v = random_qkv(1, 4, 2, 64, 64, 16, seed=13)
     sf.attention(q, k, v, pattern, enable_gqa=True, backend="triton")  # warm: plans, caches
     reads = []
 
