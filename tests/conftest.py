@@ -30,3 +30,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture()
+def launched_kinds(monkeypatch):
+    """The kernel kinds (forward, backward_dq, ...) the Triton path looks up, in order."""
+    from sparseforge.runtime import triton_launch
+
+    seen = []
+    real = triton_launch.kernel_function
+
+    def spy(plan, index, interpret, kind="forward"):
+        seen.append(kind)
+        return real(plan, index, interpret, kind)
+
+    monkeypatch.setattr(triton_launch, "kernel_function", spy)
+    return seen

@@ -114,7 +114,13 @@ def positions_prelude(pattern: Pattern) -> list[str]:
     return [f"p = {p}", f"j = {j}"]
 
 
-def triton_predicate(pattern: Pattern) -> str:
+def triton_predicate(pattern: Pattern, leaf=None) -> str:
+    """The pattern's mask as a Triton expression over ``p`` (absolute query position) and
+    ``j`` (key). ``leaf``: a planner-internal node's override for some leaves (returns
+    their text, or None for the default)."""
+    text = leaf(pattern) if leaf is not None else None
+    if text is not None:
+        return text
     if isinstance(pattern, Full):
         return "j >= 0"
     if isinstance(pattern, Empty):
@@ -140,9 +146,9 @@ def triton_predicate(pattern: Pattern) -> str:
     if hasattr(pattern, "triton_predicate"):  # planner-internal nodes (a token layout)
         return pattern.triton_predicate(triton_predicate)
     if isinstance(pattern, Union):
-        return " | ".join(f"({triton_predicate(p)})" for p in pattern.parts)
+        return " | ".join(f"({triton_predicate(p, leaf)})" for p in pattern.parts)
     if isinstance(pattern, Intersection):
-        return " & ".join(f"({triton_predicate(p)})" for p in pattern.parts)
+        return " & ".join(f"({triton_predicate(p, leaf)})" for p in pattern.parts)
     raise TypeError(f"no Triton predicate for {type(pattern).__name__}")
 
 

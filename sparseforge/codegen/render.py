@@ -44,7 +44,7 @@ from .predicate import (
     triton_predicate,
 )
 
-TEMPLATE_VERSION = 4  # of the templates as a set: part of every cache key
+TEMPLATE_VERSION = 5  # of the templates as a set: part of every cache key
 
 
 class KernelKind(NamedTuple):
@@ -233,6 +233,10 @@ def render_kernel(plan: Plan, kernel_index: int = 0, kind: str = "forward") -> K
     if routed and kind != "forward":
         raise ValueError(f"{kind} kernel of {kernel.pattern!r}: routed patterns have a generated "
                          "forward kernel only (their backward and decode run with torch ops)")
+    runs = walked[0].runs if len(walked) == 1 else 1
+    if any(seg.runs > 1 for seg in walked) and (len(walked) > 1 or routed or kind == "decode"):
+        raise ValueError(f"{kind} kernel of {kernel.pattern!r}: a segment family is walked "
+                         "alone, by a static forward, dQ or dK/dV kernel only")
     segments = [_segment_texts(s, seg, tiles, spec.side) for s, seg in enumerate(walked)]
     lets = merged_lets(seg.subs(tiles) for seg in walked)
     let_names = {**TRITON_NAMES, **_let_names(lets)}
@@ -248,6 +252,7 @@ def render_kernel(plan: Plan, kernel_index: int = 0, kind: str = "forward") -> K
         schedule=kernel.schedule,
         groups=groups,
         segments=segments,
+        runs=runs,
         sort_pairs=sort_pairs,
         segment_lets=segment_lets,
         predicate=triton_predicate(analysed),

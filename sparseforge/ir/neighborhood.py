@@ -207,13 +207,19 @@ def na_keep(xq, xk, n: int, k: int, d: int, s: int, causal: bool, ops):
     """Does query coordinate ``xq`` keep key coordinate ``xk`` in this dimension?"""
     gq, i = _group(xq, d, ops)
     gk, j = _group(xk, d, ops)
-    ng = group_extent(n, d, gq, ops)
+    return (gq == gk) & na_keep_in_group(i, j, group_extent(n, d, gq, ops), k, s, causal, ops)
+
+
+def na_keep_in_group(i, j, ng, k: int, s: int, causal: bool, ops):
+    """Does group-local query ``i`` keep group-local key ``j`` of the same dilation group
+    (extent ``ng``)? The tiled layout's kernels call this directly: their tokens come
+    with group coordinates."""
     if causal:
         lead = _causal_leader(i, ng, s, ops)
-        return (gq == gk) & (j <= i) & (lead - j < k)
+        return (j <= i) & (lead - j < k)
     c = _centre(i, ng, k, s, ops)
     left, right = k // 2, k // 2 + k % 2 - 1
-    return (gq == gk) & (j - c >= -left) & (j - c <= right)
+    return (j - c >= -left) & (j - c <= right)
 
 
 def na_key_range(first, last, ng, k: int, s: int, causal: bool, ops):

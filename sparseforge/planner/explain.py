@@ -31,7 +31,7 @@ def explain(plan) -> str:
         lines += [
             f"kernel {n}    {heads}: {k.pattern!r}",
             f"  permutation  {perm}",
-            f"  schedule     {k.schedule} ({len(k.walked_segments)} segment(s) per query tile, "
+            f"  schedule     {k.schedule} ({_walk_text(k.walked_segments)} per query tile, "
             "bounds computed in-kernel: no index tensor)"
             + ("; document ids read per partial tile" if k.has_documents else ""),
         ]
@@ -43,8 +43,9 @@ def explain(plan) -> str:
                          "run-time arguments)")
         for s, seg in enumerate(k.walked_segments):
             if seg.lets:  # N-D bounds: long closed forms over named intermediates
-                lines.append(f"  segment {s}    closed form over {len(seg.lets)} intermediates "
-                             "(see the rendered kernel)")
+                family = f", {seg.runs} runs walked in a loop" if seg.runs > 1 else ""
+                lines.append(f"  segment {s}    closed form over {len(seg.lets)} intermediates"
+                             f"{family} (see the rendered kernel)")
                 continue
             lines.append(f"  segment {s}    visit [{to_triton(seg.lo)}, {to_triton(seg.hi)})")
             lines.append(f"               full  [{to_triton(seg.full_lo)}, {to_triton(seg.full_hi)})")
@@ -83,6 +84,12 @@ def explain(plan) -> str:
                      f"{flex.utilisation:.3f}{ratio}")
     return "\n".join(lines)
 
+
+
+def _walk_text(segments) -> str:
+    if len(segments) == 1 and segments[0].runs > 1:
+        return f"1 segment of {segments[0].runs} runs"
+    return f"{len(segments)} segment(s)"
 
 def _box(tiling, block: int) -> str:
     """A kernel tile of ``block`` tokens as an N-D box."""

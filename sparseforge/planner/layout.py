@@ -37,7 +37,13 @@ from functools import cached_property
 import sympy
 import torch
 
-from ..ir.neighborhood import Neighborhood, group_extent, na_key_range, na_query_range
+from ..ir.neighborhood import (
+    Neighborhood,
+    group_extent,
+    na_keep_in_group,
+    na_key_range,
+    na_query_range,
+)
 from ..ir.nodes import Pattern, walk
 from .ranges import TileSegment, environment, tile_segments
 from .symbolic import (
@@ -45,6 +51,7 @@ from .symbolic import (
     BLOCK_N,
     KV_TILES,
     Q_TILES,
+    RUN,
     FloorDiv,
     M,
     N,
@@ -108,22 +115,28 @@ class GridTiling:
     def run_len(self) -> int:
         return self.grid_run + self.length - math.prod(self.shape)
 
-    def decode(self, r, ops):
-        """(original position, is a real token) of run position ``r``."""
+    def coordinates(self, r, ops):
+        """(dilation residue per dim, coordinate inside the dilation group per dim) of run
+        position ``r`` (meaningless past the grid: ``r >= grid_run``)."""
         tile = ops.fdiv(r, self.tile_size)
         offset = r - tile * self.tile_size
         group = ops.fdiv(tile, self.tiles_per_group)
         in_group = tile - group * self.tiles_per_group
-        residues = _unravel(group, self.dilation, ops)
+        residues = _unravel(group, self.dilation, ops) if self.groups > 1 else [0] * len(self.shape)
         tile_xy = _unravel(in_group, self.tiles, ops)
         offset_xy = _unravel(offset, self.tile, ops)
+        return residues, [t * size + o for t, size, o in zip(tile_xy, self.tile, offset_xy)]
+
+    def decode(self, r, ops, coordinates=None):
+        """(original position, is a real token) of run position ``r``; ``coordinates``:
+        its ``coordinates`` if already at hand (named values in a kernel)."""
+        residues, xs = coordinates or self.coordinates(r, ops)
         flat = 0
         valid = r < self.grid_run
         strides = [math.prod(self.shape[d + 1:]) for d in range(len(self.shape))]
         for d, (n, dil) in enumerate(zip(self.shape, self.dilation)):
-            x = tile_xy[d] * self.tile[d] + offset_xy[d]
-            valid = valid & (x < group_extent(n, dil, residues[d], ops))
-            flat = flat + (x * dil + residues[d]) * strides[d]
+            valid = valid & (xs[d] < group_extent(n, dil, residues[d], ops))
+            flat = flat + (xs[d] * dil + residues[d]) * strides[d]
         tail = r - self.grid_run + math.prod(self.shape)
         return ops.where(r < self.grid_run, flat, tail), ops.where(r < self.grid_run, valid,
                                                                     r < self.run_len)
@@ -212,14 +225,47 @@ class Tiled(Pattern):
         fj, _ = self.kv.decode(j, ops)
         return fi, fj  # original q_len == kv_len: p = i
 
+    # -- the kernel's predicate: run positions i, j -> group coordinates, named once, and
+    # original positions for the other primitives
+
     def triton_prelude(self, text, ops) -> list[str]:
-        fi, vi = self.q.decode(text("i"), ops)
-        fj, vj = self.kv.decode(text("j"), ops)
-        return [f"real = {vi & vj}", f"i = {fi}", f"j = {fj}", f"q_len = {self.q.length}",
-                f"kv_len = {self.kv.length}"]
+        lines = []
+        coordinates = {}
+        for side, tiling, r in (("q", self.q, "i"), ("k", self.kv, "j")):
+            residues, xs = tiling.coordinates(text(r), ops)
+            named = ([text(f"{side}r{d}") if tiling.dilation[d] > 1 else 0
+                      for d in range(len(xs))], [text(f"{side}x{d}") for d in range(len(xs))])
+            lines += [f"{name} = {value}" for name, value in zip(named[0], residues)
+                      if not isinstance(name, int)]
+            lines += [f"{name} = {value}" for name, value in zip(named[1], xs)]
+            lines.append(f"{side}_in = {text(r) < tiling.grid_run}")
+            coordinates[side] = named
+        fi, vi = self.q.decode(text("i"), ops, coordinates["q"])
+        fj, vj = self.kv.decode(text("j"), ops, coordinates["k"])
+        return lines + [f"real = {vi & vj}", f"i = {fi}", f"j = {fj}", f"q_len = {self.q.length}",
+                        f"kv_len = {self.kv.length}"]
 
     def triton_predicate(self, printer) -> str:
-        return f"({printer(self.pattern)}) & real"
+        return f"({printer(self.pattern, self._coordinate_rule)}) & real"
+
+    def _coordinate_rule(self, pat: Pattern) -> str | None:
+        """The layout's own neighbourhood on the prelude's group coordinates: no flat
+        position is unravelled again (every tile of an N-D layout is partial, so this is
+        the predicate of every tile walked). Other leaves: the default (None)."""
+        if not (isinstance(pat, Neighborhood) and pat.shape == self.q.shape
+                and pat.dilation == self.q.dilation):
+            return None
+        from ..codegen.predicate import TritonOps, TritonText
+
+        keep = TritonText("q_in") & TritonText("k_in")
+        for d, (n, dil) in enumerate(zip(pat.shape, pat.dilation)):
+            qr = TritonText(f"qr{d}") if dil > 1 else 0
+            if dil > 1:
+                keep = keep & (qr == TritonText(f"kr{d}"))
+            keep = keep & na_keep_in_group(TritonText(f"qx{d}"), TritonText(f"kx{d}"),
+                                           group_extent(n, dil, qr, TritonOps), pat.kernel[d],
+                                           pat.stride[d], pat.causal[d], TritonOps)
+        return str(keep)
 
     # -- closed-form tile bounds
 
@@ -306,25 +352,26 @@ def _tile_ranges(pat, src: GridTiling, index, block, dst: GridTiling, other_bloc
 
 def _box_segments(ranges, group, live_box, lets: _Lets, dst: GridTiling, other_block,
                   outer_counts) -> list[TileSegment]:
-    """One segment per offset into the outer dims' tile ranges: a run along the last dim."""
+    """One run along the last dim per offset into the outer dims' tile ranges, as one
+    segment family (``TileSegment.runs``): run ``RUN`` takes the offsets in row-major
+    order, so runs go up in tile index and the kernel walks them in a loop."""
     _, counts, per_group = dst.kernel_grid(other_block)
     strides = [math.prod(counts[d + 1:-1]) * counts[-1] for d in range(len(counts) - 1)]
-    segments = []
-    for offsets in itertools.product(*(range(c) for c in outer_counts)):
-        base = group * per_group
-        live = live_box
-        full = 1
-        for d, r in enumerate(offsets):
-            tlo, thi, ftlo, fthi = ranges[d]
-            row = tlo + r
-            base = base + row * strides[d]
-            live = live * gt0(thi - row + 1)
-            full = full * gt0(row - ftlo + 1) * gt0(fthi - row + 1)
-        tlo, thi, ftlo, fthi = ranges[-1]
-        lo, flo = base + tlo, base + ftlo
-        segments.append(TileSegment(lo, lo + (thi + 1 - tlo) * live, flo,
-                                    flo + (fthi + 1 - ftlo) * live * full, tuple(lets.items)))
-    return segments
+    runs = math.prod(outer_counts)
+    offsets = _unravel(RUN, outer_counts, SympyOps) if runs > 1 else [0] * len(outer_counts)
+    base = group * per_group
+    live = live_box
+    full = 1
+    for d, r in enumerate(offsets):
+        tlo, thi, ftlo, fthi = ranges[d]
+        row = tlo + r
+        base = base + row * strides[d]
+        live = live * gt0(thi - row + 1)
+        full = full * gt0(row - ftlo + 1) * gt0(fthi - row + 1)
+    tlo, thi, ftlo, fthi = ranges[-1]
+    lo, flo = base + tlo, base + ftlo
+    return [TileSegment(lo, lo + (thi + 1 - tlo) * live, flo,
+                        flo + (fthi + 1 - ftlo) * live * full, tuple(lets.items), runs)]
 
 
 # ------------------------------------------------------------------ choosing a layout

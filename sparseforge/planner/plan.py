@@ -30,7 +30,7 @@ from ..routing.dag import (
 )
 from ..semantics import pair_mask
 from .layout import GridTiling, Tiled, choose_tiling, layout_node
-from .ranges import TileSegment, hull_segment, tile_segments
+from .ranges import TileSegment, tile_segments, walk_count, walked
 from .schedule import GroupSchedule, group_geometry, visit_matrices
 from .tiles import (
     DECODE_MAX_Q,
@@ -95,7 +95,7 @@ class KernelPlan:
 
     def _walked(self, segments) -> tuple[TileSegment, ...]:
         """What a kernel walks under this plan's schedule: each segment, or their hull."""
-        return tuple(segments) if self.schedule == "segments" else (hull_segment(list(segments)),)
+        return walked(segments, self.schedule)
 
     @cached_property
     def walked_segments(self) -> tuple[TileSegment, ...]:
@@ -389,14 +389,14 @@ def _choose_kernel(pattern, q_len, kv_len, cfg, schedule, groups):
         for sched in (SCHEDULES if len(segs) > 1 else ("segments",)):
             if schedule is not None and len(segs) > 1 and sched != schedule:
                 continue
-            walked = segs if sched == "segments" else [hull_segment(segs)]
+            walk = walked(segs, sched)
             visited = partial = 0
             for geo in group_geometry(q_len, kv_len, g):
-                v, f = visit_matrices(walked, geo.q_len, geo.kv_len, cfg.block_m, cfg.block_n)
+                v, f = visit_matrices(list(walk), geo.q_len, geo.kv_len, cfg.block_m, cfg.block_n)
                 visited += int(v.sum())
                 partial += int((v & ~f).sum())
             # walking several segments costs a little per query tile: prefer the hull on ties
-            cost = estimated_cost(cfg, visited, partial) * (1.0 + 0.02 * (len(walked) - 1))
+            cost = estimated_cost(cfg, visited, partial) * (1.0 + 0.02 * (walk_count(walk) - 1))
             if best is None or cost < best[0]:
                 best = (cost, analysed, g, segs, sched)
     if best is None:

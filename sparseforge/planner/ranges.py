@@ -21,6 +21,7 @@ only allowed pairs and only rows < Lq.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import sympy
@@ -52,6 +53,7 @@ from .symbolic import (
     Q_FULL_TILES,
     Q_LEN,
     Q_TILES,
+    RUN,
     FloorDiv,
     M,
     N,
@@ -91,20 +93,41 @@ class TileSegment:
 
     ``lets``: named intermediates ``(symbol, expression)`` the bounds use, in order (each
     may use the ones before); the kernel computes each once per program. N-D layouts
-    share them between their segments, which keeps bounds (and kernels) short."""
+    share them between their segments, which keeps bounds (and kernels) short.
+
+    ``runs``: a *family* of that many segments, the bounds' ``RUN`` symbol taking the
+    values ``0 .. runs - 1``. A family's runs must be in ascending order of ``lo`` (a
+    box of tiles, one run per outer row): the kernel then walks them in a loop, so its
+    size and compile time do not grow with the number of runs (a 3-D neighbourhood's key
+    box is 9 or more runs). The lets may not use ``RUN``."""
 
     lo: Expr
     hi: Expr
     full_lo: Expr
     full_hi: Expr
     lets: tuple = ()
+    runs: int = 1
 
     def __repr__(self) -> str:
+        family = f", runs={self.runs}" if self.runs > 1 else ""
         return (f"TileSegment(visit=[{self.lo}, {self.hi}), "
-                f"full=[{self.full_lo}, {self.full_hi}))")
+                f"full=[{self.full_lo}, {self.full_hi}){family})")
+
+    def run_bounds(self, env: dict, side: str = "query"):
+        """Numeric normalised bounds (see ``evaluate``) of each run, in order."""
+        for run in range(self.runs):
+            yield self.evaluate({**env, RUN: run}, side)
+
+    def expanded(self) -> list[TileSegment]:
+        """The runs as single segments (``RUN`` replaced by each value)."""
+        if self.runs == 1:
+            return [self]
+        return [dataclasses.replace(self.subs({RUN: sympy.Integer(r)}), runs=1)
+                for r in range(self.runs)]
 
     def evaluate(self, env: dict, side: str = "query"):
-        """Numeric normalised (lo, hi, full_lo, full_hi) arrays."""
+        """Numeric normalised (lo, hi, full_lo, full_hi) arrays (of one run: ``env``
+        gives ``RUN`` for a family)."""
         env = dict(env)
         for symbol, expr in self.lets:
             env[symbol] = evaluate(expr, env)
@@ -123,7 +146,27 @@ class TileSegment:
                 return e.xreplace(values)
 
         return TileSegment(*(sub(e) for e in (self.lo, self.hi, self.full_lo, self.full_hi)),
-                           tuple((symbol, sub(e)) for symbol, e in self.lets))
+                           tuple((symbol, sub(e)) for symbol, e in self.lets), self.runs)
+
+
+def expand_runs(segments) -> list[TileSegment]:
+    """Every run of every segment as a single segment."""
+    return [one for seg in segments for one in seg.expanded()]
+
+
+def walked(segments, schedule: str) -> tuple[TileSegment, ...]:
+    """What a kernel walks: the segments in order, a lone family as its loop, or
+    (``schedule="hull"``) one range covering them all. Several segments are sorted in the
+    kernel, so a family among them is expanded into its runs."""
+    segments = list(segments)
+    if schedule == "hull":
+        return (hull_segment(segments),)
+    return tuple(segments) if len(segments) == 1 else tuple(expand_runs(segments))
+
+
+def walk_count(segments) -> int:
+    """How many ranges a kernel walks per tile (each run of a family counts)."""
+    return sum(seg.runs for seg in segments)
 
 
 def merged_lets(segments) -> tuple:
@@ -249,11 +292,15 @@ def normalise_steps(side: str) -> tuple:
     return NORMALISE if side == "query" else KEY_NORMALISE
 
 
-def _intersect(a: TileSegment, b: TileSegment) -> TileSegment:
+def _intersect(a: TileSegment, b: TileSegment) -> list[TileSegment]:
     # Raw bounds intersect directly: an empty side stays empty after normalisation.
-    # Full tiles of the intersection are those full in both.
-    return TileSegment(_max(a.lo, b.lo), _min(a.hi, b.hi), _max(a.full_lo, b.full_lo),
-                       _min(a.full_hi, b.full_hi), merged_lets((a, b)))
+    # Full tiles of the intersection are those full in both. A family met with a single
+    # segment stays a family (bounds clipped to one range keep their ascending order);
+    # two families: one is expanded.
+    if a.runs > 1 and b.runs > 1:
+        return [one for part in b.expanded() for one in _intersect(a, part)]
+    return [TileSegment(_max(a.lo, b.lo), _min(a.hi, b.hi), _max(a.full_lo, b.full_lo),
+                        _min(a.full_hi, b.full_hi), merged_lets((a, b)), max(a.runs, b.runs))]
 
 
 def _min(*args):
@@ -280,7 +327,8 @@ def tile_segments(pattern: Pattern, side: str = "query", primitive=None) -> list
     if isinstance(pattern, Intersection):
         acc = tile_segments(pattern.parts[0], side, primitive)
         for part in pattern.parts[1:]:
-            acc = [_intersect(a, b) for a in acc for b in tile_segments(part, side, primitive)]
+            acc = [one for a in acc for b in tile_segments(part, side, primitive)
+                   for one in _intersect(a, b)]
         return acc
     if primitive is not None:
         return primitive(pattern)
@@ -293,6 +341,7 @@ def hull_segment(segments: list[TileSegment]) -> TileSegment:
     """One segment covering all of ``segments`` (the dense schedule). Its full range is the
     widest-looking one of a part, which stays correct: a tile full in one part of a
     union is full for the union. Raw empty parts widen the hull only conservatively."""
+    segments = expand_runs(segments)
     lo = _min(*[s.lo for s in segments])
     hi = _max(*[s.hi for s in segments])
     return TileSegment(lo, hi, segments[-1].full_lo, segments[-1].full_hi, merged_lets(segments))

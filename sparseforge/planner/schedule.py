@@ -59,7 +59,8 @@ def visit_matrices(segments: list[TileSegment], q_len: int, kv_len: int, block_m
     env = environment(q_len, kv_len, block_m, block_n, side=side)
     cols = np.arange(tc)[None, :]
     for seg in segments:
-        lo, hi, flo, fhi = (np.broadcast_to(a, (tr,))[:, None] for a in seg.evaluate(env, side))
-        visit |= (cols >= lo) & (cols < hi)
-        full |= (cols >= flo) & (cols < fhi)
+        for bounds in seg.run_bounds(env, side):
+            lo, hi, flo, fhi = (np.broadcast_to(a, (tr,))[:, None] for a in bounds)
+            visit |= (cols >= lo) & (cols < hi)
+            full |= (cols >= flo) & (cols < fhi)
     return visit, full & visit

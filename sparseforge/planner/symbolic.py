@@ -33,11 +33,15 @@ J_LAST = sympy.Symbol("j_last", integer=True)
 Q_TILES = sympy.Symbol("n_q_tiles", integer=True, nonnegative=True)
 Q_FULL_TILES = sympy.Symbol("n_q_full_tiles", integer=True, nonnegative=True)
 
+# The run of a segment family (``ranges.TileSegment.runs``): the kernel's loop variable.
+RUN = sympy.Symbol("run", integer=True, nonnegative=True)
+
 # What each symbol is called inside the generated kernel.
 TRITON_NAMES = {M: "pid_m", BLOCK_M: "BLOCK_M", BLOCK_N: "BLOCK_N", Q_LEN: "q_len",
                 KV_LEN: "kv_len", P_FIRST: "p_first", P_LAST: "p_last", KV_TILES: "n_kv_tiles",
                 KV_FULL_TILES: "n_kv_full_tiles", N: "pid_n", J_FIRST: "j_first",
-                J_LAST: "j_last", Q_TILES: "n_q_tiles", Q_FULL_TILES: "n_q_full_tiles"}
+                J_LAST: "j_last", Q_TILES: "n_q_tiles", Q_FULL_TILES: "n_q_full_tiles",
+                RUN: "run"}
 
 
 class FloorDiv(sympy.Function):
@@ -77,6 +81,12 @@ def clamp(x, lo, hi):
 # ----------------------------------------------------------------------------- evaluate
 
 
+def _is_power(expr) -> bool:
+    """A product of equal factors: sympy folds ``x * x`` into ``x**2`` (N-D bounds multiply
+    equal 0/1 switches when two dimensions have the same extent)."""
+    return isinstance(expr, sympy.Pow) and expr.exp.is_Integer and int(expr.exp) >= 1
+
+
 def evaluate(expr, env: dict) -> np.ndarray:
     """Evaluate ``expr`` with numpy int64 semantics (floor division), broadcasting ``env``.
 
@@ -105,6 +115,8 @@ def evaluate(expr, env: dict) -> np.ndarray:
         return np.maximum.reduce(np.broadcast_arrays(*args))
     if isinstance(expr, FloorDiv):
         return np.floor_divide(args[0], args[1])
+    if _is_power(expr):
+        return args[0] ** int(expr.exp)
     raise TypeError(f"cannot evaluate {type(expr).__name__} in a tile bound: {expr}")
 
 
@@ -132,6 +144,8 @@ def to_triton(expr, names: dict | None = None) -> str:
         return out
     if isinstance(expr, FloorDiv):
         return f"_floordiv({args[0]}, {args[1]})"
+    if _is_power(expr):
+        return "(" + " * ".join([args[0]] * int(expr.exp)) + ")"
     raise TypeError(f"cannot print {type(expr).__name__} as Triton: {expr}")
 
 

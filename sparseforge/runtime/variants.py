@@ -59,9 +59,11 @@ def variant_specs() -> dict[str, tuple]:
     shapes["scores_fp32"] = (ir.causal() & every, 64, "float32", {})
     shapes["scores_dilated"] = (ir.window(64, 64, dilation=4) & scores.rel_bias(table), 64,
                                 "float16", {"groups": 4})
-    # N-D neighbourhoods: the tiled layout (2-D dilated, with sinks and a causal axis) and
-    # original token order. 3-D tiled kernels compile (40-90 s each) but are left out here
-    # for the suite's time: their many unrolled segments are a known gap (docs/neighborhoods.md)
+    # N-D neighbourhoods: the tiled layout (2-D dilated, with sinks and a causal axis; 3-D
+    # video-style, causal in time, walked as a segment family) and original token order
+    shapes["na3d_tiled"] = (neighborhood((4, 32, 32), (3, 7, 7), dilation=(1, 2, 1),
+                                         causal=(True, False, False)), 64, "bfloat16",
+                            {"tiled": True})
     shapes["na2d_tiled"] = (neighborhood((64, 64), 7, dilation=(2, 1), causal=(False, True))
                             | ir.sinks(4), 64, "bfloat16", {"tiled": True})
     shapes["na2d_original"] = (neighborhood((64, 64), (5, 9), stride=(1, 3)), 64, "bfloat16",

@@ -102,3 +102,43 @@ def test_utilisation_against_flex_on_56x56(dilation):
     assert ours > flex
     if dilation > 1:
         assert ours >= 2 * flex
+
+
+# N-D boxes whose key tiles span several outer rows: each walked as one segment family
+# (a loop over runs), forward on the query side and dK/dV on the key side
+FAMILIES = [
+    (sf.neighborhood((4, 4, 4), 3), 64),  # equal extents: bounds hold x * x (a sympy Pow)
+    (sf.neighborhood((6, 11), (3, 5)) & sf.causal(), 66),
+]
+
+
+@pytest.mark.parametrize("pattern,length", FAMILIES)
+def test_segment_families_in_the_interpreter(tiled_dispatch, launched_kinds, pattern, length):
+    """Forward, dQ and dK/dV kernels walking a family of runs, with GQA and Lq-sized
+    tiles that cut the grid: exact against the oracle, gradients included."""
+    p = plan(pattern, q_len=length, kv_len=length, head_dim=16, target="interpret", tiled=True)
+    kernel = p.kernels[0]
+    assert len(kernel.walked_segments) == 1 and kernel.walked_segments[0].runs >= 3
+    assert kernel.key_segments[0].runs >= 3
+    torch.manual_seed(length)
+    q = torch.randn(1, 2, length, 16, requires_grad=True)
+    k, v = (torch.randn(1, 1, length, 16, requires_grad=True) for _ in range(2))
+    out = sf.attention(q, k, v, pattern, enable_gqa=True, backend="triton")
+    ref = sf.reference_attention(q, k, v, pattern, enable_gqa=True)
+    torch.testing.assert_close(out, ref.float(), atol=2e-5, rtol=1e-5)
+    go = torch.randn_like(out)
+    for g, w in zip(torch.autograd.grad(out, (q, k, v), go),
+                    torch.autograd.grad(ref, (q, k, v), go.double())):
+        torch.testing.assert_close(g, w.float(), atol=5e-5, rtol=1e-5)
+    assert {"forward", "backward_dq", "backward_dkdv"} <= set(launched_kinds)
+
+
+def test_a_family_beside_other_segments_is_expanded():
+    """Sorting needs single segments: a union walks the family's runs one by one."""
+    union = plan(sf.neighborhood((12, 13), (5, 7)) | sf.sinks(2), q_len=156, kv_len=156,
+                 head_dim=16, target="interpret", tiled=True, schedule="segments")
+    kernel = union.kernels[0]
+    family = [seg for seg in kernel.segments if seg.runs > 1]
+    assert len(family) == 1 and len(kernel.segments) == 2
+    walked = kernel.walked_segments
+    assert all(seg.runs == 1 for seg in walked) and len(walked) == family[0].runs + 1
