@@ -17,16 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 if "--smoke" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
+from gpu_timing import flex_run, result_header, timed  # noqa: E402  (bench/ sibling)
 
 import sparseforge as sf  # noqa: E402
 from sparseforge.ir.canonicalize import canonicalize  # noqa: E402
@@ -59,25 +57,6 @@ def patterns(block: int, k: int) -> dict:
     }
 
 
-def timed(fn, repeats: int, cuda: bool) -> float:
-    """Median seconds of ``fn()`` after one warm-up call."""
-    fn()
-    samples = []
-    for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3)
-        else:
-            t = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t)
-    return statistics.median(samples)
-
-
 def routed_mask_mod(pattern, extra, q, k, scale):
     """A FlexAttention mask_mod for the same pairs as ``pattern`` on this input: the
     selection of the torch reference (the indices the pre-kernels produce) looked up per
@@ -104,22 +83,6 @@ def routed_mask_mod(pattern, extra, q, k, scale):
         return routed | extra(q_idx, kv_idx)
 
     return mask_mod, sel
-
-
-def flex_run(q, k, v, mask_mod):
-    """(build the BlockMask, run compiled flex_attention) closures for ``mask_mod``."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    b, h, n = q.shape[0], q.shape[1], q.shape[2]
-    holder = {}
-
-    def build():
-        holder["mask"] = create_block_mask(mask_mod, b, h, n, n, device=q.device.type)
-
-    torch._dynamo.reset()  # a fresh compile per mask (recompiling with dynamic shapes failed on CPU)
-    compiled = torch.compile(flex_attention)
-    build()
-    return build, lambda: compiled(q, k, v, block_mask=holder["mask"])
 
 
 def gather_attention(q, k, v, sel: torch.Tensor, block: int, topk: int):
@@ -247,13 +210,9 @@ def main(argv=None) -> int:
         device, dtype, lengths = "cuda", torch.bfloat16, [int(x) for x in args.lengths.split(",")]
     rows = [r for n in lengths for r in run(n, args.heads, args.block, args.topk, args.repeats,
                                              device, dtype)]
-    import triton
-
-    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
-    result = {"device": name, "torch": torch.__version__, "triton": triton.__version__,
-              "sparseforge": sf.__version__, "dtype": str(dtype), "rows": rows}
+    result = {**result_header(device, dtype), "rows": rows}
     if not args.smoke:
-        path = Path(args.out) / f"routing_{name.replace(' ', '_')}.json"
+        path = Path(args.out) / f"routing_{result['device'].replace(' ', '_')}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1))
         print(f"wrote {path}")

@@ -321,7 +321,8 @@ def plan(pattern: Pattern, *, q_len: int, kv_len: int, head_dim: int, dtype="bfl
                   else None)
         if layout is not None:
             blocks = tuple((c.block_m, c.block_n) for c in (cfg, *tiled_backward))
-            options.append((layout, [(_with_scores(Tiled(strip_scores(p), *layout, blocks), p), h)
+            options.append((layout, [(_with_scores(Tiled(strip_scores(p), *layout, blocks,
+                                                         not score_spec(p).any), p), h)
                                      for p, h in heads],
                             layout[0].run_len, layout[1].run_len, tiled_backward))
         for option, option_heads, lq, lkv, option_backward in options:
@@ -386,8 +387,9 @@ def _choose_kernel(pattern, q_len, kv_len, cfg, schedule, groups):
         if groups is not None and g != groups:
             continue
         segs = tile_segments(analysed)
-        for sched in (SCHEDULES if len(segs) > 1 else ("segments",)):
-            if schedule is not None and len(segs) > 1 and sched != schedule:
+        several = walk_count(segs) > 1
+        for sched in (SCHEDULES if several else ("segments",)):
+            if schedule is not None and several and sched != schedule:
                 continue
             walk = walked(segs, sched)
             visited = partial = 0

@@ -1,0 +1,71 @@
+"""Shared pieces of the GPU benchmarks (``bench/*_gpu.py``): CUDA-event timing, a compiled
+FlexAttention run for a mask_mod, and the header every result file carries.
+
+The scripts import this as a sibling module (``python bench/<script>.py`` puts ``bench/``
+on the path)."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+
+import torch
+
+
+def timed(fn, repeats: int, cuda: bool) -> float:
+    """Median seconds of ``fn()`` after one warm-up call (CUDA events on a GPU)."""
+    fn()
+    samples = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t)
+    return statistics.median(samples)
+
+
+def once(fn, cuda: bool) -> float:
+    """Seconds of one call, synchronised: a cold first call (compilation included)."""
+    if cuda:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def flex_run(q, k, v, mask_mod, kv_len: int | None = None):
+    """(build the BlockMask, run compiled flex_attention) closures for ``mask_mod``; a
+    fresh compile per mask (recompiling with dynamic shapes failed on CPU)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    b, h, n = q.shape[0], q.shape[1], q.shape[2]
+    holder = {}
+
+    def build():
+        holder["mask"] = create_block_mask(mask_mod, b, h, n, kv_len or n, device=q.device.type)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(flex_attention)
+    build()
+    return build, lambda: compiled(q, k, v, block_mask=holder["mask"])
+
+
+def result_header(device: str, dtype) -> dict:
+    """Device name and library versions, recorded with every result."""
+    import triton
+
+    import sparseforge as sf
+
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    return {"device": name, "torch": torch.__version__, "triton": triton.__version__,
+            "sparseforge": sf.__version__, "dtype": str(dtype)}
