@@ -8,12 +8,14 @@ and its tile utilisation, to set beside the plan's own (which may permute tokens
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from ..ir.neighborhood import Neighborhood, group_extent, na_key_range
 from ..ir.nodes import PerHead
-from ..semantics import pair_mask
+from ..semantics import TorchOps, pair_mask
 
 FLEX_BLOCK = 128
 #: above this many (query, key) pairs the comparison is skipped: it evaluates the mask
@@ -35,11 +37,21 @@ class FlexBlocks:
 
 def flex_blocks(pattern, q_len: int, kv_len: int, block: int = FLEX_BLOCK) -> FlexBlocks | None:
     """Block counts of a single-head mask (the first head of a ``per_head``), or None
-    when the problem is too large to evaluate densely."""
-    if q_len * kv_len > MAX_PAIRS or q_len == 0 or kv_len == 0:
+    when the problem is too large to evaluate: a lone neighbourhood by listing its
+    allowed pairs, anything else densely."""
+    if q_len == 0 or kv_len == 0:
         return None
     if isinstance(pattern, PerHead):
         pattern = pattern.patterns[0]
+    if isinstance(pattern, Neighborhood):
+        return _neighborhood_blocks(pattern, q_len, kv_len, block)
+    if q_len * kv_len > MAX_PAIRS:
+        return None
+    return _dense_blocks(pattern, q_len, kv_len, block)
+
+
+def _dense_blocks(pattern, q_len: int, kv_len: int, block: int) -> FlexBlocks:
+    """Counts from the dense mask, one row of blocks at a time."""
     kv_blocks = -(-kv_len // block)
     j = torch.arange(kv_blocks * block)
     visited = full = useful = 0
@@ -54,3 +66,45 @@ def flex_blocks(pattern, q_len: int, kv_len: int, block: int = FLEX_BLOCK) -> Fl
         full += int(per_block.all(2).all(0).sum())
         useful += int(m.sum())
     return FlexBlocks(visited, full, useful, block)
+
+
+def _window_coordinates(x: torch.Tensor, n: int, k: int, d: int, s: int, causal: bool):
+    """Per query coordinate ``x`` (one dimension), its kept key coordinates ``[X, k]`` and
+    which of them exist (a causal window near the start holds fewer)."""
+    g, i = x % d, torch.div(x, d, rounding_mode="floor")
+    ng = group_extent(n, d, g, TorchOps)
+    lo, hi, _, _ = na_key_range(i, i, ng, k, s, causal, TorchOps)
+    lo, hi = torch.clamp(lo, min=0), torch.minimum(hi, ng - 1)
+    t = torch.arange(k)
+    return (lo[:, None] + t) * d + g[:, None], (lo[:, None] + t) <= hi[:, None]
+
+
+def _neighborhood_blocks(pattern: Neighborhood, q_len: int, kv_len: int,
+                         block: int) -> FlexBlocks | None:
+    """The BlockMask counts of a neighbourhood from its allowed pairs, listed query by
+    query (the rule keeps at most ``prod(kernel)`` keys per query): exact, and linear
+    in the sequence where the dense count is quadratic (a 16x64x64 video grid)."""
+    delta = kv_len - q_len
+    first = max(0, -delta)
+    rows = torch.arange(first, max(first, min(q_len, pattern.size - delta)))  # grid queries
+    if len(rows) * math.prod(pattern.kernel) > MAX_PAIRS:
+        return None
+    p = rows + delta
+    keys = torch.zeros(len(rows), 1, dtype=torch.long)
+    kept = torch.ones(len(rows), 1, dtype=torch.bool)
+    for dim, stride in enumerate(pattern.row_strides):
+        x = torch.div(p, stride, rounding_mode="floor") % pattern.shape[dim]
+        coords, ok = _window_coordinates(x, pattern.shape[dim], pattern.kernel[dim],
+                                         pattern.dilation[dim], pattern.stride[dim],
+                                         pattern.causal[dim])
+        keys = (keys[:, :, None] + coords[:, None, :] * stride).flatten(1)
+        kept = (kept[:, :, None] & ok[:, None, :]).flatten(1)
+    q_block = torch.div(rows, block, rounding_mode="floor")[:, None].expand_as(keys)[kept]
+    kv_blocks = -(-kv_len // block)
+    ids, counts = torch.unique(q_block * kv_blocks + torch.div(keys[kept], block, rounding_mode="floor"),
+                               return_counts=True)
+    q_of, kv_of = torch.div(ids, kv_blocks, rounding_mode="floor"), ids % kv_blocks
+    whole = ((q_of + 1) * block <= q_len) & ((kv_of + 1) * block <= kv_len)
+    full = int(((counts == block * block) & whole).sum())
+    return FlexBlocks(len(ids), full, int(kept.sum()), block)
+
