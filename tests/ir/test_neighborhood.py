@@ -78,6 +78,57 @@ def test_na_api_matches_natten_outputs(ndim, backend):
     torch.testing.assert_close(mine, ref, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+def test_na_api_additional_tokens_and_lse_match_natten(ndim):
+    """NATTEN's extra keys/values (attended by every query, merged by log-sum-exp) and its
+    log-sum-exp output, positional arguments in NATTEN's order, a NATTEN backend name."""
+    shape, kernel = {1: ((13,), 5), 2: ((6, 7), (3, 5)), 3: ((3, 4, 5), 3)}[ndim]
+    torch.manual_seed(10 + ndim)
+    q, k, v = (torch.randn(2, *shape, 2, 16) for _ in range(3))
+    extra_k, extra_v = (torch.randn(2, 5, 2, 16) for _ in range(2))
+    fn = getattr(sf, f"na{ndim}d")
+    out, lse = fn(q, k, v, kernel, 1, 1, False, 0.4, extra_k, extra_v, None, "cutlass-fna",
+                  return_lse=True, q_tile_shape=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref, ref_lse = getattr(natten, f"na{ndim}d")(
+            q, k, v, kernel, scale=0.4, additional_keys=extra_k, additional_values=extra_v,
+            return_lse=True, backend="flex-fna")
+    assert out.shape == q.shape and lse.shape == q.shape[:-1]
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-5)
+
+
+def test_na_api_additional_tokens_train_like_the_oracle():
+    """Gradients through the merge, GQA, the torch path: the mask is the grid's
+    neighbourhood plus every extra key (keys after the grid in one sequence)."""
+    torch.manual_seed(3)
+    q = torch.randn(1, 5, 6, 4, 8, requires_grad=True)
+    k, v = (torch.randn(1, 5, 6, 2, 8, requires_grad=True) for _ in range(2))
+    extra_k, extra_v = (torch.randn(1, 3, 2, 8, requires_grad=True) for _ in range(2))
+    out = sf.na2d(q, k, v, 3, additional_keys=extra_k, additional_values=extra_v,
+                  backend="torch")
+
+    def heads_first(t):
+        return t.flatten(1, -3).transpose(1, 2)
+
+    keys = torch.cat([heads_first(k), extra_k.transpose(1, 2)], 2)
+    values = torch.cat([heads_first(v), extra_v.transpose(1, 2)], 2)
+    mask = torch.cat([sf.dense_mask(sf.neighborhood((5, 6), 3), 30, 30),
+                      torch.ones(30, 3, dtype=torch.bool)], 1)
+    scores = torch.einsum("bhqd,bhkd->bhqk", heads_first(q).double(),
+                          keys.double().repeat_interleave(2, 1)) * 8 ** -0.5
+    ref = torch.einsum("bhqk,bhkd->bhqd", scores.masked_fill(~mask, float("-inf")).softmax(-1),
+                       values.double().repeat_interleave(2, 1))
+    ref = ref.transpose(1, 2).reshape(q.shape)
+    torch.testing.assert_close(out, ref.float(), atol=2e-5, rtol=1e-5)
+    go = torch.randn_like(out)
+    inputs = (q, k, v, extra_k, extra_v)
+    for g, w in zip(torch.autograd.grad(out, inputs, go),
+                    torch.autograd.grad(ref, inputs, go.double())):
+        torch.testing.assert_close(g, w.float(), atol=5e-5, rtol=1e-5)
+
+
 def test_na_api_gqa_and_errors():
     q = torch.randn(1, 6, 7, 4, 16)
     kv = torch.randn(1, 6, 7, 2, 16)
@@ -92,6 +143,15 @@ def test_na_api_gqa_and_errors():
         sf.na2d(q, torch.randn(1, 6, 8, 2, 16), kv, 3)
     with pytest.raises(ValueError, match="kernel \\* dilation must be <= the extent"):
         sf.na2d(q, kv, kv, 4, dilation=2)
+    with pytest.raises(ValueError, match="na2d\\(backend='fast'\\): expected one of"):
+        sf.na2d(q, kv, kv, 3, backend="fast")
+    with pytest.raises(ValueError, match="give both or neither"):
+        sf.na2d(q, kv, kv, 3, additional_keys=torch.randn(1, 3, 2, 16))
+    with pytest.raises(ValueError, match="na2d\\(additional_keys=...\\): expected \\[batch, tokens"):
+        sf.na2d(q, kv, kv, 3, additional_keys=torch.randn(1, 3, 4, 16),
+                additional_values=torch.randn(1, 3, 4, 16))
+    with pytest.raises(TypeError, match="unexpected keyword argument.*tile_size"):
+        sf.na2d(q, kv, kv, 3, tile_size=8)
 
 
 def test_every_query_sees_the_kernel_volume():
