@@ -41,6 +41,7 @@ from .tiles import (
     decode_config,
     estimated_cost,
     padded_head_dim,
+    tiled_forward_config,
 )
 
 log = logging.getLogger("sparseforge")
@@ -313,24 +314,26 @@ def plan(pattern: Pattern, *, q_len: int, kv_len: int, head_dim: int, dtype="bfl
                          f"{DECODE_MAX_Q}, no documents and no token-offset rel_bias")
     tiled_backward = backward_configs(target, head_dim, dtype, scored, tiled=True)
     best = None
-    for cfg in configs:
-        options = [] if tiled else [(None, heads, q_len, kv_len, backward)]
+    for base_cfg in configs:
+        options = [] if tiled else [(base_cfg, None, heads, q_len, kv_len, backward)]
+        cfg = (tiled_forward_config(base_cfg, target, head_dim, dtype, scored, node.ndim)
+               if node is not None and not (block_m or block_n) else base_cfg)
         # 128 x 128 tiles spill once the layout's predicate is live beside them (cuobjdump)
         small = cfg.block_m * cfg.block_n <= 128 * 64
         layout = (choose_tiling(node, q_len, cfg, tiled_backward) if node is not None and small
                   else None)
         if layout is not None:
             blocks = tuple((c.block_m, c.block_n) for c in (cfg, *tiled_backward))
-            options.append((layout, [(_with_scores(Tiled(strip_scores(p), *layout, blocks,
-                                                         not score_spec(p).any), p), h)
-                                     for p, h in heads],
+            options.append((cfg, layout, [(_with_scores(Tiled(strip_scores(p), *layout, blocks,
+                                                              not score_spec(p).any), p), h)
+                                          for p, h in heads],
                             layout[0].run_len, layout[1].run_len, tiled_backward))
-        for option, option_heads, lq, lkv, option_backward in options:
-            choices = [_choose_kernel(strip_scores(p), lq, lkv, cfg, schedule, groups)
+        for option_cfg, option, option_heads, lq, lkv, option_backward in options:
+            choices = [_choose_kernel(strip_scores(p), lq, lkv, option_cfg, schedule, groups)
                        for p, _ in option_heads]
             cost = sum(c[0] for c in choices)
             if best is None or cost < best[0]:
-                best = (cost, cfg, choices, option, option_heads, lq, lkv, option_backward)
+                best = (cost, option_cfg, choices, option, option_heads, lq, lkv, option_backward)
     _, cfg, choices, layout, heads, run_q, run_kv, backward = best
     kernels = tuple(KernelPlan(p, analysed, g, tuple(segs), sched, h)
                     for (_, analysed, g, segs, sched), (p, h) in zip(choices, heads))

@@ -90,6 +90,19 @@ for _arch in ("sm_80", "sm_90"):
         _GPU_CONFIGS[(_arch, "float32", _d)] = [_cfg]
 
 
+def tiled_forward_config(cfg: TileConfig, target: str, head_dim: int, dtype: str,
+                         scored: bool, ndim: int) -> TileConfig:
+    """The forward tiles of an N-D tiled layout planned from candidate ``cfg``. A 3-D
+    layout with score modifiers holds three coordinates per token beside the modifiers'
+    positions: its 4- and 8-warp 128 x 64 and 4-warp 64 x 64 tiles at D <= 64 kept 56-72
+    stack bytes (cuobjdump, rel_bias on a causal, dilated 3x7x7 window); 64 x 64 over 8
+    warps compiles clean on sm_80 and sm_90."""
+    if (scored and ndim == 3 and target in ("sm_80", "sm_90") and dtype != "float32"
+            and padded_head_dim(head_dim) <= 64):
+        return TileConfig(64, 64, 8, cfg.num_stages, 0.85)
+    return cfg
+
+
 def backward_configs(target: str, head_dim: int, dtype: str, scored: bool = False,
                      tiled: bool = False) -> tuple[TileConfig, TileConfig]:
     """Tiles of the backward (dQ kernel, dK/dV kernel). Smaller than the forward's: a

@@ -75,6 +75,10 @@ def variant_specs() -> dict[str, tuple]:
     window_table = scores.rel_bias(torch.zeros(heads, 13, 13))
     shapes["na2d_rel_bias"] = (na & window_table, 64, "bfloat16", {"tiled": False})
     shapes["na2d_tiled_rel_bias"] = (na & window_table, 64, "bfloat16", {"tiled": True})
+    # 3-D with a window table: the tiled layout's scored tiles (tiles.tiled_forward_config)
+    shapes["na3d_tiled_rel_bias"] = (shapes["na3d_tiled"][0]
+                                     & scores.rel_bias(torch.zeros(heads, 5, 13, 13)), 64,
+                                     "bfloat16", {"tiled": True})
     shapes["na2d_rel_bias_clipped"] = ((na | ir.sinks(4)) & window_table & scores.softcap(20.0)
                                        & scores.alibi(torch.ones(heads)), 64, "bfloat16",
                                        {"tiled": False})
