@@ -228,8 +228,8 @@ def _neighborhood_bounds(pat: Neighborhood, first, last, rule):
     positions ``[first, last]``, in original token order (no tiled layout; the planner's
     layout, ``planner/layout.py``, is where neighbourhoods get tight N-D tiles). 1-D with
     dilation 1 is exact (``rule`` is ``na_key_range`` or ``na_query_range``); otherwise
-    a band of whole grid rows of dimension 0 around them, with no full tiles: a token at
-    coordinate x only meets coordinates within (2 * kernel + stride) * dilation of x."""
+    whole rows of dimension 0: those ``rule`` reaches from the rows ``[first, last]``
+    span, per dilation group (exact in dimension 0), and no full tiles."""
     n, size = pat.shape[0], pat.size
     inside = gt0(size - first) * gt0(last + 1)  # some position of the range is in the grid
     first, last = sympy.Max(first, 0), sympy.Min(last, size - 1)
@@ -238,11 +238,36 @@ def _neighborhood_bounds(pat: Neighborhood, first, last, rule):
                                 SympyOps)
         lo, hi = sympy.Max(lo, 0), sympy.Min(hi, n - 1)
         return lo, lo - 1 + (hi - lo + 1) * inside, sympy.Max(flo, 0), sympy.Min(fhi, n - 1)
-    row = pat.row_strides[0]
-    reach = (2 * pat.kernel[0] + pat.stride[0]) * pat.dilation[0]
-    lo = sympy.Max(FloorDiv(first, row) - reach, 0) * row
-    hi = (sympy.Min(FloorDiv(last, row) + reach, n - 1) + 1) * row - 1
+    row = pat.row_strides[0] if pat.ndim > 1 else 1
+    lo, hi = _dim0_reach(pat, FloorDiv(first, row), FloorDiv(last, row), rule)
+    lo, hi = lo * row, (hi + 1) * row - 1
     return (lo, lo - 1 + (hi - lo + 1) * inside, *_NO_FULL)
+
+
+#: dilation groups of dimension 0 bounded one by one; above this, a band (few grids
+#: dilate dimension 0 this much, and each group adds to the printed bounds)
+_MAX_GROUPS = 8
+
+
+def _dim0_reach(pat: Neighborhood, x_first, x_last, rule):
+    """Inclusive dimension-0 coordinates ``rule`` reaches from coordinates ``[x_first,
+    x_last]`` (in the grid). Per dilation group: the group-local coordinates the range
+    holds (clamped into the group: a group the range misses adds a real token's reach,
+    which only widens the bound), then ``rule`` on them."""
+    n, d, k, s, c = (pat.shape[0], pat.dilation[0], pat.kernel[0], pat.stride[0],
+                     pat.causal[0])
+    if d > _MAX_GROUPS:  # no token reaches (2 * kernel + stride) * dilation rows away
+        reach = (2 * k + s) * d
+        return sympy.Max(x_first - reach, 0), sympy.Min(x_last + reach, n - 1)
+    los, his = [], []
+    for g in range(d):
+        ng = (n - g + d - 1) // d
+        i_first = sympy.Min(sympy.Max(ceil_div(x_first - g, d), 0), ng - 1)
+        i_last = sympy.Min(sympy.Max(FloorDiv(x_last - g, d), i_first), ng - 1)
+        lo, hi, _, _ = rule(i_first, i_last, ng, k, s, c, SympyOps)
+        los.append(sympy.Max(lo, 0) * d + g)
+        his.append(sympy.Min(hi, ng - 1) * d + g)
+    return _min(*los), _max(*his)
 
 
 def _query_tiles(i_lo, i_hi, if_lo, if_hi) -> TileSegment:

@@ -77,3 +77,33 @@ def test_key_side_bounds_are_tight_for_primitives(pattern, lq, lkv):
     visit, full, has, every = check_segments(pattern, lq, lkv, 32, 32, side="key")
     assert (visit == has).all()
     assert (full == every).all()
+
+
+@st.composite
+def neighbourhoods(draw):
+    ndim = draw(st.integers(1, 3))
+    shape = tuple(draw(st.integers(2, 9)) for _ in range(ndim))
+    kernel = tuple(draw(st.integers(1, n)) for n in shape)
+    dilation = tuple(draw(st.integers(1, max(1, n // k))) for n, k in zip(shape, kernel))
+    stride = tuple(draw(st.integers(1, k)) for k in kernel)
+    causal = tuple(draw(st.booleans()) for _ in range(ndim))
+    return sf.neighborhood(shape, kernel, dilation=dilation, stride=stride, causal=causal)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pattern=neighbourhoods(), extra_q=st.integers(-20, 20), extra_kv=st.integers(0, 20),
+       bm=st.sampled_from([16, 32]), bn=st.sampled_from([16, 32]),
+       side=st.sampled_from(["query", "key"]))
+def test_neighbourhood_bounds_in_original_order(pattern, extra_q, extra_kv, bm, bn, side):
+    """Original token order (decode, Lq != Lkv, layouts turned off): rows of dimension 0
+    per dilation group, from both sides, with tokens past the grid and Lq != Lkv."""
+    lkv = pattern.size + extra_kv
+    check_segments(pattern, max(1, lkv + extra_q), lkv, bm, bn, side=side)
+
+
+def test_neighbourhood_decode_visits_only_the_window_rows():
+    """One new token of a 64x64 grid (the last): its 7x7 window spans 7 rows of 64 keys,
+    so 7 kv tiles of 64, where a band of (2k + s) rows each side visited 16."""
+    pattern = sf.neighborhood((64, 64), 7)
+    visit, _, has, _ = check_segments(pattern, 1, 4096, 16, 64)
+    assert visit.sum() == has.sum() == 7
