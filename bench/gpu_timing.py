@@ -6,9 +6,11 @@ on the path)."""
 
 from __future__ import annotations
 
+import json
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -69,3 +71,15 @@ def result_header(device: str, dtype) -> dict:
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     return {"device": name, "torch": torch.__version__, "triton": triton.__version__,
             "sparseforge": sf.__version__, "dtype": str(dtype)}
+
+
+def write_result(device: str, dtype, rows: list, prefix: str, out: str | None) -> None:
+    """The rows with the header, as ``<out>/<prefix>_<device>.json`` (``out=None``: a
+    smoke run, nothing written)."""
+    result = {**result_header(device, dtype), "rows": rows}
+    if out is None:
+        return
+    path = Path(out) / f"{prefix}_{result['device'].replace(' ', '_')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")

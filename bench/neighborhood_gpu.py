@@ -21,14 +21,13 @@ import json
 import os
 import sys
 import tempfile
-from pathlib import Path
 
 if "--smoke" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["SPARSEFORGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="sf-bench-")  # cold compiles
 
 import torch  # noqa: E402
-from gpu_timing import flex_run, once, result_header, timed  # noqa: E402  (bench/ sibling)
+from gpu_timing import flex_run, once, timed, write_result  # noqa: E402  (bench/ sibling)
 
 import sparseforge as sf  # noqa: E402
 from sparseforge.ir.neighborhood import neighborhood_keep  # noqa: E402
@@ -137,12 +136,7 @@ def main(argv=None) -> int:
             rows.append(bench_case(name, shape, kernel, dilation, args.heads, d, args.repeats,
                                    device, dtype))
             print(json.dumps(rows[-1]), flush=True)
-    result = {**result_header(device, dtype), "rows": rows}
-    if not args.smoke:
-        path = Path(args.out) / f"neighborhood_{result['device'].replace(' ', '_')}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1))
-        print(f"wrote {path}")
+    write_result(device, dtype, rows, "neighborhood", None if args.smoke else args.out)
     return 0
 
 

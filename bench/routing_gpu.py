@@ -18,13 +18,12 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 if "--smoke" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
-from gpu_timing import flex_run, result_header, timed  # noqa: E402  (bench/ sibling)
+from gpu_timing import flex_run, timed, write_result  # noqa: E402  (bench/ sibling)
 
 import sparseforge as sf  # noqa: E402
 from sparseforge.ir.canonicalize import canonicalize  # noqa: E402
@@ -210,12 +209,7 @@ def main(argv=None) -> int:
         device, dtype, lengths = "cuda", torch.bfloat16, [int(x) for x in args.lengths.split(",")]
     rows = [r for n in lengths for r in run(n, args.heads, args.block, args.topk, args.repeats,
                                              device, dtype)]
-    result = {**result_header(device, dtype), "rows": rows}
-    if not args.smoke:
-        path = Path(args.out) / f"routing_{result['device'].replace(' ', '_')}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1))
-        print(f"wrote {path}")
+    write_result(device, dtype, rows, "routing", None if args.smoke else args.out)
     return 0
 
 

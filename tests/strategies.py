@@ -25,3 +25,15 @@ def static_patterns(max_leaves: int = 4):
         ),
         max_leaves=max_leaves,
     )
+
+
+@st.composite
+def neighbourhoods(draw, min_extent: int = 2):
+    """Random 1-3-D neighbourhoods: odd and even kernels, dilation, stride, causal axes."""
+    ndim = draw(st.integers(1, 3))
+    shape = tuple(draw(st.integers(min_extent, 9)) for _ in range(ndim))
+    kernel = tuple(draw(st.integers(1, n)) for n in shape)
+    dilation = tuple(draw(st.integers(1, max(1, n // k))) for n, k in zip(shape, kernel))
+    stride = tuple(draw(st.integers(1, k)) for k in kernel)
+    causal = tuple(draw(st.booleans()) for _ in range(ndim))
+    return sf.neighborhood(shape, kernel, dilation=dilation, stride=stride, causal=causal)

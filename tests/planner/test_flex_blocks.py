@@ -8,17 +8,12 @@ from hypothesis import strategies as st
 
 import sparseforge as sf
 from sparseforge.planner.flex_blocks import _dense_blocks, _neighborhood_blocks, flex_blocks
+from tests.strategies import neighbourhoods
 
 
 @st.composite
 def neighbourhood_problems(draw):
-    ndim = draw(st.integers(1, 3))
-    shape = tuple(draw(st.integers(3, 9)) for _ in range(ndim))
-    kernel = tuple(draw(st.integers(1, n)) for n in shape)
-    dilation = tuple(draw(st.integers(1, max(1, n // k))) for n, k in zip(shape, kernel))
-    stride = tuple(draw(st.integers(1, k)) for k in kernel)
-    causal = tuple(draw(st.booleans()) for _ in range(ndim))
-    pattern = sf.neighborhood(shape, kernel, dilation=dilation, stride=stride, causal=causal)
+    pattern = draw(neighbourhoods(min_extent=3))
     size = pattern.size
     q_len = draw(st.sampled_from([size, size + 5, max(1, size - 7)]))
     kv_len = draw(st.sampled_from([size, size + 9]))

@@ -9,7 +9,7 @@ import sparseforge as sf
 from sparseforge.ir import canonicalize
 from sparseforge.planner.ranges import hull_segment, tile_segments
 from sparseforge.planner.schedule import visit_matrices
-from tests.strategies import static_patterns
+from tests.strategies import neighbourhoods, static_patterns
 
 
 def brute_force_tiles(mask: np.ndarray, bm: int, bn: int, side: str = "query"):
@@ -77,17 +77,6 @@ def test_key_side_bounds_are_tight_for_primitives(pattern, lq, lkv):
     visit, full, has, every = check_segments(pattern, lq, lkv, 32, 32, side="key")
     assert (visit == has).all()
     assert (full == every).all()
-
-
-@st.composite
-def neighbourhoods(draw):
-    ndim = draw(st.integers(1, 3))
-    shape = tuple(draw(st.integers(2, 9)) for _ in range(ndim))
-    kernel = tuple(draw(st.integers(1, n)) for n in shape)
-    dilation = tuple(draw(st.integers(1, max(1, n // k))) for n, k in zip(shape, kernel))
-    stride = tuple(draw(st.integers(1, k)) for k in kernel)
-    causal = tuple(draw(st.booleans()) for _ in range(ndim))
-    return sf.neighborhood(shape, kernel, dilation=dilation, stride=stride, causal=causal)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
