@@ -180,7 +180,7 @@ def _check_multiple(owner, name, dims, sizes):
 # ------------------------------------------------------------------ the per-dimension rule
 
 
-def _group(x, d, ops):
+def dilation_group(x, d, ops):
     """(group g = x mod d, index in the group x // d) of a coordinate."""
     t = ops.fdiv(x, d)
     return x - t * d, t
@@ -205,8 +205,8 @@ def _causal_leader(i, ng, s, ops):
 
 def na_keep(xq, xk, n: int, k: int, d: int, s: int, causal: bool, ops):
     """Does query coordinate ``xq`` keep key coordinate ``xk`` in this dimension?"""
-    gq, i = _group(xq, d, ops)
-    gk, j = _group(xk, d, ops)
+    gq, i = dilation_group(xq, d, ops)
+    gk, j = dilation_group(xk, d, ops)
     return (gq == gk) & na_keep_in_group(i, j, group_extent(n, d, gq, ops), k, s, causal, ops)
 
 

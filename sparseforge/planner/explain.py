@@ -85,11 +85,12 @@ def explain(plan) -> str:
     return "\n".join(lines)
 
 
-
 def _walk_text(segments) -> str:
+    """How many ranges a kernel walks: a lone segment family is one loop over its runs."""
     if len(segments) == 1 and segments[0].runs > 1:
         return f"1 segment of {segments[0].runs} runs"
     return f"{len(segments)} segment(s)"
+
 
 def _box(tiling, block: int) -> str:
     """A kernel tile of ``block`` tokens as an N-D box."""

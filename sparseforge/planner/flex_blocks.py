@@ -13,7 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ir.neighborhood import Neighborhood, group_extent, na_key_range
+from ..ir.neighborhood import (
+    Neighborhood,
+    dilation_group,
+    grid_coordinate,
+    group_extent,
+    na_key_range,
+)
 from ..ir.nodes import PerHead
 from ..semantics import TorchOps, pair_mask
 
@@ -71,7 +77,7 @@ def _dense_blocks(pattern, q_len: int, kv_len: int, block: int) -> FlexBlocks:
 def _window_coordinates(x: torch.Tensor, n: int, k: int, d: int, s: int, causal: bool):
     """Per query coordinate ``x`` (one dimension), its kept key coordinates ``[X, k]`` and
     which of them exist (a causal window near the start holds fewer)."""
-    g, i = x % d, torch.div(x, d, rounding_mode="floor")
+    g, i = dilation_group(x, d, TorchOps)
     ng = group_extent(n, d, g, TorchOps)
     lo, hi, _, _ = na_key_range(i, i, ng, k, s, causal, TorchOps)
     lo, hi = torch.clamp(lo, min=0), torch.minimum(hi, ng - 1)
@@ -93,7 +99,7 @@ def _neighborhood_blocks(pattern: Neighborhood, q_len: int, kv_len: int,
     keys = torch.zeros(len(rows), 1, dtype=torch.long)
     kept = torch.ones(len(rows), 1, dtype=torch.bool)
     for dim, stride in enumerate(pattern.row_strides):
-        x = torch.div(p, stride, rounding_mode="floor") % pattern.shape[dim]
+        x = grid_coordinate(p, pattern.shape, dim, TorchOps)
         coords, ok = _window_coordinates(x, pattern.shape[dim], pattern.kernel[dim],
                                          pattern.dilation[dim], pattern.stride[dim],
                                          pattern.causal[dim])
@@ -107,4 +113,3 @@ def _neighborhood_blocks(pattern: Neighborhood, q_len: int, kv_len: int,
     whole = ((q_of + 1) * block <= q_len) & ((kv_of + 1) * block <= kv_len)
     full = int(((counts == block * block) & whole).sum())
     return FlexBlocks(len(ids), full, int(kept.sum()), block)
-

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import sympy
 
-from ..ir.neighborhood import Neighborhood, na_key_range, na_query_range
+from ..ir.neighborhood import Neighborhood, group_extent, na_key_range, na_query_range
 from ..ir.nodes import (
     Causal,
     Chunks,
@@ -261,7 +261,7 @@ def _dim0_reach(pat: Neighborhood, x_first, x_last, rule):
         return sympy.Max(x_first - reach, 0), sympy.Min(x_last + reach, n - 1)
     los, his = [], []
     for g in range(d):
-        ng = (n - g + d - 1) // d
+        ng = group_extent(n, d, g, SympyOps)
         i_first = sympy.Min(sympy.Max(ceil_div(x_first - g, d), 0), ng - 1)
         i_last = sympy.Min(sympy.Max(FloorDiv(x_last - g, d), i_first), ng - 1)
         lo, hi, _, _ = rule(i_first, i_last, ng, k, s, c, SympyOps)
