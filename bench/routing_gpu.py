@@ -28,10 +28,10 @@ from gpu_timing import flex_run, timed, write_result  # noqa: E402  (bench/ sibl
 import sparseforge as sf  # noqa: E402
 from sparseforge.ir.canonicalize import canonicalize  # noqa: E402
 from sparseforge.ir.routing import Clusters  # noqa: E402
-from sparseforge.routing.dag import kernel_routing_node  # noqa: E402
-from sparseforge.routing.launch import cluster_tiles, route_tiles  # noqa: E402
-from sparseforge.routing.reference import static_siblings  # noqa: E402
+from sparseforge.ir.split import static_siblings  # noqa: E402
+from sparseforge.planner.routing_steps import kernel_routing_node  # noqa: E402
 from sparseforge.runtime import dispatch, triton_launch  # noqa: E402
+from sparseforge.runtime.routed_tiles import cluster_tiles, route_tiles  # noqa: E402
 
 
 def patterns(block: int, k: int) -> dict:
@@ -62,7 +62,7 @@ def routed_mask_mod(pattern, extra, q, k, scale):
     pair, causal, or'ed with the static ``extra`` pairs; and the block selection
     ``[B, H, Cq, Ck]`` (None for clusters)."""
     from sparseforge.ir.routing import Clusters
-    from sparseforge.routing.reference import route
+    from sparseforge.routing.rules import route
 
     canonical = canonicalize(pattern)
     ((node, selection),) = route(canonical, q, k, scale).items()

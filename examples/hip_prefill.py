@@ -30,7 +30,7 @@ def hip_pattern():
 def main() -> None:
     for n in (8192, 32768, 131072):
         p = sf.plan(hip_pattern(), q_len=n, kv_len=n, head_dim=128, target="sm_90")
-        work = sum(s.work for s in p.routing)
+        work = sum(s.work for s in p.routing_steps)
         print(f"L={n:6d}: routing work {work / 1e9:.2f} G ops per (batch, head) "
               f"({work / (n * n * 128):.4f} of dense QK^T)")
     torch.manual_seed(0)

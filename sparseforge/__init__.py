@@ -1,48 +1,95 @@
 """sparseforge: a compiler for sparse attention patterns.
 
-The public API lives here and only here (DESIGN section 2).
+The public API lives here and only here. Each name is loaded from its module on first
+use (PEP 562), so ``import sparseforge`` costs almost nothing and Triton, sympy,
+networkx and matplotlib load only when a call needs them: the pattern constructors need
+none of them, planning needs sympy and networkx, the CPU path never imports Triton.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from ._version import __version__ as __version__
-from .aot.spec import BuildSpec
-from .ir.neighborhood import halo_blocks, maxvit_block, maxvit_grid, neighborhood, swin_window
-from .ir.nodes import (
-    Pattern,
-    causal,
-    chunks,
-    documents,
-    full,
-    global_queries,
-    per_head,
-    prefix_lm,
-    sinks,
-    sliding_window,
-    window,
-)
-from .ir.routing import (
-    clusters,
-    hierarchical,
-    threshold_blocks,
-    topk_blocks,
-    topk_chunks,
-    topk_keys,
-    vertical_slash,
-)
-from .ir.scores import alibi, alibi_slopes, rel_bias, softcap
-from .merge import merge
-from .modules import SparseAttention
-from .natten_api import na1d, na2d, na3d
-from .planner.plan import Plan, plan
-from .reference import dense_mask, reference_attention
-from .runtime.dispatch import attention
-from .runtime.prebuilt import load_kernels
+
+#: public name -> the module that defines it
+_PUBLIC = {
+    "BuildSpec": "aot.spec",
+    "Pattern": "ir.nodes", "causal": "ir.nodes", "chunks": "ir.nodes", "documents": "ir.nodes",
+    "full": "ir.nodes", "global_queries": "ir.nodes", "per_head": "ir.nodes",
+    "prefix_lm": "ir.nodes", "sinks": "ir.nodes", "sliding_window": "ir.nodes",
+    "window": "ir.nodes",
+    "halo_blocks": "ir.neighborhood", "maxvit_block": "ir.neighborhood",
+    "maxvit_grid": "ir.neighborhood", "neighborhood": "ir.neighborhood",
+    "swin_window": "ir.neighborhood",
+    "clusters": "ir.routing", "hierarchical": "ir.routing", "threshold_blocks": "ir.routing",
+    "topk_blocks": "ir.routing", "topk_chunks": "ir.routing", "topk_keys": "ir.routing",
+    "vertical_slash": "ir.routing",
+    "alibi": "ir.scores", "alibi_slopes": "ir.scores", "rel_bias": "ir.scores",
+    "softcap": "ir.scores",
+    "merge": "merging",
+    "SparseAttention": "modules",
+    "na1d": "natten_api", "na2d": "natten_api", "na3d": "natten_api",
+    "Plan": "planner.plan", "plan": "planner.plan",
+    "dense_mask": "oracle", "reference_attention": "oracle",
+    "attention": "api",
+    "load_kernels": "runtime.prebuilt",
+}
 
 __all__ = [
-    "BuildSpec", "Pattern", "Plan", "alibi", "alibi_slopes", "attention", "causal", "chunks",
-    "clusters",
-    "dense_mask", "documents", "full", "global_queries", "halo_blocks", "hierarchical", "load_kernels",
-    "maxvit_block", "maxvit_grid", "merge", "na1d", "na2d", "na3d", "neighborhood", "per_head", "plan",
-    "prefix_lm", "reference_attention", "rel_bias", "sinks", "sliding_window", "softcap",
-    "SparseAttention", "swin_window", "threshold_blocks", "topk_blocks", "topk_chunks", "topk_keys",
-    "vertical_slash", "window",
+    "BuildSpec", "Pattern", "Plan", "SparseAttention", "alibi", "alibi_slopes", "attention",
+    "causal", "chunks", "clusters", "dense_mask", "documents", "full", "global_queries",
+    "halo_blocks", "hierarchical", "load_kernels", "maxvit_block", "maxvit_grid", "merge", "na1d",
+    "na2d", "na3d", "neighborhood", "per_head", "plan", "prefix_lm", "reference_attention",
+    "rel_bias", "sinks", "sliding_window", "softcap", "swin_window", "threshold_blocks",
+    "topk_blocks", "topk_chunks", "topk_keys", "vertical_slash", "window",
 ]
+
+
+def __getattr__(name: str):
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sparseforge' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])
+
+
+if TYPE_CHECKING:  # what static tools and IDEs see: the same names, imported eagerly
+    from .aot.spec import BuildSpec
+    from .api import attention
+    from .ir.neighborhood import halo_blocks, maxvit_block, maxvit_grid, neighborhood, swin_window
+    from .ir.nodes import (
+        Pattern,
+        causal,
+        chunks,
+        documents,
+        full,
+        global_queries,
+        per_head,
+        prefix_lm,
+        sinks,
+        sliding_window,
+        window,
+    )
+    from .ir.routing import (
+        clusters,
+        hierarchical,
+        threshold_blocks,
+        topk_blocks,
+        topk_chunks,
+        topk_keys,
+        vertical_slash,
+    )
+    from .ir.scores import alibi, alibi_slopes, rel_bias, softcap
+    from .merging import merge
+    from .modules import SparseAttention
+    from .natten_api import na1d, na2d, na3d
+    from .oracle import dense_mask, reference_attention
+    from .planner.plan import Plan, plan
+    from .runtime.prebuilt import load_kernels

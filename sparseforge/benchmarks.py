@@ -2,7 +2,7 @@
 
 Times, in one run, sparseforge's CPU plan execution, dense SDPA with the boolean mask,
 and FlexAttention under torch.compile with the same mask (when it compiles on this
-machine); then the warm dispatch overhead of ``sf.attention`` (everything up to the
+machine); then the warm dispatch overhead of ``attention`` (everything up to the
 executor, measured by timing calls on a 1-token problem minus the executor itself).
 Writes JSON to bench/results/ with the machine and library versions.
 
@@ -12,14 +12,19 @@ Writes JSON to bench/results/ with the machine and library versions.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from pathlib import Path
 
 import torch
+import triton
 
-import sparseforge as sf
-
+from ._version import __version__
+from .aot.timing import cold_build_times
+from .api import attention
+from .ir.nodes import causal, sliding_window
+from .oracle import dense_mask, reference_attention
 from .runtime import dispatch
 
 
@@ -35,10 +40,11 @@ def best(fn, repeats):
 
 def flex_time(q, k, v, pattern, length, repeats):
     try:
+        # optional: FlexAttention exists from torch 2.5 on
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError as exc:  # pragma: no cover
         return None, f"unavailable: {exc}"
-    mask = sf.dense_mask(pattern, length, length)
+    mask = dense_mask(pattern, length, length)
 
     def mask_mod(b, h, i, j):
         return mask[i, j]
@@ -52,19 +58,19 @@ def flex_time(q, k, v, pattern, length, repeats):
 
 
 def dispatch_overhead_us(n=2000):
-    """Warm per-call cost of sf.attention's Python layer, executor excluded."""
+    """Warm per-call cost of attention's Python layer, executor excluded."""
     q = torch.randn(1, 1, 1, 16)
-    pattern = sf.causal()
-    sf.attention(q, q, q, pattern)
-    real = dispatch._forward
-    dispatch._forward = lambda *a: (a[4], None)  # stub the executor out
+    pattern = causal()
+    attention(q, q, q, pattern)
+    real = dispatch.execute_forward
+    dispatch.execute_forward = lambda *a: (a[4], None)  # stub the executor out
     try:
         t = time.perf_counter()
         for _ in range(n):
-            sf.attention(q, q, q, pattern)
+            attention(q, q, q, pattern)
         return (time.perf_counter() - t) / n * 1e6
     finally:
-        dispatch._forward = real
+        dispatch.execute_forward = real
 
 
 def _cpu_model() -> str:
@@ -80,10 +86,6 @@ def _cpu_model() -> str:
 
 def run_environment() -> dict:
     """Where a benchmark ran: the device (GPU name, or the CPU when none) and versions."""
-    import os
-
-    import triton
-
     if torch.cuda.is_available():
         device = {"kind": "cuda", "name": torch.cuda.get_device_name(),
                   "capability": "sm_{}{}".format(*torch.cuda.get_device_capability())}
@@ -92,7 +94,7 @@ def run_environment() -> dict:
     device.update(cpus=os.cpu_count(), torch_threads=torch.get_num_threads(),
                   platform=platform.platform())
     return {"device": device,
-            "versions": {"torch": torch.__version__, "sparseforge": sf.__version__,
+            "versions": {"torch": torch.__version__, "sparseforge": __version__,
                          "triton": triton.__version__, "python": platform.python_version()}}
 
 
@@ -107,13 +109,11 @@ def _save(result: dict, results_dir: str, name: str) -> dict:
 
 def build_and_dispatch(results_dir="bench/results", archs=("sm_80", "sm_90")):
     """Issue 7's bench: cold build time per kernel and warm dispatch overhead."""
-    from .aot.timing import cold_build_times
-
     result = {
         "benchmark": "cold_build_and_dispatch",
         "cold_build": cold_build_times(archs),
         "warm_dispatch_overhead_us": dispatch_overhead_us(),
-        "warm_dispatch_note": "sf.attention's Python layer on CPU tensors, executor stubbed out; "
+        "warm_dispatch_note": "attention's Python layer on CPU tensors, executor stubbed out; "
                               "GPU launch overhead needs a device",
     }
     return _save(result, results_dir, "cold_build_and_dispatch")
@@ -122,15 +122,15 @@ def build_and_dispatch(results_dir="bench/results", archs=("sm_80", "sm_90")):
 def main(length=4096, repeats=5, with_flex=True, window=256, heads=4, head_dim=64,
          results_dir="bench/results"):
     torch.manual_seed(0)
-    pattern = sf.sliding_window(window)
+    pattern = sliding_window(window)
     q, k, v = (torch.randn(1, heads, length, head_dim) for _ in range(3))
-    mask = sf.dense_mask(pattern, length, length)
-    ours = best(lambda: sf.attention(q, k, v, pattern), repeats)
+    mask = dense_mask(pattern, length, length)
+    ours = best(lambda: attention(q, k, v, pattern), repeats)
     sdpa = best(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask),
                 repeats)
     flex, flex_status = flex_time(q, k, v, pattern, length, repeats) if with_flex else (None, "skipped")
-    out = sf.attention(q, k, v, pattern).double()
-    err = (out - sf.reference_attention(q, k, v, pattern).double()).abs().max().item()
+    out = attention(q, k, v, pattern).double()
+    err = (out - reference_attention(q, k, v, pattern).double()).abs().max().item()
     result = {
         "benchmark": "cpu_sliding_window", "pattern": repr(pattern),
         "shape": {"B": 1, "H": heads, "L": length, "D": head_dim, "dtype": "float32"},

@@ -8,6 +8,18 @@ import shutil
 from pathlib import Path
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from . import benchmarks
+from .aot.build import build as run_build
+from .aot.spec import load_spec_file, select_specs, split_spec_argument
+from .demo import run_demo
+from .ir.patterns_parse import parse_pattern
+from .planner.plan import plan as make_plan
+from .runtime.binary_cache import binary_dir, verify_cache
+from .runtime.cache import kernel_dir
+from .runtime.compile import parse_arch
 
 app = typer.Typer(help="sparseforge: compile sparse attention patterns to Triton kernels.",
                   no_args_is_help=True, add_completion=False)
@@ -21,8 +33,6 @@ def demo(length: int = typer.Option(4096, help="sequence length"),
          sinks: int = typer.Option(4, help="attention sinks"),
          as_json: bool = typer.Option(False, "--json", help="print JSON")):
     """Sliding window + sinks on CPU: the plan, time vs dense SDPA, error vs the oracle."""
-    from .demo import run_demo
-
     r = run_demo(length=length, window=window, n_sinks=sinks)
     if as_json:
         typer.echo(json.dumps(r, indent=1))
@@ -92,15 +102,10 @@ def plan_cmd(target: str = typer.Argument(..., metavar="SPEC_FILE[:NAME] | PATTE
 
 
 def _plans_for(target, arch, q_len, kv_len, head_dim, dtype) -> list:
-    from .aot.spec import load_spec_file, select_specs, split_spec_argument
-
     path, name = split_spec_argument(target)
     if path.suffix == ".py" or path.is_file():
         specs = select_specs(load_spec_file(path), name, str(path))
         return [(s.name, s.plan(arch)) for s in specs]
-    from . import plan as make_plan
-    from .ir.patterns_parse import parse_pattern
-
     return [(None, make_plan(parse_pattern(target), q_len=q_len, kv_len=kv_len or q_len,
                              head_dim=head_dim, dtype=dtype, target=arch))]
 
@@ -117,12 +122,6 @@ def build(spec_file: Path = typer.Argument(..., metavar="SPEC_FILE[:NAME]",
     Writes cubins, manifest.json (registers, spills, shared memory, wgmma use, hashes)
     and report.md to --out. Load them at run time with sf.load_kernels(OUT) or the
     environment variable SPARSEFORGE_KERNELS=OUT."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from .aot.build import build as run_build
-    from .aot.spec import load_spec_file, select_specs, split_spec_argument
-    from .runtime.compile import parse_arch
-
     path, name = split_spec_argument(str(spec_file))
     archs = [a.strip() for a in arch.split(",") if a.strip()]
     with _user_errors():
@@ -146,8 +145,6 @@ def build(spec_file: Path = typer.Argument(..., metavar="SPEC_FILE[:NAME]",
 
 
 def _stderr_console():
-    from rich.console import Console
-
     return Console(stderr=True)
 
 
@@ -161,8 +158,6 @@ def bench(length: int = typer.Option(4096, help="sequence length of the CPU atte
 
     CPU attention (sliding window vs dense SDPA and compiled FlexAttention), cold build
     time per kernel for sm_80/sm_90, and the warm dispatch overhead of sf.attention."""
-    from . import benchmarks
-
     if attention:
         benchmarks.main(length=length, repeats=repeats, with_flex=flex)
     if build:
@@ -172,9 +167,6 @@ def bench(length: int = typer.Option(4096, help="sequence length of the CPU atte
 @cache_app.command("ls")
 def cache_ls(as_json: bool = typer.Option(False, "--json", help="print JSON")):
     """List cached kernel sources and compiled binaries."""
-    from .runtime.binaries import binary_dir
-    from .runtime.cache import kernel_dir
-
     root, bins = kernel_dir(), binary_dir()
     rows = [{"kind": "source", "file": p.name, "bytes": p.stat().st_size}
             for p in sorted(root.glob("*.py"))] if root else []
@@ -194,8 +186,6 @@ def cache_verify(remove: bool = typer.Option(False, "--remove", help="delete dam
     """Check every cache entry against its hash (exit status 1 if any is damaged).
 
     Damaged entries are never used either way: they are rebuilt on next use."""
-    from .runtime.binaries import verify_cache
-
     problems = verify_cache(remove=remove)
     if as_json:
         typer.echo(json.dumps([{"entry": e, "problem": p} for e, p in problems], indent=1))
@@ -209,8 +199,6 @@ def cache_verify(remove: bool = typer.Option(False, "--remove", help="delete dam
 @cache_app.command("clear")
 def cache_clear():
     """Delete the kernel cache (sources and binaries) of this Triton version."""
-    from .runtime.cache import kernel_dir
-
     d = kernel_dir()
     if d is None:
         typer.echo("cache is read-only: nothing to clear")

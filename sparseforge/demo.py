@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from .api import attention
 from .benchmarks import best
 from .ir.nodes import sinks, sliding_window
+from .oracle import dense_mask, reference_attention
 from .planner.plan import plan
-from .reference import dense_mask, reference_attention
-from .runtime.dispatch import attention
 
 
 def run_demo(length: int = 4096, window: int = 256, n_sinks: int = 4, heads: int = 4,

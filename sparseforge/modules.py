@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from .api import attention
 from .ir.nodes import Pattern
-from .runtime.dispatch import BACKENDS, attention
+from .runtime.dispatch import BACKENDS
 
 
 class SparseAttention(torch.nn.Module):

@@ -21,10 +21,11 @@ from functools import lru_cache
 
 import torch
 
+from .api import attention
 from .ir.neighborhood import neighborhood
 from .ir.nodes import full
-from .merge import merge
-from .runtime.dispatch import BACKENDS, attention
+from .merging import merge
+from .runtime.dispatch import BACKENDS
 
 
 @lru_cache(maxsize=256)

@@ -1,4 +1,4 @@
-"""The semantics table of DESIGN section 3, written literally with torch integer ops.
+"""The semantics table of docs/semantics.md, written literally with torch integer ops.
 
 ``pair_mask`` is the one definition of "which pairs interact" on the torch side: the
 oracle (``dense_mask``) evaluates it on the full grid, and the CPU execution path
@@ -27,39 +27,9 @@ from .ir.nodes import (
     Window,
     walk,
 )
+from .ir.ops import TorchOps
 from .ir.routing import DynamicPattern, TopkKeys
 from .ir.scores import Alibi, RelBias, Softcap, rel_index, score_spec, score_terms, strip_scores
-
-
-def _pairwise(on_ints, on_tensors, a, b):
-    """``on_ints`` of two ints, else ``on_tensors`` with ints made tensors beside the other."""
-    if isinstance(a, int) and isinstance(b, int):
-        return on_ints(a, b)
-    device = (a if isinstance(a, torch.Tensor) else b).device
-    return on_tensors(torch.as_tensor(a, device=device), torch.as_tensor(b, device=device))
-
-
-class TorchOps:
-    """Integer operations on torch tensors (or ints), for rules written once over an
-    ``ops`` namespace (``sparseforge.ir.neighborhood``, ``planner.layout``)."""
-
-    @staticmethod
-    def fdiv(a, b):
-        if isinstance(a, int) and isinstance(b, int):
-            return a // b
-        return torch.div(a, b, rounding_mode="floor")
-
-    @staticmethod
-    def min(a, b):
-        return _pairwise(min, torch.minimum, a, b)
-
-    @staticmethod
-    def max(a, b):
-        return _pairwise(max, torch.maximum, a, b)
-
-    @staticmethod
-    def where(cond, a, b):
-        return torch.where(cond, a, b)
 
 
 def pair_mask(pattern: Pattern, i: torch.Tensor, j: torch.Tensor, q_len: int,
@@ -204,7 +174,7 @@ def softcap_value(pattern: Pattern) -> float | None:
 def modified_scores(pattern: Pattern, s: torch.Tensor, heads: torch.Tensor, p: torch.Tensor,
                     j: torch.Tensor) -> torch.Tensor:
     """Every modifier of a head pattern applied to scaled scores ``s`` (see
-    ``biased_scores``), in DESIGN's order: alibi, rel_bias, then softcap."""
+    ``biased_scores``), in the specified order (docs/semantics.md): alibi, rel_bias, then softcap."""
     s = biased_scores(pattern, s, heads, p, j)
     cap = softcap_value(pattern)
     return s if cap is None else cap * torch.tanh(s / cap)

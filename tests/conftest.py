@@ -22,6 +22,11 @@ settings.register_profile("ci", derandomize=True, print_blob=True)
 settings.register_profile("explore", derandomize=False, print_blob=True)
 settings.load_profile("ci")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two xdist workers share this project's 2-core CI machines: one intra-op thread each,
+    # or their torch thread pools oversubscribe the cores
+    torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
@@ -35,14 +40,14 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture()
 def launched_kinds(monkeypatch):
     """The kernel kinds (forward, backward_dq, ...) the Triton path looks up, in order."""
-    from sparseforge.runtime import triton_launch
+    from sparseforge.runtime import sources
 
     seen = []
-    real = triton_launch.kernel_function
+    real = sources.kernel_function
 
     def spy(plan, index, interpret, kind="forward"):
         seen.append(kind)
         return real(plan, index, interpret, kind)
 
-    monkeypatch.setattr(triton_launch, "kernel_function", spy)
+    monkeypatch.setattr(sources, "kernel_function", spy)
     return seen

@@ -1,4 +1,4 @@
-"""The oracle implements DESIGN section 3 literally: checked against plain Python loops."""
+"""The oracle implements docs/semantics.md literally: checked against plain Python loops."""
 
 import math
 
@@ -63,3 +63,20 @@ def test_reference_equals_sdpa_on_causal():
     ref = sf.reference_attention(q, k, v, sf.causal())
     sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     torch.testing.assert_close(ref, sdpa)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bf16_tolerance_rejects_an_off_by_one_window(backend):
+    """``sliding_window(64)`` judged against the oracle of ``sliding_window(63)`` at L=70
+    in bf16 differs by one key per row: the comparison must fail, on the output and on
+    the lse, while the right window passes."""
+    from tests.helpers import LSE_TOL, assert_matches_oracle, output_tolerance
+
+    q, k, v = random_qkv(1, 2, 2, 70, 70, 32, dtype=torch.bfloat16)
+    assert_matches_oracle(sf.sliding_window(64), q, k, v, backend)
+    out, lse = sf.attention(q, k, v, sf.sliding_window(64), return_lse=True, backend=backend)
+    ref, ref_lse = sf.reference_attention(q, k, v, sf.sliding_window(63), return_lse=True)
+    out_err = (out.double() - ref.double()).abs().max().item()
+    lse_err = (lse.double() - ref_lse.double()).abs().max().item()
+    assert out_err > output_tolerance(ref, v), out_err
+    assert lse_err > LSE_TOL[torch.bfloat16] * ref_lse.abs().max().item(), lse_err

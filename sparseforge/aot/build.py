@@ -2,7 +2,7 @@
 on a machine with no GPU, into a directory that ``sf.load_kernels`` loads.
 
 The output directory holds, per kernel and target, the cubin and Triton's metadata, the
-rendered source (``src/``), ``manifest.json`` (DESIGN section 2: one entry per compiled
+rendered source (``src/``), ``manifest.json`` (docs/aot.md: one entry per compiled
 kernel with name, arch, kind, cubin path, registers, spills, shared memory, wgmma use,
 source and file hashes) and ``report.md`` for people.
 
@@ -29,13 +29,14 @@ import triton
 
 from .._env import patched_environ
 from .._version import __version__
-from ..codegen.render import TEMPLATE_VERSION
+from ..codegen.templates import TEMPLATE_VERSION
 from ..planner.tiles import DECODE_MAX_Q
 from ..runtime.binaries import KernelBinary, kernel_key
+from ..runtime.binary_cache import cached_binary
 from ..runtime.cache import write_if_different
 from ..runtime.compile import parse_arch, plan_target
 from ..runtime.prebuilt import MANIFEST, MANIFEST_FORMAT
-from ..runtime.triton_launch import rendered
+from ..runtime.sources import rendered
 from .spec import BuildSpec
 
 
@@ -79,8 +80,6 @@ def plan_jobs(specs: list[BuildSpec], archs: list[str]) -> tuple[dict[str, Build
 
 def _build_job(job: BuildJob) -> tuple[KernelBinary, float, bool, str]:
     """Worker: (binary, seconds, compiled now?, rendered source)."""
-    from ..runtime.binaries import cached_binary
-
     torch.set_num_threads(1)
     p = job.spec.plan(plan_target(job.arch))
     t = time.perf_counter()

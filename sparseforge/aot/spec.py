@@ -1,7 +1,7 @@
 """Build specs: which kernels a model needs, declared in a Python module.
 
 A spec file is a Python module that defines ``SPECS``, a list of ``sf.BuildSpec``
-(DESIGN section 2). It is the user's own code, imported like a ``setup.py``; nothing
+(docs/aot.md). It is the user's own code, imported like a ``setup.py``; nothing
 from it reaches a template except through the IR, which validates every number.
 """
 

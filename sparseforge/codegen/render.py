@@ -13,13 +13,19 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import NamedTuple
 
-import jinja2
-
-from .._version import __version__
-from ..ir.routing import is_dynamic
+from ..ir.nodes import walk
+from ..ir.ops import TritonOps, TritonText
+from ..ir.routing import (
+    Clusters,
+    DynamicPattern,
+    ThresholdBlocks,
+    TopkChunks,
+    TopkKeys,
+    VerticalSlash,
+    is_dynamic,
+)
 from ..ir.scores import ScoreSpec, rel_index
 from ..planner.plan import KernelPlan, Plan
 from ..planner.ranges import (
@@ -36,73 +42,41 @@ from ..planner.ranges import (
 )
 from ..planner.symbolic import BLOCK_M, BLOCK_N, TRITON_NAMES, to_triton
 from .predicate import (
-    TritonOps,
-    TritonText,
     positions_prelude,
     predicate_prelude,
     slug,
     triton_predicate,
 )
+from .templates import TEMPLATES, render
 
-TEMPLATE_VERSION = 5  # of the templates as a set: part of every cache key
+
+def padded_pow2(n: int) -> int:
+    """The power of two at or above ``n`` (>= 1): the padded sizes of ``tl.arange``."""
+    return 1 << max(0, n - 1).bit_length()
 
 
 class KernelKind(NamedTuple):
-    template: str
+    template: str  # a key of ``templates.TEMPLATES``
     prefix: str  # of the kernel name
-    family: str  # what the manifest calls it (DESIGN: forward/backward/decode/routing)
     config: str  # the Plan field holding its tiles
     segments: str  # the KernelPlan field holding the segments it walks
     side: str  # whose tiles those segments bound: "query" (kv tiles) or "key" (query tiles)
     permuted: bool  # runs on the plan's dilation-group permutation (else original order)
 
+    @property
+    def family(self) -> str:  # what the manifest calls it: forward/backward/decode
+        return TEMPLATES[self.template].family
+
 
 KINDS = {
-    "forward": KernelKind("forward.py.jinja", "fwd", "forward", "config", "walked_segments",
-                          "query", True),
-    "backward_dq": KernelKind("backward_dq.py.jinja", "bwd_dq", "backward", "backward_dq",
-                              "walked_segments", "query", True),
-    "backward_dkdv": KernelKind("backward_dkdv.py.jinja", "bwd_dkdv", "backward", "backward_dkdv",
-                                "key_segments", "key", True),
-    "decode": KernelKind("decode.py.jinja", "dec", "decode", "decode", "decode_segments", "query",
-                         False),
+    "forward": KernelKind("forward", "fwd", "config", "walked_segments", "query", True),
+    "backward_dq": KernelKind("backward_dq", "bwd_dq", "backward_dq", "walked_segments", "query",
+                              True),
+    "backward_dkdv": KernelKind("backward_dkdv", "bwd_dkdv", "backward_dkdv", "key_segments",
+                                "key", True),
+    "decode": KernelKind("decode", "dec", "decode", "decode_segments", "query", False),
 }
 _DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
-_SCHEDULES = ("segments", "hull", "dense")
-_DOT_PRECISIONS = ("", ', input_precision="ieee"')
-# what printed expressions, kernel names and reprs of the IR may contain: no quotes,
-# newlines, backslashes, or anything else that could end a comment or a string
-_SAFE_TEXT = re.compile(r"[A-Za-z0-9_ ()+\-*/%<>=&|!~.,:\[\]]*")
-
-
-class UnsafeTemplateValue(ValueError):
-    """A value outside what the template accepts was about to be rendered."""
-
-
-def check_context(value, path: str = "context") -> None:
-    """Only ints, bools, and text from our printers (checked against ``_SAFE_TEXT``)
-    reach a template; anything else is a bug upstream and stops rendering here."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            check_context(v, f"{path}.{k}")
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            check_context(v, f"{path}[{i}]")
-    elif isinstance(value, str):
-        if not _SAFE_TEXT.fullmatch(value):
-            raise UnsafeTemplateValue(f"{path}={value!r}: not a printed expression or name")
-    elif not isinstance(value, int):  # bool is an int
-        raise UnsafeTemplateValue(f"{path}: {type(value).__name__} cannot reach a template")
-
-
-@lru_cache(maxsize=1)
-def _environment() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.PackageLoader("sparseforge", "templates"),
-        undefined=jinja2.StrictUndefined,
-        autoescape=False,
-        keep_trailing_newline=True,
-    )
 
 
 @dataclass(frozen=True)
@@ -167,10 +141,6 @@ def _segment_texts(s: int, seg, tiles: dict, side: str = "query") -> dict:
     return out
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 def _score_context(score: ScoreSpec, cfg) -> dict:
     """Which score modifiers the kernel applies, and the static sizes of the rel_bias
     gradient (table entries padded to a power of two; diagonals of a dK/dV tile)."""
@@ -180,24 +150,14 @@ def _score_context(score: ScoreSpec, cfg) -> dict:
                 rel_bias=score.rel_bias, rel_index=rel_text,
                 rel_grad=score.rel_grad,
                 rel_radius=max(score.rel_radius, 0),
-                bias_t_pad=_next_pow2(2 * max(score.rel_radius, 0) + 1),
-                bias_chunk=_next_pow2(cfg.block_m + cfg.block_n - 1))
+                bias_t_pad=padded_pow2(2 * max(score.rel_radius, 0) + 1),
+                bias_chunk=padded_pow2(cfg.block_m + cfg.block_n - 1))
 
 
 def _routing_context(pattern, kv_len: int) -> dict:
     """Which routed walk the forward kernel takes: key buckets (top-k / coverage) or lines
     (vertical_slash: columns and diagonals), with the binary searches' unrolled steps
     (enough for the longest selection a row can hold)."""
-    from ..ir.nodes import walk
-    from ..ir.routing import (
-        Clusters,
-        DynamicPattern,
-        ThresholdBlocks,
-        TopkChunks,
-        TopkKeys,
-        VerticalSlash,
-    )
-
     nodes = [n for n in walk(pattern) if isinstance(n, DynamicPattern)] if pattern else []
     context = dict(routed_lines=False, col_steps=0, off_steps=0, sel_steps=0, key_bias=False,
                    remapped=False)
@@ -245,10 +205,6 @@ def render_kernel(plan: Plan, kernel_index: int = 0, kind: str = "forward") -> K
     sort_pairs = [(j, j + 1) for i in range(n) for j in range(n - 1 - i)]
     name = kernel_name(plan, kernel, kind)
     context = dict(
-        version=__version__,
-        template_version=TEMPLATE_VERSION,
-        name=name,
-        pattern_repr=repr(kernel.pattern).replace("'", ""),  # a comment: enum names unquoted
         schedule=kernel.schedule,
         groups=groups,
         segments=segments,
@@ -265,14 +221,10 @@ def render_kernel(plan: Plan, kernel_index: int = 0, kind: str = "forward") -> K
         dot_precision=', input_precision="ieee"' if plan.dtype == "float32" else "",
         **_score_context(kernel.score, cfg),
     )
-    if kernel.schedule not in _SCHEDULES:
-        raise UnsafeTemplateValue(f"schedule={kernel.schedule!r}: expected one of {_SCHEDULES}")
-    check_context({k: v for k, v in context.items() if k != "dot_precision"})
-    if context["dot_precision"] not in _DOT_PRECISIONS:
-        raise UnsafeTemplateValue(f"dot_precision={context['dot_precision']!r}")
-    source = _environment().get_template(spec.template).render(**context)
-    digest = hashlib.sha256(source.encode()).hexdigest()
+    # the header comment: the pattern's repr, enum names unquoted
+    rendered = render(spec.template, name, context, comment=repr(kernel.pattern).replace("'", ""))
     options = (("num_warps", cfg.num_warps), ("num_stages", cfg.num_stages))
     constexprs = (("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n), ("HEAD_DIM", plan.head_dim),
                   ("D_PAD", plan.padded_head_dim), ("GROUPS", groups))
-    return KernelSource(name, source, digest, kernel_index, options, kind, constexprs)
+    return KernelSource(name, rendered.source, rendered.sha256, kernel_index, options, kind,
+                        constexprs)

@@ -38,9 +38,10 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from ..api import attention
 from ..ir.nodes import Pattern, causal, documents, full, sliding_window
+from ..ir.patterns_parse import parse_pattern
 from ..ir.scores import Softcap, score_terms, softcap
-from ..runtime.dispatch import attention
 
 NAME = "sparseforge"
 PatternChoice = Pattern | str | Callable[[int | None], Pattern]
@@ -65,8 +66,6 @@ def use_pattern(pattern: PatternChoice) -> Iterator[None]:
 
 def _as_pattern(choice: PatternChoice, layer_idx: int | None) -> Pattern:
     if isinstance(choice, str):
-        from ..ir.patterns_parse import parse_pattern
-
         choice = parse_pattern(choice)
     elif not isinstance(choice, Pattern):
         choice = choice(layer_idx)
@@ -152,7 +151,7 @@ def sparseforge_mask(batch_size: int, q_length: int, kv_length: int, q_offset: i
 
 def register() -> None:
     """Make ``attn_implementation="sparseforge"`` available to transformers models."""
-    from transformers import AttentionInterface
+    from transformers import AttentionInterface  # optional dependency: the [hf] extra
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(NAME, sparseforge_attention_forward)

@@ -1,35 +1,6 @@
-"""Pattern IR: nodes, constructors and canonicalisation passes."""
+"""Pattern IR: frozen-dataclass nodes (``nodes``, ``neighborhood``, ``routing``, ``scores``),
+canonicalisation (``canonicalize``), the routed pattern's parts (``split``), the ``ops``
+namespaces rules are written against (``ops``) and the repr parser (``patterns_parse``).
 
-from .canonicalize import canonicalize, expression_dag, is_empty
-from .nodes import (
-    Causal,
-    Chunks,
-    Documents,
-    Empty,
-    Full,
-    GlobalQueries,
-    Intersection,
-    Pattern,
-    PerHead,
-    Sinks,
-    Union,
-    Window,
-    causal,
-    chunks,
-    documents,
-    full,
-    global_queries,
-    per_head,
-    prefix_lm,
-    sinks,
-    sliding_window,
-    walk,
-    window,
-)
-
-__all__ = [
-    "Causal", "Chunks", "Documents", "Empty", "Full", "GlobalQueries", "Intersection",
-    "Pattern", "PerHead", "Sinks", "Union", "Window", "canonicalize", "causal", "chunks",
-    "documents", "expression_dag", "full", "global_queries", "is_empty", "per_head",
-    "prefix_lm", "sinks", "sliding_window", "walk", "window",
-]
+Import the modules themselves: this package imports nothing, so constructing a pattern
+does not load networkx (only canonicalisation needs it)."""

@@ -3,7 +3,7 @@
 ``neighborhood(shape, kernel, dilation, stride, causal)`` is the pattern of neighbourhood
 attention (Hassani et al., "Neighborhood Attention Transformer", CVPR 2023), its dilated
 form (DiNAT, Hassani & Shi 2022) and strided/generalised form (GNA, Hassani et al. 2025),
-in 1, 2 or 3 dimensions, every parameter per dimension. The rule is DESIGN section 3,
+in 1, 2 or 3 dimensions, every parameter per dimension. The rule is docs/semantics.md's,
 which is NATTEN's: per dimension, tokens split into ``dilation`` groups by residue; in a
 group a query sees ``kernel`` keys around a centre that shifts inward at the borders
 (non-causal) or the ``kernel`` keys ending at its stride leader (causal). A pair
@@ -114,7 +114,7 @@ def neighborhood(shape, kernel, dilation=1, stride=1, causal=False) -> Pattern:
     around each query (NAT, Hassani et al. 2023), every ``dilation``-th token (DiNAT,
     Hassani & Shi 2022), one window per ``stride`` queries (GNA, Hassani et al. 2025),
     ``causal`` per dimension (e.g. along time in video). Exactly NATTEN's ``na1d/2d/3d``
-    mask (DESIGN section 3); windows shift inward at the borders so every query sees
+    mask (docs/semantics.md); windows shift inward at the borders so every query sees
     ``prod(kernel)`` keys.
     """
     n = len(_shape("neighborhood", shape))
@@ -163,7 +163,7 @@ def halo_blocks(shape, block, halo) -> Pattern:
     Parameter Efficient Visual Backbones", CVPR 2021): queries in ``block``-sized blocks
     see their block plus ``halo`` tokens around it: ``kernel = block + 2 * halo``,
     ``stride = block``. At the image border NATTEN's rule shifts the window inward (every
-    query sees the full kernel) where HaloNet pads with zeros; DESIGN follows NATTEN."""
+    query sees the full kernel) where HaloNet pads with zeros; sparseforge follows NATTEN."""
     dims = _shape("halo_blocks", shape)
     b = _per_dim("halo_blocks", "block", block, len(dims), 1)
     h = _per_dim("halo_blocks", "halo", halo, len(dims), 0)

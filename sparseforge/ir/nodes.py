@@ -2,7 +2,7 @@
 
 Every node is plain immutable data with a readable ``repr`` that is also the Python
 expression that builds it, so a canonicalised pattern prints as something a user can
-paste back. Semantics (DESIGN section 3) live in ``sparseforge.semantics``; this module
+paste back. Semantics (docs/semantics.md) live in ``sparseforge.semantics``; this module
 only holds structure and validation.
 
 Positions: query ``i`` in [0, Lq), key ``j`` in [0, Lkv); the query's absolute position
@@ -14,8 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 
-def _check_int(owner: str, name: str, value: Any, minimum: int) -> None:
+
+def check_int(owner: str, name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{owner}({name}={value!r}): {name} must be an int, got {type(value).__name__}")
     if value < minimum:
@@ -74,9 +76,9 @@ class Window(Pattern):
     dilation: int = 1
 
     def __post_init__(self) -> None:
-        _check_int("window", "left", self.left, 0)
-        _check_int("window", "right", self.right, 0)
-        _check_int("window", "dilation", self.dilation, 1)
+        check_int("window", "left", self.left, 0)
+        check_int("window", "right", self.right, 0)
+        check_int("window", "dilation", self.dilation, 1)
 
     def __repr__(self) -> str:
         dil = f", dilation={self.dilation}" if self.dilation != 1 else ""
@@ -90,7 +92,7 @@ class Sinks(Pattern):
     n: int
 
     def __post_init__(self) -> None:
-        _check_int("sinks", "n", self.n, 0)
+        check_int("sinks", "n", self.n, 0)
 
     def __repr__(self) -> str:
         return f"sinks({self.n})"
@@ -103,7 +105,7 @@ class GlobalQueries(Pattern):
     n: int
 
     def __post_init__(self) -> None:
-        _check_int("global_queries", "n", self.n, 0)
+        check_int("global_queries", "n", self.n, 0)
 
     def __repr__(self) -> str:
         return f"global_queries({self.n})"
@@ -116,7 +118,7 @@ class Chunks(Pattern):
     size: int
 
     def __post_init__(self) -> None:
-        _check_int("chunks", "size", self.size, 1)
+        check_int("chunks", "size", self.size, 1)
 
     def __repr__(self) -> str:
         return f"chunks({self.size})"
@@ -136,8 +138,6 @@ class Documents(Pattern):
     kv_ids: Any = None
 
     def __post_init__(self) -> None:
-        import torch
-
         for name, t in (("ids", self.ids), ("kv_ids", self.kv_ids)):
             if t is None and name == "kv_ids":
                 continue
@@ -265,7 +265,7 @@ def window(left: int, right: int, dilation: int = 1) -> Pattern:
 
 def sliding_window(size: int) -> Pattern:
     """Causal window of ``size`` keys including the query's own (Mistral, Longformer-causal)."""
-    _check_int("sliding_window", "size", size, 1)
+    check_int("sliding_window", "size", size, 1)
     return Window(size - 1, 0, 1)
 
 
@@ -291,7 +291,7 @@ def documents(ids: Any, kv_ids: Any = None) -> Pattern:
 
 def prefix_lm(n: int) -> Pattern:
     """Prefix-LM: causal, plus the first ``n`` keys (the prefix) visible to all."""
-    _check_int("prefix_lm", "n", n, 0)
+    check_int("prefix_lm", "n", n, 0)
     return Union((Causal(), Sinks(n)))
 
 

@@ -10,7 +10,7 @@ import ast
 import re
 from functools import lru_cache
 
-from . import neighborhood, nodes
+from . import neighborhood, nodes, scores
 
 CONSTRUCTORS = {name: getattr(nodes, name) for name in (
     "full", "causal", "window", "sliding_window", "sinks", "global_queries", "chunks",
@@ -112,8 +112,6 @@ def _repr_value(node, text, tensors):
 
 
 def _repr_constructors() -> dict:
-    from . import scores
-
     table = dict(CONSTRUCTORS)
     table.update(empty=nodes.Empty, documents=nodes.documents, per_head=nodes.per_head,
                  softcap=scores.softcap, alibi=scores.alibi, rel_bias=scores.rel_bias)

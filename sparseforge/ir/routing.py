@@ -1,8 +1,9 @@
 """Content-dependent (dynamic) pattern nodes: which key blocks a query block reads is
-decided at run time from q and k (DESIGN section 3, the routing table).
+decided at run time from q and k (docs/semantics.md, "Routing").
 
 Each node is structure and validation only; the rules themselves are in
-``sparseforge.routing.reference`` (the torch oracle of the indices). Composition: in
+``sparseforge.routing.rules`` (torch) and, as plain loops, in the oracle
+(``sparseforge.oracle.routing``). Composition: in
 ``S & node`` the *candidates* are the key blocks (chunks, columns, diagonals) where the
 other, static operands of the (flattened, canonical) intersection allow at least one
 pair, and the result is ``S`` and selected; a union adds its static parts whatever was
@@ -23,7 +24,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .nodes import Pattern, _check_int
+import torch
+
+from .nodes import Pattern, check_int, walk
 
 SHARES = ("head", "group", "all")
 POOLS = ("mean", "max")
@@ -91,10 +94,10 @@ class TopkBlocks(_BlockRouting):
 
     def __post_init__(self) -> None:
         owner = "topk_blocks"
-        _check_int(owner, "block", self.block, 1)
-        _check_int(owner, "k", self.k, 1)
+        check_int(owner, "block", self.block, 1)
+        check_int(owner, "k", self.k, 1)
         if self.query_block is not None:
-            _check_int(owner, "query_block", self.query_block, 1)
+            check_int(owner, "query_block", self.query_block, 1)
         _check_choice(owner, "pool", self.pool, POOLS)
         _check_bool(owner, "scale_by_sqrt_len", self.scale_by_sqrt_len)
         _check_choice(owner, "share", self.share, SHARES)
@@ -120,10 +123,8 @@ class TopkChunks(_HoldsTensors):
     _tensors = ("boundaries",)
 
     def __post_init__(self) -> None:
-        import torch
-
         owner = "topk_chunks"
-        _check_int(owner, "k", self.k, 1)
+        check_int(owner, "k", self.k, 1)
         _check_choice(owner, "share", self.share, SHARES)
         b = self.boundaries
         if not isinstance(b, torch.Tensor):
@@ -157,9 +158,9 @@ class ThresholdBlocks(_BlockRouting):
 
     def __post_init__(self) -> None:
         owner = "threshold_blocks"
-        _check_int(owner, "block", self.block, 1)
+        check_int(owner, "block", self.block, 1)
         if self.query_block is not None:
-            _check_int(owner, "query_block", self.query_block, 1)
+            check_int(owner, "query_block", self.query_block, 1)
         if isinstance(self.coverage, bool) or not isinstance(self.coverage, (int, float)):
             raise TypeError(f"{owner}(coverage={self.coverage!r}): expected a float")
         if not (math.isfinite(self.coverage) and 0.0 < self.coverage <= 1.0):
@@ -184,9 +185,9 @@ class VerticalSlash(DynamicPattern):
 
     def __post_init__(self) -> None:
         owner = "vertical_slash"
-        _check_int(owner, "n_vertical", self.n_vertical, 0)
-        _check_int(owner, "n_slash", self.n_slash, 0)
-        _check_int(owner, "last_q", self.last_q, 1)
+        check_int(owner, "n_vertical", self.n_vertical, 0)
+        check_int(owner, "n_slash", self.n_slash, 0)
+        check_int(owner, "last_q", self.last_q, 1)
         if self.n_vertical + self.n_slash == 0:
             raise ValueError(f"{owner}(n_vertical=0, n_slash=0): keeps nothing; expected at "
                              "least one column or diagonal")
@@ -212,11 +213,9 @@ class TopkKeys(_HoldsTensors, _BlockRouting):
     _tensors = ("bias",)
 
     def __post_init__(self) -> None:
-        import torch
-
         owner = "topk_keys"
-        _check_int(owner, "k", self.k, 1)
-        _check_int(owner, "query_block", self.query_block, 1)
+        check_int(owner, "k", self.k, 1)
+        check_int(owner, "query_block", self.query_block, 1)
         b = self.bias
         if not isinstance(b, torch.Tensor) or not b.dtype.is_floating_point:
             raise TypeError(f"{owner}(bias=...): expected a float torch.Tensor [Hq, Lkv] or "
@@ -247,10 +246,10 @@ class Hierarchical(_BlockRouting):
 
     def __post_init__(self) -> None:
         owner = "hierarchical"
-        _check_int(owner, "k", self.k, 1)
-        _check_int(owner, "block", self.block, 1)
+        check_int(owner, "k", self.k, 1)
+        check_int(owner, "block", self.block, 1)
         if self.query_block is not None:
-            _check_int(owner, "query_block", self.query_block, 1)
+            check_int(owner, "query_block", self.query_block, 1)
 
     def __repr__(self) -> str:
         extra = _keywords(("query_block", self.query_block, None))
@@ -272,8 +271,6 @@ class Clusters(_HoldsTensors):
     _tensors = ("centroids",)
 
     def __post_init__(self) -> None:
-        import torch
-
         owner = "clusters"
         c = self.centroids
         if not isinstance(c, torch.Tensor) or not c.dtype.is_floating_point:
@@ -283,7 +280,7 @@ class Clusters(_HoldsTensors):
             raise ValueError(f"{owner}(centroids=...): expected shape [Hkv or 1, C, D] with C >= 1, "
                              f"got {tuple(c.shape)}")
         if self.balanced is not None:
-            _check_int(owner, "balanced", self.balanced, 1)
+            check_int(owner, "balanced", self.balanced, 1)
 
     def __repr__(self) -> str:
         shape = "x".join(str(s) for s in self.centroids.shape)
@@ -292,8 +289,6 @@ class Clusters(_HoldsTensors):
 
 
 def is_dynamic(pattern: Pattern) -> bool:
-    from .nodes import walk
-
     return any(isinstance(n, DynamicPattern) for n in walk(pattern))
 
 

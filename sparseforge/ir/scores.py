@@ -1,6 +1,6 @@
 """Score modifiers: change the score of an allowed pair, never which pairs interact.
 
-``s = scale * q.k``, then, in this fixed order (DESIGN section 3):
+``s = scale * q.k``, then, in this fixed order (docs/semantics.md):
 
 1. ``alibi(slopes)``: ``s += slopes[h] * (j - p)`` (Press et al. 2022, "Train short,
    test long"; FlexAttention's ALiBi example uses the same sign and offset);
@@ -28,7 +28,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .nodes import Full, Intersection, Pattern, ScoreModifier
+import torch
+
+from .neighborhood import Neighborhood, grid_coordinate
+from .nodes import Documents, Full, Intersection, Pattern, ScoreModifier, walk
 
 #: widest rel_bias table (2R + 1 entries) the kernels accept: the dK/dV kernel keeps one
 #: accumulator per entry in registers for the table's gradient
@@ -36,8 +39,6 @@ MAX_REL_BIAS_WIDTH = 1025
 
 
 def _check_float_tensor(owner: str, name: str, t: Any, dims: int, shape_text: str) -> None:
-    import torch
-
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{owner}({name}=...): expected a floating-point torch.Tensor, "
                         f"got {type(t).__name__}")
@@ -108,8 +109,6 @@ class RelBias(_TensorModifier):
     kind = "rel_bias"
 
     def __post_init__(self) -> None:
-        import torch
-
         if isinstance(self.table, torch.Tensor) and self.table.dim() in (3, 4):
             _check_float_tensor("rel_bias", "table", self.table, self.table.dim(),
                                 "[Hq, 2R_0 + 1, ..., 2R_n-1 + 1]")
@@ -204,9 +203,6 @@ def score_spec(pattern: Pattern) -> ScoreSpec:
 def _rel_grid(pattern: Pattern, rel: RelBias) -> RelGrid:
     """The grid a window-offset table is read on: that of the pattern's neighbourhood
     (all of its neighbourhoods must share one grid and dilation)."""
-    from .neighborhood import Neighborhood
-    from .nodes import walk
-
     grids = {(n.shape, n.dilation) for n in walk(pattern) if isinstance(n, Neighborhood)}
     shape_text = "x".join(str(e) for e in rel.table.shape[1:])
     if len(grids) != 1:
@@ -236,8 +232,6 @@ def rel_index(spec: ScoreSpec, p, j, ops):
     difference of the coordinates inside the dilation group, clipped to ``+-R_d``,
     row-major over the table's extents.
     """
-    from .neighborhood import grid_coordinate
-
     if spec.rel_grid is None:
         r = spec.rel_radius
         return ops.min(ops.max(j - p, -r), r) + r
@@ -275,8 +269,6 @@ def strip_scores(pattern: Pattern) -> Pattern:
 
 def check_score_heads(pattern: Pattern, q_heads: int) -> None:
     """The slopes / table of every modifier have one row per query head."""
-    from .nodes import walk
-
     for node in walk(pattern):
         if isinstance(node, (Alibi, RelBias)):
             rows = getattr(node, node.tensor_name).shape[0]
@@ -310,8 +302,6 @@ def rel_bias(table) -> Pattern:
 def alibi_slopes(n_heads: int):
     """ALiBi's slopes for ``n_heads`` heads (the paper's geometric sequence, with the
     interleaving it uses when ``n_heads`` is not a power of two), as a float32 tensor."""
-    import torch
-
     if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1:
         raise ValueError(f"alibi_slopes(n_heads={n_heads!r}): expected an int >= 1")
 
@@ -333,8 +323,6 @@ def pattern_tensors(pattern: Pattern) -> list:
     """Every run-time tensor the pattern holds (document ids, ALiBi slopes, rel_bias
     tables), in walk order, which is the order of their placeholders in ``repr``: what
     a compiled graph passes to the custom op (see ``patterns_parse.parse_repr``)."""
-    from .nodes import Documents, walk
-
     out = []
     for node in walk(pattern):
         if isinstance(node, Documents):

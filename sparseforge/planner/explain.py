@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from ..routing.dag import kernel_routing_node
+import networkx as nx
+
 from .flex_blocks import flex_blocks
+from .routing_steps import kernel_routing_node
 from .symbolic import to_triton
 
 
@@ -57,7 +59,7 @@ def explain(plan) -> str:
             f"  utilisation  {st.utilisation:.3f} (useful pairs {st.useful_pairs} / computed "
             f"{st.computed_pairs})",
         ]
-    if plan.routing:
+    if plan.routing_steps:
         lines += _routing_lines(plan)
         if kernel_routing_node(plan.pattern) is not None:
             lines.append(f"routed      the forward kernel walks the segments above (the static "
@@ -109,12 +111,10 @@ def _rel_bias_text(score) -> str:
 
 def _routing_lines(plan) -> list[str]:
     """The routing pre-kernel DAG, in dependency order, with each step's work."""
-    import networkx as nx
-
     dag = plan.routing_dag
-    steps = {s.name: s for s in plan.routing}
-    total = sum(s.work for s in plan.routing)
-    lines = [f"routing     {len(plan.routing)} pre-kernel(s), DAG {dag.number_of_nodes()} nodes / "
+    steps = {s.name: s for s in plan.routing_steps}
+    total = sum(s.work for s in plan.routing_steps)
+    lines = [f"routing     {len(plan.routing_steps)} pre-kernel(s), DAG {dag.number_of_nodes()} nodes / "
              f"{dag.number_of_edges()} edges, {total} ops per (batch, head); generated "
              "pre-kernels on CUDA (or the interpreter with backend='triton'; topk_keys "
              "selects and clusters sort with device torch ops), the torch reference on the "

@@ -21,7 +21,8 @@ from ..ir.neighborhood import (
     na_key_range,
 )
 from ..ir.nodes import PerHead
-from ..semantics import TorchOps, pair_mask
+from ..ir.ops import TorchOps
+from ..semantics import pair_mask
 
 FLEX_BLOCK = 128
 #: above this many (query, key) pairs the comparison is skipped: it evaluates the mask

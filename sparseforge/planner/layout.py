@@ -45,6 +45,7 @@ from ..ir.neighborhood import (
     na_query_range,
 )
 from ..ir.nodes import Pattern, walk
+from ..ir.ops import TorchOps, TritonOps, TritonText
 from .ranges import TileSegment, environment, tile_segments
 from .symbolic import (
     BLOCK_M,
@@ -173,8 +174,6 @@ class GridTiling:
 
     def index_tensors(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(run -> original position, with padding at 0; original -> run position)."""
-        from ..semantics import TorchOps
-
         r = torch.arange(self.run_len, device=device)
         flat, valid = self.decode(r, TorchOps)
         gather = torch.where(valid, flat, 0)
@@ -214,8 +213,6 @@ class Tiled(Pattern):
     # -- the mask, on run positions
 
     def pair_mask(self, i, j, evaluate_mask):
-        from ..semantics import TorchOps
-
         fi, vi = self.q.decode(i, TorchOps)
         fj, vj = self.kv.decode(j, TorchOps)
         length = self.q.length
@@ -259,8 +256,6 @@ class Tiled(Pattern):
         if not (self.coordinate_rule and isinstance(pat, Neighborhood)
                 and pat.shape == self.q.shape and pat.dilation == self.q.dilation):
             return None
-        from ..codegen.predicate import TritonOps, TritonText
-
         keep = TritonText("q_in") & TritonText("k_in")
         for d, (n, dil) in enumerate(zip(pat.shape, pat.dilation)):
             qr = TritonText(f"qr{d}") if dil > 1 else 0
@@ -411,8 +406,6 @@ def _boxes(block: int, extents: tuple[int, ...], last_multiple: int):
 
 def _dim_visits(n, dil, k, s, causal, q_size, kv_size) -> int:
     """Kv tiles visited along one dim, summed over every group and query tile."""
-    from ..semantics import TorchOps
-
     total = 0
     for g in range(dil):
         ng = (n - g + dil - 1) // dil

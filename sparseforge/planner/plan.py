@@ -20,17 +20,20 @@ from ..ir.canonicalize import canonicalize
 from ..ir.nodes import Documents, Intersection, Pattern, PerHead, Window, walk
 from ..ir.routing import TopkKeys, is_dynamic
 from ..ir.scores import ScoreSpec, score_spec, score_terms, strip_scores
-from ..routing.dag import (
+from ..ir.split import envelope, static_part
+from ..semantics import pair_mask
+from .explain import explain
+from .layout import GridTiling, Tiled, choose_tiling, layout_node
+from .picture import save_png
+from .ranges import TileSegment, tile_segments, walk_count, walked
+from .routing_steps import (
     MAX_ROUTED_BLOCK_N,
-    envelope,
+    RoutingStep,
     kernel_routing_node,
+    routing_dag,
     routing_steps,
-    static_part,
     tile_list_step,
 )
-from ..semantics import pair_mask
-from .layout import GridTiling, Tiled, choose_tiling, layout_node
-from .ranges import TileSegment, tile_segments, walk_count, walked
 from .schedule import GroupSchedule, group_geometry, visit_matrices
 from .tiles import (
     DECODE_MAX_Q,
@@ -154,16 +157,14 @@ class Plan:
     backward_dkdv: TileConfig  # ... and of the dK/dV kernel
     decode: TileConfig  # tiles of the split-KV decode kernel (used when q_len is short)
     layout: tuple[GridTiling, GridTiling] | None = None  # (queries, keys) token order
-    #: routing pre-kernels of a dynamic pattern (``routing/dag.py``); the kernels above
-    #: then plan its static envelope (routing nodes read as ``full()``)
-    routing: tuple = ()
+    #: routing pre-kernels of a dynamic pattern (``planner/routing_steps.py``), in
+    #: dependency order; empty for a static pattern
+    routing_steps: tuple[RoutingStep, ...] = ()
 
     @cached_property
     def routing_dag(self):
         """The routing pre-kernels as a networkx DAG (empty for static patterns)."""
-        from ..routing.dag import routing_dag
-
-        return routing_dag(self.routing)
+        return routing_dag(self.routing_steps)
 
     @property
     def lengths(self) -> tuple[int, int]:
@@ -213,13 +214,9 @@ class Plan:
         return tuple(_stats(self, i) for i in range(len(self.kernels)))
 
     def explain(self) -> str:
-        from .explain import explain
-
         return explain(self)
 
     def save_png(self, path, *, max_tokens: int = 1024) -> None:
-        from .picture import save_png
-
         save_png(self, path, max_tokens=max_tokens)
 
 
@@ -248,7 +245,41 @@ def plan(pattern: Pattern, *, q_len: int, kv_len: int, head_dim: int, dtype="bfl
          tiled: bool | None = None) -> Plan:
     """Plan ``pattern`` for the given sizes. ``block_m``/``block_n``/``schedule``/``groups``
     and ``tiled`` (N-D tiled token layout on/off) override the cost model (tests and
-    benchmarks use this)."""
+    benchmarks use this).
+
+    Three steps: check the arguments, canonicalise, then plan a routed pattern
+    (``_plan_routed``: its static part's segments plus the selected tiles) or a static one
+    (``_plan_static``: price every tile config and token layout, keep the cheapest)."""
+    request = _check_request(pattern, q_len, kv_len, head_dim, dtype, target, block_m, block_n,
+                             schedule, groups, tiled)
+    canonical = canonicalize(pattern)
+    if is_dynamic(canonical):
+        return _plan_routed(canonical, request)
+    return _plan_static(canonical, request)
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """The checked arguments of ``plan``: sizes, dtype, target and the overrides."""
+
+    q_len: int
+    kv_len: int
+    head_dim: int
+    dtype: str
+    target: str
+    block_m: int | None = None
+    block_n: int | None = None
+    schedule: str | None = None
+    groups: int | None = None
+    tiled: bool | None = None
+
+    def replan(self, pattern: Pattern, **changes) -> Plan:
+        """``plan`` of another pattern with these arguments, some changed."""
+        return plan(pattern, **{**dataclasses.asdict(self), **changes})
+
+
+def _check_request(pattern, q_len, kv_len, head_dim, dtype, target, block_m, block_n, schedule,
+                   groups, tiled) -> PlanRequest:
     if not isinstance(pattern, Pattern):
         raise TypeError(f"plan(pattern={type(pattern).__name__}): expected a sparseforge pattern")
     q_len, kv_len = _check_len("q_len", q_len), _check_len("kv_len", kv_len)
@@ -263,82 +294,107 @@ def plan(pattern: Pattern, *, q_len: int, kv_len: int, head_dim: int, dtype="bfl
         raise ValueError(f"plan(schedule={schedule!r}): expected one of {', '.join(SCHEDULES)}")
     if tiled not in (None, True, False):
         raise ValueError(f"plan(tiled={tiled!r}): expected None, True or False")
-    canonical = canonicalize(pattern)
-    routing: tuple = ()
-    if is_dynamic(canonical):
-        routing = routing_steps(canonical, q_len, kv_len, head_dim)
-        node = kernel_routing_node(canonical)
-        if node is None:  # the torch path runs it: plan the envelope
-            envelope_plan = plan(envelope(canonical), q_len=q_len, kv_len=kv_len,
-                                 head_dim=head_dim, dtype=dtype, target=target,
-                                 schedule=schedule, groups=groups, block_m=block_m,
-                                 block_n=block_n, tiled=tiled)
-            return dataclasses.replace(envelope_plan, pattern=canonical, routing=routing)
-        # the routed kernel: closed-form segments of the part allowed whatever is selected
-        # (original token order), then the selected tiles; the predicate is the whole pattern
-        if groups not in (None, 1) or tiled:
-            raise ValueError("plan(groups=, tiled=): a routed pattern runs in original token "
-                             "order (groups=1, tiled=False)")
-        static = plan(static_part(canonical), q_len=q_len, kv_len=kv_len, head_dim=head_dim,
-                      dtype=dtype, target=target, schedule=schedule, groups=1, block_m=block_m,
-                      block_n=block_n, tiled=False)
-        cfg = static.config
-        if (score_spec(canonical).any or isinstance(node, TopkKeys)) and not (block_m or block_n):
-            # modifiers (or DMA's key bias) beside the scores: the scored tile table
-            cfg = candidate_configs(target, head_dim, dtype, scored=True)[0]
-        cfg = dataclasses.replace(cfg, block_n=min(cfg.block_n, MAX_ROUTED_BLOCK_N))  # 64-bit masks
-        if target == "sm_80":  # a fourth inlined tile walk: two stages left stack bytes (cuobjdump)
-            cfg = dataclasses.replace(cfg, num_stages=1)
-        if (cfg.block_m, cfg.block_n) != (static.block_m, static.block_n):
-            static = plan(static_part(canonical), q_len=q_len, kv_len=kv_len, head_dim=head_dim,
-                          dtype=dtype, target=target, schedule=schedule, groups=1,
-                          block_m=cfg.block_m, block_n=cfg.block_n, tiled=False)
-        static = dataclasses.replace(static, config=cfg)
-        kernels = tuple(dataclasses.replace(kp, pattern=canonical, analysed=strip_scores(canonical))
-                        for kp in static.kernels)
-        routing += (tile_list_step(routing, node, q_len, kv_len, static.block_m, static.block_n),)
-        return dataclasses.replace(static, pattern=canonical, kernels=kernels, routing=routing)
-    heads = _head_groups(canonical)
-    scored = any(score_spec(p).any for p, _ in heads)
+    return PlanRequest(q_len, kv_len, head_dim, dtype, target, block_m, block_n, schedule, groups,
+                       tiled)
 
-    configs = candidate_configs(target, head_dim, dtype, scored)
-    if block_m or block_n:
+
+def _plan_routed(canonical: Pattern, r: PlanRequest) -> Plan:
+    """A routed pattern. Without a generated kernel (the torch path runs it) the plan is
+    that of its envelope; with one, the closed-form segments of its static part (original
+    token order), then the selected tiles, the predicate being the whole pattern."""
+    steps = routing_steps(canonical, r.q_len, r.kv_len, r.head_dim)
+    node = kernel_routing_node(canonical)
+    if node is None:
+        envelope_plan = r.replan(envelope(canonical))
+        return dataclasses.replace(envelope_plan, pattern=canonical, routing_steps=steps)
+    if r.groups not in (None, 1) or r.tiled:
+        raise ValueError("plan(groups=, tiled=): a routed pattern runs in original token "
+                         "order (groups=1, tiled=False)")
+    static = r.replan(static_part(canonical), groups=1, tiled=False)
+    cfg = static.config
+    if (score_spec(canonical).any or isinstance(node, TopkKeys)) and not (r.block_m or r.block_n):
+        # modifiers (or DMA's key bias) beside the scores: the scored tile table
+        cfg = candidate_configs(r.target, r.head_dim, r.dtype, scored=True)[0]
+    cfg = dataclasses.replace(cfg, block_n=min(cfg.block_n, MAX_ROUTED_BLOCK_N))  # 64-bit masks
+    if r.target == "sm_80":  # a fourth inlined tile walk: two stages left stack bytes (cuobjdump)
+        cfg = dataclasses.replace(cfg, num_stages=1)
+    if (cfg.block_m, cfg.block_n) != (static.block_m, static.block_n):
+        static = r.replan(static_part(canonical), groups=1, tiled=False, block_m=cfg.block_m,
+                          block_n=cfg.block_n)
+    static = dataclasses.replace(static, config=cfg)
+    kernels = tuple(dataclasses.replace(kp, pattern=canonical, analysed=strip_scores(canonical))
+                    for kp in static.kernels)
+    steps += (tile_list_step(steps, node, r.q_len, r.kv_len, static.block_m, static.block_n),)
+    return dataclasses.replace(static, pattern=canonical, kernels=kernels, routing_steps=steps)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to run a static pattern: forward tiles, token layout (None: original
+    order), the head patterns as the kernels see them, run lengths, backward tiles."""
+
+    config: TileConfig
+    layout: tuple[GridTiling, GridTiling] | None
+    heads: list
+    q_len: int
+    kv_len: int
+    backward: tuple[TileConfig, TileConfig]
+
+
+def _plan_static(canonical: Pattern, r: PlanRequest) -> Plan:
+    heads = head_groups(canonical)
+    scored = any(score_spec(p).any for p, _ in heads)
+    best = None
+    for candidate in _candidates(heads, scored, r):
+        choices = [_choose_kernel(strip_scores(p), candidate.q_len, candidate.kv_len,
+                                  candidate.config, r.schedule, r.groups)
+                   for p, _ in candidate.heads]
+        cost = sum(c[0] for c in choices)
+        if best is None or cost < best[0]:
+            best = (cost, candidate, choices)
+    _, chosen, choices = best
+    kernels = tuple(KernelPlan(p, analysed, g, tuple(segs), sched, h)
+                    for (_, analysed, g, segs, sched), (p, h) in zip(choices, chosen.heads))
+    return Plan(canonical, chosen.q_len, chosen.kv_len, r.head_dim, r.dtype, r.target,
+                chosen.config, kernels, *chosen.backward,
+                decode_config(r.target, r.head_dim, r.dtype, scored), chosen.layout)
+
+
+def _candidates(heads, scored: bool, r: PlanRequest) -> list[Candidate]:
+    """Every tile config of the target's table (or the one the overrides give), each in
+    original token order and, for an N-D neighbourhood, in a tiled layout."""
+    configs = candidate_configs(r.target, r.head_dim, r.dtype, scored)
+    if r.block_m or r.block_n:
         base = configs[0]
-        configs = [TileConfig(block_m or base.block_m, block_n or base.block_n, base.num_warps,
-                              base.num_stages, base.efficiency, base.tile_overhead)]
-    backward = backward_configs(target, head_dim, dtype, scored)
-    node = _tileable(heads, q_len, kv_len, groups) if tiled is not False else None
-    if tiled and node is None:
+        configs = [TileConfig(r.block_m or base.block_m, r.block_n or base.block_n,
+                              base.num_warps, base.num_stages, base.efficiency, base.tile_overhead)]
+    backward = backward_configs(r.target, r.head_dim, r.dtype, scored)
+    node = _tileable(heads, r.q_len, r.kv_len, r.groups) if r.tiled is not False else None
+    if r.tiled and node is None:
         raise ValueError("plan(tiled=True): the tiled layout needs an N-D neighborhood in every "
                          "head (one grid and dilation), q_len == kv_len >= the grid size > "
                          f"{DECODE_MAX_Q}, no documents and no token-offset rel_bias")
-    tiled_backward = backward_configs(target, head_dim, dtype, scored, tiled=True)
-    best = None
+    tiled_backward = backward_configs(r.target, r.head_dim, r.dtype, scored, tiled=True)
+    out = []
     for base_cfg in configs:
-        options = [] if tiled else [(base_cfg, None, heads, q_len, kv_len, backward)]
-        cfg = (tiled_forward_config(base_cfg, target, head_dim, dtype, scored, node.ndim)
-               if node is not None and not (block_m or block_n) else base_cfg)
+        if not r.tiled:
+            out.append(Candidate(base_cfg, None, heads, r.q_len, r.kv_len, backward))
+        if node is None:
+            continue
+        cfg = (tiled_forward_config(base_cfg, r.target, r.head_dim, r.dtype, scored, node.ndim)
+               if not (r.block_m or r.block_n) else base_cfg)
         # 128 x 128 tiles spill once the layout's predicate is live beside them (cuobjdump)
-        small = cfg.block_m * cfg.block_n <= 128 * 64
-        layout = (choose_tiling(node, q_len, cfg, tiled_backward) if node is not None and small
-                  else None)
-        if layout is not None:
-            blocks = tuple((c.block_m, c.block_n) for c in (cfg, *tiled_backward))
-            options.append((cfg, layout, [(_with_scores(Tiled(strip_scores(p), *layout, blocks,
-                                                              not score_spec(p).any), p), h)
-                                          for p, h in heads],
-                            layout[0].run_len, layout[1].run_len, tiled_backward))
-        for option_cfg, option, option_heads, lq, lkv, option_backward in options:
-            choices = [_choose_kernel(strip_scores(p), lq, lkv, option_cfg, schedule, groups)
-                       for p, _ in option_heads]
-            cost = sum(c[0] for c in choices)
-            if best is None or cost < best[0]:
-                best = (cost, option_cfg, choices, option, option_heads, lq, lkv, option_backward)
-    _, cfg, choices, layout, heads, run_q, run_kv, backward = best
-    kernels = tuple(KernelPlan(p, analysed, g, tuple(segs), sched, h)
-                    for (_, analysed, g, segs, sched), (p, h) in zip(choices, heads))
-    return Plan(canonical, run_q, run_kv, head_dim, dtype, target, cfg, kernels, *backward,
-                decode_config(target, head_dim, dtype, scored), layout)
+        if cfg.block_m * cfg.block_n > 128 * 64:
+            continue
+        layout = choose_tiling(node, r.q_len, cfg, tiled_backward)
+        if layout is None:
+            continue
+        blocks = tuple((c.block_m, c.block_n) for c in (cfg, *tiled_backward))
+        tiled_heads = [(_with_scores(Tiled(strip_scores(p), *layout, blocks,
+                                           not score_spec(p).any), p), h) for p, h in heads]
+        out.append(Candidate(cfg, layout, tiled_heads, layout[0].run_len, layout[1].run_len,
+                             tiled_backward))
+    return out
 
 
 def _tileable(heads, q_len: int, kv_len: int, groups):
@@ -364,7 +420,7 @@ def _with_scores(tiled: Tiled, head: Pattern) -> Pattern:
     return Intersection((tiled, *modifiers)) if modifiers else tiled
 
 
-def _head_groups(canonical: Pattern) -> list[tuple[Pattern, tuple[int, ...] | None]]:
+def head_groups(canonical: Pattern) -> list[tuple[Pattern, tuple[int, ...] | None]]:
     """Distinct head patterns and the heads using each (one kernel per distinct pattern)."""
     if not isinstance(canonical, PerHead):
         return [(canonical, None)]

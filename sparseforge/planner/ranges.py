@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
 import sympy
 
 from ..ir.neighborhood import Neighborhood, group_extent, na_key_range, na_query_range
@@ -376,8 +377,6 @@ def environment(q_len: int, kv_len: int, block_m: int, block_n: int, tiles=None,
                 side: str = "query") -> dict:
     """Numeric values for the symbols; ``tiles`` defaults to every query tile (every kv
     tile on the key side)."""
-    import numpy as np
-
     if tiles is None:
         length, block = (q_len, block_m) if side == "query" else (kv_len, block_n)
         tiles = np.arange(max(1, -(-length // block)))

@@ -20,16 +20,15 @@ import collections
 import hashlib
 import json
 import logging
-import threading
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import filelock
 import triton
+from triton.compiler import ASTSource, CompiledKernel
 
-from ..codegen.render import TEMPLATE_VERSION, KernelSource
-from ..planner.plan import Plan
-from .cache import kernel_dir, verify_sources, write_if_different
+from ..codegen.render import KernelSource
+from ..codegen.templates import TEMPLATE_VERSION
+from .cache import write_if_different
 
 log = logging.getLogger("sparseforge")
 
@@ -127,8 +126,6 @@ def compiled_kernel(binary: KernelBinary, directory: Path, fn, signature: dict, 
 
     Triton reads the files again, so the loaded cubin is re-checked against the hash.
     """
-    from triton.compiler import ASTSource, CompiledKernel
-
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     group = {f"{binary.info.name}.json": str(directory / f"{binary.file_stem}.json"),
              f"{binary.info.name}.cubin": str(directory / f"{binary.file_stem}.cubin")}
@@ -136,81 +133,3 @@ def compiled_kernel(binary: KernelBinary, directory: Path, fn, signature: dict, 
     if sha256_hex(kernel.kernel) != sha256_hex(binary.cubin):
         raise CorruptBinary(f"kernel {binary.info.name}: cubin changed while loading")
     return kernel
-
-
-# --- the binary cache ------------------------------------------------------------------
-
-_memory: dict[str, KernelBinary] = {}
-_key_locks: collections.defaultdict[str, threading.Lock] = collections.defaultdict(threading.Lock)
-_registry_lock = threading.Lock()
-
-
-def binary_dir() -> Path | None:
-    """``<cache>/kernels-triton<ver>/bin``, or None when the cache is read-only."""
-    root = kernel_dir()
-    if root is None:
-        return None
-    path = root / "bin"
-    path.mkdir(mode=0o700, exist_ok=True)
-    return path
-
-
-def cached_binary(plan: Plan, kernel_index: int, arch: str,
-                  kind: str = "forward") -> tuple[KernelBinary, bool]:
-    """(binary, built) for one kernel of ``plan`` on ``arch``: from memory, from the disk
-    cache after hash checks, or compiled once under a cross-process lock."""
-    from .compile import build_binary
-    from .triton_launch import rendered
-
-    key = kernel_key(rendered(plan, kernel_index, kind), arch)
-    with _registry_lock:
-        key_lock = _key_locks[key]
-    with key_lock:  # threads of this process: one builds, the others wait for it
-        if key in _memory:
-            return _memory[key], False
-        directory = binary_dir()
-        if directory is None:  # read-only cache: build and keep in memory
-            binary = build_binary(plan, kernel_index, arch, kind)
-            _memory[key] = binary
-            return binary, True
-        entry_path = directory / f"{key}.entry.json"
-        with filelock.FileLock(str(directory / f"{key}.lock")):  # other processes
-            binary = _load_entry(directory, entry_path)
-            built = binary is None
-            if built:
-                binary = build_binary(plan, kernel_index, arch, kind)
-                entry = binary.write(directory)
-                write_if_different(entry_path, json.dumps(entry, indent=1))  # the commit point
-            else:
-                COUNTERS["cache_loads"] += 1
-        _memory[key] = binary
-        return binary, built
-
-
-def _load_entry(directory: Path, entry_path: Path) -> KernelBinary | None:
-    if not entry_path.exists():
-        return None
-    try:
-        return read_binary(directory, json.loads(entry_path.read_text()))
-    except (CorruptBinary, ValueError) as exc:
-        log.warning("binary cache entry %s is damaged (%s): rebuilding it", entry_path.name, exc)
-        return None
-
-
-def verify_cache(remove: bool = False) -> list[tuple[str, str]]:
-    """(entry, problem) for every damaged source or binary in the cache; ``remove``
-    deletes them (they would be rebuilt on next use either way)."""
-    problems = verify_sources(remove)
-    directory = binary_dir()
-    for entry_path in sorted(directory.glob("*.entry.json")) if directory else []:
-        try:
-            read_binary(directory, json.loads(entry_path.read_text()))
-        except (CorruptBinary, ValueError) as exc:
-            problems.append((entry_path.name, str(exc)))
-            if remove:
-                entry_path.unlink(missing_ok=True)
-    return problems
-
-
-def clear_memory() -> None:
-    _memory.clear()

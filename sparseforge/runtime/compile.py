@@ -16,11 +16,14 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
 import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
 from ..planner.plan import Plan
 from .binaries import COUNTERS, KernelBinary, KernelInfo, kernel_key
-from .triton_launch import kernel_function, rendered
+from .sources import kernel_function, rendered
 
 _TRITON_DTYPES = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}
 ARCHS = ("sm_80", "sm_90")  # what the tile tables are tuned for; any sm_XX >= 80 compiles
@@ -42,8 +45,6 @@ def plan_target(arch: str) -> str:
 
 def device_arch(device) -> str:
     """The compile target of a CUDA device, e.g. ``"sm_90"`` for an H100."""
-    import torch
-
     major, minor = torch.cuda.get_device_capability(device)
     return f"sm_{major}{minor}"
 
@@ -135,9 +136,6 @@ def launch_spec(plan: Plan, kernel_index: int, kind: str = "forward"):
 
 def compile_kernel(plan: Plan, kernel_index: int, arch: str, kind: str = "forward"):
     """Triton's ``CompiledKernel`` for one kernel of ``plan`` on ``arch`` (no GPU needed)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     capability = parse_arch(arch)
     fn, sig, constexprs, attrs = launch_spec(plan, kernel_index, kind)
     src = rendered(plan, kernel_index, kind)

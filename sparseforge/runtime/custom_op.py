@@ -20,6 +20,7 @@ import torch
 from ..ir.nodes import Pattern
 from ..ir.patterns_parse import parse_repr, placeholder_kinds
 from ..ir.scores import pattern_tensors
+from .dispatch import attention, attention_backward, check_table_grads, compile_pattern, resolve_backend
 
 
 def pattern_key(pattern: Pattern) -> str:
@@ -45,8 +46,6 @@ def _rebuilt(key: str, tensors: tuple) -> Pattern:
 def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: list[torch.Tensor],
                  pattern: str, scale: float, enable_gqa: bool,
                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    from .dispatch import attention
-
     with torch.no_grad():
         out, lse = attention(q, k, v, _call_pattern(pattern, tensors), scale=scale,
                              enable_gqa=enable_gqa, return_lse=True, backend=backend)
@@ -69,8 +68,6 @@ def attention_backward_op(grad_out: torch.Tensor, grad_lse: torch.Tensor, q: tor
                           enable_gqa: bool, backend: str) -> list[torch.Tensor]:
     """[dq, dk, dv, then one gradient per rel_bias table slot of ``tensors``]: a table
     that fills several slots gets its gradient in the first, zeros in the others."""
-    from .dispatch import attention_backward, compile_pattern
-
     call = _call_pattern(pattern, tensors)
     dq, dk, dv, grads = attention_backward(q, k, v, out, lse, grad_out, grad_lse, call,
                                            scale=scale, enable_gqa=enable_gqa, backend=backend)
@@ -115,8 +112,6 @@ attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 def compiled_attention(q, k, v, pattern, *, scale, enable_gqa, return_lse, backend):
     """What ``sf.attention`` does while dynamo traces: one opaque op call."""
-    from .dispatch import check_table_grads, resolve_backend
-
     tensors = pattern_tensors(pattern)  # its tables are the only float N-D tensors among these
     check_table_grads(resolve_backend(backend, q)[0], tensors)
     if scale is None:

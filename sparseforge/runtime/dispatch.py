@@ -1,4 +1,9 @@
-"""``sf.attention``: validate, find the plan, run it on the chosen backend.
+"""Run a pattern's plan on an executor: validate, find the plan, launch.
+
+``sparseforge.api.attention`` (the public ``sf.attention``) calls ``attention`` here for
+every backend but the oracle, and the ``torch.compile`` custom op (``custom_op``) calls it
+from inside the op. Executors: the plan run with torch ops on CPU tensors, the generated
+Triton kernels on a GPU, or the same kernels in Triton's interpreter on CPU tensors.
 
 A warm call is: input checks, two dictionary lookups (canonical pattern, plan) and the
 launch. Canonicalisation and planning run once per pattern object and problem shape.
@@ -8,6 +13,7 @@ passed to the kernel, not part of the key).
 
 from __future__ import annotations
 
+import enum
 import logging
 from dataclasses import dataclass
 
@@ -17,18 +23,35 @@ from ..ir.canonicalize import canonicalize
 from ..ir.nodes import Pattern
 from ..ir.routing import Clusters, is_dynamic
 from ..ir.scores import rel_bias_table
-from ..planner.plan import Plan, _head_groups, default_target, dtype_name, plan
-from ..reference import reference_attention
-from ..routing.dag import kernel_routing_node
-from ..routing.execute import routed_attention
-from ..routing.launch import cluster_tiles, route_tiles
-from ..routing.reference import static_siblings
-from . import custom_op, torch_exec, triton_launch
+from ..ir.split import static_siblings
+from ..planner.plan import Plan, default_target, dtype_name, head_groups, plan
+from ..planner.routing_steps import kernel_routing_node
+from ..validate import check_attention_inputs
+from . import torch_exec, triton_launch
 from .cache import interpreter_active
-from .validate import check_attention_inputs
+from .routed_tiles import cluster_tiles, route_tiles
+from .routed_torch import routed_attention
 
 log = logging.getLogger("sparseforge")
 BACKENDS = ("auto", "triton", "torch", "reference")
+
+
+class Executor(enum.Enum):
+    """What runs a plan: torch ops (CPU), the generated kernels compiled for the GPU the
+    tensors are on, or the same kernels in Triton's interpreter (CPU tensors, tests)."""
+
+    TORCH = "torch"
+    TRITON = "triton"
+    INTERPRET = "interpret"
+
+    @property
+    def interpret(self) -> bool:
+        return self is Executor.INTERPRET
+
+    @property
+    def prekernels(self) -> str | None:
+        """How this executor routes: compiled or interpreted pre-kernels, or torch rules."""
+        return {Executor.TRITON: "compiled", Executor.INTERPRET: "interpret"}.get(self)
 
 
 @dataclass(frozen=True)
@@ -39,7 +62,7 @@ class CompiledPattern:
     tables: tuple  # the distinct rel_bias tables of the pattern: inputs with a gradient
     # the routing node the generated kernel runs and its static siblings (the candidates'
     # source), found once per pattern; () when there is none
-    routing: tuple = ()
+    routed_node: tuple = ()
 
 
 _patterns: dict[int, tuple[Pattern, CompiledPattern]] = {}
@@ -51,11 +74,11 @@ def compile_pattern(pattern: Pattern) -> CompiledPattern:
     if hit is not None and hit[0] is pattern:
         return hit[1]
     canonical = canonicalize(pattern)
-    heads = tuple(p for p, _ in _head_groups(canonical))
+    heads = tuple(p for p, _ in head_groups(canonical))
     tables = {id(t): t for t in map(rel_bias_table, heads) if t is not None}
     node = kernel_routing_node(canonical) if is_dynamic(canonical) else None
-    routing = () if node is None else (node, tuple(static_siblings(canonical, node)))
-    compiled = CompiledPattern(canonical, repr(canonical), heads, tuple(tables.values()), routing)
+    routed = () if node is None else (node, tuple(static_siblings(canonical, node)))
+    compiled = CompiledPattern(canonical, repr(canonical), heads, tuple(tables.values()), routed)
     if len(_patterns) > 4096:
         _patterns.clear()
     _patterns[id(pattern)] = (pattern, compiled)  # holding the pattern keeps its id unique
@@ -74,30 +97,32 @@ def cached_plan(compiled: CompiledPattern, q_len: int, kv_len: int, head_dim: in
     return found
 
 
-def resolve_backend(backend: str, q: torch.Tensor) -> tuple[str, str]:
-    """(executor, plan target) for the requested backend and the tensors' device."""
+def resolve_backend(backend: str, q: torch.Tensor) -> tuple[Executor, str]:
+    """(executor, plan target) for the requested backend and the tensors' device. The
+    oracle (``backend='reference'``) runs in ``sparseforge.api``; its gradients come from
+    autograd through it, and ``attention_backward`` runs the torch executor for it."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
     if backend == "auto":
         backend = "triton" if q.is_cuda else "torch"
     if backend == "triton":
         if q.is_cuda:
-            return "triton", default_target(q.device)
+            return Executor.TRITON, default_target(q.device)
         if q.device.type != "cpu":
             raise ValueError(f"backend='triton': tensors on {q.device} are not supported")
         if not interpreter_active():
             raise ValueError("backend='triton' with CPU tensors runs Triton's interpreter, which "
                              "must be enabled before Triton is imported: set TRITON_INTERPRET=1 "
                              "in the environment (or use backend='torch' on CPU)")
-        return "interpret", "interpret"
-    return backend, "cpu"
+        return Executor.INTERPRET, "interpret"
+    return Executor.TORCH, "cpu"
 
 
-def check_table_grads(executor: str, tables) -> None:
+def check_table_grads(executor: Executor, tables) -> None:
     """A window-offset rel_bias table (N-D) gets its gradient from the torch executor only
     so far: the generated dK/dV kernel sums token-offset tables along tile diagonals,
     which window offsets do not follow. Refuse, rather than return no gradient."""
-    if executor in ("torch", "reference") or not torch.is_grad_enabled():
+    if executor is Executor.TORCH or not torch.is_grad_enabled():
         return
     for t in tables:
         if t.requires_grad and t.dim() > 2:
@@ -107,33 +132,33 @@ def check_table_grads(executor: str, tables) -> None:
                              "backend='torch'")
 
 
-def _forward(executor: str, p: Plan, compiled: CompiledPattern, q, k, v, scale: float):
+def execute_forward(executor: Executor, p: Plan, compiled: CompiledPattern, q, k, v, scale: float):
     b, hq, lq, _ = q.shape
     # both executors write every row of every head (empty rows included): no fill needed
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, whatever q is
     lse = torch.empty((b, hq, lq), dtype=torch.float32, device=q.device)
-    if executor == "torch":
+    if executor is Executor.TORCH:
         torch_exec.run_forward(p, compiled.head_patterns, q, k, v, out, lse, scale)
     elif triton_launch.decode_eligible(p):  # a few new tokens: split-KV decode kernel
         triton_launch.run_decode(p, compiled.head_patterns, q.contiguous(), k.contiguous(),
-                                 v.contiguous(), out, lse, scale, interpret=executor == "interpret")
+                                 v.contiguous(), out, lse, scale, interpret=executor.interpret)
     else:
         triton_launch.run_forward(p, compiled.head_patterns, q.contiguous(), k.contiguous(),
                                   v.contiguous(), out, lse, scale,
-                                  interpret=executor == "interpret")
+                                  interpret=executor.interpret)
     return out, lse
 
 
-def _backward(executor: str, p: Plan, compiled: CompiledPattern, q, k, v, out, lse, grad_out,
+def execute_backward(executor: Executor, p: Plan, compiled: CompiledPattern, q, k, v, out, lse, grad_out,
               grad_lse, scale):
     """dq, dk, dv and the rel_bias tables' grads (id(table) -> grad) by the FlashAttention
     backward over the plan's schedule: the generated dQ and dK/dV kernels for the Triton
     executors, torch ops for the torch executor."""
-    if executor == "torch":
+    if executor is Executor.TORCH:
         return torch_exec.run_backward(p, compiled.head_patterns, q, k, v, out, lse,
                                        grad_out.contiguous(), grad_lse, scale)
     return triton_launch.run_backward(p, compiled.head_patterns, q, k, v, out, lse, grad_out,
-                                      grad_lse, scale, interpret=executor == "interpret")
+                                      grad_lse, scale, interpret=executor.interpret)
 
 
 class _SparseAttentionFunction(torch.autograd.Function):
@@ -142,7 +167,7 @@ class _SparseAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, executor, p, compiled, scale, *tables):
-        out, lse = _forward(executor, p, compiled, q, k, v, scale)
+        out, lse = execute_forward(executor, p, compiled, q, k, v, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (executor, p, compiled, scale)
         ctx.table_ids = tuple(id(t) for t in tables)
@@ -152,7 +177,7 @@ class _SparseAttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
         executor, p, compiled, scale = ctx.args
-        dq, dk, dv, table_grads = _backward(executor, p, compiled, q, k, v, out, lse, grad_out,
+        dq, dk, dv, table_grads = execute_backward(executor, p, compiled, q, k, v, out, lse, grad_out,
                                             grad_lse, scale)
         return (dq, dk, dv, None, None, None, None, *(table_grads.get(t) for t in ctx.table_ids))
 
@@ -160,24 +185,14 @@ class _SparseAttentionFunction(torch.autograd.Function):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, *,
               scale: float | None = None, enable_gqa: bool = False, return_lse: bool = False,
               backend: str = "auto"):
-    """Sparse attention of ``q`` [B, Hq, Lq, D] over ``k``/``v`` [B, Hkv, Lkv, D].
-
-    Returns ``out`` [B, Hq, Lq, D] (and ``lse`` [B, Hq, Lq], natural log, if
-    ``return_lse``). A query with no allowed key gives 0 and lse ``-inf``.
-    """
-    if torch.compiler.is_compiling() and is_dynamic(pattern):  # torch ops dynamo can trace
-        shape = check_attention_inputs(q, k, v, pattern, scale=scale, enable_gqa=enable_gqa)
+    """``sf.attention`` on an executor (every backend but ``"reference"``): out ``[B, Hq,
+    Lq, D]`` (and lse ``[B, Hq, Lq]``, natural log, if ``return_lse``). A query with no
+    allowed key gives 0 and lse ``-inf``."""
+    shape = check_attention_inputs(q, k, v, pattern, scale=scale, enable_gqa=enable_gqa)
+    if torch.compiler.is_compiling():  # a routed pattern under dynamo: torch ops it traces
         out, lse = routed_attention(q, k, v, pattern, shape.scale)
         return (out, lse) if return_lse else out
-    if torch.compiler.is_compiling():  # one opaque custom op in the graph, no breaks
-        return custom_op.compiled_attention(q, k, v, pattern, scale=scale, enable_gqa=enable_gqa,
-                                            return_lse=return_lse, backend=backend)
-    shape = check_attention_inputs(q, k, v, pattern, scale=scale, enable_gqa=enable_gqa)
     executor, target = resolve_backend(backend, q)
-    if executor == "reference":
-        out, lse = reference_attention(q, k, v, pattern, scale=shape.scale,
-                                       enable_gqa=enable_gqa, return_lse=True)
-        return (out, lse) if return_lse else out
     if is_dynamic(pattern):
         out, lse = _run_routed(executor, target, backend, q, k, v, pattern, shape)
         return (out, lse) if return_lse else out
@@ -192,25 +207,25 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
         out, lse = _SparseAttentionFunction.apply(q, k, v, executor, p, compiled, shape.scale,
                                                   *tables)
     else:
-        out, lse = _forward(executor, p, compiled, q, k, v, shape.scale)
+        out, lse = execute_forward(executor, p, compiled, q, k, v, shape.scale)
     return (out, lse) if return_lse else out
 
 
-def _run_routed(executor: str, target: str, backend: str, q, k, v, pattern: Pattern, shape):
+def _run_routed(executor: Executor, target: str, backend: str, q, k, v, pattern: Pattern, shape):
     """A routed pattern: the generated pre-kernels route, then the routed forward kernel
     walks the static segments plus the selected tiles. Training (a gradient wanted), the
     torch executor and patterns without a kernel (two routing nodes, per-head patterns,
     balanced clusters) run ``routed_attention`` (torch ops, exact, differentiable);
     ``backend='triton'`` refuses what it cannot run rather than fall back silently."""
     compiled = compile_pattern(pattern)
-    node, siblings = compiled.routing or (None, ())
+    node, siblings = compiled.routed_node or (None, ())
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     why_not = ("it has no generated kernel (one routing node per pattern, not clusters)"
                if node is None else
                "the routed kernel has no generated backward yet" if wants_grad else None)
-    if executor in ("triton", "interpret") and why_not is None and shape.q_len and shape.kv_len:
+    if executor is not Executor.TORCH and why_not is None and shape.q_len and shape.kv_len:
         p = cached_plan(compiled, shape.q_len, shape.kv_len, shape.head_dim, q.dtype, target)
-        prekernels = "interpret" if executor == "interpret" else "compiled"
+        prekernels = executor.prekernels
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         if isinstance(node, Clusters):
             return _run_clusters(executor, p, compiled, node, q, k, v, shape.scale, prekernels)
@@ -219,7 +234,7 @@ def _run_routed(executor: str, target: str, backend: str, q, k, v, pattern: Patt
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
         triton_launch.run_forward(p, compiled.head_patterns, q, k, v, out, lse, shape.scale,
-                                  interpret=executor == "interpret", routed=routed)
+                                  interpret=executor.interpret, routed=routed)
         return out, lse
     if backend == "triton" and why_not is not None:
         raise ValueError(f"backend='triton' with {pattern!r}: {why_not}; backend='auto' or "
@@ -239,7 +254,7 @@ def _run_clusters(executor, p: Plan, compiled, node, q, k, v, scale: float, prek
     out_s = torch.empty(qs.shape, dtype=q.dtype, device=q.device)
     lse_s = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     triton_launch.run_forward(p, compiled.head_patterns, qs, ks, vs, out_s, lse_s, scale,
-                              interpret=executor == "interpret", routed=tiles)
+                              interpret=executor.interpret, routed=tiles)
     out = torch.empty_like(out_s).scatter_(2, order_q[..., None].expand(-1, -1, -1, d), out_s)
     return out, torch.empty_like(lse_s).scatter_(2, order_q, lse_s)
 
@@ -278,7 +293,7 @@ def _tiled_run(p: Plan, device) -> _TiledRun:
     return run
 
 
-def _run_tiled(executor: str, p: Plan, q, k, v, scale: float):
+def _run_tiled(executor: Executor, p: Plan, q, k, v, scale: float):
     """Gather Q, K, V into the plan's tiled token order, attend, scatter the rows back.
     ``index_select`` carries the gradient; padding tokens never hold an allowed pair, so
     their rows and columns contribute nothing to it."""
@@ -289,7 +304,7 @@ def _run_tiled(executor: str, p: Plan, q, k, v, scale: float):
         out, lse = _SparseAttentionFunction.apply(qt, kt, vt, executor, p, tiled, scale,
                                                   *tiled.tables)
     else:
-        out, lse = _forward(executor, p, tiled, qt, kt, vt, scale)
+        out, lse = execute_forward(executor, p, tiled, qt, kt, vt, scale)
     return out.index_select(2, q_scatter), lse.index_select(2, q_scatter)
 
 
@@ -302,13 +317,11 @@ def attention_backward(q, k, v, out, lse, grad_out, grad_lse, pattern: Pattern, 
     usable on its own."""
     shape = check_attention_inputs(q, k, v, pattern, scale=scale, enable_gqa=enable_gqa)
     executor, target = resolve_backend(backend, q)
-    if executor == "reference":  # no backward of its own: the plan run with torch ops
-        executor, target = "torch", "cpu"
     compiled = compile_pattern(pattern)
     p = cached_plan(compiled, shape.q_len, shape.kv_len, shape.head_dim, q.dtype, target)
     if p.layout is not None:
         return _backward_tiled(executor, p, q, k, v, out, lse, grad_out, grad_lse, shape.scale)
-    dq, dk, dv, grads = _backward(executor, p, compiled, q, k, v, out, lse, grad_out, grad_lse,
+    dq, dk, dv, grads = execute_backward(executor, p, compiled, q, k, v, out, lse, grad_out, grad_lse,
                                   shape.scale)
     return dq, dk, dv, [grads.get(id(t)) for t in compiled.tables]
 
@@ -326,7 +339,7 @@ def _backward_tiled(executor, p: Plan, q, k, v, out, lse, grad_out, grad_lse, sc
     go = go.masked_fill(ix.q_padding[:, None], 0)
     if gl is not None:
         gl = gl.masked_fill(ix.q_padding, 0)
-    dq, dk, dv, grads = _backward(executor, p, ix.patterns, rows(q, ix.q_gather),
+    dq, dk, dv, grads = execute_backward(executor, p, ix.patterns, rows(q, ix.q_gather),
                                   rows(k, ix.kv_gather), rows(v, ix.kv_gather),
                                   rows(out, ix.q_gather), rows(lse, ix.q_gather), go, gl, scale)
     return (rows(dq, ix.q_scatter), rows(dk, ix.kv_scatter), rows(dv, ix.kv_scatter),

@@ -22,10 +22,11 @@ import threading
 import triton
 
 from ..planner.plan import Plan
-from .binaries import COUNTERS, binary_dir, cached_binary, compiled_kernel, kernel_key
+from .binaries import COUNTERS, compiled_kernel, kernel_key
+from .binary_cache import binary_dir, cached_binary
 from .compile import compile_kernel, device_arch, launch_spec
 from .prebuilt import prebuilt
-from .triton_launch import rendered
+from .sources import rendered
 
 log = logging.getLogger("sparseforge")
 

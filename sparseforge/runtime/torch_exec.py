@@ -30,7 +30,7 @@ from ..semantics import (
 )
 
 # Score elements materialised per batch of query tiles (at least one tile per batch).
-_SCORE_BUDGET = 1 << 24
+SCORE_BUDGET = 1 << 24
 
 
 def run_forward(plan: Plan, call_kernels, q, k, v, out, lse, scale: float) -> None:
@@ -80,7 +80,7 @@ def _run_group(plan: Plan, kernel: KernelPlan, pattern, sched: GroupSchedule, q,
             stop += 1
         tiles_q = order[start:stop]
         if count > 0:
-            per_batch = max(1, _SCORE_BUDGET // max(1, b * hs * bm * bn * count))
+            per_batch = max(1, SCORE_BUDGET // max(1, b * hs * bm * bn * count))
             for s in range(0, len(tiles_q), per_batch):
                 sel = tiles_q[s:s + per_batch]
                 o, l_ = _attend(pattern, geo, kernel.groups, plan, qt[:, :, sel], kt, vt,
@@ -187,7 +187,7 @@ def _group_backward(plan, kernel, pattern, sched, q, k, v, do, lse, delta, heads
         if count == 0:
             continue
         same = np.nonzero(counts == count)[0]
-        per_batch = max(1, _SCORE_BUDGET // max(1, b * hs * bm * bn * int(count)))
+        per_batch = max(1, SCORE_BUDGET // max(1, b * hs * bm * bn * int(count)))
         for s0 in range(0, len(same), per_batch):
             sel = same[s0:s0 + per_batch]
             nq = len(sel)

@@ -9,32 +9,17 @@ call breaks the held kernel's alignment assumptions, through ``JITFunction``.
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 
-from ..codegen.render import KernelSource, render_kernel
+from ..ir.nodes import Documents, walk
 from ..ir.scores import Alibi, RelBias, Softcap, rel_bias_table, score_terms
 from ..planner.plan import Plan
 from ..planner.schedule import group_geometry
 from ..planner.tiles import DECODE_MAX_Q
 from ..semantics import document_ids
-from .cache import load_kernel_module
+from . import gpu_launch, sources
 
 LOG2E = 1.4426950408889634
-
-
-@lru_cache(maxsize=1024)
-def rendered(plan: Plan, kernel_index: int, kind: str = "forward") -> KernelSource:
-    return render_kernel(plan, kernel_index, kind)
-
-
-@lru_cache(maxsize=1024)
-def kernel_function(plan: Plan, kernel_index: int, interpret: bool, kind: str = "forward"):
-    """(kernel function, rendered source); warm calls skip rehashing the source."""
-    src = rendered(plan, kernel_index, kind)
-    module = load_kernel_module(src.module_stem, src.source, interpret=interpret)
-    return getattr(module, src.name), src
 
 
 def head_runs(heads: tuple[int, ...] | None, n_heads: int) -> list[tuple[int, int]]:
@@ -51,8 +36,6 @@ def head_runs(heads: tuple[int, ...] | None, n_heads: int) -> list[tuple[int, in
 
 
 def _documents_args(call_kernel_pattern, q_len, kv_len, device):
-    from ..ir.nodes import Documents, walk
-
     docs = [n for n in walk(call_kernel_pattern) if isinstance(n, Documents)]
     if len(docs) != 1:
         raise ValueError("documents: a pattern may hold one documents(...) term per head")
@@ -198,11 +181,8 @@ def run_backward(plan: Plan, call_kernels, q, k, v, out, lse, grad_out, grad_lse
 
 def _held_launcher(q, interpret: bool):
     """The held-kernel launcher module on a GPU (None under the interpreter or when off)."""
-    if q.is_cuda and not interpret:
-        from . import gpu_launch
-
-        if gpu_launch.held_launch_enabled():
-            return gpu_launch
+    if q.is_cuda and not interpret and gpu_launch.held_launch_enabled():
+        return gpu_launch
     return None
 
 
@@ -212,7 +192,7 @@ def _launch(plan: Plan, index: int, kind: str, grid, args, q, interpret: bool, h
     kernel = held.held_kernel(plan, index, q.device.index, kind) if held is not None else None
     if kernel is not None and kernel.launch(grid, args, q.device.index):
         return
-    fn, src = kernel_function(plan, index, interpret, kind)
+    fn, src = sources.kernel_function(plan, index, interpret, kind)
     fn[grid](*args, **dict(src.constexprs), DOT_UPCAST=interpret and q.dtype == torch.bfloat16,
              **dict(src.launch_options))
 
@@ -264,7 +244,7 @@ def merge_partials(out_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Te
 def decode_eligible(plan: Plan) -> bool:
     """Whether the split-KV decode kernel serves this call: a few new tokens."""
     # decode BLOCK_M >= 16; a routed plan has a forward kernel only
-    return 1 <= plan.q_len <= DECODE_MAX_Q and plan.kv_len > 0 and not plan.routing
+    return 1 <= plan.q_len <= DECODE_MAX_Q and plan.kv_len > 0 and not plan.routing_steps
 
 
 def run_decode(plan: Plan, call_kernels, q, k, v, out, lse, scale: float, interpret: bool) -> None:
@@ -285,7 +265,7 @@ def run_forward(plan: Plan, call_kernels, q, k, v, out, lse, scale: float, inter
     """Launch every kernel of ``plan`` writing into ``out``/``lse``.
 
     ``call_kernels`` holds the call's own head patterns (with this call's document ids);
-    ``routed`` the call's routing (``routing.launch.RoutedTiles``) for a routed plan.
+    ``routed`` the call's routing (``routed_tiles.RoutedTiles``) for a routed plan.
     """
     if q.shape[2] == 0:
         return

@@ -24,6 +24,7 @@ from ..ir import nodes as ir
 from ..ir import routing, scores
 from ..ir.neighborhood import neighborhood
 from ..planner.plan import Plan, plan
+from .compile import build_binary
 
 L = 4096
 
@@ -118,8 +119,6 @@ def template_variants(target: str = "sm_90") -> dict[str, Plan]:
 
 
 def _compile_one(job: tuple[str, str]) -> dict:
-    from .compile import build_binary
-
     torch.set_num_threads(1)
     name, arch, kind = job
     p = variant_plan(name, arch)

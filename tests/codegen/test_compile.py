@@ -12,6 +12,9 @@ import pytest
 from sparseforge.codegen.render import KINDS
 from sparseforge.runtime.variants import variant_kinds, variant_specs
 
+# one xdist worker runs this module: its session-scoped fixture is built once
+pytestmark = pytest.mark.xdist_group("compile")
+
 ARCHS = ("sm_80", "sm_90")
 
 

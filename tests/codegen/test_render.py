@@ -6,7 +6,8 @@ import torch
 
 import sparseforge as sf
 from sparseforge.codegen.predicate import triton_predicate
-from sparseforge.codegen.render import _environment, render_kernel
+from sparseforge.codegen.render import render_kernel
+from sparseforge.codegen.templates import environment
 
 
 def _plan(pattern, **kw):
@@ -45,7 +46,7 @@ def test_full_tiles_carry_no_predicate():
 
 def test_templates_are_strict():
     with pytest.raises(jinja2.UndefinedError):
-        _environment().get_template("forward.py.jinja").render(name="x")
+        environment().get_template("forward.py.jinja").render(name="x")
 
 
 def test_predicate_printer_uses_only_validated_integers():
@@ -58,8 +59,36 @@ def test_predicate_printer_uses_only_validated_integers():
 
 @pytest.mark.parametrize("bad", ['x"); import os #', "a\nb", "\\", 1.5, None, object()])
 def test_only_checked_values_reach_the_template(bad):
-    from sparseforge.codegen.render import UnsafeTemplateValue, check_context
+    from sparseforge.codegen.templates import UnsafeTemplateValue, check_context
 
     with pytest.raises(UnsafeTemplateValue):
         check_context({"segments": [{"lo": bad}]})
     check_context({"segments": [{"lo": "tl.maximum(p_first - 3, 0) // BLOCK_N"}], "n": 3, "f": True})
+
+
+def test_no_generated_kernel_uses_atomics():
+    """Deterministic, bitwise-repeatable results rest on every output being written by
+    exactly one program: no rendered kernel (the whole compiled variant set, every kind,
+    and every routing pre-kernel family) may use an atomic operation."""
+    from sparseforge.codegen.prekernels import (
+        render_clusters,
+        render_hip,
+        render_lines,
+        render_routing,
+    )
+    from sparseforge.runtime.variants import variant_kinds, variant_plan, variant_specs
+
+    sources = []
+    for name in variant_specs():
+        p = variant_plan(name, "sm_90")
+        sources += [render_kernel(p, i, kind).source for kind in variant_kinds(name)
+                    for i in range(len(p.kernels))]
+    sources += [render_routing(n).source for n in (
+        sf.topk_blocks(64, 3), sf.threshold_blocks(64, 0.9),
+        sf.topk_chunks(torch.tensor([0, 10, 64]), 2, share="all"))]
+    sources += [render_hip(sf.hierarchical(4, 32)).source, render_clusters().source,
+                render_lines(sf.vertical_slash(4, 4), "(j <= p)").source]
+    for source in sources:
+        code = "\n".join(line.split("#", 1)[0] for line in source.splitlines())
+        assert "atomic" not in code
+    assert len(sources) > 100

@@ -12,6 +12,9 @@ import sparseforge as sf
 transformers = pytest.importorskip("transformers")
 from sparseforge.integrations import huggingface as sf_hf  # noqa: E402
 
+# one xdist worker runs this module: its module-scoped fixture is built once
+pytestmark = pytest.mark.xdist_group("huggingface")
+
 sf_hf.register()
 
 

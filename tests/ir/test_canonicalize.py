@@ -3,7 +3,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sparseforge as sf
-from sparseforge.ir import Empty, Full, Window, canonicalize, expression_dag, is_empty
+from sparseforge.ir.canonicalize import canonicalize, expression_dag, is_empty
+from sparseforge.ir.nodes import Empty, Full, Window
 from tests.strategies import static_patterns
 
 

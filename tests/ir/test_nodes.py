@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import sparseforge as sf
-from sparseforge.ir import Union, Window
+from sparseforge.ir.nodes import Union, Window
 
 
 @pytest.mark.parametrize("build, error, message", [

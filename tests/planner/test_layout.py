@@ -2,6 +2,7 @@
 execution through it against the oracle, and the utilisation it buys over Flex."""
 
 import functools
+import pathlib
 
 import numpy as np
 import pytest
@@ -88,10 +89,19 @@ def test_tiled_kernel_in_the_interpreter(tiled_dispatch):
                                atol=2e-5, rtol=1e-5)
 
 
+def _documented_utilisation(row: str) -> tuple[float, float]:
+    """(sparseforge, Flex) utilisation of a row of docs/neighborhoods.md's table."""
+    docs = (pathlib.Path(__file__).parents[2] / "docs" / "neighborhoods.md").read_text()
+    line = next(line for line in docs.splitlines() if line.startswith(f"| {row} |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    return float(cells[1]), float(cells[2])
+
+
 @pytest.mark.parametrize("dilation", [1, 4])
 def test_utilisation_against_flex_on_56x56(dilation):
     """7x7 on 56x56: the tiled plan's pair utilisation beside FlexAttention's 128x128
-    BlockMask on the same mask (printed; the dilated case must be >= 2x Flex's)."""
+    BlockMask on the same mask equal the figures docs/neighborhoods.md prints (the
+    dilated case >= 2x Flex's)."""
     pattern = sf.neighborhood((56, 56), 7, dilation=dilation)
     p = sf.plan(pattern, q_len=3136, kv_len=3136, head_dim=64, target="sm_90")
     ours = p.stats[0].utilisation
@@ -99,6 +109,8 @@ def test_utilisation_against_flex_on_56x56(dilation):
     print(f"dilation {dilation}: sparseforge {ours:.3f}, flex {flex:.3f}, ratio {ours / flex:.1f}")
     assert p.layout is not None
     assert "FlexAttention BlockMask" in p.explain()
+    assert (round(ours, 3), round(flex, 3)) == _documented_utilisation(
+        f"7x7 on 56x56, dilation {dilation}")
     assert ours > flex
     if dilation > 1:
         assert ours >= 2 * flex

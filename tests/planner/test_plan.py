@@ -56,3 +56,23 @@ def test_save_png(tmp_path):
     p = sf.plan(sf.sliding_window(64) | sf.sinks(2), q_len=300, kv_len=300, head_dim=32)
     p.save_png(tmp_path / "plan.png")
     assert (tmp_path / "plan.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_large_plans_draw_at_tile_resolution(tmp_path, monkeypatch):
+    """A 32k x 32k plan draws one cell per tile from its visit matrices: the mask is never
+    evaluated (that took ~50 s), and the cells are what the schedule visits."""
+    from sparseforge.planner import picture
+
+    def no_mask(*args, **kwargs):
+        raise AssertionError("the mask was evaluated for a large plan")
+
+    monkeypatch.setattr(picture, "pair_mask", no_mask)
+    p = sf.plan(sf.sliding_window(256) | sf.sinks(4), q_len=32768, kv_len=32768, head_dim=64,
+                target="sm_90")
+    p.save_png(tmp_path / "big.png")
+    assert (tmp_path / "big.png").read_bytes()[:4] == b"\x89PNG"
+    classes = picture.tile_classes(p)
+    assert classes.shape == (32768 // p.block_m, 32768 // p.block_n)
+    sched = p.schedules[0][0]
+    assert ((classes > 0) == sched.visit).all() and ((classes == 2) == sched.full).all()
+    assert (classes[:, 0] > 0).all()  # every query tile reads the sinks' tile

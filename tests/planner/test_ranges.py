@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sparseforge as sf
-from sparseforge.ir import canonicalize
+from sparseforge.ir.canonicalize import canonicalize
 from sparseforge.planner.ranges import hull_segment, tile_segments
 from sparseforge.planner.schedule import visit_matrices
 from tests.strategies import neighbourhoods, static_patterns

@@ -118,8 +118,8 @@ def test_bad_centroids_are_refused_by_name():
 
 @pytest.mark.parametrize("hq, hkv, sets, c, d", [(4, 2, 2, 5, 16), (2, 1, 1, 3, 24), (4, 4, 4, 16, 64)])
 def test_generated_assignment_equals_the_reference(hq, hkv, sets, c, d):
-    from sparseforge.routing.cluster_kernels import assign
-    from sparseforge.routing.reference import route_clusters
+    from sparseforge.routing.rules import route_clusters
+    from sparseforge.runtime.prekernels import assign
 
     g = torch.Generator().manual_seed(c + d)
     q, k = torch.randn(2, hq, 45, d, generator=g), torch.randn(2, hkv, 45, d, generator=g)
@@ -132,7 +132,7 @@ def test_generated_assignment_equals_the_reference(hq, hkv, sets, c, d):
 
 _COMPILE = """
 import json
-from sparseforge.routing.cluster_kernels import compile_clusters
+from sparseforge.runtime.prekernel_compile import compile_clusters
 print(json.dumps([compile_clusters(arch, d, dtype, c) for arch in ("sm_80", "sm_90")
                   for d, dtype, c in ((64, "float16", 16), (128, "bfloat16", 64))]))
 """

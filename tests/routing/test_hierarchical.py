@@ -11,7 +11,7 @@ import torch
 
 import sparseforge as sf
 from sparseforge.ir.canonicalize import canonicalize
-from sparseforge.routing.reference import route
+from sparseforge.routing.rules import route
 from tests.helpers import compile_in_subprocess
 
 
@@ -85,9 +85,9 @@ def test_tree_search_equals_the_literal_algorithm(lq, lkv, top, block, q_block):
     (100, 100, 3, 8, None), (40, 120, 2, 4, 8), (64, 64, 5, 2, 16), (30, 30, 8, 16, None),
 ])
 def test_generated_search_equals_the_reference(lq, lkv, top, block, q_block):
-    from sparseforge.routing.hip import route_hip
-    from sparseforge.routing.reference import static_siblings
+    from sparseforge.ir.split import static_siblings
     from sparseforge.routing.selection import BlockSelection
+    from sparseforge.runtime.prekernels import route_hip
 
     g = torch.Generator().manual_seed(lq + top)
     q = torch.randn(2, 4, lq, 16, generator=g)
@@ -107,7 +107,7 @@ def test_generated_search_equals_the_reference(lq, lkv, top, block, q_block):
 
 _COMPILE = """
 import json, sparseforge as sf
-from sparseforge.routing.hip import compile_hip
+from sparseforge.runtime.prekernel_compile import compile_hip
 out = []
 for node in (sf.hierarchical(8, 64), sf.hierarchical(16, 32, query_block=128)):
     for arch in ("sm_80", "sm_90"):
@@ -143,7 +143,7 @@ def test_plan_counts_l_log_l_routing_work():
         p = sf.plan(sf.causal() & sf.hierarchical(8, 64), q_len=n, kv_len=n, head_dim=128,
                     target="sm_90")
         assert "refine0" in p.explain()
-        works.append(sum(s.work for s in p.routing if s.name.startswith(("refine", "branches"))))
+        works.append(sum(s.work for s in p.routing_steps if s.name.startswith(("refine", "branches"))))
     # O(L log L): work / (L log2(L / block)) is the same at every size (quadratic would
     # grow 4x per step)
     per = [w / (n * (n // 64 - 1).bit_length()) for w, n in zip(works, (8192, 32768, 131072))]

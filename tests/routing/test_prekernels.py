@@ -8,11 +8,15 @@ import torch
 
 import sparseforge as sf
 from sparseforge.ir.canonicalize import canonicalize
-from sparseforge.routing.execute import routed_attention
-from sparseforge.routing.kernels import route_prekernels
-from sparseforge.routing.reference import route, static_siblings
+from sparseforge.ir.split import static_siblings
+from sparseforge.routing.rules import route
 from sparseforge.routing.selection import BlockSelection
+from sparseforge.runtime.prekernels import route_prekernels
+from sparseforge.runtime.routed_torch import routed_attention
 from tests.helpers import compile_in_subprocess
+
+# one xdist worker runs this module: its module-scoped fixture is built once
+pytestmark = pytest.mark.xdist_group("prekernels")
 
 CASES = [  # (pattern, Lq, Lkv, Hq, Hkv, D)
     (sf.causal() & sf.topk_blocks(8, 3), 64, 64, 2, 2, 16),
@@ -98,8 +102,8 @@ LINE_CASES = [  # (pattern, Lq, Lkv, Hq, Hkv, D)
 
 @pytest.mark.parametrize("pattern,lq,lkv,hq,hkv,d", LINE_CASES)
 def test_vertical_slash_prekernels_equal_the_reference(pattern, lq, lkv, hq, hkv, d):
-    from sparseforge.routing.lines import route_lines
-    from sparseforge.routing.reference import line_masses
+    from sparseforge.routing.rules import line_masses
+    from sparseforge.runtime.prekernels import route_lines
 
     torch.manual_seed(lq + 3 * lkv + d)
     canonical = canonicalize(pattern)
@@ -116,9 +120,10 @@ def test_vertical_slash_prekernels_equal_the_reference(pattern, lq, lkv, hq, hkv
 _COMPILE = """
 import json, torch, sparseforge as sf
 from sparseforge.ir.canonicalize import canonicalize
-from sparseforge.routing.kernels import compile_routing
-from sparseforge.routing.lines import compile_lines
-from sparseforge.routing.reference import static_siblings
+from sparseforge.runtime.prekernel_compile import compile_routing
+from sparseforge.runtime.prekernel_compile import compile_lines
+from sparseforge.ir.split import static_siblings
+
 nodes = [sf.topk_blocks(64, 8, query_block=1, share="group"),
          sf.topk_blocks(128, 16, pool="max", scale_by_sqrt_len=True),
          sf.topk_chunks(torch.tensor([0, 5, 9]), 4, share="all"),

@@ -1,6 +1,6 @@
 """The torch reference of each routing rule against plain-Python brute force (loops over
 blocks, no code shared with the library), its index layouts, and the composition rules
-of DESIGN section 3 (candidates from the static siblings, unions added)."""
+of docs/semantics.md (candidates from the static siblings, unions added)."""
 
 import math
 
@@ -10,7 +10,7 @@ import torch
 
 import sparseforge as sf
 from sparseforge.ir.canonicalize import canonicalize
-from sparseforge.routing.reference import route
+from sparseforge.routing.rules import route
 
 
 def _members(share, hq, hkv):

@@ -10,9 +10,10 @@ import torch
 
 import sparseforge as sf
 from sparseforge.ir.canonicalize import canonicalize
-from sparseforge.routing.dag import kernel_routing_node
-from sparseforge.routing.launch import route_tiles
-from sparseforge.routing.reference import route_node, static_siblings
+from sparseforge.ir.split import static_siblings
+from sparseforge.planner.routing_steps import kernel_routing_node
+from sparseforge.routing.rules import route_node
+from sparseforge.runtime.routed_tiles import route_tiles
 from tests.helpers import random_qkv
 
 from .test_routed_attention_fuzz import _config, _masked_attention, _rebuilt_mask

@@ -18,7 +18,7 @@ PRELUDE = """
 import json, logging, sys, threading
 logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 import sparseforge as sf
-from sparseforge.runtime import binaries
+from sparseforge.runtime import binaries, binary_cache
 PLAN = sf.plan(sf.sliding_window(64), q_len=256, kv_len=256, head_dim=32, dtype="float16",
                target="sm_80")
 """
@@ -51,7 +51,7 @@ def _entries(cache_dir):
 
 def test_eight_processes_racing_build_once(cache_dir):
     body = """
-    binary, built = binaries.cached_binary(PLAN, 0, "sm_80")
+    binary, built = binary_cache.cached_binary(PLAN, 0, "sm_80")
     print(json.dumps({"built": built, "compiled": binaries.COUNTERS["compiled"],
                       "sha": binaries.sha256_hex(binary.cubin)}))
     """
@@ -73,16 +73,16 @@ def test_threads_racing_build_once_and_damage_is_rebuilt(cache_dir):
     from pathlib import Path
     results = []
     threads = [threading.Thread(target=lambda: results.append(
-        binaries.cached_binary(PLAN, 0, "sm_80")[1])) for _ in range(8)]
+        binary_cache.cached_binary(PLAN, 0, "sm_80")[1])) for _ in range(8)]
     [t.start() for t in threads]
     [t.join() for t in threads]
     report = {"thread_builds": sum(results), "compiled_after_threads": binaries.COUNTERS["compiled"]}
-    binaries.clear_memory()
-    report["reload_built"] = binaries.cached_binary(PLAN, 0, "sm_80")[1]
-    entry = json.loads(next(binaries.binary_dir().glob("*.entry.json")).read_text())
-    directory = binaries.binary_dir()
+    binary_cache.clear_memory()
+    report["reload_built"] = binary_cache.cached_binary(PLAN, 0, "sm_80")[1]
+    entry = json.loads(next(binary_cache.binary_dir().glob("*.entry.json")).read_text())
+    directory = binary_cache.binary_dir()
     for damage in ("truncate", "edit_cubin", "edit_metadata", "delete"):
-        binaries.clear_memory()
+        binary_cache.clear_memory()
         cubin, meta = directory / entry["cubin"], directory / entry["metadata"]
         if damage == "truncate":
             cubin.write_bytes(cubin.read_bytes()[:1000])
@@ -92,9 +92,9 @@ def test_threads_racing_build_once_and_damage_is_rebuilt(cache_dir):
             meta.write_text(meta.read_text().replace('"num_warps": 4', '"num_warps": 1'))
         else:
             cubin.unlink()
-        binary, built = binaries.cached_binary(PLAN, 0, "sm_80")
+        binary, built = binary_cache.cached_binary(PLAN, 0, "sm_80")
         report[damage] = built and binaries.sha256_hex(cubin.read_bytes()) == entry["cubin_sha256"]
-    report["problems_after"] = binaries.verify_cache()
+    report["problems_after"] = binary_cache.verify_cache()
     print(json.dumps(report))
     """
     proc = run_script(body, cache_dir)
@@ -112,9 +112,9 @@ def test_read_only_cache_builds_in_memory(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     body = """
-    binary, built = binaries.cached_binary(PLAN, 0, "sm_80")
-    again, built_again = binaries.cached_binary(PLAN, 0, "sm_80")
-    print(json.dumps({"built": built, "again": built_again, "dir": binaries.binary_dir(),
+    binary, built = binary_cache.cached_binary(PLAN, 0, "sm_80")
+    again, built_again = binary_cache.cached_binary(PLAN, 0, "sm_80")
+    print(json.dumps({"built": built, "again": built_again, "dir": binary_cache.binary_dir(),
                       "size": len(binary.cubin)}))
     """
     proc = run_script(body, blocker / "cache")  # cannot be created, even by root
@@ -133,7 +133,7 @@ def test_group_writable_kernel_directory_is_refused(tmp_path, monkeypatch):
     sub.mkdir()
     os.chmod(sub, 0o775)
     monkeypatch.setenv(cache.ENV_CACHE_DIR, str(root))
-    from sparseforge.runtime import binaries
+    from sparseforge.runtime import binary_cache
 
     with pytest.raises(cache.UnsafeCacheDirectory, match="writable by other users"):
-        binaries.binary_dir()
+        binary_cache.binary_dir()

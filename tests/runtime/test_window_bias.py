@@ -17,10 +17,10 @@ import torch
 import sparseforge as sf
 from sparseforge.ir.neighborhood import Neighborhood
 from sparseforge.ir.nodes import walk
+from sparseforge.ir.ops import TorchOps
 from sparseforge.ir.scores import rel_index, score_spec
 from sparseforge.planner.plan import plan
 from sparseforge.runtime import dispatch
-from sparseforge.semantics import TorchOps
 
 # ---------------------------------------------------- legacy NATTEN (<= 0.17) rpb indexing
 # natten/csrc/include/natten/cuda/naive/natten_commons.cuh: get_window_start and

@@ -18,9 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ..codegen.prekernels import lines_supported
 from ..ir.routing import Hierarchical, TopkChunks, TopkKeys, VerticalSlash
-from .selection import BlockSelection, ascending_indices, bucket_of
-from .shape_cache import ShapeCache
+from ..routing.geometry import key_bias
+from ..routing.rules import route_clusters, route_node
+from ..routing.selection import BlockSelection, ascending_indices, bucket_of
+from ..routing.shape_cache import ShapeCache
+from .prekernels import assign, route_hip, route_lines, route_prekernels
 
 
 @dataclass(frozen=True)
@@ -187,9 +191,6 @@ def route_tiles(node, siblings, q: torch.Tensor, k: torch.Tensor, scale: float, 
     (``None``)."""
     q_len, kv_len = q.shape[2], k.shape[2]
     if isinstance(node, VerticalSlash):
-        from .lines import lines_supported, route_lines
-        from .reference import route_node
-
         if prekernels and lines_supported(siblings):
             selection = route_lines(node, siblings, q, k, scale,
                                     interpret=prekernels == "interpret")[0]
@@ -200,20 +201,14 @@ def route_tiles(node, siblings, q: torch.Tensor, k: torch.Tensor, scale: float, 
     if isinstance(node, TopkKeys):  # the bias is the score: selected with device sorts
         prekernels = None
     if prekernels and isinstance(node, Hierarchical):
-        from .hip import route_hip
-
         indices, q_starts, k_starts, heads = route_hip(node, siblings, q, k,
                                                        interpret=prekernels == "interpret")
         counts = None
     elif prekernels:
-        from .kernels import route_prekernels
-
         indices, counts, call, heads = route_prekernels(node, siblings, q, k, scale,
                                                         interpret=prekernels == "interpret")
         q_starts, k_starts = call.q_starts, call.k_starts
     else:
-        from .reference import route_node
-
         selection: BlockSelection = route_node(node, siblings, q, k, scale)
         ck = selection.selected.shape[-1]
         indices = selection.fixed_k_indices(min(getattr(node, "k", ck), ck))
@@ -224,8 +219,6 @@ def route_tiles(node, siblings, q: torch.Tensor, k: torch.Tensor, scale: float, 
     tiles = routed_tiles(node, indices, counts, q_starts.to(q.device), k_starts.to(q.device),
                          heads, q_len, kv_len, block_m)
     if isinstance(node, TopkKeys):
-        from .reference import key_bias
-
         bias = key_bias(node, q.shape[1], kv_len, q.device).contiguous()
         tiles = dataclasses.replace(tiles, key_bias=bias)
     return tiles
@@ -243,15 +236,11 @@ def cluster_tiles(node, q: torch.Tensor, k: torch.Tensor, block_m: int,
     b, hq, q_len, _ = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     c = node.centroids.shape[1]
-    if prekernels:  # the generated assignment (routing/cluster_kernels.py)
-        from .cluster_kernels import assign
-
+    if prekernels:  # the generated assignment (runtime/prekernels.py)
         interpret = prekernels == "interpret"
         ids_q = assign(node, q, hq // hkv, interpret=interpret)  # [B, Hq, Lq]
         ids_k = assign(node, k, 1, interpret=interpret)  # [B, Hkv, Lkv]
     else:
-        from .reference import route_clusters
-
         members = route_clusters(node, q, k)
         ids_q = members.q_member.to(torch.int8).argmax(-1)
         ids_k = members.k_member.to(torch.int8).argmax(-1)

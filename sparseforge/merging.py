@@ -1,6 +1,6 @@
 """``sf.merge``: combine attention results computed over different key sets.
 
-Two operations that multi-branch sparse attention is built from (DESIGN section 3):
+Two operations that multi-branch sparse attention is built from (docs/semantics.md, "Combining results"):
 
 * **Union** (``weights=None``): the softmax over the union of the branches' key sets,
   from each branch's output and log-sum-exp alone, exactly: ``out = sum_i exp(lse_i -

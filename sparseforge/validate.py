@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ir.nodes import Pattern, PerHead
-from ..ir.scores import check_score_heads
+from .ir.nodes import Pattern, PerHead
+from .ir.scores import check_score_heads
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 1, 256

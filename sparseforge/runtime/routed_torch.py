@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 
 from ..ir.canonicalize import canonicalize
+from ..routing.rules import route
 from ..semantics import modified_scores, pair_mask
-from .reference import route
+from .prekernels import route_with_prekernels
 
 #: query rows attended at once: bounds the [B, H, rows, Lkv] score block
 ROW_CHUNK = 256
@@ -29,7 +30,9 @@ def routed_attention(q, k, v, pattern, scale: float, prekernels: str | None = No
     b, hq, q_len, _ = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     with torch.no_grad():
-        routing = route(canonical, q.detach(), k.detach(), scale, prekernels)
+        routing = (route(canonical, q.detach(), k.detach(), scale) if prekernels is None else
+                   route_with_prekernels(canonical, q.detach(), k.detach(), scale,
+                                         interpret=prekernels == "interpret"))
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     group = hq // hkv
     kk = k.to(compute).repeat_interleave(group, dim=1)

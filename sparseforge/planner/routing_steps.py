@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from ..ir.nodes import Pattern, walk
+from ..ir.nodes import Documents, Empty, Pattern, PerHead, walk
 from ..ir.routing import (
     Clusters,
     DynamicPattern,
@@ -23,6 +23,8 @@ from ..ir.routing import (
     TopkKeys,
     VerticalSlash,
 )
+from ..ir.scores import Alibi, RelBias
+from ..ir.split import static_part
 
 #: a routed kernel's key tiles hold at most this many keys (one bit each per row)
 MAX_ROUTED_BLOCK_N = 64
@@ -166,49 +168,10 @@ def routing_dag(steps: tuple[RoutingStep, ...]) -> nx.DiGraph:
     return g
 
 
-def replace_routing(pattern: Pattern, by: Pattern) -> Pattern:
-    """``pattern`` with every routing node replaced by the static ``by``, canonical."""
-    from ..ir.canonicalize import canonicalize
-    from ..ir.nodes import Intersection, PerHead, Union
-
-    def strip(p: Pattern) -> Pattern:
-        if isinstance(p, DynamicPattern):
-            return by
-        if isinstance(p, Union):
-            return Union(tuple(strip(c) for c in p.parts))
-        if isinstance(p, Intersection):
-            return Intersection(tuple(strip(c) for c in p.parts))
-        if isinstance(p, PerHead):
-            return PerHead(tuple(strip(c) for c in p.patterns))
-        return p
-
-    return canonicalize(strip(pattern))
-
-
-def envelope(pattern: Pattern) -> Pattern:
-    """Every pair the pattern may allow: each routing node read as ``full()`` (it may
-    select any candidate), so ``S & topk`` plans as ``S``."""
-    from ..ir.nodes import Full
-
-    return replace_routing(pattern, Full())
-
-
-def static_part(pattern: Pattern) -> Pattern:
-    """The pairs allowed whatever is selected: each routing node read as ``empty()``. A
-    routed kernel walks this part's closed-form tile ranges, then the selected tiles.
-    Patterns have no negation, so static_part <= pattern <= envelope."""
-    from ..ir.nodes import Empty
-
-    return replace_routing(pattern, Empty())
-
-
 def kernel_routing_node(pattern: Pattern):
     """The routing node of a pattern the generated forward kernel runs (static segments
     plus selected tiles), or None when only the torch path runs it: one routing node
     and no per-head patterns."""
-    from ..ir.nodes import PerHead
-    from ..ir.routing import Clusters
-
     nodes = {n for n in walk(pattern) if isinstance(n, DynamicPattern)}
     if len(nodes) != 1 or any(isinstance(n, PerHead) for n in walk(pattern)):
         return None
@@ -222,9 +185,6 @@ def cluster_kernel_ok(pattern: Pattern, node) -> bool:
     """Clusters run sorted by cluster in the kernel when nothing else needs token order:
     nearest-centroid mode (a permutation; balanced clusters overlap), no static part
     outside the intersection, no documents, ALiBi or rel_bias (softcap is fine)."""
-    from ..ir.nodes import Documents, Empty
-    from ..ir.scores import Alibi, RelBias
-
     if node.balanced is not None or not isinstance(static_part(pattern), Empty):
         return False
     return not any(isinstance(n, (Documents, Alibi, RelBias)) for n in walk(pattern))

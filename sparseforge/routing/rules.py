@@ -1,67 +1,42 @@
-"""The torch reference of every routing rule: the oracle the generated pre-kernels'
-indices are checked against, and the routing the CPU path runs.
+"""The routing rules with torch ops: pool, score, select (block rules), HiP's tree
+search, nearest-centroid clusters and MInference's lines.
 
-Written literally (DESIGN section 3): pool, score, select. Routing is evaluated in
-float32 whatever the inputs' dtype, as the pre-kernels do, so both pick the same blocks;
-ties go to the lower index (a stable descending sort). ``route`` finds every dynamic node
-of a head pattern, its candidates (the buckets its static siblings allow at least one
-pair in) and returns node -> selection for ``semantics.pair_mask``.
+The production torch implementation: the CPU path routes with it, and on a GPU the
+generated pre-kernels (``runtime.prekernels``) compute the same selections (the tests
+check them against each other and both against the literal loops of
+``sparseforge.oracle``). Routing is evaluated in float32 whatever the inputs' dtype, as
+the pre-kernels do, so both pick the same blocks; ties go to the lower index (a stable
+descending sort). ``route`` finds every dynamic node of a head pattern and its
+candidates (the buckets its static siblings allow at least one pair in) and returns
+node -> selection for ``semantics.pair_mask``. The rules themselves are specified in
+docs/semantics.md.
 """
 
 from __future__ import annotations
 
-import math
-from functools import lru_cache
-
 import torch
 
-from ..ir.nodes import Intersection, Pattern, PerHead, walk
+from ..ir.nodes import Pattern, PerHead, walk
 from ..ir.routing import (
     Clusters,
     DynamicPattern,
     Hierarchical,
     ThresholdBlocks,
-    TopkBlocks,
     TopkChunks,
     TopkKeys,
     VerticalSlash,
 )
+from ..ir.split import static_siblings
+from .geometry import (
+    diagonal_index,
+    head_map,
+    key_bias,
+    line_candidates,
+    node_buckets,
+    node_candidates,
+    static_mask_rows,
+)
 from .selection import BlockSelection, ClusterSelection, LineSelection, bucket_of
-from .shape_cache import ShapeCache
-
-#: rows of the static mask evaluated at once when reducing it to bucket candidates
-_ROW_CHUNK = 1024
-_BLOCK_NODES = (TopkBlocks, ThresholdBlocks, TopkKeys, Hierarchical)
-
-
-def block_starts(length: int, block: int, first: int = 0, device=None) -> torch.Tensor:
-    """Starts of the ``block``-aligned buckets covering positions [first, length), the
-    last entry = length: ``[1, C + 1]``."""
-    lo = math.floor(first / block) * block
-    starts = torch.arange(lo, max(length, lo + 1), block, device=device)
-    starts = torch.cat([starts.clamp(min=first), torch.tensor([length], device=device)])
-    return starts[None]
-
-
-def chunk_starts(node: TopkChunks, kv_len: int, device=None) -> torch.Tensor:
-    """The chunk boundaries ``[B or 1, C + 1]``, checked: from 0 to Lkv, increasing."""
-    b = node.boundaries.to(device=device, dtype=torch.int64)
-    b = b if b.dim() == 2 else b[None]
-    _require((b[:, 0] == 0).all() & (b[:, -1] == kv_len).all(),
-             f"topk_chunks(boundaries=...): expected the first boundary 0 and the last "
-             f"kv_len={kv_len}")
-    _require((b[:, 1:] > b[:, :-1]).all(), "topk_chunks(boundaries=...): boundaries must be "
-             "strictly increasing (every chunk holds at least one token)")
-    return b
-
-
-def _require(ok: torch.Tensor, message: str) -> None:
-    """A ValueError on the host; on a GPU a device-side assert instead, so that routing
-    never waits for the device (and stays capturable in a CUDA graph)."""
-    if ok.is_cuda:
-        torch._assert_async(ok, message)
-    elif not bool(ok):
-        raise ValueError(message)
 
 
 def pool(x: torch.Tensor, positions: torch.Tensor, starts: torch.Tensor, how: str = "mean",
@@ -87,14 +62,6 @@ def pool(x: torch.Tensor, positions: torch.Tensor, starts: torch.Tensor, how: st
     if sqrt_len:
         out = out * sizes.sqrt()[:, None, :, None]
     return out[:, :, :c], sizes[:, :c]
-
-
-@lru_cache(maxsize=256)
-def head_map(share: str, q_heads: int, kv_heads: int, device: str = "cpu") -> torch.Tensor:
-    """Routing head of each query head: itself, its GQA group, or 0 (built once per device:
-    a warm call copies nothing to the GPU)."""
-    h = torch.arange(q_heads, device=device)
-    return {"head": h, "group": h // (q_heads // kv_heads), "all": torch.zeros_like(h)}[share]
 
 
 def bucket_scores(qbar: torch.Tensor, kbar: torch.Tensor, share: str) -> torch.Tensor:
@@ -128,99 +95,6 @@ def select_coverage(scores: torch.Tensor, candidates: torch.Tensor, coverage: fl
     keep_sorted = before < coverage
     keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
     return keep & candidates
-
-
-# ------------------------------------------------------------------ candidates and route
-
-
-def static_siblings(head: Pattern, node: DynamicPattern) -> list[Pattern]:
-    """The other operands of the intersection holding ``node`` directly (none: every
-    bucket is a candidate)."""
-    for parent in walk(head):
-        if isinstance(parent, Intersection) and any(p is node or p == node for p in parent.parts):
-            others = [p for p in parent.parts if not (p is node or p == node)]
-            dynamic = [p for p in others if any(isinstance(n, DynamicPattern) for n in walk(p))]
-            if dynamic:
-                raise ValueError(f"{node!r} & {dynamic[0]!r}: two routing nodes in one "
-                                 "intersection are not supported; route once per pattern part")
-            return others
-    return []
-
-
-def _static_mask_rows(siblings, rows: torch.Tensor, q_len: int, kv_len: int, device) -> torch.Tensor:
-    """Bool ``[B or 1, len(rows), Lkv]``: the siblings' intersection on those rows."""
-    from ..semantics import pair_mask
-
-    j = torch.arange(kv_len, device=device)[None, :]
-    out = torch.ones(1, len(rows), kv_len, dtype=torch.bool, device=device)
-    for s in siblings:
-        m = pair_mask(s, rows[:, None], j, q_len, kv_len)
-        out = out & (m if m.dim() == 3 else m[None])
-    return out & (rows[:, None] >= 0)[None]
-
-
-def bucket_candidates(siblings, q_starts, k_starts, q_len: int, kv_len: int, device) -> torch.Tensor:
-    """Bool ``[B or 1, Cq, Ck]``: buckets pairs where the siblings allow at least one pair."""
-    cq, ck = q_starts.shape[-1] - 1, k_starts.shape[-1] - 1
-    shift = kv_len - q_len
-    unit_keys = ck == kv_len  # one key per bucket (topk_keys): the key one-hot is the identity
-    kb = bucket_of(torch.arange(kv_len, device=device), k_starts.to(device))  # [B|1, Lkv]
-    k_onehot = None if unit_keys else torch.nn.functional.one_hot(kb.clamp(0, ck - 1), ck).float()
-    out = None
-    for r0 in range(0, q_len, _ROW_CHUNK):
-        rows = torch.arange(r0, min(q_len, r0 + _ROW_CHUNK), device=device)
-        allowed = _static_mask_rows(siblings, rows, q_len, kv_len, device).float()  # [B|1, R, Lkv]
-        qb = bucket_of(rows + shift, q_starts.to(device)).clamp(0, cq - 1)  # [B|1, R]
-        q_onehot = torch.nn.functional.one_hot(qb, cq).float().transpose(-1, -2)  # [B|1, Cq, R]
-        part = (q_onehot @ allowed if unit_keys else q_onehot @ allowed @ k_onehot) > 0
-        out = part if out is None else out | part
-    if out is None:
-        out = torch.zeros(1, cq, ck, dtype=torch.bool, device=device)
-    return out
-
-
-_candidates = ShapeCache(256)
-
-
-def _shape_only(siblings) -> bool:
-    """Whether the static part's mask depends on the shapes only (no document ids)."""
-    from ..ir.nodes import Documents
-
-    return not any(isinstance(n, Documents) for s in siblings for n in walk(s))
-
-
-def node_candidates(node, siblings, q_starts, k_starts, q_len: int, kv_len: int,
-                    device) -> torch.Tensor:
-    """``bucket_candidates`` of a routing node, cached when they depend on the shapes only
-    (fixed blocks, no document ids): a warm call does no mask evaluation at all."""
-    key = ((tuple(repr(s) for s in siblings), node.q_block, node.block, q_len, kv_len,
-            str(device)) if isinstance(node, _BLOCK_NODES) and _shape_only(siblings) else None)
-    return _candidates.get(key, lambda: bucket_candidates(siblings, q_starts, k_starts, q_len,
-                                                          kv_len, device))
-
-
-def _buckets(node, q_len: int, kv_len: int, device):
-    if isinstance(node, TopkChunks):
-        starts = chunk_starts(node, kv_len, device)
-        return starts, starts
-    return _block_buckets(node.q_block, node.block, q_len, kv_len, str(device))
-
-
-@lru_cache(maxsize=256)
-def _block_buckets(q_block: int, block: int, q_len: int, kv_len: int, device: str):
-    """Query and key bucket starts of fixed blocks: built once per shape and device."""
-    return (block_starts(kv_len, q_block, kv_len - q_len, device),
-            block_starts(kv_len, block, 0, device))
-
-
-def key_bias(node: TopkKeys, q_heads: int, kv_len: int, device) -> torch.Tensor:
-    """The node's bias as fp32 ``[B or 1, Hq, Lkv]``, checked against the call."""
-    b = node.bias.to(device=device, dtype=torch.float32)
-    b = b if b.dim() == 3 else b[None]
-    if b.shape[1:] != (q_heads, kv_len):
-        raise ValueError(f"topk_keys(bias=[{'x'.join(map(str, node.bias.shape))}]): expected "
-                         f"[Hq={q_heads}, Lkv={kv_len}] or [B, {q_heads}, {kv_len}] for this call")
-    return b
 
 
 def cluster_affinity(node: Clusters, x: torch.Tensor) -> torch.Tensor:
@@ -331,7 +205,7 @@ def route_node(node: DynamicPattern, siblings, q: torch.Tensor, k: torch.Tensor,
         return _vertical_slash(node, siblings, q, k, scale)
     if isinstance(node, Clusters):
         return route_clusters(node, q, k)
-    q_starts, k_starts = _buckets(node, q_len, kv_len, device)
+    q_starts, k_starts = node_buckets(node, q_len, kv_len, device)
     if isinstance(node, Hierarchical):
         cand = node_candidates(node, siblings, q_starts, k_starts, q_len, kv_len, device)
         selected = hierarchical_select(node, q, k, q_starts, k_starts, cand)
@@ -358,15 +232,6 @@ def route_node(node: DynamicPattern, siblings, q: torch.Tensor, k: torch.Tensor,
     return BlockSelection(selected, q_starts, k_starts, head_map(node.share, hq, hkv, str(device)))
 
 
-def _diagonal_index(p: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(index ``p - j + Lkv - 1`` of each (row, key) pair's diagonal, clamped; whether the
-    diagonal exists): offsets beyond ``-(Lkv - 1)`` only occur for rows before the first
-    key (Lq > Lkv) and are never selected."""
-    off = p[:, None] - torch.arange(kv_len, device=p.device)[None, :] + kv_len - 1
-    inside = off >= 0
-    return off.clamp(min=0), inside
-
-
 def line_masses(node: VerticalSlash, siblings, q, k, scale) -> tuple[torch.Tensor, torch.Tensor]:
     """(column masses ``[B, Hq, Lkv]``, diagonal masses ``[B, Hq, 2 Lkv - 1]``): the softmax
     of the last ``last_q`` queries over their allowed keys (fp32), summed per key and per
@@ -375,39 +240,14 @@ def line_masses(node: VerticalSlash, siblings, q, k, scale) -> tuple[torch.Tenso
     hkv, kv_len = k.shape[1], k.shape[2]
     device = q.device
     last = torch.arange(max(0, q_len - node.last_q), q_len, device=device)
-    allowed = _static_mask_rows(siblings, last, q_len, kv_len, device)  # [B|1, R, Lkv]
+    allowed = static_mask_rows(siblings, last, q_len, kv_len, device)  # [B|1, R, Lkv]
     kk = k[:, torch.arange(hq, device=device) // (hq // hkv)].float()
     s = (q[:, :, last].float() @ kk.transpose(-1, -2)) * scale
     probs = torch.softmax(s.masked_fill(~allowed[:, None], float("-inf")), -1).nan_to_num(0.0)
-    off, inside = _diagonal_index(last + (kv_len - q_len), kv_len)  # [R, Lkv]
+    off, inside = diagonal_index(last + (kv_len - q_len), kv_len)  # [R, Lkv]
     slash = torch.zeros(b, hq, 2 * kv_len - 1, device=device)
     slash.index_add_(2, off.flatten(), (probs * inside).flatten(2))
     return probs.sum(2), slash
-
-
-_line_candidates = ShapeCache(64)
-
-
-def line_candidates(siblings, q_len: int, kv_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(columns ``[B or 1, Lkv]``, diagonals ``[B or 1, 2 Lkv - 1]``) where the static part
-    allows a pair on some row; cached per shape unless document ids make them data."""
-    key = ((tuple(repr(s) for s in siblings), q_len, kv_len, str(device))
-           if _shape_only(siblings) else None)
-    return _line_candidates.get(key, lambda: _line_candidates_of(siblings, q_len, kv_len, device))
-
-
-def _line_candidates_of(siblings, q_len: int, kv_len: int, device):
-    col_cand = torch.zeros(1, kv_len, dtype=torch.bool, device=device)
-    diag_cand = torch.zeros(1, 2 * kv_len - 1, dtype=torch.bool, device=device)
-    for r0 in range(0, q_len, _ROW_CHUNK):
-        rows = torch.arange(r0, min(q_len, r0 + _ROW_CHUNK), device=device)
-        m = _static_mask_rows(siblings, rows, q_len, kv_len, device)
-        col_cand = col_cand | m.any(1)
-        o, inside = _diagonal_index(rows + (kv_len - q_len), kv_len)
-        hits = torch.zeros(m.shape[0], 2 * kv_len - 1, dtype=torch.int32, device=device)
-        hits.index_add_(1, o.flatten(), (m & inside).flatten(1).to(torch.int32))  # no sync
-        diag_cand = diag_cand | (hits > 0)
-    return col_cand, diag_cand
 
 
 def _vertical_slash(node: VerticalSlash, siblings, q, k, scale) -> LineSelection:
@@ -418,41 +258,15 @@ def _vertical_slash(node: VerticalSlash, siblings, q, k, scale) -> LineSelection
     return LineSelection(columns, diagonals)
 
 
-def route(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, scale: float,
-          prekernels: str | None = None) -> dict:
-    """node -> selection for every dynamic node of a (canonical, single-head) pattern.
-
-    ``prekernels``: ``"compiled"`` or ``"interpret"`` routes with the generated
-    pre-kernels (``routing/kernels.py``, ``routing/lines.py``; ``vertical_slash`` beside
-    document ids uses the torch reference); ``None`` routes with the torch reference."""
+def route(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, scale: float) -> dict:
+    """node -> selection for every dynamic node of a (canonical, single-head) pattern,
+    routed with torch ops (``runtime.prekernels.route_with_prekernels`` is the same with
+    the generated pre-kernels)."""
     if isinstance(pattern, PerHead):
         raise ValueError("per_head with routing nodes is not supported yet: route one pattern "
                          "for all heads (share='head' decides per head)")
     out = {}
     for node in walk(pattern):
         if isinstance(node, DynamicPattern) and node not in out:
-            siblings = static_siblings(pattern, node)
-            if prekernels and isinstance(node, Hierarchical):
-                from .hip import route_hip
-
-                indices, q_starts, k_starts, heads = route_hip(
-                    node, siblings, q, k, interpret=prekernels == "interpret")
-                out[node] = BlockSelection.from_fixed_k(indices, q_starts, k_starts, heads)
-                continue
-            if prekernels and isinstance(node, VerticalSlash):
-                from .lines import lines_supported, route_lines
-
-                if lines_supported(siblings):
-                    out[node] = route_lines(node, siblings, q, k, scale,
-                                            interpret=prekernels == "interpret")[0]
-                    continue
-            if prekernels and isinstance(node, (TopkBlocks, TopkChunks, ThresholdBlocks)):
-                from .kernels import route_prekernels
-
-                indices, _, call, heads = route_prekernels(node, siblings, q, k, scale,
-                                                           interpret=prekernels == "interpret")
-                out[node] = BlockSelection.from_fixed_k(indices, call.q_starts, call.k_starts,
-                                                        heads)
-            else:
-                out[node] = route_node(node, siblings, q, k, scale)
+            out[node] = route_node(node, static_siblings(pattern, node), q, k, scale)
     return out
