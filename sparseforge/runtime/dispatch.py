@@ -132,28 +132,34 @@ def check_table_grads(executor: Executor, tables) -> None:
                              "backend='torch'")
 
 
-def execute_forward(executor: Executor, p: Plan, compiled: CompiledPattern, q, k, v, scale: float):
+def execute_forward(executor: Executor, p: Plan, compiled: CompiledPattern, q, k, v, scale: float,
+                    routed=None):
+    """(out, lse) of the plan's kernels on tokens already in the plan's order: the one
+    place a forward runs. The torch executor, the split-KV decode kernel for a few new
+    tokens, or the forward kernel (with the call's routing, ``routed``, for a routed
+    plan)."""
     b, hq, lq, _ = q.shape
     # both executors write every row of every head (empty rows included): no fill needed
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, whatever q is
     lse = torch.empty((b, hq, lq), dtype=torch.float32, device=q.device)
     if executor is Executor.TORCH:
         torch_exec.run_forward(p, compiled.head_patterns, q, k, v, out, lse, scale)
-    elif triton_launch.decode_eligible(p):  # a few new tokens: split-KV decode kernel
+    elif routed is None and triton_launch.decode_eligible(p):  # a few new tokens: split-KV
         triton_launch.run_decode(p, compiled.head_patterns, q.contiguous(), k.contiguous(),
                                  v.contiguous(), out, lse, scale, interpret=executor.interpret)
     else:
         triton_launch.run_forward(p, compiled.head_patterns, q.contiguous(), k.contiguous(),
                                   v.contiguous(), out, lse, scale,
-                                  interpret=executor.interpret)
+                                  interpret=executor.interpret, routed=routed)
     return out, lse
 
 
-def execute_backward(executor: Executor, p: Plan, compiled: CompiledPattern, q, k, v, out, lse, grad_out,
-              grad_lse, scale):
+def execute_backward(executor: Executor, p: Plan, compiled: CompiledPattern, q, k, v, out, lse,
+                     grad_out, grad_lse, scale):
     """dq, dk, dv and the rel_bias tables' grads (id(table) -> grad) by the FlashAttention
-    backward over the plan's schedule: the generated dQ and dK/dV kernels for the Triton
-    executors, torch ops for the torch executor."""
+    backward over the plan's schedule, on tokens in the plan's order: the one place a
+    backward runs. The generated dQ and dK/dV kernels for the Triton executors, torch ops
+    for the torch executor."""
     if executor is Executor.TORCH:
         return torch_exec.run_backward(p, compiled.head_patterns, q, k, v, out, lse,
                                        grad_out.contiguous(), grad_lse, scale)
@@ -177,9 +183,18 @@ class _SparseAttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
         executor, p, compiled, scale = ctx.args
-        dq, dk, dv, table_grads = execute_backward(executor, p, compiled, q, k, v, out, lse, grad_out,
-                                            grad_lse, scale)
+        dq, dk, dv, table_grads = execute_backward(executor, p, compiled, q, k, v, out, lse,
+                                                   grad_out, grad_lse, scale)
         return (dq, dk, dv, None, None, None, None, *(table_grads.get(t) for t in ctx.table_ids))
+
+
+def attend(executor: Executor, p: Plan, compiled: CompiledPattern, q, k, v, scale: float):
+    """A static plan's forward on tokens in its order, differentiable when a gradient is
+    wanted (through ``_SparseAttentionFunction``, whose backward is ``execute_backward``)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *compiled.tables)):
+        return _SparseAttentionFunction.apply(q, k, v, executor, p, compiled, scale,
+                                              *compiled.tables)
+    return execute_forward(executor, p, compiled, q, k, v, scale)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, *,
@@ -199,15 +214,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     compiled = compile_pattern(pattern)
     check_table_grads(executor, compiled.tables)
     p = cached_plan(compiled, shape.q_len, shape.kv_len, shape.head_dim, q.dtype, target)
-    if p.layout is not None:  # N-D tiles: run on permuted tokens, differentiably
-        out, lse = _run_tiled(executor, p, q, k, v, shape.scale)
-        return (out, lse) if return_lse else out
-    tables = compiled.tables
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *tables)):
-        out, lse = _SparseAttentionFunction.apply(q, k, v, executor, p, compiled, shape.scale,
-                                                  *tables)
-    else:
-        out, lse = execute_forward(executor, p, compiled, q, k, v, shape.scale)
+    if p.layout is None:
+        out, lse = attend(executor, p, compiled, q, k, v, shape.scale)
+    else:  # N-D tiles: gather into the layout's order, attend, scatter back
+        run = tiled_run(p, q.device)
+        out, lse = run.scatter(*attend(executor, p, run.patterns, *run.gather(q, k, v),
+                                       shape.scale))
     return (out, lse) if return_lse else out
 
 
@@ -227,43 +239,49 @@ def _run_routed(executor: Executor, target: str, backend: str, q, k, v, pattern:
         p = cached_plan(compiled, shape.q_len, shape.kv_len, shape.head_dim, q.dtype, target)
         prekernels = executor.prekernels
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        if isinstance(node, Clusters):
-            return _run_clusters(executor, p, compiled, node, q, k, v, shape.scale, prekernels)
+        if isinstance(node, Clusters):  # gather in cluster order, attend, scatter back
+            order = ClusterOrder(*cluster_tiles(node, q, k, p.block_m, prekernels))
+            return order.scatter(*execute_forward(executor, p, compiled, *order.gather(q, k, v),
+                                                  shape.scale, routed=order.tiles))
         routed = route_tiles(node, siblings, q, k, shape.scale, p.block_m, prekernels,
                              p.block_n)
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-        triton_launch.run_forward(p, compiled.head_patterns, q, k, v, out, lse, shape.scale,
-                                  interpret=executor.interpret, routed=routed)
-        return out, lse
+        return execute_forward(executor, p, compiled, q, k, v, shape.scale, routed=routed)
     if backend == "triton" and why_not is not None:
         raise ValueError(f"backend='triton' with {pattern!r}: {why_not}; backend='auto' or "
                          "'torch' runs it with torch ops")
     return routed_attention(q, k, v, pattern, shape.scale, "compiled" if q.is_cuda else None)
 
 
-def _run_clusters(executor, p: Plan, compiled, node, q, k, v, scale: float, prekernels: str):
-    """Routing Transformer in the kernel: gather each head's tokens in cluster order, run
-    the routed kernel (each query cluster reads its own key cluster's run, the predicate
-    on original positions), scatter the rows back."""
-    order_q, order_k, tiles = cluster_tiles(node, q, k, p.block_m, prekernels)
-    d = q.shape[-1]
-    qs = torch.gather(q, 2, order_q[..., None].expand(-1, -1, -1, d))
-    ks = torch.gather(k, 2, order_k[..., None].expand(-1, -1, -1, d))
-    vs = torch.gather(v, 2, order_k[..., None].expand(-1, -1, -1, v.shape[-1]))
-    out_s = torch.empty(qs.shape, dtype=q.dtype, device=q.device)
-    lse_s = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    triton_launch.run_forward(p, compiled.head_patterns, qs, ks, vs, out_s, lse_s, scale,
-                              interpret=executor.interpret, routed=tiles)
-    out = torch.empty_like(out_s).scatter_(2, order_q[..., None].expand(-1, -1, -1, d), out_s)
-    return out, torch.empty_like(lse_s).scatter_(2, order_q, lse_s)
+@dataclass(frozen=True)
+class ClusterOrder:
+    """Routing Transformer in the kernel: each head's tokens sorted by cluster (query order
+    ``[B, Hq, Lq]``, key order ``[B, Hkv, Lkv]``) and the routed tiles over that order
+    (each query cluster reads its own key cluster's run, the predicate on original
+    positions)."""
+
+    order_q: torch.Tensor
+    order_k: torch.Tensor
+    tiles: object
+
+    def gather(self, q, k, v):
+        def by(x, order):
+            return torch.gather(x, 2, order[..., None].expand(-1, -1, -1, x.shape[-1]))
+
+        return by(q, self.order_q), by(k, self.order_k), by(v, self.order_k)
+
+    def scatter(self, out, lse):
+        rows = self.order_q[..., None].expand(-1, -1, -1, out.shape[-1])
+        return (torch.empty_like(out).scatter_(2, rows, out),
+                torch.empty_like(lse).scatter_(2, self.order_q, lse))
 
 
 @dataclass(frozen=True)
-class _TiledRun:
-    """What running a tiled plan on one device needs, built once: index vectors (run
-    position -> original token, padding reading token 0; original token -> run position)
-    and each kernel's mask on run positions, as the executors take it."""
+class TiledRun:
+    """A tiled plan's token order on one device, built once: index vectors (run position
+    -> original token, padding reading token 0; original token -> run position) and each
+    kernel's mask on run positions, as the executors take it. ``index_select`` carries
+    the gradient; padding tokens never hold an allowed pair, so their rows and columns
+    contribute nothing to it."""
 
     q_gather: torch.Tensor
     q_scatter: torch.Tensor
@@ -272,11 +290,26 @@ class _TiledRun:
     kv_scatter: torch.Tensor
     patterns: CompiledPattern
 
+    def gather(self, q, k, v):
+        return (q.index_select(2, self.q_gather), k.index_select(2, self.kv_gather),
+                v.index_select(2, self.kv_gather))
 
-_tiled_runs: dict[tuple[int, str], tuple[Plan, _TiledRun]] = {}
+    def scatter(self, out, lse):
+        return out.index_select(2, self.q_scatter), lse.index_select(2, self.q_scatter)
+
+    def gather_rows(self, x):
+        """Query-side tensors (out, lse and their gradients) in run order."""
+        return None if x is None else x.index_select(2, self.q_gather)
+
+    def scatter_grads(self, dq, dk, dv):
+        return (dq.index_select(2, self.q_scatter), dk.index_select(2, self.kv_scatter),
+                dv.index_select(2, self.kv_scatter))
 
 
-def _tiled_run(p: Plan, device) -> _TiledRun:
+_tiled_runs: dict[tuple[int, str], tuple[Plan, TiledRun]] = {}
+
+
+def tiled_run(p: Plan, device) -> TiledRun:
     key = (id(p), str(device))
     hit = _tiled_runs.get(key)
     if hit is not None and hit[0] is p:
@@ -288,24 +321,9 @@ def _tiled_run(p: Plan, device) -> _TiledRun:
     heads = tuple(k.pattern for k in p.kernels)
     tables = {id(t): t for t in map(rel_bias_table, heads) if t is not None}
     patterns = CompiledPattern(p.pattern, repr(p.pattern), heads, tuple(tables.values()))
-    run = _TiledRun(q_gather, q_scatter, padding, kv_gather, kv_scatter, patterns)
+    run = TiledRun(q_gather, q_scatter, padding, kv_gather, kv_scatter, patterns)
     _tiled_runs[key] = (p, run)  # holding the plan keeps its id unique
     return run
-
-
-def _run_tiled(executor: Executor, p: Plan, q, k, v, scale: float):
-    """Gather Q, K, V into the plan's tiled token order, attend, scatter the rows back.
-    ``index_select`` carries the gradient; padding tokens never hold an allowed pair, so
-    their rows and columns contribute nothing to it."""
-    run = _tiled_run(p, q.device)
-    q_gather, kv_gather, q_scatter, tiled = run.q_gather, run.kv_gather, run.q_scatter, run.patterns
-    qt, kt, vt = q.index_select(2, q_gather), k.index_select(2, kv_gather), v.index_select(2, kv_gather)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *tiled.tables)):
-        out, lse = _SparseAttentionFunction.apply(qt, kt, vt, executor, p, tiled, scale,
-                                                  *tiled.tables)
-    else:
-        out, lse = execute_forward(executor, p, tiled, qt, kt, vt, scale)
-    return out.index_select(2, q_scatter), lse.index_select(2, q_scatter)
 
 
 def attention_backward(q, k, v, out, lse, grad_out, grad_lse, pattern: Pattern, *,
@@ -319,28 +337,16 @@ def attention_backward(q, k, v, out, lse, grad_out, grad_lse, pattern: Pattern, 
     executor, target = resolve_backend(backend, q)
     compiled = compile_pattern(pattern)
     p = cached_plan(compiled, shape.q_len, shape.kv_len, shape.head_dim, q.dtype, target)
-    if p.layout is not None:
-        return _backward_tiled(executor, p, q, k, v, out, lse, grad_out, grad_lse, shape.scale)
-    dq, dk, dv, grads = execute_backward(executor, p, compiled, q, k, v, out, lse, grad_out, grad_lse,
-                                  shape.scale)
-    return dq, dk, dv, [grads.get(id(t)) for t in compiled.tables]
-
-
-def _backward_tiled(executor, p: Plan, q, k, v, out, lse, grad_out, grad_lse, scale):
-    """``attention_backward`` of a tiled plan: everything gathered into run order, the
-    padding rows' output gradients zeroed (their recomputed probabilities are not), the
-    gradients scattered back."""
-    ix = _tiled_run(p, q.device)
-
-    def rows(x, index):
-        return None if x is None else x.index_select(2, index)
-
-    go, gl = rows(grad_out, ix.q_gather), rows(grad_lse, ix.q_gather)
-    go = go.masked_fill(ix.q_padding[:, None], 0)
+    if p.layout is None:
+        dq, dk, dv, grads = execute_backward(executor, p, compiled, q, k, v, out, lse, grad_out,
+                                             grad_lse, shape.scale)
+        return dq, dk, dv, [grads.get(id(t)) for t in compiled.tables]
+    run = tiled_run(p, q.device)  # gather into run order, backward, scatter the grads back
+    go, gl = run.gather_rows(grad_out), run.gather_rows(grad_lse)
+    go = go.masked_fill(run.q_padding[:, None], 0)
     if gl is not None:
-        gl = gl.masked_fill(ix.q_padding, 0)
-    dq, dk, dv, grads = execute_backward(executor, p, ix.patterns, rows(q, ix.q_gather),
-                                  rows(k, ix.kv_gather), rows(v, ix.kv_gather),
-                                  rows(out, ix.q_gather), rows(lse, ix.q_gather), go, gl, scale)
-    return (rows(dq, ix.q_scatter), rows(dk, ix.kv_scatter), rows(dv, ix.kv_scatter),
-            [grads.get(id(t)) for t in ix.patterns.tables])
+        gl = gl.masked_fill(run.q_padding, 0)
+    dq, dk, dv, grads = execute_backward(executor, p, run.patterns, *run.gather(q, k, v),
+                                         run.gather_rows(out), run.gather_rows(lse), go, gl,
+                                         shape.scale)
+    return (*run.scatter_grads(dq, dk, dv), [grads.get(id(t)) for t in run.patterns.tables])
