@@ -106,7 +106,7 @@ def _block_rule(node, static, q, k, scale: float, grid: Grid) -> torch.Tensor:
                 if not cands:
                     continue
                 if isinstance(node, Hierarchical):
-                    chosen = _hip(node, q[bi, heads[0]], k[bi, heads[0] // group], rows, cands,
+                    chosen = hip_search(node, q[bi, heads[0]], k[bi, heads[0] // group], rows, cands,
                                   grid.kv_len)
                 else:
                     scores = {c: sum(float(_pooled(q[bi, h], rows, how, sqrt_len)
@@ -135,7 +135,7 @@ def _coverage(scores: dict[int, float], coverage: float, scale: float) -> list[i
     return kept
 
 
-def _hip(node: Hierarchical, qh, kh, rows: list[int], cands: list[int], kv_len: int) -> list[int]:
+def hip_search(node: Hierarchical, qh, kh, rows: list[int], cands: list[int], kv_len: int) -> list[int]:
     """HiP's tree search for one query block and head: ``k`` equal branches over the
     candidates' span, split each in two, score each child by its middle key (the max over
     the block's queries), keep the best ``k``, until every branch is one block."""

@@ -1,5 +1,5 @@
 """``sf.hierarchical`` (HiP): the tree search per query block, vectorised in the torch
-reference, equals a literal loop implementation of the algorithm (k equal branches over
+reference, equals the oracle's loop implementation of the algorithm (k equal branches over
 the candidate blocks, split in two, score the middle key of each child by the max over
 the block's queries, keep the top k, repeat to single blocks); the generated pre-kernel
 equals the reference in the interpreter and compiles for sm_80/sm_90 without spills;
@@ -11,49 +11,31 @@ import torch
 
 import sparseforge as sf
 from sparseforge.ir.canonicalize import canonicalize
+from sparseforge.oracle.routing import hip_search
 from sparseforge.routing.rules import route
 from tests.helpers import compile_in_subprocess
 
 
 def literal_hip(q, k, top, block, q_block, allowed_blocks):
-    """Loops. ``allowed_blocks(c)``: the candidate key blocks of query bucket c (sorted)."""
+    """The oracle's loop (``oracle.routing.hip_search``, written from docs/semantics.md)
+    per batch, head and query bucket. ``allowed_blocks(c)``: the candidate key blocks of
+    query bucket c (sorted)."""
     b, h, lq, _ = q.shape
     hkv, lkv = k.shape[1], k.shape[2]
     ck = -(-lkv // block)
     first = (lkv - lq) // q_block
     cq = -(-lkv // q_block) - first
+    node = sf.hierarchical(top, block, query_block=q_block)
     out = torch.zeros(b, h, cq, ck, dtype=torch.bool)
     for bi in range(b):
         for hi_ in range(h):
-            kh = k[bi, hi_ // (h // hkv)].float()
             for c in range(cq):
                 rows = [i for i in range(lq) if (i + lkv - lq) // q_block == c + first]
                 cands = allowed_blocks(c)
-                if not rows or not cands:
-                    continue
-                lo0, hi0 = cands[0], cands[-1] + 1
-                edges = [lo0 + (hi0 - lo0) * i // top for i in range(top + 1)]
-                branches = [(edges[i], edges[i + 1]) for i in range(top) if edges[i + 1] > edges[i]]
-                while any(e - s > 1 for s, e in branches):
-                    children = []
-                    for s, e in branches:
-                        if e - s > 1:
-                            m = s + (e - s + 1) // 2
-                            children += [(s, m), (m, e)]
-                        else:
-                            children.append((s, e))
-                    scored = []
-                    for s, e in children:
-                        if not any(s <= x < e for x in cands):
-                            continue
-                        rep = (s * block + min(e * block, lkv) - 1) // 2
-                        score = max(float(q[bi, hi_, r].float() @ kh[rep]) for r in rows)
-                        scored.append((-score, s, e))
-                    branches = [(s, e) for _, s, e in sorted(scored)[:top]]
-                    branches.sort()
-                for s, _ in branches:  # single blocks now
-                    if s in cands:
-                        out[bi, hi_, c, s] = True
+                if rows and cands:
+                    chosen = hip_search(node, q[bi, hi_].float(), k[bi, hi_ // (h // hkv)].float(),
+                                        rows, cands, lkv)
+                    out[bi, hi_, c, chosen] = True
     return out
 
 

@@ -10,17 +10,8 @@ import torch
 
 import sparseforge as sf
 from sparseforge.ir.canonicalize import canonicalize
+from sparseforge.oracle.routing import routing_members
 from sparseforge.routing.rules import route
-
-
-def _members(share, hq, hkv):
-    """routing head -> its query heads."""
-    group = hq // hkv
-    if share == "head":
-        return [[h] for h in range(hq)]
-    if share == "group":
-        return [list(range(g * group, (g + 1) * group)) for g in range(hkv)]
-    return [list(range(hq))]
 
 
 def _brute_buckets(q_starts, k_starts, q, k, node_pool, sqrt_len, static, share, lq, lkv):
@@ -33,7 +24,7 @@ def _brute_buckets(q_starts, k_starts, q, k, node_pool, sqrt_len, static, share,
     for bi in range(b):
         qs, ks = q_starts[min(bi, len(q_starts) - 1)], k_starts[min(bi, len(k_starts) - 1)]
         per_head = []
-        for heads in _members(share, hq, hkv):
+        for heads in routing_members(share, hq, hkv):
             rows = []
             for cq in range(len(qs) - 1):
                 q_rows = [i for i in range(lq) if qs[cq] <= i + lkv - lq < qs[cq + 1]]
