@@ -85,7 +85,8 @@ def local_imports(module: str, source: str) -> list[str]:
 
 
 def test_import_linter_contracts_hold():
-    lint = shutil.which("lint-imports")
+    beside = pathlib.Path(sys.executable).with_name("lint-imports")  # this interpreter's own
+    lint = str(beside) if beside.exists() else shutil.which("lint-imports")
     assert lint, "import-linter is part of the test extra: pip install -e '.[test]'"
     proc = subprocess.run([lint], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:]
@@ -126,14 +127,14 @@ def test_the_local_import_check_catches_them():
     assert local_imports("m", "def f():\n    import matplotlib  # pictures only\n") == []
 
 
-@pytest.mark.parametrize("heavy", ["triton", "sympy", "networkx", "matplotlib"])
-def test_a_plain_import_loads_no_heavy_dependency(heavy):
-    code = (f"import sys, sparseforge as sf; p = sf.sliding_window(64) | sf.sinks(4); "
-            f"print({heavy!r} in sys.modules)")
+def test_a_plain_import_loads_no_heavy_dependency():
+    heavy = ("triton", "sympy", "networkx", "matplotlib")
+    code = ("import sys, sparseforge as sf; p = sf.sliding_window(64) | sf.sinks(4); "
+            f"print([m for m in {heavy!r} if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300, env={"PATH": "", "TRITON_INTERPRET": "1"})
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "[]"
 
 
 def test_public_api_is_unchanged():

@@ -100,18 +100,22 @@ def _block_rule(node, static, q, k, scale: float, grid: Grid) -> torch.Tensor:
     for bi in range(b):
         rows_of, keys_of = _buckets(node, grid, bi)
         static_b = static[min(bi, static.shape[0] - 1)]
+        # every key bucket's pooled vector, per kv head: [Hkv, Ck, D]
+        kbar = torch.stack([torch.stack([_pooled(k[bi, g], keys, how, sqrt_len) if keys
+                                         else k.new_zeros(k.shape[-1]) for keys in keys_of])
+                            for g in range(hkv)])
         for heads in routing_members(node.share, hq, hkv):
             for rows in rows_of:
                 cands = _candidates(static_b, rows, keys_of)
                 if not cands:
                     continue
                 if isinstance(node, Hierarchical):
-                    chosen = hip_search(node, q[bi, heads[0]], k[bi, heads[0] // group], rows, cands,
-                                  grid.kv_len)
-                else:
-                    scores = {c: sum(float(_pooled(q[bi, h], rows, how, sqrt_len)
-                                           @ _pooled(k[bi, h // group], keys_of[c], how, sqrt_len))
-                                     for h in heads) for c in cands}
+                    chosen = hip_search(node, q[bi, heads[0]], k[bi, heads[0] // group], rows,
+                                        cands, grid.kv_len)
+                else:  # a bucket pair's score: summed over the heads sharing the decision
+                    dots = sum(kbar[h // group] @ _pooled(q[bi, h], rows, how, sqrt_len)
+                               for h in heads).tolist()
+                    scores = {c: dots[c] for c in cands}
                     chosen = (_coverage(scores, node.coverage, scale)
                               if isinstance(node, ThresholdBlocks) else ranked(scores)[:node.k])
                 keys = [j for c in chosen for j in keys_of[c]]
@@ -199,10 +203,11 @@ def _clusters(node: Clusters, q, k, grid: Grid) -> torch.Tensor:
             cent = cent_all[min(h // group, cent_all.shape[0] - 1)]
             aq = torch.nn.functional.normalize(q[bi, h], dim=-1) @ cent.T
             ak = torch.nn.functional.normalize(k[bi, h // group], dim=-1) @ cent.T
+            nearest_q, nearest_k = aq.argmax(-1).tolist(), ak.argmax(-1).tolist()  # first max
             for c in range(cent.shape[0]):
                 if node.balanced is None:
-                    qs = [i for i in range(grid.q_len) if int(aq[i].argmax()) == c]
-                    ks = [j for j in range(grid.kv_len) if int(ak[j].argmax()) == c]
+                    qs = [i for i, n in enumerate(nearest_q) if n == c]
+                    ks = [j for j, n in enumerate(nearest_k) if n == c]
                 else:
                     qs = ranked(dict(enumerate(aq[:, c].tolist())))[:node.balanced]
                     ks = ranked(dict(enumerate(ak[:, c].tolist())))[:node.balanced]
