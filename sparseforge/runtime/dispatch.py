@@ -204,7 +204,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     Lq, D]`` (and lse ``[B, Hq, Lq]``, natural log, if ``return_lse``). A query with no
     allowed key gives 0 and lse ``-inf``."""
     shape = check_attention_inputs(q, k, v, pattern, scale=scale, enable_gqa=enable_gqa)
-    if torch.compiler.is_compiling():  # a routed pattern under dynamo: torch ops it traces
+    if torch.compiler.is_compiling() and is_dynamic(pattern):  # torch ops dynamo traces
         out, lse = routed_attention(q, k, v, pattern, shape.scale)
         return (out, lse) if return_lse else out
     executor, target = resolve_backend(backend, q)
