@@ -20,6 +20,7 @@ from .planner.plan import plan as make_plan
 from .runtime.binary_cache import binary_dir, verify_cache
 from .runtime.cache import kernel_dir
 from .runtime.compile import parse_arch
+from .runtime.sass import kernel_report, report_table
 
 app = typer.Typer(help="sparseforge: compile sparse attention patterns to Triton kernels.",
                   no_args_is_help=True, add_completion=False)
@@ -79,25 +80,37 @@ def plan_cmd(target: str = typer.Argument(..., metavar="SPEC_FILE[:NAME] | PATTE
              dtype: str = typer.Option("bfloat16", help="bfloat16, float16 or float32"),
              png: Path = typer.Option(None, help="write a picture of the mask and tile grid "
                                       "(one file per spec: NAME is added to the file name)"),
-             as_json: bool = typer.Option(False, "--json", help="print JSON for scripts")):
+             as_json: bool = typer.Option(False, "--json", help="print JSON for scripts"),
+             sass: bool = typer.Option(False, "--sass", help="compile the plan's kernels for "
+                                       "--arch and report registers, spills, shared memory, "
+                                       "HGMMA/TMA use and full-tile issue work (no GPU needed)")):
     """Explain how a spec file's layers (or one pattern) are tiled.
 
-    Prints tiles visited, full vs partial tiles, density and tile utilisation per kernel;
-    --png draws the mask and the tile grid."""
+    Prints tiles visited, full vs partial tiles, density and tile utilisation per kernel
+    and why the tiles were chosen; --png draws the mask and the tile grid; --sass reads
+    the compiled kernels' SASS."""
     with _user_errors():
         plans = _plans_for(target, arch, q_len, kv_len, head_dim, dtype)
+        if sass:
+            parse_arch(arch)
+            reports = {name: kernel_report(p, archs=(arch,)) for name, p in plans}
     for name, p in plans:
         if png:
             path = png if len(plans) == 1 else png.with_name(f"{png.stem}_{name}{png.suffix}")
             p.save_png(path)
     if as_json:
-        out = [_plan_summary(p, name) for name, p in plans]
+        out = [dict(_plan_summary(p, name),
+                    **({"sass": [r.to_dict() for r in reports[name]]} if sass else {}))
+               for name, p in plans]
         typer.echo(json.dumps(out[0] if len(out) == 1 else out, indent=1))
         return
     for name, p in plans:
         if name:
             typer.echo(f"== {name}")
         typer.echo(p.explain())
+        if sass:
+            typer.echo("")
+            typer.echo(report_table(reports[name]))
         typer.echo("")
 
 

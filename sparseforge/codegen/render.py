@@ -219,6 +219,9 @@ def render_kernel(plan: Plan, kernel_index: int = 0, kind: str = "forward") -> K
         **_routing_context(kernel.analysed if routed else None, plan.kv_len),
         d_padded=plan.padded_head_dim != plan.head_dim,
         dot_precision=', input_precision="ieee"' if plan.dtype == "float32" else "",
+        # dK/dV: several head patterns may share a kv head, each kernel then adds its part
+        # to the buffers; alone, a kernel stores (the read-back spilled at D=128 on sm_90)
+        accumulate=len(plan.kernels) > 1,
         **_score_context(kernel.score, cfg),
     )
     # the header comment: the pattern's repr, enum names unquoted

@@ -20,6 +20,7 @@ def explain(plan) -> str:
         f"tiles       BLOCK_M={cfg.block_m} BLOCK_N={cfg.block_n} num_warps={cfg.num_warps} "
         f"num_stages={cfg.num_stages}",
     ]
+    lines += _tile_choice_lines(plan)
     for n, k in enumerate(plan.kernels):
         st = plan.stats[n]
         heads = "all heads" if k.heads is None else f"heads {list(k.heads)}"
@@ -85,6 +86,25 @@ def explain(plan) -> str:
                      f"{flex.visited} blocks visited, {flex.full} full, utilisation "
                      f"{flex.utilisation:.3f}{ratio}")
     return "\n".join(lines)
+
+
+def _tile_choice_lines(plan) -> list[str]:
+    """Why these tiles: every priced candidate's estimated cost, cheapest first, and what
+    the price is made of (issue work from compiled SASS, or a rule of thumb)."""
+    if len(plan.tile_choices) < 2:
+        return []
+    chosen = min(plan.tile_choices, key=lambda c: c.cost)
+    lines = ["  why         cheapest estimated issue work of the candidates (thousands of "
+             "warp-instructions; full/partial tile work per 1k scores from compiled SASS)"]
+    for c in sorted(plan.tile_choices, key=lambda c: c.cost):
+        cfg = c.config
+        work = ("no SASS price" if cfg.full_work is None
+                else f"full {cfg.full_work:.0f}, partial {cfg.partial_work:.0f}")
+        mark = "<- chosen" if c is chosen else ""
+        layout = " tiled" if c.tiled else ""
+        tile = f"{cfg.block_m}x{cfg.block_n} {cfg.num_warps}w{layout}"
+        lines.append(f"              {tile:16} {c.cost:12.1f}  ({work}) {mark}".rstrip())
+    return lines
 
 
 def _walk_text(segments) -> str:

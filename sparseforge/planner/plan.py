@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..ir.canonicalize import canonicalize
+from ..ir.neighborhood import Neighborhood
 from ..ir.nodes import Documents, Intersection, Pattern, PerHead, Window, walk
 from ..ir.routing import TopkKeys, is_dynamic
 from ..ir.scores import ScoreSpec, score_spec, score_terms, strip_scores
@@ -44,6 +45,7 @@ from .tiles import (
     decode_config,
     estimated_cost,
     padded_head_dim,
+    priced,
     tiled_forward_config,
 )
 
@@ -140,6 +142,16 @@ class KernelPlan:
 
 
 @dataclass(frozen=True)
+class TileChoice:
+    """One priced forward tile config: in a tiled token layout or not, and its estimated
+    cost (``planner.tiles.estimated_cost``: thousands of warp-instructions issued)."""
+
+    config: TileConfig
+    tiled: bool
+    cost: float
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything the kernels of one call are specialised on. With a tiled ``layout``
     (N-D neighbourhoods, ``planner/layout.py``) the kernels run on permuted, padded
@@ -160,6 +172,9 @@ class Plan:
     #: routing pre-kernels of a dynamic pattern (``planner/routing_steps.py``), in
     #: dependency order; empty for a static pattern
     routing_steps: tuple[RoutingStep, ...] = ()
+    #: every forward tile config the planner priced, with its estimated cost (``explain``
+    #: says why the chosen one won)
+    tile_choices: tuple[TileChoice, ...] = ()
 
     @cached_property
     def routing_dag(self):
@@ -345,19 +360,34 @@ def _plan_static(canonical: Pattern, r: PlanRequest) -> Plan:
     heads = head_groups(canonical)
     scored = any(score_spec(p).any for p, _ in heads)
     best = None
+    priced_candidates = []
     for candidate in _candidates(heads, scored, r):
         choices = [_choose_kernel(strip_scores(p), candidate.q_len, candidate.kv_len,
                                   candidate.config, r.schedule, r.groups)
                    for p, _ in candidate.heads]
         cost = sum(c[0] for c in choices)
+        priced_candidates.append(TileChoice(candidate.config, candidate.layout is not None, cost))
         if best is None or cost < best[0]:
             best = (cost, candidate, choices)
     _, chosen, choices = best
     kernels = tuple(KernelPlan(p, analysed, g, tuple(segs), sched, h)
                     for (_, analysed, g, segs, sched), (p, h) in zip(choices, chosen.heads))
+    backward = chosen.backward
+    if not all(_lean_walk(k) for k in kernels):
+        backward = backward_configs(r.target, r.head_dim, r.dtype, scored,
+                                    tiled=chosen.layout is not None, lean_walk=False)
     return Plan(canonical, chosen.q_len, chosen.kv_len, r.head_dim, r.dtype, r.target,
-                chosen.config, kernels, *chosen.backward,
-                decode_config(r.target, r.head_dim, r.dtype, scored), chosen.layout)
+                chosen.config, kernels, *backward,
+                decode_config(r.target, r.head_dim, r.dtype, scored), chosen.layout,
+                tile_choices=tuple(priced_candidates))
+
+
+def _lean_walk(kernel: KernelPlan) -> bool:
+    """Whether the kernel's dK/dV walk holds little state beside its tiles: one segment,
+    no dilation groups, no document ids, no N-D neighbourhood coordinates in the predicate
+    (``tiles.backward_configs``)."""
+    return (len(kernel.key_segments) == 1 and kernel.groups == 1 and not kernel.has_documents
+            and not any(isinstance(n, Neighborhood) for n in walk(kernel.analysed)))
 
 
 def _candidates(heads, scored: bool, r: PlanRequest) -> list[Candidate]:
@@ -368,6 +398,8 @@ def _candidates(heads, scored: bool, r: PlanRequest) -> list[Candidate]:
         base = configs[0]
         configs = [TileConfig(r.block_m or base.block_m, r.block_n or base.block_n,
                               base.num_warps, base.num_stages, base.efficiency, base.tile_overhead)]
+        if r.dtype != "float32":
+            configs = [priced(r.target, r.head_dim, configs[0])]
     backward = backward_configs(r.target, r.head_dim, r.dtype, scored)
     node = _tileable(heads, r.q_len, r.kv_len, r.groups) if r.tiled is not False else None
     if r.tiled and node is None:

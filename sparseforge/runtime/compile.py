@@ -49,7 +49,8 @@ def device_arch(device) -> str:
     return f"sm_{major}{minor}"
 
 
-def _nvidia_tool(name: str) -> str:
+def nvidia_tool(name: str) -> str:
+    """A CUDA binary tool (cuobjdump, nvdisasm): the one in Triton's wheel, else on PATH."""
     bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
     if os.path.exists(bundled):
         return bundled
@@ -65,7 +66,7 @@ def resource_usage(cubin: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([_nvidia_tool("cuobjdump"), "--dump-resource-usage", "-sass", f.name],
+        text = subprocess.run([nvidia_tool("cuobjdump"), "--dump-resource-usage", "-sass", f.name],
                               check=True, capture_output=True, text=True).stdout
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text))
     return {"registers": int(fields.get("REG", 0)), "stack": int(fields.get("STACK", 0)),

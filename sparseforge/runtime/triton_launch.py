@@ -247,8 +247,16 @@ def decode_eligible(plan: Plan) -> bool:
     return 1 <= plan.q_len <= DECODE_MAX_Q and plan.kv_len > 0 and not plan.routing_steps
 
 
+def positive_scale(q, scale: float):
+    """(q, scale) with scale >= 0: the forward and decode kernels take the row max of the raw
+    scores and scale it (one FMA per score forms the exponent), which needs scale >= 0; a
+    negative scale runs as -q with -scale (the same scores, one copy of q)."""
+    return (-q, -scale) if scale < 0 else (q, scale)
+
+
 def run_decode(plan: Plan, call_kernels, q, k, v, out, lse, scale: float, interpret: bool) -> None:
     """Attention of a few new tokens by the split-KV decode kernels, merged exactly."""
+    q, scale = positive_scale(q, scale)
     b, hq, lq, d = q.shape
     chunks, splits = decode_layout(plan, b, hq, k.shape[1])
     out_part = torch.empty((b, hq, lq, splits, d), dtype=torch.float32, device=q.device)
@@ -269,6 +277,7 @@ def run_forward(plan: Plan, call_kernels, q, k, v, out, lse, scale: float, inter
     """
     if q.shape[2] == 0:
         return
+    q, scale = positive_scale(q, scale)
     held = _held_launcher(q, interpret)
     for index, grid, args in kernel_launches(plan, call_kernels, q, k, v, out, lse, scale, routed):
         _launch(plan, index, "forward", grid, args, q, interpret, held)

@@ -126,8 +126,14 @@ def _compile_one(job: tuple[str, str]) -> dict:
             for index in range(len(p.kernels))]
 
 
-def compile_all(archs=("sm_80", "sm_90"), workers: int = 2, kinds=KINDS) -> list[dict]:
-    jobs = [(name, arch, kind) for name in variant_specs() for arch in archs for kind in kinds
+def compile_all(archs=("sm_80", "sm_90"), workers: int = 2, kinds=KINDS,
+                names=None) -> list[dict]:
+    """Compile the variants (``names``: a subset) for ``archs``; one info dict per kernel."""
+    specs = variant_specs()
+    unknown = set(names or ()) - set(specs)
+    if unknown:
+        raise ValueError(f"names: unknown variants {sorted(unknown)}")
+    jobs = [(name, arch, kind) for name in (names or specs) for arch in archs for kind in kinds
             if kind in variant_kinds(name)]
     # spawn, not fork: a forked child of a process that ran torch ops can deadlock in
     # torch's thread pool
@@ -140,11 +146,14 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", default="sm_80,sm_90")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--variants", default=None, help="comma-separated subset (default: all)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: cross-compilation needs the compiler", file=sys.stderr)
         return 2
-    results = compile_all(tuple(args.arch.split(",")), args.workers, tuple(args.kinds.split(",")))
+    names = args.variants.split(",") if args.variants else None
+    results = compile_all(tuple(args.arch.split(",")), args.workers, tuple(args.kinds.split(",")),
+                          names)
     json.dump(results, sys.stdout, indent=1)
     return 0
 

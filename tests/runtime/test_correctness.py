@@ -97,6 +97,19 @@ def test_scale_and_non_contiguous_inputs(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [-0.7, -20.0, 0.0])
+def test_negative_and_zero_scale(backend, scale):
+    # the kernels scale the raw row max (max(s * x) = s * max(x) needs s >= 0): a negative
+    # scale runs as -q with -scale (at -20 a wrong max overflows exp2), zero gives uniform
+    # weights; lengths past one tile
+    q, k, v = random_qkv(1, 2, 2, 70, 70, 16, seed=10)
+    assert_matches_oracle(sf.causal() | sf.sinks(3), q, k, v, backend, scale=scale)
+    # decode-short queries take the split-KV decode kernel
+    q, k, v = random_qkv(1, 2, 1, 3, 90, 16, seed=11)
+    assert_matches_oracle(sf.causal(), q, k, v, backend, scale=scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_gradients_match_reference(backend):
     q, k, v = (t.requires_grad_() for t in random_qkv(1, 2, 1, 24, 30, 16, seed=10))
     pattern = sf.sliding_window(7) | sf.sinks(2)
