@@ -20,8 +20,9 @@ pytestmark = pytest.mark.xdist_group("triton36")
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = Path(os.environ.get("SPARSEFORGE_TRITON36_PYTHON", ROOT / ".ci" / "triton36" / "bin" / "python"))
-# the D=128 big-tile kernels of every kind, score modifiers, and a routed forward
-VARIANTS = "one_segment,scores_d64,routed_moba"
+# the D=128 big-tile kernels of every kind and a routed forward (the suite's time budget
+# allows a few compiles; the full set is a manual run, see docs/performance.md)
+VARIANTS = "one_segment,routed_moba"
 
 
 @pytest.fixture(scope="module")
