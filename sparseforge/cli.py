@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import benchmarks
 from .aot.build import build as run_build
+from .aot.build import sass_report
 from .aot.spec import load_spec_file, select_specs, split_spec_argument
 from .demo import run_demo
 from .ir.patterns_parse import parse_pattern
@@ -20,7 +21,7 @@ from .planner.plan import plan as make_plan
 from .runtime.binary_cache import binary_dir, verify_cache
 from .runtime.cache import kernel_dir
 from .runtime.compile import parse_arch
-from .runtime.sass import kernel_report, report_table
+from .runtime.sass import report_table
 
 app = typer.Typer(help="sparseforge: compile sparse attention patterns to Triton kernels.",
                   no_args_is_help=True, add_completion=False)
@@ -93,7 +94,7 @@ def plan_cmd(target: str = typer.Argument(..., metavar="SPEC_FILE[:NAME] | PATTE
         plans = _plans_for(target, arch, q_len, kv_len, head_dim, dtype)
         if sass:
             parse_arch(arch)
-            reports = {name: kernel_report(p, archs=(arch,)) for name, p in plans}
+            reports = {name: sass_report(p, (arch,)) for name, p in plans}
     for name, p in plans:
         if png:
             path = png if len(plans) == 1 else png.with_name(f"{png.stem}_{name}{png.suffix}")

@@ -85,3 +85,17 @@ def test_cache_ls_verify_and_clear():
     assert runner.invoke(app, ["cache", "verify", "--remove"]).exit_code == 1
     assert runner.invoke(app, ["cache", "verify"]).exit_code == 0
     assert runner.invoke(app, ["cache", "clear"]).exit_code == 0
+
+
+def test_plan_sass_reports_every_kernel():
+    # compiles the plan's forward, dQ and dK/dV kernels for sm_90 (no GPU) and reads them
+    result = runner.invoke(app, ["plan", "causal()", "--q-len", "1024", "--head-dim", "64",
+                                 "--arch", "sm_90", "--sass", "--json"])
+    assert result.exit_code == 0, result.output
+    sass = json.loads(result.output)["sass"]
+    assert [r["kind"] for r in sass] == ["forward", "backward_dq", "backward_dkdv"]
+    for r in sass:
+        assert r["arch"] == "sm_90" and r["hgmma"] and r["spill_bytes"] == 0
+        assert 0 < r["full_tile_work"] <= min(r["loop_work"]) + 1e-6
+    bad = runner.invoke(app, ["plan", "causal()", "--arch", "cpu", "--sass"])
+    assert bad.exit_code == 2 and "arch='cpu'" in bad.output

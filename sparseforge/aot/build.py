@@ -36,6 +36,7 @@ from ..runtime.binary_cache import cached_binary
 from ..runtime.cache import write_if_different
 from ..runtime.compile import parse_arch, plan_target
 from ..runtime.prebuilt import MANIFEST, MANIFEST_FORMAT
+from ..runtime.sass import kernel_report
 from ..runtime.sources import rendered
 from .spec import BuildSpec
 
@@ -92,6 +93,15 @@ def _compiler_environment():
     interpreter off (it cannot cross-compile otherwise)."""
     fusion = os.environ.get("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default, stated
     return patched_environ({"TRITON_INTERPRET": None, "TRITON_DEFAULT_FP_FUSION": fusion})
+
+
+def sass_report(plan, archs) -> list:
+    """``runtime.sass.kernel_report`` for ``plan`` on ``archs``, compiled in a spawned
+    process with Triton's interpreter off (a process that imported Triton with
+    TRITON_INTERPRET=1 cannot cross-compile)."""
+    with _compiler_environment(), ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(kernel_report, plan, tuple(archs)).result()
 
 
 def build(specs: list[BuildSpec], archs: list[str], out: str | os.PathLike, *,
