@@ -340,7 +340,9 @@ def _plan_routed(canonical: Pattern, r: PlanRequest) -> Plan:
     kernels = tuple(dataclasses.replace(kp, pattern=canonical, analysed=strip_scores(canonical))
                     for kp in static.kernels)
     steps += (tile_list_step(steps, node, r.q_len, r.kv_len, static.block_m, static.block_n),)
-    return dataclasses.replace(static, pattern=canonical, kernels=kernels, routing_steps=steps)
+    # the routed kernel's tiles follow the rules above, not the static part's pricing
+    return dataclasses.replace(static, pattern=canonical, kernels=kernels, routing_steps=steps,
+                               tile_choices=())
 
 
 @dataclass(frozen=True)

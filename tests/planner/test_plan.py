@@ -76,3 +76,27 @@ def test_large_plans_draw_at_tile_resolution(tmp_path, monkeypatch):
     sched = p.schedules[0][0]
     assert ((classes > 0) == sched.visit).all() and ((classes == 2) == sched.full).all()
     assert (classes[:, 0] > 0).all()  # every query tile reads the sinks' tile
+
+
+def test_tiles_are_priced_by_their_sass_issue_work():
+    # sm_90, D=128: a causal mask fills big tiles, whose loops issue least per score; a
+    # 128-wide window wastes most of a 128 x 128 tile, so smaller tiles win there
+    dense = sf.plan(sf.causal(), q_len=8192, kv_len=8192, head_dim=128, target="sm_90")
+    sparse = sf.plan(sf.sliding_window(128), q_len=8192, kv_len=8192, head_dim=128,
+                     target="sm_90")
+    assert (dense.block_m, dense.block_n) == (128, 128)
+    assert (sparse.block_m, sparse.block_n) == (64, 64)
+    for p in (dense, sparse):
+        assert len(p.tile_choices) == 3
+        assert all(c.config.full_work < c.config.partial_work for c in p.tile_choices)
+        best = min(p.tile_choices, key=lambda c: c.cost)
+        assert best.config == p.config
+        chosen = [line for line in p.explain().splitlines() if "<- chosen" in line]
+        assert len(chosen) == 1 and f"{p.block_m}x{p.block_n}" in chosen[0]
+    # the big tile's full-tile loop is the leanest per score in the table
+    works = {(c.config.block_m, c.config.block_n): c.config.full_work for c in dense.tile_choices}
+    assert works[(128, 128)] == min(works.values())
+    # a routed plan's tiles follow fixed rules: nothing priced is shown as chosen
+    routed = sf.plan(sf.causal() & sf.topk_blocks(256, 2), q_len=4096, kv_len=4096,
+                     head_dim=128, target="sm_90")
+    assert routed.tile_choices == () and "<- chosen" not in routed.explain()
