@@ -164,13 +164,14 @@ def render_report(manifest: dict) -> str:
              f"{len(manifest['kernels'])} kernels in {manifest['build_seconds']:.1f} s "
              f"({manifest['workers']} workers).", "",
              "| kernel | kind | arch | tile | warps/stages | registers | spills (B) | smem (KiB) "
-             "| wgmma | build (s) | specs |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| wgmma | TMA | build (s) | specs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for k in manifest["kernels"]:
         lines.append(
             f"| `{k['name']}` | {k['kind']} | {k['arch']} | {k['block_m']}x{k['block_n']} | "
             f"{k['num_warps']}/{k['num_stages']} | {k['registers']} | {k['spills'] + k['stack']} | "
             f"{k['shared_memory'] / 1024:.1f} | {'yes' if k['uses_wgmma'] else 'no'} | "
+            f"{'yes' if k['uses_tma'] else 'no'} | "
             f"{k['build_seconds']:.2f}{'' if k['compiled'] else ' (cached)'} | {', '.join(k['specs'])} |")
     spills = [k["name"] for k in manifest["kernels"] if k["spills"] or k["stack"]]
     lines += ["", f"Kernels with register spills: {', '.join(spills) if spills else 'none'}.", ""]

@@ -88,6 +88,9 @@ class KernelSource:
     launch_options: tuple  # (("num_warps", 4), ("num_stages", 3))
     kind: str  # a key of KINDS
     constexprs: tuple  # (("BLOCK_M", 64), ...): what it is specialised on besides the source
+    #: the kernel can take TMA descriptors (its ``TMA`` constexpr, set per target and call
+    #: by the runtime): a 16-bit plan whose rows are 16-byte multiples
+    tma_ready: bool = False
 
     @property
     def family(self) -> str:
@@ -104,6 +107,19 @@ class KernelSource:
     @property
     def module_stem(self) -> str:
         return f"{self.name}_{self.sha256[:16]}"
+
+
+def tma_fits(plan: Plan, kernel: KernelPlan, kind: str) -> bool:
+    """Whether the kernel's tiles may move by TMA descriptors (its ``TMA`` constexpr,
+    set per target and call by the runtime). Descriptors need 16-byte rows: 16-bit plans
+    with head_dim % 8 == 0. Where they made sm_90 kernels spill, the kernel keeps its
+    pointer loads (Triton 3.9, the template-variant set): dK/dV (8-112 bytes), head dims
+    above 128 (56-664 bytes) and a rel_bias table read through a tiled N-D layout's
+    positions (16 bytes)."""
+    return (kind in ("forward", "backward_dq", "decode")
+            and plan.dtype in ("bfloat16", "float16") and plan.head_dim % 8 == 0
+            and plan.padded_head_dim <= 128
+            and not (kernel.score.rel_bias and plan.layout is not None))
 
 
 def kernel_name(plan: Plan, kernel: KernelPlan, kind: str = "forward") -> str:
@@ -229,5 +245,6 @@ def render_kernel(plan: Plan, kernel_index: int = 0, kind: str = "forward") -> K
     options = (("num_warps", cfg.num_warps), ("num_stages", cfg.num_stages))
     constexprs = (("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n), ("HEAD_DIM", plan.head_dim),
                   ("D_PAD", plan.padded_head_dim), ("GROUPS", groups))
+    tma_ready = tma_fits(plan, kernel, kind)
     return KernelSource(name, rendered.source, rendered.sha256, kernel_index, options, kind,
-                        constexprs)
+                        constexprs, tma_ready)

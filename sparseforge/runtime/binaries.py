@@ -29,6 +29,7 @@ from triton.compiler import ASTSource, CompiledKernel
 from ..codegen.render import KernelSource
 from ..codegen.templates import TEMPLATE_VERSION
 from .cache import write_if_different
+from .tma import compiled_with_tma
 
 log = logging.getLogger("sparseforge")
 
@@ -51,6 +52,7 @@ def kernel_key(src: KernelSource, arch: str) -> str:
     return sha256_hex(json.dumps({
         "kind": src.kind, "source": src.sha256, "options": [list(o) for o in src.launch_options],
         "arch": arch, "triton": triton.__version__, "template": TEMPLATE_VERSION,
+        "tma": compiled_with_tma(src, arch),
     }, sort_keys=True))
 
 
@@ -66,6 +68,7 @@ class KernelInfo:
     stack: int
     shared_memory: int
     uses_wgmma: bool
+    uses_tma: bool  # TMA copies (UTMALDG/UTMASTG) in the SASS: tiles move by descriptors
     source_sha256: str
     cubin_size: int
     block_m: int

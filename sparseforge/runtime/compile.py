@@ -24,6 +24,7 @@ from triton.compiler import ASTSource
 from ..planner.plan import Plan
 from .binaries import COUNTERS, KernelBinary, KernelInfo, kernel_key
 from .sources import kernel_function, rendered
+from .tma import compiled_with_tma
 
 _TRITON_DTYPES = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}
 ARCHS = ("sm_80", "sm_90")  # what the tile tables are tuned for; any sm_XX >= 80 compiles
@@ -62,7 +63,7 @@ def nvidia_tool(name: str) -> str:
 
 def resource_usage(cubin: bytes) -> dict:
     """Registers, stack, local (spill) and static shared bytes of the cubin's kernel, and
-    whether its SASS uses wgmma (HGMMA); one ``cuobjdump`` run."""
+    whether its SASS uses wgmma (HGMMA) and TMA copies; one ``cuobjdump`` run."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -71,7 +72,8 @@ def resource_usage(cubin: bytes) -> dict:
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text))
     return {"registers": int(fields.get("REG", 0)), "stack": int(fields.get("STACK", 0)),
             "local": int(fields.get("LOCAL", 0)), "shared": int(fields.get("SHARED", 0)),
-            "uses_wgmma": "HGMMA" in text}
+            "uses_wgmma": "HGMMA" in text,
+            "uses_tma": any(op in text for op in ("UTMALDG", "UTMASTG", "UBLKCP"))}
 
 
 # run-time parameters that are not int32 scalars: data pointers take the plan's dtype
@@ -86,14 +88,19 @@ _FP32_SCALARS = {"qk_scale", "sm_scale", "cap2"}
 _UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od"}
 
 
-def kernel_signature(plan: Plan, kernel_index: int, kind: str = "forward") -> tuple[dict, dict]:
-    """Triton signature and constexprs of a rendered kernel, read off its parameter names.
+def kernel_signature(plan: Plan, kernel_index: int, kind: str = "forward",
+                     arch: str = "sm_80") -> tuple[dict, dict]:
+    """Triton signature and constexprs of a rendered kernel for ``arch``, read off its
+    parameter names.
 
     The head-dim strides are compiled as the constant 1 (dispatch passes contiguous
-    tensors), as Triton's JIT would specialise them.
+    tensors), as Triton's JIT would specialise them; ``TMA`` says whether tiles move
+    through tensor descriptors on this target (``tma.compiled_with_tma``).
     """
     fn, src = kernel_function(plan, kernel_index, False, kind)
     constexprs = dict(src.constexprs, DOT_UPCAST=False)
+    if "TMA" in fn.arg_names:
+        constexprs["TMA"] = compiled_with_tma(src, arch)
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -127,18 +134,18 @@ def divisibility_attrs(fn, signature: dict, plan: Plan) -> dict:
             for name in signature if name in aligned}
 
 
-def launch_spec(plan: Plan, kernel_index: int, kind: str = "forward"):
-    """(JITFunction, signature, constexprs, attrs): everything ``ASTSource`` needs, and
-    everything needed to rebuild a ``CompiledKernel`` from stored files."""
+def launch_spec(plan: Plan, kernel_index: int, kind: str = "forward", arch: str = "sm_80"):
+    """(JITFunction, signature, constexprs, attrs) on ``arch``: everything ``ASTSource``
+    needs, and everything needed to rebuild a ``CompiledKernel`` from stored files."""
     fn, _ = kernel_function(plan, kernel_index, False, kind)
-    sig, constexprs = kernel_signature(plan, kernel_index, kind)
+    sig, constexprs = kernel_signature(plan, kernel_index, kind, arch)
     return fn, sig, constexprs, divisibility_attrs(fn, sig, plan)
 
 
 def compile_kernel(plan: Plan, kernel_index: int, arch: str, kind: str = "forward"):
     """Triton's ``CompiledKernel`` for one kernel of ``plan`` on ``arch`` (no GPU needed)."""
     capability = parse_arch(arch)
-    fn, sig, constexprs, attrs = launch_spec(plan, kernel_index, kind)
+    fn, sig, constexprs, attrs = launch_spec(plan, kernel_index, kind, arch)
     src = rendered(plan, kernel_index, kind)
     COUNTERS["compiled"] += 1
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
@@ -154,7 +161,7 @@ def build_binary(plan: Plan, kernel_index: int, arch: str, kind: str = "forward"
     meta_path = next(Path(p) for name, p in compiled.metadata_group.items() if name.endswith(".json"))
     options = dict(src.launch_options)
     info = KernelInfo(src.name, arch, src.family, usage["registers"], usage["local"],
-                      usage["stack"], compiled.metadata.shared, usage["uses_wgmma"], src.sha256,
+                      usage["stack"], compiled.metadata.shared, usage["uses_wgmma"], usage["uses_tma"], src.sha256,
                       len(cubin), src.block_m, src.block_n, options["num_warps"],
                       options["num_stages"])
     return KernelBinary(kernel_key(src, arch), info, cubin, meta_path.read_text())

@@ -27,6 +27,7 @@ from .binary_cache import binary_dir, cached_binary
 from .compile import compile_kernel, device_arch, launch_spec
 from .prebuilt import prebuilt
 from .sources import rendered
+from .tma import call_allows_tma, ensure_allocator
 
 log = logging.getLogger("sparseforge")
 
@@ -40,14 +41,15 @@ def held_launch_enabled() -> bool:
 class HeldKernel:
     """A loaded ``CompiledKernel`` and the constexpr values its launcher expects."""
 
-    __slots__ = ("kernel", "tail", "name", "source", "broken")
+    __slots__ = ("kernel", "tail", "name", "source", "broken", "tma")
 
-    def __init__(self, kernel, tail: tuple, name: str, source: str):
+    def __init__(self, kernel, tail: tuple, name: str, source: str, tma: bool = False):
         self.kernel = kernel
         self.tail = tail
         self.name = name
         self.source = source  # "prebuilt", "cache" or "compiled"
         self.broken = False
+        self.tma = tma  # compiled to move tiles with tensor descriptors
 
     def launch(self, grid: tuple[int, int, int], args: list, device_index: int) -> bool:
         """Launch and return True, or return False for the caller to use the JIT path."""
@@ -56,6 +58,10 @@ class HeldKernel:
         for a in args:  # the facts the kernel was compiled with
             if hasattr(a, "data_ptr") and (a.data_ptr() % 16 or (a.dim() == 4 and a.stride(3) != 1)):
                 return False
+        if self.tma:
+            if not call_allows_tma(args):
+                return False
+            ensure_allocator()
         k = self.kernel
         try:
             run = k.run  # Triton loads the cubin and builds the C launcher on first use
@@ -108,20 +114,22 @@ def resolve_kernel(plan: Plan, kernel_index: int, arch: str, kind: str = "forwar
     """Prebuilt (zero compilation), else the binary cache, else compile: a held kernel.
     Needs no GPU itself (Triton loads the cubin at the first launch)."""
     src = rendered(plan, kernel_index, kind)
-    fn, sig, constexprs, attrs = launch_spec(plan, kernel_index, kind)
+    fn, sig, constexprs, attrs = launch_spec(plan, kernel_index, kind, arch)
     tail = constexpr_tail(fn, constexprs)
+    tma = bool(constexprs.get("TMA", False))
     found = prebuilt(kernel_key(src, arch))
     if found is not None:
         COUNTERS["prebuilt_loads"] += 1
         kernel = compiled_kernel(found.binary, found.directory, fn, sig, constexprs, attrs)
-        return HeldKernel(kernel, tail, src.name, "prebuilt")
+        return HeldKernel(kernel, tail, src.name, "prebuilt", tma)
     log.info("no prebuilt kernel for %s on %s: compiling it just in time", src.name, arch)
     directory = binary_dir()
     if directory is None:  # read-only cache: keep Triton's object in memory
-        return HeldKernel(compile_kernel(plan, kernel_index, arch, kind), tail, src.name, "compiled")
+        return HeldKernel(compile_kernel(plan, kernel_index, arch, kind), tail, src.name, "compiled",
+                          tma)
     binary, built = cached_binary(plan, kernel_index, arch, kind)
     kernel = compiled_kernel(binary, directory, fn, sig, constexprs, attrs)
-    return HeldKernel(kernel, tail, src.name, "compiled" if built else "cache")
+    return HeldKernel(kernel, tail, src.name, "compiled" if built else "cache", tma)
 
 
 def clear_held() -> None:

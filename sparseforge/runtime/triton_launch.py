@@ -18,6 +18,7 @@ from ..planner.schedule import group_geometry
 from ..planner.tiles import DECODE_MAX_Q
 from ..semantics import document_ids
 from . import gpu_launch, sources
+from .tma import call_tma, ensure_allocator
 
 LOG2E = 1.4426950408889634
 
@@ -193,8 +194,11 @@ def _launch(plan: Plan, index: int, kind: str, grid, args, q, interpret: bool, h
     if kernel is not None and kernel.launch(grid, args, q.device.index):
         return
     fn, src = sources.kernel_function(plan, index, interpret, kind)
+    tma = call_tma(src, args, q.device, interpret)
+    if tma and not interpret:
+        ensure_allocator()
     fn[grid](*args, **dict(src.constexprs), DOT_UPCAST=interpret and q.dtype == torch.bfloat16,
-             **dict(src.launch_options))
+             TMA=tma, **dict(src.launch_options))
 
 
 #: decode splits aim at this many programs (about two waves on an H100's 132 SMs)

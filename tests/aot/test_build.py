@@ -28,7 +28,7 @@ SPECS = [
 ]
 """
 MANIFEST_FIELDS = {"name", "arch", "kind", "cubin", "registers", "spills", "shared_memory",
-                   "uses_wgmma", "source_sha256"}
+                   "uses_wgmma", "uses_tma", "source_sha256"}
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +72,8 @@ def test_manifest_lists_every_kernel(built):
         if k["arch"] == "sm_90":
             rows = k["block_n"] if k["name"].startswith("bwd_dkdv") else k["block_m"]
             assert k["uses_wgmma"] == (rows >= 64)
+        # 16-bit, D <= 64: every sm_90 kernel but dK/dV moves its tiles by TMA descriptors
+        assert k["uses_tma"] == (k["arch"] == "sm_90" and not k["name"].startswith("bwd_dkdv"))
 
 
 def test_report_lists_every_kernel_and_backward_is_built(built):

@@ -40,7 +40,7 @@ def test_full_tiles_carry_no_predicate():
     src = render_kernel(_plan(sf.causal())).source
     body = src[src.index("def _attend_tile"):src.index("@triton.jit\ndef fwd_")]
     start = body.index("if IS_FULL:\n        # every pair")
-    full_branch = body[start:body.index("    else:\n        allowed")]
+    full_branch = body[start:body.index("    else:\n        in_kv = offs_n < kv_len\n        allowed")]
     assert "_allowed" not in full_branch and "tl.where" not in full_branch
 
 

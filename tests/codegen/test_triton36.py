@@ -57,3 +57,5 @@ def test_variants_compile_under_triton36_without_spills(compiled36):
             f"({r['block_m']}x{r['block_n']}, {r['num_warps']} warps, {r['num_stages']} stages)")
         if r["arch"] == "sm_90" and r["template"] in ("forward", "backward_dq"):
             assert r["uses_wgmma"] == (r["block_m"] >= 64), r["name"]
+        # bf16 at D=128: TMA descriptors on sm_90 for every kind but dK/dV
+        assert r["uses_tma"] == (r["arch"] == "sm_90" and r["template"] != "backward_dkdv"), r["name"]
