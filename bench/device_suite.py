@@ -6,7 +6,9 @@ against SDPA and compiled FlexAttention, in one call of at most ~8 minutes.
     python bench/device_suite.py --smoke                # tiny sizes on CPU (interpreter)
 
 Sections, each recorded in the JSON whatever happens in the others:
-1. ``tests``: the gpu-marked tests (``pytest -m gpu``), with a time limit.
+1. ``tests``: the gpu-marked tests (``pytest -m gpu``), with a time limit; then
+   ``tma_probe``: the TMA descriptor path in a subprocess (the rest of the run falls back
+   to ``SPARSEFORGE_TMA=off`` if it faults or is wrong).
 2. ``correctness``: every kernel family in bf16 against the fp64 oracle
    (``sf.reference_attention``): static forward, tiled N-D neighbourhood, documents,
    backward (dQ, dK/dV), decode (split-KV) and a routed top-k forward; random inputs,
@@ -71,6 +73,43 @@ def run_gpu_tests(limit: float) -> dict:
     return {"returncode": proc.returncode, "summary": lines[-1] if lines else "",
             "seconds": round(time.monotonic() - started, 1),
             "failures": [ln for ln in lines if ln.startswith("FAILED")][:20]}
+
+
+TMA_PROBE = """
+import json, torch, sparseforge as sf
+torch.manual_seed(0)
+rows = {}
+for name, lq, grad in (("forward_backward", 1000, True), ("decode", 3, False)):
+    q = torch.randn(1, 4, lq, 128, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
+    k, v = (torch.randn(1, 2, 1000, 128, device="cuda", dtype=torch.bfloat16,
+                        requires_grad=grad) for _ in range(2))
+    out = sf.attention(q, k, v, sf.causal(), backend="triton", enable_gqa=True)
+    ref = sf.reference_attention(q.detach(), k.detach(), v.detach(), sf.causal(), enable_gqa=True)
+    err = float((out.detach().double() - ref).norm() / ref.norm())
+    if grad:
+        out.sum().backward()
+        err = err if torch.isfinite(q.grad).all() else float("inf")
+    torch.cuda.synchronize()
+    rows[name] = err
+print(json.dumps(rows))
+"""
+
+
+def tma_probe(limit: float) -> dict:
+    """The kernels' TMA descriptor path on this GPU, in a subprocess first: a fault there
+    (an illegal instruction or address poisons the CUDA context) must not take the rest
+    of the run with it. On failure the run goes on with ``SPARSEFORGE_TMA=off``."""
+    try:
+        proc = subprocess.run([sys.executable, "-c", TMA_PROBE], capture_output=True, text=True,
+                              timeout=limit)
+        errors = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
+    except (subprocess.TimeoutExpired, ValueError, IndexError):
+        proc, errors = None, None
+    ok = errors is not None and all(e < 2e-2 for e in errors.values())
+    if not ok:
+        os.environ["SPARSEFORGE_TMA"] = "off"
+    return {"ok": ok, "rel_errors": errors, "mode_for_the_run": os.environ.get("SPARSEFORGE_TMA", "auto"),
+            "stderr_tail": None if proc is None or ok else proc.stderr[-1500:]}
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -282,6 +321,9 @@ def main(argv=None) -> int:
     result["tests"] = ({"status": "skipped (--no-tests)"} if args.no_tests or args.smoke
                        else run_gpu_tests(min(150.0, clock.left() - 300)))
     print(json.dumps({"tests": result["tests"]}), flush=True)
+    result["tma_probe"] = ({"status": "skipped (CPU)"} if device == "cpu"
+                           else tma_probe(min(90.0, clock.left() - 300)))
+    print(json.dumps({"tma_probe": result["tma_probe"]}), flush=True)
     result["correctness"] = correctness(device, dtype, small=args.smoke)
     rows = []
     wanted = None if args.cases is None else set(args.cases.split(","))
@@ -312,6 +354,7 @@ def summary(result: dict) -> str:
     """A short table for the end of the output (the device reply carries only its tail)."""
     lines = [f"{result['device']}  torch {result['torch']}  triton {result['triton']}",
              f"tests: {result['tests'].get('summary') or result['tests'].get('status')}",
+             f"tma_probe: {result['tma_probe']}"[:300],
              "correctness: " + ", ".join(f"{r['case']}={'ok' if r.get('ok') else 'FAIL'}"
                                          for r in result["correctness"])]
     for r in result["timing"]:

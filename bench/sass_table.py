@@ -52,19 +52,21 @@ def rows(arch: str = "sm_90") -> list[dict]:
                 out.append(dict(pattern=name, head_dim=d, kind=r.kind, tile=f"{r.block_m}x{r.block_n}",
                                 num_warps=r.num_warps, num_stages=r.num_stages,
                                 registers=r.registers, spill_bytes=r.spill_bytes, hgmma=r.hgmma,
-                                work=r.full_tile_work, tutorial=ref,
+                                tma=r.tma, work=r.full_tile_work, tutorial=ref,
                                 ratio=round(r.full_tile_work / ref, 3),
                                 within_bound=r.full_tile_work / ref <= BOUND[r.kind]))
     return out
 
 
 def markdown(table: list[dict]) -> str:
-    lines = ["| pattern | D | kernel | tile, warps | regs | spills | HGMMA | ours | tutorial | ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| pattern | D | kernel | tile, warps | regs | spills | HGMMA | TMA | ours | tutorial "
+             "| ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
         lines.append(f"| `{r['pattern']}` | {r['head_dim']} | {r['kind']} | {r['tile']}, "
                      f"{r['num_warps']} | {r['registers']} | {r['spill_bytes']} | "
-                     f"{'yes' if r['hgmma'] else 'no'} | {r['work']:.0f} | {r['tutorial']:.0f} | "
+                     f"{'yes' if r['hgmma'] else 'no'} | {'yes' if r['tma'] else 'no'} | "
+                     f"{r['work']:.0f} | {r['tutorial']:.0f} | "
                      f"{r['ratio']:.2f} |")
     return "\n".join(lines)
 

@@ -59,7 +59,8 @@ def test_smoke_run_writes_every_section(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     (path,) = tmp_path.glob("device_suite_*.json")
     result = json.loads(path.read_text())
-    for key in ("device", "torch", "triton", "sparseforge", "tests", "correctness", "timing"):
+    for key in ("device", "torch", "triton", "sparseforge", "tests", "tma_probe", "correctness",
+                "timing"):
         assert key in result
     assert {r["case"] for r in result["correctness"]} >= {
         "forward_window_sinks", "tiled_neighborhood_2d", "backward_causal", "decode_causal",

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from .._env import triton_version
 from ..ir.nodes import walk
 from ..ir.ops import TritonOps, TritonText
 from ..ir.routing import (
@@ -115,10 +116,15 @@ def tma_fits(plan: Plan, kernel: KernelPlan, kind: str) -> bool:
     with head_dim % 8 == 0. Where they made sm_90 kernels spill, the kernel keeps its
     pointer loads (Triton 3.9, the template-variant set): dK/dV (8-112 bytes), head dims
     above 128 (56-664 bytes) and a rel_bias table read through a tiled N-D layout's
-    positions (16 bytes)."""
-    return (kind in ("forward", "backward_dq", "decode")
+    positions (16 bytes). Head dims below 64 keep them as well: their small tiles issued
+    4-9 % more per score with descriptors (``planner/tile_costs.json``). Under Triton 3.6
+    the decode kernel keeps them too: 3.6's ptxas crashed (signal 11) on a two-segment
+    decode kernel with descriptors."""
+    kinds = ("forward", "backward_dq", "decode") if triton_version() >= (3, 9) else (
+        "forward", "backward_dq")
+    return (kind in kinds
             and plan.dtype in ("bfloat16", "float16") and plan.head_dim % 8 == 0
-            and plan.padded_head_dim <= 128
+            and 64 <= plan.padded_head_dim <= 128
             and not (kernel.score.rel_bias and plan.layout is not None))
 
 

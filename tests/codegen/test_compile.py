@@ -45,9 +45,11 @@ def test_variant_compiles_without_spills(compiled, variant, arch, kind):
         # (forward, backward) and D=128 (dK/dV): those use mma.sync.
         rows = info["block_n"] if kind == "backward_dkdv" else info["block_m"]
         assert info["uses_wgmma"] == (rows >= 64), f"{info['name']}: HGMMA use"
-    # TMA descriptors on sm_90 for 16-bit plans with 16-byte rows up to D=128, except in
-    # dK/dV and tiled rel_bias forwards (they spilled with them); sm_80 never has TMA
+    # TMA descriptors on sm_90 for 16-bit plans with 16-byte rows and D in 64 (padded) to
+    # 128, except in dK/dV and tiled rel_bias forwards (they spilled with them); sm_80
+    # never has TMA
     _, d, dtype, kw = variant_specs()[variant]
-    tma = (arch == "sm_90" and dtype != "float32" and d % 8 == 0 and d <= 128
+    padded = 1 << (d - 1).bit_length()
+    tma = (arch == "sm_90" and dtype != "float32" and d % 8 == 0 and 64 <= padded <= 128
            and kind != "backward_dkdv" and not (kw.get("tiled") and "rel_bias" in variant))
     assert info["uses_tma"] == tma, f"{info['name']}: TMA use"

@@ -20,9 +20,10 @@ pytestmark = pytest.mark.xdist_group("triton36")
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = Path(os.environ.get("SPARSEFORGE_TRITON36_PYTHON", ROOT / ".ci" / "triton36" / "bin" / "python"))
-# the D=128 big-tile kernels of every kind and a routed forward (the suite's time budget
-# allows a few compiles; the full set is a manual run, see docs/performance.md)
-VARIANTS = "one_segment,routed_moba"
+# the D=128 big-tile kernels of every kind, two segments (its decode kernel crashed 3.6's
+# ptxas with TMA descriptors) and a routed forward (the suite's time budget allows a few
+# compiles; the full set is a manual run, see docs/performance.md)
+VARIANTS = "one_segment,sorted_segments,routed_moba"
 
 
 @pytest.fixture(scope="module")
@@ -57,5 +58,6 @@ def test_variants_compile_under_triton36_without_spills(compiled36):
             f"({r['block_m']}x{r['block_n']}, {r['num_warps']} warps, {r['num_stages']} stages)")
         if r["arch"] == "sm_90" and r["template"] in ("forward", "backward_dq"):
             assert r["uses_wgmma"] == (r["block_m"] >= 64), r["name"]
-        # bf16 at D=128: TMA descriptors on sm_90 for every kind but dK/dV
-        assert r["uses_tma"] == (r["arch"] == "sm_90" and r["template"] != "backward_dkdv"), r["name"]
+        # bf16 at D=128: TMA descriptors on sm_90 in the forward and dQ (3.6's ptxas crashed
+        # on a decode kernel with them; dK/dV never takes them)
+        assert r["uses_tma"] == (r["arch"] == "sm_90" and r["template"] in ("forward", "backward_dq")), r["name"]

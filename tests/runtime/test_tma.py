@@ -39,9 +39,9 @@ FORWARD_CASES = {
     "causal_ragged": (sf.causal(), 1, 2, 1, 37, 37, 64),
     "window_gqa_lq_ne_lkv": (sf.window(19, 0), 1, 4, 2, 50, 70, 40),
     "padded_head_dim": (sf.causal() | sf.sinks(3), 2, 2, 2, 33, 33, 72),
-    "dilation_groups": (sf.window(8, 0, dilation=3), 1, 2, 2, 61, 61, 32),
-    "empty_rows": (sf.causal(), 1, 2, 2, 50, 20, 16),  # the first 30 rows see no key
-    "topk_routed": (sf.causal() & sf.topk_blocks(16, 2), 1, 2, 2, 70, 70, 32),
+    "dilation_groups": (sf.window(8, 0, dilation=3), 1, 2, 2, 61, 61, 48),
+    "empty_rows": (sf.causal(), 1, 2, 2, 50, 20, 64),  # the first 30 rows see no key
+    "topk_routed": (sf.causal() & sf.topk_blocks(16, 2), 1, 2, 2, 70, 70, 40),
 }
 
 
@@ -55,7 +55,7 @@ def test_forward_through_descriptors(case, tma_launches):
 
 def test_documents_through_descriptors(tma_launches):
     ids = torch.tensor([[0] * 20 + [1] * 19, [0] * 7 + [1] * 32])
-    q, k, v = random_qkv(2, 2, 2, 39, 39, 32, dtype=BF16, seed=3)
+    q, k, v = random_qkv(2, 2, 2, 39, 39, 40, dtype=BF16, seed=3)
     assert_matches_oracle(sf.documents(ids) & sf.causal(), q, k, v, "triton")
     assert tma_launches and all(took for _, took in tma_launches)
 
@@ -87,6 +87,13 @@ def test_calls_a_descriptor_cannot_describe_take_pointer_loads(tma_launches):
     q, k, v = random_qkv(1, 2, 2, 40, 40, 36, dtype=BF16, seed=5)
     assert_matches_oracle(sf.causal(), q, k, v, "triton")
     assert tma_launches and not any(took for _, took in tma_launches)
+    # a key tensor at a 2-byte offset: the call runs with pointer loads
+    tma_launches.clear()
+    q, k, v = random_qkv(1, 2, 2, 40, 40, 64, dtype=BF16, seed=6)
+    k_shifted = torch.empty(k.numel() + 1, dtype=BF16)[1:].view(k.shape).copy_(k)
+    out = sf.attention(q, k_shifted, v, sf.causal(), backend="triton")
+    torch.testing.assert_close(out, sf.attention(q, k, v, sf.causal(), backend="triton"))
+    assert tma_launches[0] == ("forward", False) and tma_launches[-1] == ("forward", True)
 
 
 def test_call_allows_tma_checks_alignment_and_strides():
