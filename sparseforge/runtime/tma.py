@@ -27,6 +27,7 @@ import os
 
 import torch
 import triton
+from triton.runtime import _allocation
 
 from ..codegen.render import KernelSource
 
@@ -83,7 +84,5 @@ def _torch_scratch(size: int, alignment: int, stream):
 def ensure_allocator() -> None:
     """Give Triton an allocator for descriptor scratch unless the caller set one (Triton
     keeps it in a context variable: each thread sets its own)."""
-    from triton.runtime import _allocation
-
     if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
         triton.set_allocator(_torch_scratch)
