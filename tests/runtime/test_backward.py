@@ -141,6 +141,7 @@ def test_fuzz_gradients(pattern, hkv, group, lq, lkv, d, seed):
     _fuzz_gradients(pattern, hkv, group, lq, lkv, d, seed, "torch")
 
 
+@pytest.mark.overflow_checks
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(**_FUZZ)
 def test_fuzz_gradients_generated_kernels(pattern, hkv, group, lq, lkv, d, seed):

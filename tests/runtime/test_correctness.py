@@ -132,6 +132,7 @@ FUZZ = dict(pattern=static_patterns(), b=st.integers(1, 2), hkv=st.integers(1, 2
             seed=st.integers(0, 2**16))
 
 
+@pytest.mark.overflow_checks
 @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
 @given(**FUZZ)
 def test_fuzz_generated_kernels(**kw):
@@ -142,3 +143,16 @@ def test_fuzz_generated_kernels(**kw):
 @given(**FUZZ)
 def test_fuzz_cpu_path(**kw):
     _fuzz("torch", **kw)
+
+
+@pytest.mark.overflow_checks
+def test_interpreter_checks_int32_overflow_where_marked():
+    from triton.runtime import interpreter
+
+    assert interpreter.interpreter_builder.options.sanitize_overflow
+
+
+def test_interpreter_skips_overflow_checks_elsewhere():
+    from triton.runtime import interpreter
+
+    assert not interpreter.interpreter_builder.options.sanitize_overflow
