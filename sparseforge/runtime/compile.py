@@ -161,7 +161,7 @@ def build_binary(plan: Plan, kernel_index: int, arch: str, kind: str = "forward"
     meta_path = next(Path(p) for name, p in compiled.metadata_group.items() if name.endswith(".json"))
     options = dict(src.launch_options)
     info = KernelInfo(src.name, arch, src.family, usage["registers"], usage["local"],
-                      usage["stack"], compiled.metadata.shared, usage["uses_wgmma"], usage["uses_tma"], src.sha256,
-                      len(cubin), src.block_m, src.block_n, options["num_warps"],
+                      usage["stack"], compiled.metadata.shared, usage["uses_wgmma"], usage["uses_tma"],
+                      src.sha256, len(cubin), src.block_m, src.block_n, options["num_warps"],
                       options["num_stages"])
     return KernelBinary(kernel_key(src, arch), info, cubin, meta_path.read_text())

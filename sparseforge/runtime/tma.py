@@ -1,7 +1,8 @@
 """When a generated kernel moves its tiles with TMA tensor descriptors, and what that needs.
 
-On sm_90 and newer the forward, dQ, dK/dV and decode kernels of 16-bit plans read their
-Q, K, V and dO tiles (and write O and dQ) through device-side tensor descriptors
+On sm_90 and newer the forward, dQ and decode kernels of 16-bit plans (where
+``codegen.render.tma_fits`` says the descriptors pay) read their Q, K, V and dO tiles
+(and write O and dQ) through device-side tensor descriptors
 (``tl.make_tensor_descriptor``): the copy engine moves whole tiles, with no per-thread
 address arithmetic in the tile loops, and reads rows past the end and the head-dim
 padding as zeros. Every kernel's tiles are plain strided row ranges (dilation groups
