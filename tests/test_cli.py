@@ -69,9 +69,17 @@ def test_build_end_to_end(tmp_path):
     assert bad.exit_code == 2 and "'sm_XX' with XX >= 80" in bad.output
 
 
-def test_cache_ls_verify_and_clear():
+def test_cache_ls_verify_and_clear(tmp_path, monkeypatch):
     import sparseforge as sf
+    from sparseforge.runtime import cache, sources
 
+    # a cache of its own: `cache clear` removes the directory, and the session's cache is
+    # shared with the other xdist worker, which may be writing a binary into it right now
+    own = tmp_path / "cache"
+    own.mkdir(mode=0o700)
+    monkeypatch.setenv(cache.ENV_CACHE_DIR, str(own))
+    cache.clear_memory_cache()
+    sources.kernel_function.cache_clear()
     sf.attention(*(torch.randn(1, 1, 40, 16) for _ in range(3)), sf.causal(), backend="triton")
     listing = runner.invoke(app, ["cache", "ls", "--json"])
     assert listing.exit_code == 0 and json.loads(listing.output)["entries"]
