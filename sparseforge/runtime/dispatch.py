@@ -27,7 +27,7 @@ from ..ir.split import static_siblings
 from ..planner.plan import Plan, default_target, dtype_name, head_groups, plan
 from ..planner.routing_steps import kernel_routing_node
 from ..validate import check_attention_inputs
-from . import torch_exec, triton_launch
+from . import cpu_flash, torch_exec, triton_launch
 from .cache import interpreter_active
 from .routed_tiles import cluster_tiles, route_tiles
 from .routed_torch import routed_attention
@@ -142,7 +142,9 @@ def execute_forward(executor: Executor, p: Plan, compiled: CompiledPattern, q, k
     # both executors write every row of every head (empty rows included): no fill needed
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, whatever q is
     lse = torch.empty((b, hq, lq), dtype=torch.float32, device=q.device)
-    if executor is Executor.TORCH:
+    if executor is Executor.TORCH and cpu_flash.supports(compiled.head_patterns, q, v):
+        cpu_flash.run_forward(p, compiled.head_patterns, q, k, v, out, lse, scale)
+    elif executor is Executor.TORCH:
         torch_exec.run_forward(p, compiled.head_patterns, q, k, v, out, lse, scale)
     elif routed is None and triton_launch.decode_eligible(p):  # a few new tokens: split-KV
         triton_launch.run_decode(p, compiled.head_patterns, q.contiguous(), k.contiguous(),
@@ -160,6 +162,10 @@ def execute_backward(executor: Executor, p: Plan, compiled: CompiledPattern, q, 
     backward over the plan's schedule, on tokens in the plan's order: the one place a
     backward runs. The generated dQ and dK/dV kernels for the Triton executors, torch ops
     for the torch executor."""
+    if (executor is Executor.TORCH and cpu_flash.supports(compiled.head_patterns, q, v)
+            and (grad_lse is None or not bool(grad_lse.any()))):
+        return cpu_flash.run_backward(p, compiled.head_patterns, q, k, v, out, lse,
+                                      grad_out, scale)
     if executor is Executor.TORCH:
         return torch_exec.run_backward(p, compiled.head_patterns, q, k, v, out, lse,
                                        grad_out.contiguous(), grad_lse, scale)

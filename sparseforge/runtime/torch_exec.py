@@ -103,7 +103,7 @@ def _attend(pattern, geo, groups, plan, q, kt, vt, visit, full, tiles_q, lk, sca
     if score_spec(pattern).any:
         p, j = _tile_positions(geo, groups, tiles_q, kv_idx, bm, bn, totals)
         s = modified_scores(pattern, s, torch.tensor(heads), p.to(s.device), j.to(s.device))
-    allowed = _tile_mask(pattern, geo, groups, tiles_q, kv_idx, is_full, bm, bn, lk, totals).to(s.device)
+    allowed = tile_mask(pattern, geo, groups, tiles_q, kv_idx, is_full, bm, bn, lk, totals).to(s.device)
     s = s.masked_fill(~allowed.view(allowed.shape[0], 1, nq, bm, count * bn)
                       if allowed.dim() == 5 else ~allowed.view(nq, bm, count * bn), float("-inf"))
     m = s.amax(-1, keepdim=True)
@@ -204,7 +204,7 @@ def _group_backward(plan, kernel, pattern, sched, q, k, v, do, lse, delta, heads
                 if cap is not None:
                     t = torch.tanh(s / cap)
                     s = cap * t
-            allowed = _tile_mask(pattern, geo, kernel.groups, sel, kv_idx, is_full, bm, bn, lk,
+            allowed = tile_mask(pattern, geo, kernel.groups, sel, kv_idx, is_full, bm, bn, lk,
                                  totals).to(q.device)
             allowed = (allowed.view(allowed.shape[0], 1, nq, bm, -1) if allowed.dim() == 5
                        else allowed.view(nq, bm, -1))
@@ -251,7 +251,7 @@ def _kv_tiles(x, kv_heads, tiles: int, block_n: int):
     return padded[:, kv_heads].view(b, len(kv_heads), tiles, block_n, d)
 
 
-def _tile_mask(pattern, geo, groups, tiles_q, kv_idx, is_full, bm, bn, lk, totals):
+def tile_mask(pattern, geo, groups, tiles_q, kv_idx, is_full, bm, bn, lk, totals):
     """Bool [(B,) nq, BM, C, BN]: full tiles all true, partial ones from the predicate.
 
     ``totals`` are the original (not group-local) lengths the predicate is defined on.

@@ -1,0 +1,213 @@
+"""The fused CPU executor: a plan's programs run through PyTorch's FlashAttention for CPUs.
+
+Each piece of a program (``cpu_program``) is one call of
+``_scaled_dot_product_flash_attention_for_cpu`` on strided views of padded Q, K and V:
+no gathered copies of K/V, no score matrix in memory, no mask on full tiles, masks made
+once per plan. The kernel is blocked and vectorised, accumulates 16-bit inputs in fp32,
+returns the log-sum-exp, and runs one parallel region per call, so a busy machine costs
+it time slices rather than the barrier storms of many small torch ops. Pieces of a
+batch are merged by log-sum-exp.
+
+The backward calls ``_scaled_dot_product_flash_attention_for_cpu_backward`` per piece
+with the merged output and log-sum-exp: the probabilities it recomputes are then the
+final ones and its ``rowsum(dO * O)`` is the whole row's, so every piece's dQ, dK and
+dV parts are exact and simply add up (dK/dV by tile, with ``index_add_``).
+
+Scope: masks without score modifiers, q/k/v in float32, float64, bfloat16 or float16,
+and no gradient through ``lse`` (``dispatch`` runs the gather executor,
+``torch_exec``, otherwise).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ir.scores import score_spec
+from .cpu_program import Batch, GroupProgram, programs
+
+FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def supports(call_kernels, q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether this executor runs the call (else the gather executor does)."""
+    return (q.device.type == "cpu" and q.dtype in DTYPES and q.shape[-1] == v.shape[-1]
+            and q.shape[-1] > 0
+            and not any(score_spec(p).any for p in call_kernels))
+
+
+def _groups(plan, call_kernels, q, k):
+    """Per kernel and dilation group: (heads, kv head of each, rows, cols, [(row, program)])."""
+    hq, hkv = q.shape[1], k.shape[1]
+    for index, (kernel, call_pattern, schedules) in enumerate(
+            zip(plan.kernels, call_kernels, plan.schedules)):
+        heads = list(range(hq)) if kernel.heads is None else list(kernel.heads)
+        kv_heads = [h // (hq // hkv) for h in heads]
+        for group, sched in enumerate(schedules):
+            geo = sched.geometry
+            if geo.q_len == 0 or geo.kv_len == 0:
+                continue
+            rows = slice(geo.q_start, None, kernel.groups)
+            cols = slice(geo.kv_start, None, kernel.groups)
+            yield heads, kv_heads, rows, cols, programs(plan, index, group, kernel, call_pattern,
+                                                        sched)
+
+
+def _batch_rows(row):
+    return slice(None) if row is None else slice(row, row + 1)
+
+
+def run_forward(plan, call_kernels, q, k, v, out, lse, scale: float) -> None:
+    """Fill ``out`` and ``lse`` (every row: empty ones get 0 and -inf)."""
+    out.zero_()
+    lse.fill_(float("-inf"))
+    if q.shape[2] == 0:
+        return
+    for heads, kv_heads, rows, cols, progs in _groups(plan, call_kernels, q, k):
+        for row, prog in progs:
+            b = _batch_rows(row)
+            o, l_ = _forward(prog, plan, q[b][:, heads, rows], k[b][:, kv_heads, cols],
+                             v[b][:, kv_heads, cols], scale)
+            out[b, heads, rows] = o.to(out.dtype)
+            lse[b, heads, rows] = l_
+
+
+class _Padded:
+    """One group's tensors as ``[B*H, tiles*block, D]``, zero-padded to whole tiles (and,
+    for K/V, by the program's front/back tiles), with strided views of a batch's items."""
+
+    def __init__(self, prog: GroupProgram, bm: int, bn: int, q, k):
+        self.prog, self.bm, self.bn = prog, bm, bn
+        self.b, self.h, self.q_len, self.d = q.shape
+        self.kv_len = k.shape[2]
+        self.bh = self.b * self.h
+        self.q_rows = prog.q_tiles * bm
+        self.kv_rows = (prog.front + prog.kv_tiles + prog.back) * bn
+
+    def pad_q(self, x, fill=0.0):
+        shape = (self.bh, self.q_rows, *x.shape[3:])
+        out = torch.full(shape, fill, dtype=x.dtype) if fill else torch.zeros(shape, dtype=x.dtype)
+        out[:, :self.q_len] = x.reshape(self.bh, self.q_len, *x.shape[3:])
+        return out
+
+    def pad_kv(self, x):
+        out = torch.zeros(self.bh, self.kv_rows, self.d, dtype=x.dtype)
+        first = self.prog.front * self.bn
+        out[:, first:first + self.kv_len] = x.reshape(self.bh, self.kv_len, self.d)
+        return out
+
+    def q_view(self, x, batch: Batch):
+        """The batch's query rows of a padded ``[BH, rows, D]`` (or ``[BH, rows]``) tensor
+        in its call shape, ``[items, BH, rows per item(, D)]``."""
+        items = batch.items
+        rows = batch.count * self.bm // items
+        if x.dim() == 2:
+            return x.as_strided((items, self.bh, rows), (rows, self.q_rows, 1), batch.first * self.bm)
+        d = self.d
+        return x.as_strided((items, self.bh, rows, d), (rows * d, self.q_rows * d, d, 1),
+                            batch.first * self.bm * d)
+
+    def kv_view(self, x, batch: Batch, piece):
+        bn, d = self.bn, self.d
+        first = (self.prog.front + batch.start + piece.col) * bn * d
+        return x.as_strided((batch.items, self.bh, piece.width * bn, d),
+                            (batch.step * bn * d, self.kv_rows * d, d, 1), first)
+
+    def kv_tiles(self, batch: Batch, piece) -> torch.Tensor:
+        """Padded kv tile index of each (item, column) of a piece, item-major."""
+        items = torch.arange(batch.items)[:, None] * batch.step
+        return (self.prog.front + batch.start + piece.col + items
+                + torch.arange(piece.width)).flatten()
+
+    def unpad(self, x):
+        return x[:, :self.q_len].reshape(self.b, self.h, self.q_len, *x.shape[2:])
+
+
+def _forward(prog: GroupProgram, plan, q, k, v, scale: float):
+    pad = _Padded(prog, plan.block_m, plan.block_n, q, k)
+    qp, kp, vp = pad.pad_q(q), pad.pad_kv(k), pad.pad_kv(v)
+    merged = q.dtype if q.dtype == torch.float64 else torch.float32
+    outp = torch.zeros(pad.bh, pad.q_rows, pad.d, dtype=merged)
+    lsep = torch.full((pad.bh, pad.q_rows), float("-inf"), dtype=merged)
+    for batch in prog.batches:
+        parts = []
+        for piece in batch.pieces:
+            o, l_ = FLASH(pad.q_view(qp, batch), pad.kv_view(kp, batch, piece),
+                          pad.kv_view(vp, batch, piece), is_causal=piece.causal,
+                          attn_mask=piece.mask(q.dtype, batch), scale=scale)
+            valid = piece.valid_rows(batch)
+            if valid is not None:  # rows with no allowed key here: no weight
+                l_ = l_.masked_fill(~valid[:, None, :], float("-inf"))
+            parts.append((o, l_))
+        o, l_ = _merge(parts, merged)
+        pad.q_view(outp, batch).copy_(o)
+        pad.q_view(lsep, batch).copy_(l_)
+    return pad.unpad(outp), pad.unpad(lsep).float()
+
+
+def _merge(parts, dtype):
+    """Log-sum-exp merge of pieces' (out [nq, BH, BM, D], lse [nq, BH, BM])."""
+    if len(parts) == 1:
+        o, l_ = parts[0]
+        return o.to(dtype), l_.to(dtype)
+    lses = torch.stack([l_.to(dtype) for _, l_ in parts])
+    top = lses.amax(0)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    weights = torch.exp(lses - top)
+    total = weights.sum(0)
+    out = sum(o.to(dtype) * w[..., None] for (o, _), w in zip(parts, weights))
+    out = out / torch.where(total > 0, total, torch.ones_like(total))[..., None]
+    return out, torch.where(total > 0, top + torch.log(total), torch.full_like(total, float("-inf")))
+
+
+def run_backward(plan, call_kernels, q, k, v, out, lse, grad_out, scale: float):
+    """(dq, dk, dv, {}) in the dtypes of q, k, v: no gradient through ``lse``."""
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dq = torch.zeros(q.shape, dtype=compute)
+    dk = torch.zeros(k.shape, dtype=compute)
+    dv = torch.zeros(v.shape, dtype=compute)
+    if q.shape[2] and k.shape[2]:
+        for heads, kv_heads, rows, cols, progs in _groups(plan, call_kernels, q, k):
+            for row, prog in progs:
+                b = _batch_rows(row)
+                grads = _backward(prog, plan, q[b][:, heads, rows], k[b][:, kv_heads, cols],
+                                  v[b][:, kv_heads, cols], out[b][:, heads, rows],
+                                  lse[b][:, heads, rows], grad_out[b][:, heads, rows], scale)
+                dq[b, heads, rows] += grads[0]
+                index = torch.tensor(kv_heads)
+                # views of dk/dv; GQA: index_add_ sums the query heads of a kv head
+                dk[b][:, :, cols].index_add_(1, index, grads[1])
+                dv[b][:, :, cols].index_add_(1, index, grads[2])
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), {}
+
+
+def _backward(prog: GroupProgram, plan, q, k, v, out, lse, grad_out, scale: float):
+    pad = _Padded(prog, plan.block_m, plan.block_n, q, k)
+    qp, kp, vp = pad.pad_q(q), pad.pad_kv(k), pad.pad_kv(v)
+    op, dop = pad.pad_q(out.to(q.dtype)), pad.pad_q(grad_out.to(q.dtype))
+    # an empty row's lse is -inf; +inf makes its recomputed probabilities 0, not NaN
+    lsep = pad.pad_q(torch.where(torch.isfinite(lse), lse, float("inf")).float(), float("inf"))
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dqp = torch.zeros(pad.bh, pad.q_rows, pad.d, dtype=compute)
+    dkp = torch.zeros(pad.bh, pad.kv_rows // pad.bn, pad.bn, pad.d, dtype=compute)
+    dvp = torch.zeros_like(dkp)
+    for batch in prog.batches:
+        qv, ov, dov, lv = (pad.q_view(x, batch) for x in (qp, op, dop, lsep))
+        for piece in batch.pieces:
+            dq_, dk_, dv_ = FLASH_BACKWARD(dov, qv, pad.kv_view(kp, batch, piece),
+                                           pad.kv_view(vp, batch, piece), ov, lv, 0.0, piece.causal,
+                                           attn_mask=piece.mask(q.dtype, batch),
+                                           scale=scale)
+            pad.q_view(dqp, batch).add_(dq_)
+            tiles = pad.kv_tiles(batch, piece)
+            for acc, grad in ((dkp, dk_), (dvp, dv_)):
+                acc.index_add_(1, tiles, grad.view(batch.items, pad.bh, piece.width, pad.bn, pad.d)
+                               .transpose(0, 1).reshape(pad.bh, -1, pad.bn, pad.d).to(compute))
+    first = prog.front * pad.bn
+
+    def unpad_kv(x):
+        x = x.view(pad.bh, -1, pad.d)[:, first:first + pad.kv_len]
+        return x.reshape(pad.b, pad.h, pad.kv_len, pad.d)
+
+    return pad.unpad(dqp), unpad_kv(dkp), unpad_kv(dvp)
