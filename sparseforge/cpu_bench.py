@@ -1,0 +1,195 @@
+"""The CPU comparison (``sparseforge bench``): sparseforge, dense SDPA and compiled
+FlexAttention side by side, on the same masks, in one run.
+
+Each case is timed forward and forward+backward; FlexAttention's first call (its
+``torch.compile``) and ``create_block_mask`` are timed too. Every FlexAttention mask is
+written as a Flex user writes it (a ``mask_mod`` on indices) and checked equal to
+sparseforge's mask before anything is timed. A second run repeats sparseforge's
+forward while another process keeps every core busy (a torch matmul loop), to show
+how the time holds up on a shared machine.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from .api import attention
+from .benchmarks import best
+from .ir.neighborhood import neighborhood
+from .ir.nodes import causal, documents, sliding_window
+from .oracle import dense_mask, reference_attention
+
+#: the load the busy run starts: one process keeping every core busy with matmuls
+LOAD_SCRIPT = ("import torch, os; torch.set_num_threads(os.cpu_count()); "
+               "a = torch.randn(1024, 1024)\nwhile True: a @ a")
+
+
+def cases(length: int = 4096, window: int = 256):
+    """(name, sparseforge pattern, FlexAttention mask_mod) of the four compared masks."""
+    lengths = _document_lengths(length)
+    ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    side = int(round(length ** 0.5))
+    kernel = 7
+
+    def window_mod(b, h, q, kv):
+        return (q >= kv) & (q - kv < window)
+
+    def causal_mod(b, h, q, kv):
+        return q >= kv
+
+    def documents_mod(b, h, q, kv):
+        return ids[q] == ids[kv]
+
+    def neighborhood_mod(b, h, q, kv):  # NATTEN's window: shifted inward at the borders
+        def inside(a, c):
+            start = (a - kernel // 2).clamp(0, side - kernel)
+            return (c >= start) & (c < start + kernel)
+        return inside(q // side, kv // side) & inside(q % side, kv % side)
+
+    out = [(f"sliding_window({window})", sliding_window(window), window_mod),
+           ("causal()", causal(), causal_mod),
+           (f"documents({'+'.join(map(str, lengths))})", documents(ids), documents_mod)]
+    if side * side == length:
+        out.insert(2, (f"neighborhood(({side}, {side}), {kernel})",
+                       neighborhood((side, side), kernel), neighborhood_mod))
+    return out
+
+
+def _document_lengths(length: int) -> list[int]:
+    """Four uneven documents: 1/2, 1/4, 5/32 and the rest of the sequence."""
+    a, b, c = length // 2, length // 4, length * 5 // 32
+    return [a, b, c, length - a - b - c]
+
+
+def timed(fn, repeats: int) -> dict:
+    """Best and median of ``repeats`` calls after one warm-up, in milliseconds."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return {"best_ms": min(times), "median_ms": statistics.median(times)}
+
+
+def _forward_backward(fn, q, k, v):
+    def step():
+        for t in (q, k, v):
+            t.grad = None
+        fn(q, k, v).sum().backward()
+    return step
+
+
+def compare(name, pattern, mask_mod, length, heads, head_dim, repeats, with_flex=True) -> dict:
+    """One case: times of the three, errors against the oracle, Flex's compile time."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, heads, length, head_dim, requires_grad=True) for _ in range(3))
+    mask = dense_mask(pattern, length, length).reshape(length, length)
+
+    def ours(q, k, v):
+        return attention(q, k, v, pattern)
+
+    def sdpa(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    with torch.no_grad():
+        ref = reference_attention(q, k, v, pattern)
+        row = {"case": name, "pattern": repr(pattern),
+               "density": mask.float().mean().item(),
+               "max_abs_error_vs_oracle": (ours(q, k, v).double() - ref).abs().max().item()}
+        row["sparseforge_forward"] = timed(lambda: ours(q, k, v), repeats)
+        row["sdpa_forward"] = timed(lambda: sdpa(q, k, v), repeats)
+    row["sparseforge_forward_backward"] = timed(_forward_backward(ours, q, k, v), repeats)
+    row["sdpa_forward_backward"] = timed(_forward_backward(sdpa, q, k, v), repeats)
+    if with_flex:
+        row.update(_flex(q, k, v, mask, mask_mod, length, repeats, ref))
+    return row
+
+
+def _flex(q, k, v, mask, mask_mod, length, repeats, ref) -> dict:
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError as exc:  # pragma: no cover - torch < 2.5
+        return {"flex_status": f"unavailable: {exc}"}
+    i = torch.arange(length)
+    if not torch.equal(mask_mod(0, 0, i[:, None], i[None, :]), mask):
+        raise AssertionError("the FlexAttention mask_mod differs from sparseforge's mask")
+    out = {}
+    qd, kd, vd = (x.detach() for x in (q, k, v))  # Flex refuses inputs wanting grad on CPU
+    try:
+        t = time.perf_counter()
+        block_mask = create_block_mask(mask_mod, None, None, length, length, device="cpu")
+        out["flex_create_block_mask_ms"] = (time.perf_counter() - t) * 1e3
+        torch._dynamo.reset()  # each case compiles afresh: no recompiles, no dynamic shapes
+        compiled = torch.compile(flex_attention)
+        t = time.perf_counter()
+        with torch.no_grad():
+            first = compiled(qd, kd, vd, block_mask=block_mask)
+        out["flex_first_call_ms"] = (time.perf_counter() - t) * 1e3
+        out["flex_max_abs_error_vs_oracle"] = (first.double() - ref).abs().max().item()
+        with torch.no_grad():
+            out["flex_forward"] = timed(lambda: compiled(qd, kd, vd, block_mask=block_mask),
+                                        repeats)
+        out["flex_status"] = "ok"
+    except Exception as exc:  # report, do not hide: Flex on CPU may not compile here
+        out["flex_status"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
+        return out
+    try:
+        out["flex_forward_backward"] = timed(_forward_backward(
+            lambda q, k, v: compiled(q, k, v, block_mask=block_mask), q, k, v), repeats)
+        out["flex_backward_status"] = "ok"
+    except Exception as exc:
+        out["flex_backward_status"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
+    return out
+
+
+def busy_forward(pattern, length, heads, head_dim, repeats) -> dict:
+    """sparseforge's forward while another process keeps every core busy."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, heads, length, head_dim) for _ in range(3))
+    load = subprocess.Popen([sys.executable, "-c", LOAD_SCRIPT])
+    try:
+        time.sleep(2.0)  # let the load reach every core
+        return timed(lambda: attention(q, k, v, pattern), repeats)
+    finally:
+        load.kill()
+        load.wait()
+
+
+def run(length=4096, heads=4, head_dim=64, repeats=5, with_flex=True, busy=True) -> dict:
+    rows = [compare(name, pattern, mod, length, heads, head_dim, repeats, with_flex)
+            for name, pattern, mod in cases(length)]
+    result = {"benchmark": "cpu_attention",
+              "shape": {"B": 1, "H": heads, "L": length, "D": head_dim, "dtype": "float32"},
+              "repeats": repeats, "cases": rows}
+    if busy:
+        result["busy_load"] = LOAD_SCRIPT
+        for (name, pattern, _), row in zip(cases(length), rows):
+            row["sparseforge_forward_busy"] = busy_forward(pattern, length, heads, head_dim,
+                                                           repeats)
+    return result
+
+
+def table(result: dict) -> str:
+    """The side-by-side table ``sparseforge bench`` prints (median ms)."""
+    def ms(row, key):
+        value = row.get(key)
+        return f"{value['median_ms']:9.1f}" if value else "        -"
+
+    lines = [f"{'case':34s} {'sf fwd':>9s} {'SDPA fwd':>9s} {'Flex fwd':>9s} {'sf f+b':>9s} "
+             f"{'SDPA f+b':>9s} {'Flex f+b':>9s} {'sf busy':>9s} {'Flex 1st':>9s}"]
+    for row in result["cases"]:
+        first = row.get("flex_first_call_ms")
+        lines.append(f"{row['case']:34s} {ms(row, 'sparseforge_forward')} {ms(row, 'sdpa_forward')} "
+                     f"{ms(row, 'flex_forward')} {ms(row, 'sparseforge_forward_backward')} "
+                     f"{ms(row, 'sdpa_forward_backward')} {ms(row, 'flex_forward_backward')} "
+                     f"{ms(row, 'sparseforge_forward_busy')} "
+                     + (f"{first:9.0f}" if first is not None else "        -"))
+    lines.append("median ms of the repeats; 'busy': another process keeps every core busy; "
+                 "'Flex 1st': its first call, torch.compile included")
+    return "\n".join(lines)
