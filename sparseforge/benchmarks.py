@@ -1,12 +1,8 @@
-"""CPU benchmark (issue 2): sliding window 256 at B=1, H=4, L=4096, D=64.
-
-Times, in one run, sparseforge's CPU plan execution, dense SDPA with the boolean mask,
-and FlexAttention under torch.compile with the same mask (when it compiles on this
-machine); then the warm dispatch overhead of ``attention`` (everything up to the
-executor, measured by timing calls on a 1-token problem minus the executor itself).
-Writes JSON to bench/results/ with the machine and library versions.
-
-    python bench/cpu_sliding_window.py      (or: sparseforge bench)
+"""Benchmark plumbing shared by ``sparseforge bench`` and ``bench/``: timing, where a run
+happened (device and library versions), saving JSON under bench/results/, the cold
+kernel build times and the warm dispatch overhead of ``attention`` (everything up to the
+executor, measured by timing calls on a 1-token problem with the executor stubbed out).
+The CPU attention comparison itself is ``cpu_bench``.
 """
 
 from __future__ import annotations
@@ -23,8 +19,7 @@ import triton
 from ._version import __version__
 from .aot.timing import cold_build_times
 from .api import attention
-from .ir.nodes import causal, sliding_window
-from .oracle import dense_mask, reference_attention
+from .ir.nodes import causal
 from .runtime import dispatch
 
 
@@ -36,25 +31,6 @@ def best(fn, repeats):
         fn()
         ts.append(time.perf_counter() - t)
     return min(ts)
-
-
-def flex_time(q, k, v, pattern, length, repeats):
-    try:
-        # optional: FlexAttention exists from torch 2.5 on
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    except ImportError as exc:  # pragma: no cover
-        return None, f"unavailable: {exc}"
-    mask = dense_mask(pattern, length, length)
-
-    def mask_mod(b, h, i, j):
-        return mask[i, j]
-
-    try:
-        block_mask = create_block_mask(mask_mod, None, None, length, length, device="cpu")
-        compiled = torch.compile(flex_attention)
-        return best(lambda: compiled(q, k, v, block_mask=block_mask), repeats), "ok"
-    except Exception as exc:  # report, do not hide: FlexAttention on CPU may not compile
-        return None, f"failed: {type(exc).__name__}: {str(exc)[:200]}"
 
 
 def dispatch_overhead_us(n=2000):
@@ -98,9 +74,8 @@ def run_environment() -> dict:
                          "triton": triton.__version__, "python": platform.python_version()}}
 
 
-def _save(result: dict, results_dir: str, name: str) -> dict:
+def save_result(result: dict, results_dir: str, name: str) -> dict:
     result.update(run_environment())
-    print(json.dumps(result, indent=1))
     out = Path(results_dir) / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
@@ -116,33 +91,4 @@ def build_and_dispatch(results_dir="bench/results", archs=("sm_80", "sm_90")):
         "warm_dispatch_note": "attention's Python layer on CPU tensors, executor stubbed out; "
                               "GPU launch overhead needs a device",
     }
-    return _save(result, results_dir, "cold_build_and_dispatch")
-
-
-def main(length=4096, repeats=5, with_flex=True, window=256, heads=4, head_dim=64,
-         results_dir="bench/results"):
-    torch.manual_seed(0)
-    pattern = sliding_window(window)
-    q, k, v = (torch.randn(1, heads, length, head_dim) for _ in range(3))
-    mask = dense_mask(pattern, length, length)
-    ours = best(lambda: attention(q, k, v, pattern), repeats)
-    sdpa = best(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask),
-                repeats)
-    flex, flex_status = flex_time(q, k, v, pattern, length, repeats) if with_flex else (None, "skipped")
-    out = attention(q, k, v, pattern).double()
-    err = (out - reference_attention(q, k, v, pattern).double()).abs().max().item()
-    result = {
-        "benchmark": "cpu_sliding_window", "pattern": repr(pattern),
-        "shape": {"B": 1, "H": heads, "L": length, "D": head_dim, "dtype": "float32"},
-        "sparseforge_ms": ours * 1e3, "sdpa_bool_mask_ms": sdpa * 1e3,
-        "flex_compiled_ms": None if flex is None else flex * 1e3, "flex_status": flex_status,
-        "speedup_vs_sdpa": sdpa / ours,
-        "speedup_vs_flex": None if flex is None else flex / ours,
-        "max_abs_error_vs_oracle": err,
-        "dispatch_overhead_us": dispatch_overhead_us(),
-    }
-    return _save(result, results_dir, "cpu_sliding_window")
-
-
-if __name__ == "__main__":
-    main()
+    return save_result(result, results_dir, "cold_build_and_dispatch")

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from . import benchmarks
+from . import benchmarks, cpu_bench
 from .aot.build import build as run_build
 from .aot.build import sass_report
 from .aot.spec import load_spec_file, select_specs, split_spec_argument
@@ -33,18 +33,27 @@ app.add_typer(cache_app, name="cache")
 def demo(length: int = typer.Option(4096, help="sequence length"),
          window: int = typer.Option(256, help="sliding window size"),
          sinks: int = typer.Option(4, help="attention sinks"),
+         flex: bool = typer.Option(True, help="also time compiled FlexAttention"),
          as_json: bool = typer.Option(False, "--json", help="print JSON")):
-    """Sliding window + sinks on CPU: the plan, time vs dense SDPA, error vs the oracle."""
-    r = run_demo(length=length, window=window, n_sinks=sinks)
+    """Sliding window + sinks on CPU: the plan, time vs dense SDPA and compiled
+    FlexAttention, error vs the oracle."""
+    r = run_demo(length=length, window=window, n_sinks=sinks, with_flex=flex)
     if as_json:
         typer.echo(json.dumps(r, indent=1))
         return
     typer.echo(r["plan"])
     typer.echo("")
-    typer.echo(f"sparseforge (CPU plan execution) {r['sparseforge_s'] * 1e3:9.2f} ms")
-    typer.echo(f"SDPA with the dense bool mask    {r['sdpa_dense_mask_s'] * 1e3:9.2f} ms")
-    typer.echo(f"speedup                          {r['speedup']:9.2f}x")
+    typer.echo(f"sparseforge (CPU executor)       {r['sparseforge_ms']:9.2f} ms")
+    typer.echo(f"SDPA with the dense bool mask    {r['sdpa_dense_mask_ms']:9.2f} ms"
+               f"   ({r['speedup_vs_sdpa']:.2f}x slower than sparseforge)")
+    if "flex_compiled_ms" in r:
+        typer.echo(f"FlexAttention, torch.compile'd  {r['flex_compiled_ms']:9.2f} ms"
+                   f"   ({r['speedup_vs_flex']:.2f}x slower; its first call with compile: "
+                   f"{r['flex_first_call_ms'] / 1e3:.1f} s)")
+    elif flex:
+        typer.echo(f"FlexAttention                    {r['flex_status']}")
     typer.echo(f"max |error| vs fp64 oracle       {r['max_abs_error']:9.2e}")
+    typer.echo("(median of 5 calls each, on this machine's CPU)")
 
 
 @contextlib.contextmanager
@@ -166,16 +175,21 @@ def _stderr_console():
 def bench(length: int = typer.Option(4096, help="sequence length of the CPU attention bench"),
           repeats: int = typer.Option(5),
           flex: bool = typer.Option(True, help="also time compiled FlexAttention"),
+          busy: bool = typer.Option(True, help="re-time sparseforge with every core kept busy"),
           attention: bool = typer.Option(True, help="run the CPU attention bench"),
           build: bool = typer.Option(True, help="time cold kernel builds (empty caches)")):
     """Benchmarks on this machine; JSON goes to bench/results/.
 
-    CPU attention (sliding window vs dense SDPA and compiled FlexAttention), cold build
-    time per kernel for sm_80/sm_90, and the warm dispatch overhead of sf.attention."""
+    CPU attention (sliding window, causal, 2-D neighbourhood, documents: sparseforge vs
+    dense SDPA vs compiled FlexAttention, forward and forward+backward), cold build time
+    per kernel for sm_80/sm_90, and the warm dispatch overhead of sf.attention."""
     if attention:
-        benchmarks.main(length=length, repeats=repeats, with_flex=flex)
+        result = cpu_bench.run(length=length, repeats=repeats, with_flex=flex, busy=busy)
+        typer.echo(cpu_bench.table(result))
+        typer.echo(f"warm dispatch overhead {result['dispatch_overhead_us']:.1f} us; "
+                   "JSON: bench/results/cpu_attention.json")
     if build:
-        benchmarks.build_and_dispatch()
+        typer.echo(json.dumps(benchmarks.build_and_dispatch(), indent=1))
 
 
 @cache_app.command("ls")

@@ -19,7 +19,7 @@ import time
 import torch
 
 from .api import attention
-from .benchmarks import best
+from .benchmarks import dispatch_overhead_us, save_result
 from .ir.neighborhood import neighborhood
 from .ir.nodes import causal, documents, sliding_window
 from .oracle import dense_mask, reference_attention
@@ -112,13 +112,27 @@ def compare(name, pattern, mask_mod, length, heads, head_dim, repeats, with_flex
 
 
 def _flex(q, k, v, mask, mask_mod, length, repeats, ref) -> dict:
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    except ImportError as exc:  # pragma: no cover - torch < 2.5
-        return {"flex_status": f"unavailable: {exc}"}
     i = torch.arange(length)
     if not torch.equal(mask_mod(0, 0, i[:, None], i[None, :]), mask):
         raise AssertionError("the FlexAttention mask_mod differs from sparseforge's mask")
+    out, compiled = flex_forward(q, k, v, mask_mod, length, repeats, ref)
+    if compiled is None:
+        return out
+    try:
+        out["flex_forward_backward"] = timed(_forward_backward(compiled, q, k, v), repeats)
+        out["flex_backward_status"] = "ok"
+    except Exception as exc:  # torch 2.13 has no FlexAttention backward on CPU: say so
+        out["flex_backward_status"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
+    return out
+
+
+def flex_forward(q, k, v, mask_mod, length: int, repeats: int, ref=None):
+    """FlexAttention under ``torch.compile`` on ``mask_mod``: (timings and status, the
+    compiled callable ``(q, k, v) -> out`` or None when it fails on this machine)."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError as exc:  # pragma: no cover - torch < 2.5
+        return {"flex_status": f"unavailable: {exc}"}, None
     out = {}
     qd, kd, vd = (x.detach() for x in (q, k, v))  # Flex refuses inputs wanting grad on CPU
     try:
@@ -127,25 +141,22 @@ def _flex(q, k, v, mask, mask_mod, length, repeats, ref) -> dict:
         out["flex_create_block_mask_ms"] = (time.perf_counter() - t) * 1e3
         torch._dynamo.reset()  # each case compiles afresh: no recompiles, no dynamic shapes
         compiled = torch.compile(flex_attention)
+
+        def call(q, k, v):
+            return compiled(q, k, v, block_mask=block_mask)
         t = time.perf_counter()
         with torch.no_grad():
-            first = compiled(qd, kd, vd, block_mask=block_mask)
+            first = call(qd, kd, vd)
         out["flex_first_call_ms"] = (time.perf_counter() - t) * 1e3
-        out["flex_max_abs_error_vs_oracle"] = (first.double() - ref).abs().max().item()
+        if ref is not None:
+            out["flex_max_abs_error_vs_oracle"] = (first.double() - ref).abs().max().item()
         with torch.no_grad():
-            out["flex_forward"] = timed(lambda: compiled(qd, kd, vd, block_mask=block_mask),
-                                        repeats)
+            out["flex_forward"] = timed(lambda: call(qd, kd, vd), repeats)
         out["flex_status"] = "ok"
+        return out, call
     except Exception as exc:  # report, do not hide: Flex on CPU may not compile here
         out["flex_status"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
-        return out
-    try:
-        out["flex_forward_backward"] = timed(_forward_backward(
-            lambda q, k, v: compiled(q, k, v, block_mask=block_mask), q, k, v), repeats)
-        out["flex_backward_status"] = "ok"
-    except Exception as exc:
-        out["flex_backward_status"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
-    return out
+        return out, None
 
 
 def busy_forward(pattern, length, heads, head_dim, repeats) -> dict:
@@ -161,7 +172,9 @@ def busy_forward(pattern, length, heads, head_dim, repeats) -> dict:
         load.wait()
 
 
-def run(length=4096, heads=4, head_dim=64, repeats=5, with_flex=True, busy=True) -> dict:
+def run(length=4096, heads=4, head_dim=64, repeats=5, with_flex=True, busy=True,
+        results_dir: str | None = "bench/results") -> dict:
+    """All cases; saved as ``cpu_attention.json`` under ``results_dir`` (None: not saved)."""
     rows = [compare(name, pattern, mod, length, heads, head_dim, repeats, with_flex)
             for name, pattern, mod in cases(length)]
     result = {"benchmark": "cpu_attention",
@@ -169,9 +182,12 @@ def run(length=4096, heads=4, head_dim=64, repeats=5, with_flex=True, busy=True)
               "repeats": repeats, "cases": rows}
     if busy:
         result["busy_load"] = LOAD_SCRIPT
-        for (name, pattern, _), row in zip(cases(length), rows):
+        for (_, pattern, _), row in zip(cases(length), rows):
             row["sparseforge_forward_busy"] = busy_forward(pattern, length, heads, head_dim,
                                                            repeats)
+    result["dispatch_overhead_us"] = dispatch_overhead_us()
+    if results_dir is not None:
+        save_result(result, results_dir, "cpu_attention")
     return result
 
 

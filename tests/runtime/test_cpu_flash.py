@@ -48,7 +48,7 @@ def test_forward_backward_match_oracle(pattern):
 def test_unequal_lengths_empty_rows_and_odd_head_dim(lq, lkv):
     q, k, v = random_qkv(1, 3, 1, lq, lkv, 13, seed=4)
     for pattern in (sf.causal(), sf.sliding_window(40) | sf.sinks(2), sf.window(5, 0) & sf.sinks(3)):
-        out, lse = assert_matches_oracle(pattern, q, k, v, "torch")
+        _out, _lse = assert_matches_oracle(pattern, q, k, v, "torch")
         grads, refs = _grads(q, k, v, pattern, torch.float32), _grads(q, k, v, pattern)
         for got, ref in zip(grads, refs):
             assert not torch.isnan(got).any()
@@ -73,13 +73,13 @@ def test_16bit_inputs(dtype):
 def _program(pattern, length, dim=16):
     p = sf.plan(pattern, q_len=length, kv_len=length, head_dim=dim, dtype="float32", target="cpu")
     compiled = dispatch.compile_pattern(pattern)
-    (row, prog), = cpu_program.programs(p, 0, 0, p.kernels[0], compiled.head_patterns[0],
+    (_row, prog), = cpu_program.programs(p, 0, 0, p.kernels[0], compiled.head_patterns[0],
                                         p.schedules[0][0])
     return p, prog
 
 
 def test_sliding_window_is_bands_with_one_shared_mask():
-    p, prog = _program(sf.sliding_window(256), 4096)
+    _p, prog = _program(sf.sliding_window(256), 4096)
     band = [b for b in prog.batches if b.step > 0]
     assert band and sum(b.count for b in band) > 0.8 * prog.q_tiles
     for b in band:
