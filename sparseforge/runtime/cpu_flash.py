@@ -20,10 +20,13 @@ and no gradient through ``lse`` (``dispatch`` runs the gather executor,
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from ..ir.scores import score_spec
 from .cpu_program import Batch, GroupProgram, programs
+from .cpu_threads import run_units
 
 FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
@@ -124,25 +127,34 @@ class _Padded:
         return x[:, :self.q_len].reshape(self.b, self.h, self.q_len, *x.shape[2:])
 
 
+def _head_slices(bh: int) -> list[slice]:
+    """Units of heads (of the B*H rows) the threads share: about eight per call."""
+    size = max(1, bh // 8)
+    return [slice(h, min(h + size, bh)) for h in range(0, bh, size)]
+
+
 def _forward(prog: GroupProgram, plan, q, k, v, scale: float):
     pad = _Padded(prog, plan.block_m, plan.block_n, q, k)
     qp, kp, vp = pad.pad_q(q), pad.pad_kv(k), pad.pad_kv(v)
     merged = q.dtype if q.dtype == torch.float64 else torch.float32
     outp = torch.zeros(pad.bh, pad.q_rows, pad.d, dtype=merged)
     lsep = torch.full((pad.bh, pad.q_rows), float("-inf"), dtype=merged)
-    for batch in prog.batches:
+
+    def unit(batch: Batch, hs: slice):
         parts = []
         for piece in batch.pieces:
-            o, l_ = FLASH(pad.q_view(qp, batch), pad.kv_view(kp, batch, piece),
-                          pad.kv_view(vp, batch, piece), is_causal=piece.causal,
+            o, l_ = FLASH(pad.q_view(qp, batch)[:, hs], pad.kv_view(kp, batch, piece)[:, hs],
+                          pad.kv_view(vp, batch, piece)[:, hs], is_causal=piece.causal,
                           attn_mask=piece.mask(q.dtype, batch), scale=scale)
             valid = piece.valid_rows(batch)
             if valid is not None:  # rows with no allowed key here: no weight
                 l_ = l_.masked_fill(~valid[:, None, :], float("-inf"))
             parts.append((o, l_))
         o, l_ = _merge(parts, merged)
-        pad.q_view(outp, batch).copy_(o)
-        pad.q_view(lsep, batch).copy_(l_)
+        pad.q_view(outp, batch)[:, hs].copy_(o)
+        pad.q_view(lsep, batch)[:, hs].copy_(l_)
+
+    run_units(partial(unit, batch, hs) for batch in prog.batches for hs in _head_slices(pad.bh))
     return pad.unpad(outp), pad.unpad(lsep).float()
 
 
@@ -192,18 +204,23 @@ def _backward(prog: GroupProgram, plan, q, k, v, out, lse, grad_out, scale: floa
     dqp = torch.zeros(pad.bh, pad.q_rows, pad.d, dtype=compute)
     dkp = torch.zeros(pad.bh, pad.kv_rows // pad.bn, pad.bn, pad.d, dtype=compute)
     dvp = torch.zeros_like(dkp)
-    for batch in prog.batches:
-        qv, ov, dov, lv = (pad.q_view(x, batch) for x in (qp, op, dop, lsep))
-        for piece in batch.pieces:
-            dq_, dk_, dv_ = FLASH_BACKWARD(dov, qv, pad.kv_view(kp, batch, piece),
-                                           pad.kv_view(vp, batch, piece), ov, lv, 0.0, piece.causal,
-                                           attn_mask=piece.mask(q.dtype, batch),
-                                           scale=scale)
-            pad.q_view(dqp, batch).add_(dq_)
-            tiles = pad.kv_tiles(batch, piece)
-            for acc, grad in ((dkp, dk_), (dvp, dv_)):
-                acc.index_add_(1, tiles, grad.view(batch.items, pad.bh, piece.width, pad.bn, pad.d)
-                               .transpose(0, 1).reshape(pad.bh, -1, pad.bn, pad.d).to(compute))
+
+    def unit(hs: slice):  # one slice of heads, every batch in order: deterministic sums
+        for batch in prog.batches:
+            qv, ov, dov, lv = (pad.q_view(x, batch)[:, hs] for x in (qp, op, dop, lsep))
+            for piece in batch.pieces:
+                dq_, dk_, dv_ = FLASH_BACKWARD(
+                    dov, qv, pad.kv_view(kp, batch, piece)[:, hs],
+                    pad.kv_view(vp, batch, piece)[:, hs], ov, lv, 0.0, piece.causal,
+                    attn_mask=piece.mask(q.dtype, batch), scale=scale)
+                pad.q_view(dqp, batch)[:, hs].add_(dq_)
+                tiles = pad.kv_tiles(batch, piece)
+                heads = dq_.shape[1]
+                for acc, grad in ((dkp[hs], dk_), (dvp[hs], dv_)):
+                    acc.index_add_(1, tiles, grad.view(batch.items, heads, piece.width, pad.bn, pad.d)
+                                   .transpose(0, 1).reshape(heads, -1, pad.bn, pad.d).to(compute))
+
+    run_units(partial(unit, hs) for hs in _head_slices(pad.bh))
     first = prog.front * pad.bn
 
     def unpad_kv(x):
