@@ -13,9 +13,8 @@ with the merged output and log-sum-exp: the probabilities it recomputes are then
 final ones and its ``rowsum(dO * O)`` is the whole row's, so every piece's dQ, dK and
 dV parts are exact and simply add up (dK/dV by tile, with ``index_add_``).
 
-Scope: masks without score modifiers, q/k/v in float32, float64, bfloat16 or float16,
-and no gradient through ``lse`` (``dispatch`` runs the gather executor,
-``torch_exec``, otherwise).
+Scope: masks without score modifiers, q/k/v in float32, float64, bfloat16 or float16
+(``dispatch`` runs the gather executor, ``torch_exec``, otherwise).
 """
 
 from __future__ import annotations
@@ -80,24 +79,27 @@ class _Padded:
     """One group's tensors as ``[B*H, tiles*block, D]``, zero-padded to whole tiles (and,
     for K/V, by the program's front/back tiles), with strided views of a batch's items."""
 
-    def __init__(self, prog: GroupProgram, bm: int, bn: int, q, k):
+    def __init__(self, prog: GroupProgram, bm: int, bn: int, q, k, extra: int = 0):
         self.prog, self.bm, self.bn = prog, bm, bn
-        self.b, self.h, self.q_len, self.d = q.shape
+        self.b, self.h, self.q_len, width = q.shape
+        self.d = width + extra  # extra zero columns (the backward's lse-gradient column)
         self.kv_len = k.shape[2]
         self.bh = self.b * self.h
         self.q_rows = prog.q_tiles * bm
         self.kv_rows = (prog.front + prog.kv_tiles + prog.back) * bn
 
     def pad_q(self, x, fill=0.0):
-        shape = (self.bh, self.q_rows, *x.shape[3:])
+        """``[B, H, L(, D)]`` -> ``[BH, q_rows(, d)]``, filled past the end with ``fill``."""
+        shape = (self.bh, self.q_rows) + ((self.d,) if x.dim() == 4 else ())
         out = torch.full(shape, fill, dtype=x.dtype) if fill else torch.zeros(shape, dtype=x.dtype)
-        out[:, :self.q_len] = x.reshape(self.bh, self.q_len, *x.shape[3:])
+        target = out[:, :self.q_len, :x.shape[3]] if x.dim() == 4 else out[:, :self.q_len]
+        target.copy_(x.reshape(target.shape))
         return out
 
     def pad_kv(self, x):
         out = torch.zeros(self.bh, self.kv_rows, self.d, dtype=x.dtype)
         first = self.prog.front * self.bn
-        out[:, first:first + self.kv_len] = x.reshape(self.bh, self.kv_len, self.d)
+        out[:, first:first + self.kv_len, :x.shape[3]] = x.reshape(self.bh, self.kv_len, x.shape[3])
         return out
 
     def q_view(self, x, batch: Batch):
@@ -173,8 +175,16 @@ def _merge(parts, dtype):
     return out, torch.where(total > 0, top + torch.log(total), torch.full_like(total, float("-inf")))
 
 
-def run_backward(plan, call_kernels, q, k, v, out, lse, grad_out, scale: float):
-    """(dq, dk, dv, {}) in the dtypes of q, k, v: no gradient through ``lse``."""
+def run_backward(plan, call_kernels, q, k, v, out, lse, grad_out, grad_lse, scale: float):
+    """(dq, dk, dv, {}) in the dtypes of q, k, v; ``grad_lse`` may be None.
+
+    A gradient through ``lse`` adds ``P_ij * g_i`` to each score's gradient. The fused
+    kernel has no input for it, so it gets one more head-dim column: ``v`` gains a
+    column of ones and ``dO`` the column ``g``, which adds ``g_i`` to every
+    ``dP_ij = dO_i . v_j``, while ``out`` gains a zero column, leaving the row term
+    ``rowsum(dO * O)`` as it was; q and k gain zeros, leaving the scores unchanged."""
+    if grad_lse is not None and not bool(grad_lse.any()):
+        grad_lse = None
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     dq = torch.zeros(q.shape, dtype=compute)
     dk = torch.zeros(k.shape, dtype=compute)
@@ -183,9 +193,10 @@ def run_backward(plan, call_kernels, q, k, v, out, lse, grad_out, scale: float):
         for heads, kv_heads, rows, cols, progs in _groups(plan, call_kernels, q, k):
             for row, prog in progs:
                 b = _batch_rows(row)
+                g = None if grad_lse is None else grad_lse[b][:, heads, rows]
                 grads = _backward(prog, plan, q[b][:, heads, rows], k[b][:, kv_heads, cols],
                                   v[b][:, kv_heads, cols], out[b][:, heads, rows],
-                                  lse[b][:, heads, rows], grad_out[b][:, heads, rows], scale)
+                                  lse[b][:, heads, rows], grad_out[b][:, heads, rows], g, scale)
                 dq[b, heads, rows] += grads[0]
                 index = torch.tensor(kv_heads)
                 # views of dk/dv; GQA: index_add_ sums the query heads of a kv head
@@ -194,10 +205,15 @@ def run_backward(plan, call_kernels, q, k, v, out, lse, grad_out, scale: float):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), {}
 
 
-def _backward(prog: GroupProgram, plan, q, k, v, out, lse, grad_out, scale: float):
-    pad = _Padded(prog, plan.block_m, plan.block_n, q, k)
+def _backward(prog: GroupProgram, plan, q, k, v, out, lse, grad_out, grad_lse, scale: float):
+    width = q.shape[3]
+    pad = _Padded(prog, plan.block_m, plan.block_n, q, k, extra=int(grad_lse is not None))
     qp, kp, vp = pad.pad_q(q), pad.pad_kv(k), pad.pad_kv(v)
     op, dop = pad.pad_q(out.to(q.dtype)), pad.pad_q(grad_out.to(q.dtype))
+    if grad_lse is not None:  # the lse-gradient column (see run_backward)
+        vp[:, :, width] = 1
+        dop[:, :pad.q_len, width] = torch.where(torch.isfinite(lse), grad_lse, 0).reshape(
+            pad.bh, pad.q_len).to(q.dtype)
     # an empty row's lse is -inf; +inf makes its recomputed probabilities 0, not NaN
     lsep = pad.pad_q(torch.where(torch.isfinite(lse), lse, float("inf")).float(), float("inf"))
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -224,7 +240,7 @@ def _backward(prog: GroupProgram, plan, q, k, v, out, lse, grad_out, scale: floa
     first = prog.front * pad.bn
 
     def unpad_kv(x):
-        x = x.view(pad.bh, -1, pad.d)[:, first:first + pad.kv_len]
-        return x.reshape(pad.b, pad.h, pad.kv_len, pad.d)
+        x = x.view(pad.bh, -1, pad.d)[:, first:first + pad.kv_len, :width]
+        return x.reshape(pad.b, pad.h, pad.kv_len, width)
 
-    return pad.unpad(dqp), unpad_kv(dkp), unpad_kv(dvp)
+    return pad.unpad(dqp[..., :width]), unpad_kv(dkp), unpad_kv(dvp)

@@ -162,10 +162,9 @@ def execute_backward(executor: Executor, p: Plan, compiled: CompiledPattern, q, 
     backward over the plan's schedule, on tokens in the plan's order: the one place a
     backward runs. The generated dQ and dK/dV kernels for the Triton executors, torch ops
     for the torch executor."""
-    if (executor is Executor.TORCH and cpu_flash.supports(compiled.head_patterns, q, v)
-            and (grad_lse is None or not bool(grad_lse.any()))):
+    if executor is Executor.TORCH and cpu_flash.supports(compiled.head_patterns, q, v):
         return cpu_flash.run_backward(p, compiled.head_patterns, q, k, v, out, lse,
-                                      grad_out, scale)
+                                      grad_out, grad_lse, scale)
     if executor is Executor.TORCH:
         return torch_exec.run_backward(p, compiled.head_patterns, q, k, v, out, lse,
                                        grad_out.contiguous(), grad_lse, scale)

@@ -125,16 +125,37 @@ def test_programs_are_cached_and_follow_in_place_id_edits(monkeypatch):
     assert_matches_oracle(pattern, q, k, v, "torch")
 
 
-def test_score_modifiers_and_lse_gradients_take_the_gather_executor(monkeypatch):
+def test_score_modifiers_take_the_gather_executor(monkeypatch):
     q, k, v = random_qkv(1, 2, 2, 100, 100, 16, seed=9)
     scored = sf.causal() & sf.softcap(20.0)
     assert not cpu_flash.supports(dispatch.compile_pattern(scored).head_patterns, q, v)
     calls = []
-    real = torch_exec.run_backward
-    monkeypatch.setattr(torch_exec, "run_backward", lambda *a: calls.append(1) or real(*a))
+    real = torch_exec.run_forward
+    monkeypatch.setattr(torch_exec, "run_forward", lambda *a: calls.append(1) or real(*a))
+    sf.attention(q, k, v, sf.causal(), backend="torch")
+    assert not calls
+    assert_matches_oracle(scored, q, k, v, "torch")
+    assert calls
+
+
+def test_gradient_through_lse_runs_fused(monkeypatch):
+    """The extra head-dim column carries dL/dlse (cpu_flash.run_backward)."""
+    monkeypatch.setattr(torch_exec, "run_backward", None)  # the gather backward must not run
+    q, k, v = random_qkv(1, 2, 1, 150, 150, 16, seed=10)
+    pattern = sf.sliding_window(40) | sf.sinks(2)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out, lse = sf.attention(*leaves, sf.causal(), return_lse=True, backend="torch")
-    out.sum().backward(retain_graph=True)
-    assert not calls  # no gradient through lse: the fused backward
-    lse.sum().backward()
-    assert calls  # a gradient through lse: the gather executor's backward
+    out, lse = sf.attention(*leaves, pattern, return_lse=True, enable_gqa=True, backend="torch")
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = sf.reference_attention(*ref_leaves, pattern, return_lse=True, enable_gqa=True)
+    g = torch.randn(lse.shape, generator=torch.Generator().manual_seed(11))
+    ((out * 0.5).sum() + (lse * g).sum()).backward()
+    ((ref * 0.5).sum() + (ref_lse * g.double()).sum()).backward()
+    for got, want in zip(leaves, ref_leaves):
+        assert (got.grad.double() - want.grad).abs().max().item() <= 1e-4 * want.grad.abs().max().item()
+
+
+def test_backward_is_bitwise_repeatable_on_the_thread_pool():
+    q, k, v = random_qkv(2, 4, 2, 300, 300, 16, seed=12)
+    runs = [_grads(q, k, v, sf.documents(IDS[:300]) & sf.causal(), torch.float32) for _ in range(3)]
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
