@@ -17,6 +17,7 @@ import sys
 import time
 
 import torch
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from .api import attention
 from .benchmarks import dispatch_overhead_us, save_result
@@ -129,10 +130,6 @@ def _flex(q, k, v, mask, mask_mod, length, repeats, ref) -> dict:
 def flex_forward(q, k, v, mask_mod, length: int, repeats: int, ref=None):
     """FlexAttention under ``torch.compile`` on ``mask_mod``: (timings and status, the
     compiled callable ``(q, k, v) -> out`` or None when it fails on this machine)."""
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    except ImportError as exc:  # pragma: no cover - torch < 2.5
-        return {"flex_status": f"unavailable: {exc}"}, None
     out = {}
     qd, kd, vd = (x.detach() for x in (q, k, v))  # Flex refuses inputs wanting grad on CPU
     try:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..planner.schedule import GroupSchedule
-from .cpu_tiles import ids_key, refinable, refined_schedule
+from .cpu_tiles import document_tensors, refinable, refined_schedule
 from .torch_exec import tile_mask
 
 #: a batch grows while its windows cost at most this much more than the tiles it visits
@@ -107,11 +107,17 @@ _programs: dict[tuple, tuple] = {}
 
 def programs(plan, index: int, group: int, kernel, call_pattern, sched: GroupSchedule):
     """``[(batch_row, program)]`` for one kernel's dilation group: one program for all
-    batch rows (``batch_row=None``) unless document ids differ per row."""
+    batch rows (``batch_row=None``) unless document ids differ per row.
+
+    A program refined by document ids is cached with a copy of them and reused only
+    while the call's ids are equal to it (compared on the host: O(L), no device sync on
+    CPU), so an in-place edit, even of an inference tensor, is never served stale tiles."""
     refine = refinable(plan, kernel)
-    key = (id(plan), index, group, ids_key(call_pattern) if refine else ())
+    ids = document_tensors(call_pattern) if refine else ()
+    key = (id(plan), index, group, tuple(id(t) for t in ids))
     hit = _programs.get(key)
-    if hit is not None and hit[0] is plan:
+    if (hit is not None and hit[0] is plan and len(hit[2]) == len(ids)
+            and all(torch.equal(a, b) for a, b in zip(hit[2], ids))):
         return hit[1]
     schedules = refined_schedule(plan, call_pattern, sched) if refine else [sched]
     rows = [None] if len(schedules) == 1 else list(range(len(schedules)))
@@ -121,7 +127,8 @@ def programs(plan, index: int, group: int, kernel, call_pattern, sched: GroupSch
              for row, s in zip(rows, schedules)]
     if len(_programs) > 256:
         _programs.clear()
-    _programs[key] = (plan, built)  # holding the plan keeps its id unique
+    # holding the plan keeps its id unique; the copies of the ids validate a later hit
+    _programs[key] = (plan, built, tuple(t.detach().clone() for t in ids))
     return built
 
 

@@ -39,16 +39,10 @@ def refined_schedule(plan, call_pattern: Pattern, sched: GroupSchedule) -> list[
     return [GroupSchedule(sched.geometry, visit[b], full[b]) for b in range(visit.shape[0])]
 
 
-def ids_key(call_pattern: Pattern) -> tuple:
-    """What identifies the ids a refinement was computed from: each tensor's identity
-    and version counter (an in-place edit bumps it and forces a new refinement)."""
-    out = []
-    for node in walk(call_pattern):
-        if isinstance(node, Documents):
-            for t in (node.ids, node.kv_ids):
-                if t is not None:
-                    out.append((id(t), t._version))
-    return tuple(out)
+def document_tensors(call_pattern: Pattern) -> tuple[torch.Tensor, ...]:
+    """The id tensors a refinement is computed from, in a fixed order."""
+    return tuple(t for node in walk(call_pattern) if isinstance(node, Documents)
+                 for t in (node.ids, node.kv_ids) if t is not None)
 
 
 def _tile_sets(pattern: Pattern, plan, q_len: int, kv_len: int) -> tuple[np.ndarray, np.ndarray]:

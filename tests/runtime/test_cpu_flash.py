@@ -121,8 +121,20 @@ def test_programs_are_cached_and_follow_in_place_id_edits(monkeypatch):
     monkeypatch.setattr(cpu_program, "tile_mask", no_masks)
     sf.attention(q, k, v, pattern, backend="torch")  # warm: views of cached programs only
     monkeypatch.undo()
-    ids[:200] = 7  # in place: the cached tiles are stale, the version counter says so
+    ids[:200] = 7  # in place: the cached tiles are stale, equality with the cached copy says so
     assert_matches_oracle(pattern, q, k, v, "torch")
+
+
+def test_inference_mode_ids_edited_in_place():
+    q, k, v = random_qkv(1, 2, 2, 330, 330, 16, seed=13)
+    with torch.inference_mode():
+        ids = IDS.clone()
+        pattern = sf.documents(ids) & sf.causal()
+        sf.attention(q, k, v, pattern, backend="torch")
+        ids[100:] = 3
+        out = sf.attention(q, k, v, pattern, backend="torch")
+    ref = sf.reference_attention(q, k, v, sf.documents(ids.clone()) & sf.causal())
+    assert (out.double() - ref).abs().max().item() < 1e-5
 
 
 def test_score_modifiers_take_the_gather_executor(monkeypatch):
