@@ -39,6 +39,14 @@ def median_ms(fn, repeats=5):
     return 1e3 * float(np.median(times))
 
 
+def times(q, k, v, pattern, n):
+    """Median ms of sparseforge and of dense SDPA with the boolean mask."""
+    mask = sf.dense_mask(pattern, n, n).reshape(n, n)
+    ours = median_ms(lambda: sf.attention(q, k, v, pattern))
+    sdpa = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    return ours, sdpa
+
+
 def program_of(pattern, length):
     """The first kernel's program (of its first dilation group and batch row)."""
     plan = sf.plan(pattern, q_len=length, kv_len=length, head_dim=64, dtype="float32", target="cpu")
@@ -49,8 +57,9 @@ def program_of(pattern, length):
 
 
 def describe(program) -> str:
-    pieces = [p for b in program.batches for p in b.pieces]
-    return (f"{len(program.batches)} batches ({sum(b.step > 0 for b in program.batches)} bands), "
+    pieces = [p for b in program.batches for w in b.windows for p in w.pieces]
+    bands = sum(any(w.step > 0 for w in b.windows) for b in program.batches)
+    return (f"{len(program.batches)} batches ({bands} with a band), "
             f"{len(pieces)} kernel calls: {sum(p.allowed is None and not p.causal for p in pieces)} "
             f"unmasked, {sum(p.causal for p in pieces)} causal-mode, "
             f"{sum(p.allowed is not None for p in pieces)} masked")
@@ -63,10 +72,10 @@ def draw(programs, path):
     for ax, (name, program) in zip(np.atleast_1d(axes), programs.items()):
         grid = np.zeros((program.q_tiles, program.kv_tiles))
         for b in program.batches:
-            for piece in b.pieces:
+            for window, piece in ((w, p) for w in b.windows for p in w.pieces):
                 kind = 3 if piece.causal else 2 if piece.allowed is not None else 1
                 for i in range(b.count):
-                    lo = b.start + b.step * i + piece.col
+                    lo = window.start + window.step * i + piece.col
                     cols = np.arange(max(lo, 0), min(lo + piece.width, program.kv_tiles))
                     if piece.causal:  # the kernel skips the tiles above the diagonal
                         cols = cols[cols - lo <= i]
@@ -99,11 +108,7 @@ def main():
         ref = sf.reference_attention(*leaves, pattern)
         ref.square().sum().backward()
         grad_err = max((a.grad.double() - b.grad).abs().max().item() for a, b in zip((q, k, v), leaves))
-        mask = sf.dense_mask(pattern, n, n).reshape(n, n)
-        with torch.no_grad():
-            ours = median_ms(lambda: sf.attention(q, k, v, pattern))
-            sdpa = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask))
+        ours, sdpa = times(q.detach(), k.detach(), v.detach(), pattern, n)
         plan, program = program_of(pattern, n)
         if plan.layout is None:
             programs[name] = program

@@ -69,13 +69,22 @@ def _document_lengths(length: int) -> list[int]:
 
 def timed(fn, repeats: int) -> dict:
     """Best and median of ``repeats`` calls after one warm-up, in milliseconds."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+    return timed_together({"fn": fn}, repeats)["fn"]
+
+
+def timed_together(fns: dict, repeats: int) -> dict:
+    """Like ``timed`` for several contenders, called in turn within each round, so that a
+    noisy shared machine slows them alike rather than whichever ran in a bad minute."""
+    for fn in fns.values():
         fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return {"best_ms": min(times), "median_ms": statistics.median(times)}
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t) * 1e3)
+    return {name: {"best_ms": min(ts), "median_ms": statistics.median(ts)}
+            for name, ts in times.items()}
 
 
 def _forward_backward(fn, q, k, v):
@@ -100,36 +109,38 @@ def compare(name, pattern, mask_mod, length, heads, head_dim, repeats, with_flex
 
     with torch.no_grad():
         ref = reference_attention(q, k, v, pattern)
-        row = {"case": name, "pattern": repr(pattern),
-               "density": mask.float().mean().item(),
-               "max_abs_error_vs_oracle": (ours(q, k, v).double() - ref).abs().max().item()}
-        row["sparseforge_forward"] = timed(lambda: ours(q, k, v), repeats)
-        row["sdpa_forward"] = timed(lambda: sdpa(q, k, v), repeats)
-    row["sparseforge_forward_backward"] = timed(_forward_backward(ours, q, k, v), repeats)
-    row["sdpa_forward_backward"] = timed(_forward_backward(sdpa, q, k, v), repeats)
+    row = {"case": name, "pattern": repr(pattern), "density": mask.float().mean().item()}
+    with torch.no_grad():
+        row["max_abs_error_vs_oracle"] = (ours(q, k, v).double() - ref).abs().max().item()
+    forward = {"sparseforge": lambda: ours(q, k, v), "sdpa": lambda: sdpa(q, k, v)}
+    both = {"sparseforge": _forward_backward(ours, q, k, v), "sdpa": _forward_backward(sdpa, q, k, v)}
     if with_flex:
-        row.update(_flex(q, k, v, mask, mask_mod, length, repeats, ref))
+        i = torch.arange(length)
+        if not torch.equal(mask_mod(0, 0, i[:, None], i[None, :]), mask):
+            raise AssertionError("the FlexAttention mask_mod differs from sparseforge's mask")
+        flex, call = flex_forward(q, k, v, mask_mod, length, ref)
+        row.update(flex)
+        if call is not None:
+            qd, kd, vd = (x.detach() for x in (q, k, v))
+            forward["flex"] = lambda: call(qd, kd, vd)
+            try:
+                _forward_backward(call, q, k, v)()
+                both["flex"] = _forward_backward(call, q, k, v)
+                row["flex_backward_status"] = "ok"
+            except Exception as exc:  # torch 2.13 has no FlexAttention backward on CPU: say so
+                row["flex_backward_status"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
+    with torch.no_grad():
+        for who, t in timed_together(forward, repeats).items():
+            row[f"{who}_forward"] = t
+    for who, t in timed_together(both, repeats).items():
+        row[f"{who}_forward_backward"] = t
     return row
 
 
-def _flex(q, k, v, mask, mask_mod, length, repeats, ref) -> dict:
-    i = torch.arange(length)
-    if not torch.equal(mask_mod(0, 0, i[:, None], i[None, :]), mask):
-        raise AssertionError("the FlexAttention mask_mod differs from sparseforge's mask")
-    out, compiled = flex_forward(q, k, v, mask_mod, length, repeats, ref)
-    if compiled is None:
-        return out
-    try:
-        out["flex_forward_backward"] = timed(_forward_backward(compiled, q, k, v), repeats)
-        out["flex_backward_status"] = "ok"
-    except Exception as exc:  # torch 2.13 has no FlexAttention backward on CPU: say so
-        out["flex_backward_status"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
-    return out
-
-
-def flex_forward(q, k, v, mask_mod, length: int, repeats: int, ref=None):
-    """FlexAttention under ``torch.compile`` on ``mask_mod``: (timings and status, the
-    compiled callable ``(q, k, v) -> out`` or None when it fails on this machine)."""
+def flex_forward(q, k, v, mask_mod, length: int, ref=None):
+    """FlexAttention under ``torch.compile`` on ``mask_mod``: (its build and first-call
+    times and status, the compiled callable ``(q, k, v) -> out`` or None when it fails
+    on this machine)."""
     out = {}
     qd, kd, vd = (x.detach() for x in (q, k, v))  # Flex refuses inputs wanting grad on CPU
     try:
@@ -147,8 +158,6 @@ def flex_forward(q, k, v, mask_mod, length: int, repeats: int, ref=None):
         out["flex_first_call_ms"] = (time.perf_counter() - t) * 1e3
         if ref is not None:
             out["flex_max_abs_error_vs_oracle"] = (first.double() - ref).abs().max().item()
-        with torch.no_grad():
-            out["flex_forward"] = timed(lambda: call(qd, kd, vd), repeats)
         out["flex_status"] = "ok"
         return out, call
     except Exception as exc:  # report, do not hide: Flex on CPU may not compile here
@@ -156,17 +165,26 @@ def flex_forward(q, k, v, mask_mod, length: int, repeats: int, ref=None):
         return out, None
 
 
-def busy_forward(pattern, length, heads, head_dim, repeats) -> dict:
-    """sparseforge's forward while another process keeps every core busy."""
+def quiet_and_busy(pattern, length, heads, head_dim, repeats) -> dict:
+    """sparseforge's forward quiet, with every core kept busy by another process, and
+    quiet again (the quiet time is the median of both quiet spells)."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, heads, length, head_dim) for _ in range(3))
+
+    def fn():
+        return attention(q, k, v, pattern)
+    before = timed(fn, repeats)
     load = subprocess.Popen([sys.executable, "-c", LOAD_SCRIPT])
     try:
         time.sleep(2.0)  # let the load reach every core
-        return timed(lambda: attention(q, k, v, pattern), repeats)
+        busy = timed(fn, repeats)
     finally:
         load.kill()
         load.wait()
+    after = timed(fn, repeats)
+    quiet = statistics.median([before["median_ms"], after["median_ms"]])
+    return {"quiet_before": before, "busy": busy, "quiet_after": after,
+            "busy_over_quiet": busy["median_ms"] / quiet}
 
 
 def run(length=4096, heads=4, head_dim=64, repeats=5, with_flex=True, busy=True,
@@ -180,8 +198,8 @@ def run(length=4096, heads=4, head_dim=64, repeats=5, with_flex=True, busy=True,
     if busy:
         result["busy_load"] = LOAD_SCRIPT
         for (_, pattern, _), row in zip(cases(length), rows):
-            row["sparseforge_forward_busy"] = busy_forward(pattern, length, heads, head_dim,
-                                                           repeats)
+            row["sparseforge_quiet_and_busy"] = quiet_and_busy(pattern, length, heads,
+                                                               head_dim, repeats)
     result["dispatch_overhead_us"] = dispatch_overhead_us()
     if results_dir is not None:
         save_result(result, results_dir, "cpu_attention")
@@ -190,18 +208,22 @@ def run(length=4096, heads=4, head_dim=64, repeats=5, with_flex=True, busy=True,
 
 def table(result: dict) -> str:
     """The side-by-side table ``sparseforge bench`` prints (median ms)."""
+    def busy(row):
+        b = row.get("sparseforge_quiet_and_busy")
+        return f"{b['busy']['median_ms']:6.1f} {b['busy_over_quiet']:.1f}x" if b else "        -"
+
     def ms(row, key):
         value = row.get(key)
         return f"{value['median_ms']:9.1f}" if value else "        -"
 
     lines = [f"{'case':34s} {'sf fwd':>9s} {'SDPA fwd':>9s} {'Flex fwd':>9s} {'sf f+b':>9s} "
-             f"{'SDPA f+b':>9s} {'Flex f+b':>9s} {'sf busy':>9s} {'Flex 1st':>9s}"]
+             f"{'SDPA f+b':>9s} {'Flex f+b':>9s} {'sf busy':>12s} {'Flex 1st':>9s}"]
     for row in result["cases"]:
         first = row.get("flex_first_call_ms")
         lines.append(f"{row['case']:34s} {ms(row, 'sparseforge_forward')} {ms(row, 'sdpa_forward')} "
                      f"{ms(row, 'flex_forward')} {ms(row, 'sparseforge_forward_backward')} "
                      f"{ms(row, 'sdpa_forward_backward')} {ms(row, 'flex_forward_backward')} "
-                     f"{ms(row, 'sparseforge_forward_busy')} "
+                     f"{busy(row)} "
                      + (f"{first:9.0f}" if first is not None else "        -"))
     lines.append("median ms of the repeats; 'busy': another process keeps every core busy; "
                  "'Flex 1st': its first call, torch.compile included")

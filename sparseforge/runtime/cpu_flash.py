@@ -113,20 +113,25 @@ class _Padded:
         return x.as_strided((items, self.bh, rows, d), (rows * d, self.q_rows * d, d, 1),
                             batch.first * self.bm * d)
 
-    def kv_view(self, x, batch: Batch, piece):
+    def kv_view(self, x, batch: Batch, window, piece):
         bn, d = self.bn, self.d
-        first = (self.prog.front + batch.start + piece.col) * bn * d
+        first = (self.prog.front + window.start + piece.col) * bn * d
         return x.as_strided((batch.items, self.bh, piece.width * bn, d),
-                            (batch.step * bn * d, self.kv_rows * d, d, 1), first)
+                            (window.step * bn * d, self.kv_rows * d, d, 1), first)
 
-    def kv_tiles(self, batch: Batch, piece) -> torch.Tensor:
+    def kv_tiles(self, batch: Batch, window, piece) -> torch.Tensor:
         """Padded kv tile index of each (item, column) of a piece, item-major."""
-        items = torch.arange(batch.items)[:, None] * batch.step
-        return (self.prog.front + batch.start + piece.col + items
+        items = torch.arange(batch.items)[:, None] * window.step
+        return (self.prog.front + window.start + piece.col + items
                 + torch.arange(piece.width)).flatten()
 
     def unpad(self, x):
         return x[:, :self.q_len].reshape(self.b, self.h, self.q_len, *x.shape[2:])
+
+
+def _pieces(batch: Batch):
+    """(window, piece) of every kernel call of a batch."""
+    return [(window, piece) for window in batch.windows for piece in window.pieces]
 
 
 def _head_slices(bh: int) -> list[slice]:
@@ -144,9 +149,9 @@ def _forward(prog: GroupProgram, plan, q, k, v, scale: float):
 
     def unit(batch: Batch, hs: slice):
         parts = []
-        for piece in batch.pieces:
-            o, l_ = FLASH(pad.q_view(qp, batch)[:, hs], pad.kv_view(kp, batch, piece)[:, hs],
-                          pad.kv_view(vp, batch, piece)[:, hs], is_causal=piece.causal,
+        for window, piece in _pieces(batch):
+            o, l_ = FLASH(pad.q_view(qp, batch)[:, hs], pad.kv_view(kp, batch, window, piece)[:, hs],
+                          pad.kv_view(vp, batch, window, piece)[:, hs], is_causal=piece.causal,
                           attn_mask=piece.mask(q.dtype, batch), scale=scale)
             valid = piece.valid_rows(batch)
             if valid is not None:  # rows with no allowed key here: no weight
@@ -224,13 +229,13 @@ def _backward(prog: GroupProgram, plan, q, k, v, out, lse, grad_out, grad_lse, s
     def unit(hs: slice):  # one slice of heads, every batch in order: deterministic sums
         for batch in prog.batches:
             qv, ov, dov, lv = (pad.q_view(x, batch)[:, hs] for x in (qp, op, dop, lsep))
-            for piece in batch.pieces:
+            for window, piece in _pieces(batch):
                 dq_, dk_, dv_ = FLASH_BACKWARD(
-                    dov, qv, pad.kv_view(kp, batch, piece)[:, hs],
-                    pad.kv_view(vp, batch, piece)[:, hs], ov, lv, 0.0, piece.causal,
+                    dov, qv, pad.kv_view(kp, batch, window, piece)[:, hs],
+                    pad.kv_view(vp, batch, window, piece)[:, hs], ov, lv, 0.0, piece.causal,
                     attn_mask=piece.mask(q.dtype, batch), scale=scale)
                 pad.q_view(dqp, batch)[:, hs].add_(dq_)
-                tiles = pad.kv_tiles(batch, piece)
+                tiles = pad.kv_tiles(batch, window, piece)
                 heads = dq_.shape[1]
                 for acc, grad in ((dkp[hs], dk_), (dvp[hs], dv_)):
                     acc.index_add_(1, tiles, grad.view(batch.items, heads, piece.width, pad.bn, pad.d)

@@ -1,22 +1,27 @@
 """CPU programs: a plan's tile schedule cut into calls of the fused CPU attention kernel.
 
 The CPU executor (``cpu_flash``) runs PyTorch's fused FlashAttention kernel for CPUs
-(``_scaled_dot_product_flash_attention_for_cpu``: blocked, vectorised, multi-threaded,
-one parallel region per call). That kernel attends a batch of query blocks to key
-ranges of equal length, given as strided views. A *program* says which views: it cuts
-one dilation group's query tiles into **batches** of consecutive tiles whose visited kv
-tiles fit one *window* ``[start + step*i, start + step*i + width)`` for item ``i`` —
-``step = 0`` for prefixes (causal, documents), ``step = 1`` for bands (sliding windows)
-— and each window into **pieces**:
+(``_scaled_dot_product_flash_attention_for_cpu``: blocked, vectorised, multi-threaded).
+That kernel attends a batch of query blocks to key ranges of equal length, given as
+strided views. A *program* says which views. Each query tile's visited kv tiles form a
+few contiguous *runs* (one for a window or a causal prefix; two for a window plus
+sinks; one per image row for a 2-D neighbourhood in token order). The program cuts one
+dilation group's query tiles into **batches** of consecutive tiles with the same number
+of runs, and gives run ``r`` a *window* ``[start_r + step_r*i, ... + width_r)`` for item
+``i`` — ``step = 0`` for prefixes and fixed columns (causal, documents, sinks),
+``step = 1`` for bands (sliding windows) — that covers it within ``SLACK`` of the
+visited work. Each window is cut into **pieces**:
 
 - *body* columns, full for every item: no mask at all;
 - *edge* columns: an additive mask evaluated once here from the semantics
   (``pair_mask``); shared by every item (a stride-0 view) when the pattern looks the same
-  from each of them, as sliding windows do;
+  from each of them, as sliding windows do; exactly ``j <= i`` (a causal diagonal): no
+  mask, the kernel's causal mode;
 - columns no item visits are dropped.
 
-Pieces of a batch are merged by log-sum-exp. Programs are built once per plan, kernel,
-dilation group (and document-id tensor) and cached; a call only makes views.
+A window's pieces only ever hold its own run's tiles, so no pair is attended twice;
+all pieces of a batch are merged by log-sum-exp. Programs are built once per plan,
+kernel, dilation group (and document ids) and cached; a call only makes views.
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ class Piece:
         found = self._additive.get(dtype)
         if found is None:
             allowed = self.allowed
-            if batch.step == 0 and batch.count > 1:  # one call item of all the rows
+            if batch.items == 1 and batch.count > 1:  # one call item of all the rows
                 allowed = allowed.expand(batch.count, *allowed.shape[1:]).reshape(
                     1, -1, allowed.shape[-1])
             found = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
@@ -74,23 +79,30 @@ class Piece:
 
 
 @dataclass(frozen=True)
-class Batch:
-    """Query tiles ``[first, first + count)``; item ``i`` sees kv tiles from
-    ``start + step*i`` (may lie before tile 0: the executor pads K/V with zeros)."""
+class Window:
+    """The kv tiles one run of a batch sees: from ``start + step*i`` for item ``i`` (may
+    lie before tile 0 or past the end: the executor pads K/V with zero tiles)."""
 
-    first: int
-    count: int
     start: int
     step: int
     width: int
     pieces: tuple[Piece, ...]
 
+
+@dataclass(frozen=True)
+class Batch:
+    """Query tiles ``[first, first + count)`` and the windows of their runs."""
+
+    first: int
+    count: int
+    windows: tuple[Window, ...]
+
     @property
     def items(self) -> int:
-        """Items of one kernel call: with ``step == 0`` every tile sees the same keys, so
-        the batch is one item of ``count * BM`` rows (the kernel splits long query
-        ranges into larger, faster blocks than single tiles)."""
-        return 1 if self.step == 0 else self.count
+        """Items of one kernel call: when every window has ``step == 0`` every tile sees
+        the same keys, so the batch is one item of ``count * BM`` rows (the kernel splits
+        long query ranges into larger, faster blocks than single tiles)."""
+        return 1 if all(w.step == 0 for w in self.windows) else self.count
 
 
 @dataclass(frozen=True)
@@ -132,61 +144,91 @@ def programs(plan, index: int, group: int, kernel, call_pattern, sched: GroupSch
     return built
 
 
+#: runs per query tile beyond which the nearest runs are merged (masked gaps cost less
+#: than many small kernel calls)
+MAX_RUNS = 8
+
+
 def build(pattern, groups: int, sched: GroupSchedule, bm: int, bn: int, totals, row: int = 0
           ) -> GroupProgram:
     visit = sched.visit
     tq, tk = visit.shape
     counts = visit.sum(1)
-    lo = np.where(counts > 0, visit.argmax(1), 0)
-    hi = np.where(counts > 0, tk - visit[:, ::-1].argmax(1), 0)
+    runs = [_row_runs(visit[t]) for t in range(tq)]
     batches = []
     t = 0
     while t < tq:
         if counts[t] == 0:
             t += 1
             continue
-        start, step, width, stop = _grow(sched, t, lo, hi, counts, bm, bn)
-        batches.append(_batch(pattern, groups, sched, t, stop - t, start, step, width, bm, bn,
-                              totals, row))
+        windows, stop = _grow(sched, t, runs, counts, bm, bn)
+        batches.append(Batch(t, stop - t, tuple(
+            _window(pattern, groups, sched, t, stop - t, r, runs, start, step, width, bm, bn,
+                    totals, row)
+            for r, (start, step, width) in enumerate(windows))))
         t = stop
-    front = max([0] + [-b.start for b in batches])
-    back = max([0] + [b.start + b.step * (b.count - 1) + b.width - tk for b in batches])
+    ends = [(w.start, w.start + w.step * (b.count - 1) + w.width)
+            for b in batches for w in b.windows]
+    front = max([0] + [-lo for lo, _ in ends])
+    back = max([0] + [hi - tk for _, hi in ends])
     return GroupProgram(tuple(batches), tq, tk, front, back)
 
 
-def _columns(sched: GroupSchedule, first: int, count: int, start: int, step: int, width: int):
-    """Per item and window column: the kv tile, whether it exists, is visited, is full."""
+def _row_runs(row: np.ndarray) -> list[tuple[int, int]]:
+    """Contiguous visited ranges ``[lo, hi)`` of one query tile, at most ``MAX_RUNS``
+    (the narrowest gaps closed first)."""
+    edges = np.diff(np.concatenate([[0], row.astype(np.int8), [0]]))
+    runs = list(zip(np.nonzero(edges == 1)[0].tolist(), np.nonzero(edges == -1)[0].tolist()))
+    while len(runs) > MAX_RUNS:
+        gap = min(range(len(runs) - 1), key=lambda n: runs[n + 1][0] - runs[n][1])
+        runs[gap:gap + 2] = [(runs[gap][0], runs[gap + 1][1])]
+    return runs
+
+
+def _columns(sched: GroupSchedule, first: int, count: int, run: int, runs, start: int,
+             step: int, width: int):
+    """Per item and window column: the kv tile, whether it exists and belongs to the
+    run (its pairs are this window's to compute), is visited, is full."""
     tk = sched.visit.shape[1]
     items = np.arange(count)
     tiles = start + step * items[:, None] + np.arange(width)
-    inside = (tiles >= 0) & (tiles < tk)
+    lo = np.array([runs[first + i][run][0] for i in items])[:, None]
+    hi = np.array([runs[first + i][run][1] for i in items])[:, None]
+    owned = (tiles >= lo) & (tiles < hi)  # so also inside 0..Tk
     clipped = np.clip(tiles, 0, max(tk - 1, 0))
     rows_q = first + items[:, None]
-    return (clipped, inside, sched.visit[rows_q, clipped] & inside,
-            sched.full[rows_q, clipped] & inside)
+    return (clipped, owned, sched.visit[rows_q, clipped] & owned,
+            sched.full[rows_q, clipped] & owned)
 
 
-def _grow(sched, t: int, lo, hi, counts, bm: int, bn: int) -> tuple[int, int, int, int]:
-    """The longest run of query tiles from ``t`` that one window serves within ``SLACK``
-    and whose edge masks stay within ``MASK_BUDGET``."""
-    start, step, width, work, u = int(lo[t]), 0, int(hi[t] - lo[t]), int(counts[t]), t + 1
-    tq = len(counts)
-    while u < tq and counts[u] and u - t < MAX_ITEMS:
+def _grow(sched, t: int, runs, counts, bm: int, bn: int):
+    """The longest run of query tiles from ``t`` with as many runs whose windows serve
+    them within ``SLACK`` and whose edge masks stay within ``MASK_BUDGET``:
+    ``([(start, step, width)] per run, end tile)``."""
+    windows = [(lo, 0, hi - lo) for lo, hi in runs[t]]
+    work, u, tq = int(counts[t]), t + 1, len(counts)
+    while u < tq and counts[u] and u - t < MAX_ITEMS and len(runs[u]) == len(windows):
         idx = np.arange(u - t + 1)
-        best = None
-        for s in ({step} if u - t > 1 else {0, max(0, int(lo[u] - lo[t]))}):
-            a = int((lo[t:u + 1] - s * idx).min())
-            w = int((hi[t:u + 1] - s * idx).max()) - a
-            _, _, visit, full = _columns(sched, t, u - t + 1, a, s, w)
-            edge = visit.any(0) & ~full.all(0)
-            cost = _window_cost(visit, full, edge, s)
-            if best is None or cost < best[0]:
-                best = (cost, s, a, w, int(edge.sum()))
-        cost, s, a, w, edge_cols = best
-        if cost > SLACK * (work + counts[u]) or (u - t + 1) * edge_cols * bm * bn > MASK_BUDGET:
+        grown, cost, edges = [], 0, 0
+        for r, (_, step, _) in enumerate(windows):
+            lo = np.array([runs[i][r][0] for i in range(t, u + 1)])
+            hi = np.array([runs[i][r][1] for i in range(t, u + 1)])
+            best = None
+            for s in ({step} if u - t > 1 else {0, max(0, int(lo[1] - lo[0]))}):
+                a = int((lo - s * idx).min())
+                w = int((hi - s * idx).max()) - a
+                _, _, visit, full = _columns(sched, t, u - t + 1, r, runs, a, s, w)
+                edge = visit.any(0) & ~full.all(0)
+                c = _window_cost(visit, full, edge, s)
+                if best is None or c < best[0]:
+                    best = (c, (a, s, w), int(edge.sum()))
+            cost += best[0]
+            edges += best[2]
+            grown.append(best[1])
+        if cost > SLACK * (work + counts[u]) or (u - t + 1) * edges * bm * bn > MASK_BUDGET:
             break
-        start, step, width, work, u = a, s, w, work + int(counts[u]), u + 1
-    return start, step, width, u
+        windows, work, u = grown, work + int(counts[u]), u + 1
+    return windows, u
 
 
 def _window_cost(visit, full, edge, step: int) -> int:
@@ -204,29 +246,29 @@ def _window_cost(visit, full, edge, step: int) -> int:
     return cost
 
 
-def _batch(pattern, groups, sched, first, count, start, step, width, bm, bn, totals, row):
-    clipped, inside, visit, full = _columns(sched, first, count, start, step, width)
+def _window(pattern, groups, sched, first, count, run, runs, start, step, width, bm, bn,
+            totals, row) -> Window:
+    clipped, owned, visit, full = _columns(sched, first, count, run, runs, start, step, width)
     body, skip = full.all(0), ~visit.any(0)
     edge = ~body & ~skip
-    runs = _runs(body, skip)
+    spans = _runs(body, skip)
     if not edge.any():
-        return Batch(first, count, start, step, width,
-                     tuple(Piece(r0, r1 - r0, None, None) for r0, r1, kind in runs if kind == "body"))
+        return Window(start, step, width, tuple(
+            Piece(r0, r1 - r0, None, None) for r0, r1, kind in spans if kind == "body"))
     cols = np.nonzero(edge)[0]
-    allowed = _allowed(pattern, groups, sched, first, count, clipped[:, cols], inside[:, cols],
+    allowed = _allowed(pattern, groups, sched, first, count, clipped[:, cols], owned[:, cols],
                        bm, bn, totals, row).view(count, bm, len(cols), bn)
     if bool((allowed == allowed[:1]).all()):  # the same from every item: one shared mask
         used = np.nonzero(~skip)[0]
         c0, c1 = int(used[0]), int(used[-1]) + 1
-        shared = torch.from_numpy(np.repeat(~skip[c0:c1], bn))[None, None].repeat(1, bm, 1)
+        shared = torch.from_numpy(np.repeat(body[c0:c1], bn))[None, None].repeat(1, bm, 1)
         shared = shared.view(1, bm, c1 - c0, bn)
         shared[:, :, cols - c0] = allowed[:1]
         shared = shared.view(1, bm, -1)
-        return Batch(first, count, start, step, width,
-                     (Piece(c0, c1 - c0, shared, _valid(shared)),))
+        return Window(start, step, width, (Piece(c0, c1 - c0, shared, _valid(shared)),))
     pieces = []
     position = {int(c): n for n, c in enumerate(cols)}
-    for r0, r1, kind in runs:
+    for r0, r1, kind in spans:
         if kind == "body":
             pieces.append(Piece(r0, r1 - r0, None, None))
         elif kind == "edge":
@@ -237,7 +279,7 @@ def _batch(pattern, groups, sched, first, count, start, step, width, bm, bn, tot
             if bool((part == part[:1]).all()):
                 part = part[:1]
             pieces.append(Piece(r0, r1 - r0, part.contiguous(), _valid(part)))
-    return Batch(first, count, start, step, width, tuple(pieces))
+    return Window(start, step, width, tuple(pieces))
 
 
 def _runs(body, skip):
@@ -254,8 +296,9 @@ def _runs(body, skip):
     return out
 
 
-def _allowed(pattern, groups, sched, first, count, tiles, inside, bm, bn, totals, row):
-    """Bool [nq, BM, C*BN]: the pattern's pairs on these kv tiles (none outside 0..Tk)."""
+def _allowed(pattern, groups, sched, first, count, tiles, owned, bm, bn, totals, row):
+    """Bool [nq, BM, C*BN]: the pattern's pairs on these kv tiles (none on tiles the
+    window does not own: outside 0..Tk or another run's)."""
     tiles_q = np.arange(first, first + count)
     kv_idx = torch.from_numpy(np.ascontiguousarray(tiles))
     is_full = torch.zeros(kv_idx.shape, dtype=torch.bool)
@@ -263,7 +306,7 @@ def _allowed(pattern, groups, sched, first, count, tiles, inside, bm, bn, totals
                    sched.geometry.kv_len, totals)
     if ok.dim() == 5:  # document ids with a batch dimension
         ok = ok[row if ok.shape[0] > 1 else 0]
-    ok = ok & torch.from_numpy(inside)[:, None, :, None]
+    ok = ok & torch.from_numpy(owned)[:, None, :, None]
     return ok.reshape(count, bm, -1)
 
 

@@ -80,24 +80,35 @@ def _program(pattern, length, dim=16):
 
 def test_sliding_window_is_bands_with_one_shared_mask():
     _p, prog = _program(sf.sliding_window(256), 4096)
-    band = [b for b in prog.batches if b.step > 0]
+    band = [b for b in prog.batches if b.windows[0].step > 0]
     assert band and sum(b.count for b in band) > 0.8 * prog.q_tiles
     for b in band:
-        (piece,) = b.pieces
+        (window,) = b.windows
+        (piece,) = window.pieces
         assert piece.allowed.shape[0] == 1  # one mask, a stride-0 view over the items
         mask = piece.mask(torch.float32, b)
         assert mask.shape[0] == b.count and mask.stride(0) == 0
 
 
+def test_sinks_get_a_fixed_window_beside_the_band():
+    _, prog = _program(sf.sliding_window(256) | sf.sinks(4), 4096)
+    assert len(prog.batches) <= 3
+    long = max(prog.batches, key=lambda b: b.count)
+    assert [(w.step, w.width) for w in long.windows] == [(0, 1), (1, 5)]
+    # no tile is computed twice: each window owns its run's tiles only
+    q, k, v = random_qkv(1, 2, 2, 1000, 1000, 16, seed=14)
+    assert_matches_oracle(sf.sliding_window(200) | sf.sinks(4), q, k, v, "torch")
+
+
 def test_causal_runs_prefixes_without_masks():
     p, prog = _program(sf.causal(), 4096)
-    pieces = [piece for b in prog.batches for piece in b.pieces]
-    assert all(b.step == 0 for b in prog.batches)
+    pieces = [piece for b in prog.batches for w in b.windows for piece in w.pieces]
+    assert all(w.step == 0 for b in prog.batches for w in b.windows)
     assert all(piece.allowed is None for piece in pieces)  # bodies and causal-mode diagonals
     assert sum(piece.causal for piece in pieces) == len(prog.batches)
     # work within the planner's slack of the causal tiles
     work = sum(b.count * piece.width // (2 if piece.causal else 1) for b in prog.batches
-               for piece in b.pieces)
+               for w in b.windows for piece in w.pieces)
     assert work <= cpu_program.SLACK * p.schedules[0][0].visit.sum()
 
 
@@ -105,7 +116,8 @@ def test_document_ids_refine_the_tiles():
     ids = torch.repeat_interleave(torch.arange(4), torch.tensor([2048, 1024, 640, 384]))
     p, prog = _program(sf.documents(ids), 4096)
     assert p.schedules[0][0].visit.all()  # the plan cannot see the ids ...
-    computed = sum(b.count * piece.width for b in prog.batches for piece in b.pieces)
+    computed = sum(b.count * piece.width for b in prog.batches for w in b.windows
+                   for piece in w.pieces)
     tiles = sum((-(-n // 64)) ** 2 for n in (2048, 1024, 640, 384))
     assert computed == tiles  # ... the program only the documents' own tiles
 
