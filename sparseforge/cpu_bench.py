@@ -123,15 +123,16 @@ def compare(name, pattern, mask_mod, length, heads, head_dim, repeats, with_flex
         if call is not None:
             qd, kd, vd = (x.detach() for x in (q, k, v))
             forward["flex"] = lambda: call(qd, kd, vd)
-            try:
-                _forward_backward(call, q, k, v)()
-                both["flex"] = _forward_backward(call, q, k, v)
-                row["flex_backward_status"] = "ok"
-            except Exception as exc:  # torch 2.13 has no FlexAttention backward on CPU: say so
-                row["flex_backward_status"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
     with torch.no_grad():
         for who, t in timed_together(forward, repeats).items():
             row[f"{who}_forward"] = t
+    if "flex" in forward:  # after its forward is timed: a failed backward may leave it eager
+        try:
+            _forward_backward(call, q, k, v)()
+            both["flex"] = _forward_backward(call, q, k, v)
+            row["flex_backward_status"] = "ok"
+        except Exception as exc:  # torch 2.13 has no FlexAttention backward on CPU: say so
+            row["flex_backward_status"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
     for who, t in timed_together(both, repeats).items():
         row[f"{who}_forward_backward"] = t
     return row
@@ -187,9 +188,17 @@ def quiet_and_busy(pattern, length, heads, head_dim, repeats) -> dict:
             "busy_over_quiet": busy["median_ms"] / quiet}
 
 
+def machine_speed() -> float:
+    """Median ms of a 2048^2 fp32 matmul: how fast this (shared) machine was just now,
+    so runs on different days can be told apart."""
+    a = torch.randn(2048, 2048)
+    return timed(lambda: a @ a, 5)["median_ms"]
+
+
 def run(length=4096, heads=4, head_dim=64, repeats=5, with_flex=True, busy=True,
         results_dir: str | None = "bench/results") -> dict:
     """All cases; saved as ``cpu_attention.json`` under ``results_dir`` (None: not saved)."""
+    speed_before = machine_speed()
     rows = [compare(name, pattern, mod, length, heads, head_dim, repeats, with_flex)
             for name, pattern, mod in cases(length)]
     result = {"benchmark": "cpu_attention",
@@ -201,6 +210,7 @@ def run(length=4096, heads=4, head_dim=64, repeats=5, with_flex=True, busy=True,
             row["sparseforge_quiet_and_busy"] = quiet_and_busy(pattern, length, heads,
                                                                head_dim, repeats)
     result["dispatch_overhead_us"] = dispatch_overhead_us()
+    result["machine_matmul_ms"] = {"before": speed_before, "after": machine_speed()}
     if results_dir is not None:
         save_result(result, results_dir, "cpu_attention")
     return result
