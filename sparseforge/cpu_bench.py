@@ -144,6 +144,7 @@ def flex_forward(q, k, v, mask_mod, length: int, ref=None):
     on this machine)."""
     out = {}
     qd, kd, vd = (x.detach() for x in (q, k, v))  # Flex refuses inputs wanting grad on CPU
+    threads = torch.get_num_threads()  # compiling leaves this thread at 1 (torch 2.13)
     try:
         t = time.perf_counter()
         block_mask = create_block_mask(mask_mod, None, None, length, length, device="cpu")
@@ -157,11 +158,14 @@ def flex_forward(q, k, v, mask_mod, length: int, ref=None):
         with torch.no_grad():
             first = call(qd, kd, vd)
         out["flex_first_call_ms"] = (time.perf_counter() - t) * 1e3
+        out["threads_after_compile"] = torch.get_num_threads()
+        torch.set_num_threads(threads)
         if ref is not None:
             out["flex_max_abs_error_vs_oracle"] = (first.double() - ref).abs().max().item()
         out["flex_status"] = "ok"
         return out, call
     except Exception as exc:  # report, do not hide: Flex on CPU may not compile here
+        torch.set_num_threads(threads)
         out["flex_status"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
         return out, None
 

@@ -37,6 +37,7 @@ from .routing_steps import (
 )
 from .schedule import GroupSchedule, group_geometry, visit_matrices
 from .tiles import (
+    CPU_TILED_LAYOUT_PENALTY,
     DECODE_MAX_Q,
     TARGETS,
     TileConfig,
@@ -368,6 +369,8 @@ def _plan_static(canonical: Pattern, r: PlanRequest) -> Plan:
                                   candidate.config, r.schedule, r.groups)
                    for p, _ in candidate.heads]
         cost = sum(c[0] for c in choices)
+        if r.target == "cpu" and candidate.layout is not None:
+            cost *= CPU_TILED_LAYOUT_PENALTY
         priced_candidates.append(TileChoice(candidate.config, candidate.layout is not None, cost))
         if best is None or cost < best[0]:
             best = (cost, candidate, choices)

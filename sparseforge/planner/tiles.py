@@ -18,6 +18,14 @@ from pathlib import Path
 from .._env import triton_version
 
 TARGETS = ("sm_80", "sm_90", "cpu", "interpret")
+
+#: The CPU executor runs each contiguous run of a query tile's kv tiles as its own
+#: window; a tiled N-D layout splits a row of tiles into several runs (neighbouring tile
+#: rows), i.e. more, smaller kernel calls. Measured at L=4096 on the 2-core dev CPU
+#: (cpu_flash.run_forward, both layouts): 2-D 7x7 tiled 109 ms / 420 tiles vs untiled
+#: 44 ms / 448 tiles; 2-D 13x13 59 ms / 484 vs 70 ms / 832; 3-D 5x5x5 90 ms / 576 vs
+#: 93 ms / 1280. So on the CPU a tiled layout must promise a quarter less work to win.
+CPU_TILED_LAYOUT_PENALTY = 4 / 3
 #: issue work per tile shape from compiled SASS (``python -m sparseforge.aot.tile_costs``)
 COST_TABLE_PATH = Path(__file__).with_name("tile_costs.json")
 #: the issue work (warp-instructions per 1000 scores) assumed for a tile the table lacks
