@@ -3,10 +3,9 @@
 Each piece of a program (``cpu_program``) is one call of
 ``_scaled_dot_product_flash_attention_for_cpu`` on strided views of padded Q, K and V:
 no gathered copies of K/V, no score matrix in memory, no mask on full tiles, masks made
-once per plan. The kernel is blocked and vectorised, accumulates 16-bit inputs in fp32,
-returns the log-sum-exp, and runs one parallel region per call, so a busy machine costs
-it time slices rather than the barrier storms of many small torch ops. Pieces of a
-batch are merged by log-sum-exp.
+once per plan. The kernel is blocked and vectorised, accumulates 16-bit inputs in fp32
+and returns the log-sum-exp. Pieces of a batch are merged by log-sum-exp. A call's
+units (a slice of heads, one batch) run on ``cpu_threads``' worker pool.
 
 The backward calls ``_scaled_dot_product_flash_attention_for_cpu_backward`` per piece
 with the merged output and log-sum-exp: the probabilities it recomputes are then the
@@ -23,7 +22,6 @@ from functools import partial
 
 import torch
 
-from ..ir.scores import score_spec
 from .cpu_program import Batch, GroupProgram, programs
 from .cpu_threads import run_units
 
@@ -32,11 +30,11 @@ FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_back
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def supports(call_kernels, q: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether this executor runs the call (else the gather executor does)."""
-    return (q.device.type == "cpu" and q.dtype in DTYPES and q.shape[-1] == v.shape[-1]
-            and q.shape[-1] > 0
-            and not any(score_spec(p).any for p in call_kernels))
+def supports(scored: bool, q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether this executor runs the call (else the gather executor does); ``scored``:
+    some head of the pattern applies a score modifier."""
+    return (not scored and q.device.type == "cpu" and q.dtype in DTYPES
+            and q.shape[-1] == v.shape[-1] and q.shape[-1] > 0)
 
 
 def _groups(plan, call_kernels, q, k):

@@ -16,13 +16,14 @@ from __future__ import annotations
 import enum
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
 from ..ir.canonicalize import canonicalize
 from ..ir.nodes import Pattern
 from ..ir.routing import Clusters, is_dynamic
-from ..ir.scores import rel_bias_table
+from ..ir.scores import rel_bias_table, score_spec
 from ..ir.split import static_siblings
 from ..planner.plan import Plan, default_target, dtype_name, head_groups, plan
 from ..planner.routing_steps import kernel_routing_node
@@ -63,6 +64,11 @@ class CompiledPattern:
     # the routing node the generated kernel runs and its static siblings (the candidates'
     # source), found once per pattern; () when there is none
     routed_node: tuple = ()
+
+    @cached_property
+    def scored(self) -> bool:
+        """Some head applies a score modifier (the CPU then runs the gather executor)."""
+        return any(score_spec(p).any for p in self.head_patterns)
 
 
 _patterns: dict[int, tuple[Pattern, CompiledPattern]] = {}
@@ -142,7 +148,7 @@ def execute_forward(executor: Executor, p: Plan, compiled: CompiledPattern, q, k
     # both executors write every row of every head (empty rows included): no fill needed
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, whatever q is
     lse = torch.empty((b, hq, lq), dtype=torch.float32, device=q.device)
-    if executor is Executor.TORCH and cpu_flash.supports(compiled.head_patterns, q, v):
+    if executor is Executor.TORCH and cpu_flash.supports(compiled.scored, q, v):
         cpu_flash.run_forward(p, compiled.head_patterns, q, k, v, out, lse, scale)
     elif executor is Executor.TORCH:
         torch_exec.run_forward(p, compiled.head_patterns, q, k, v, out, lse, scale)
@@ -162,7 +168,7 @@ def execute_backward(executor: Executor, p: Plan, compiled: CompiledPattern, q, 
     backward over the plan's schedule, on tokens in the plan's order: the one place a
     backward runs. The generated dQ and dK/dV kernels for the Triton executors, torch ops
     for the torch executor."""
-    if executor is Executor.TORCH and cpu_flash.supports(compiled.head_patterns, q, v):
+    if executor is Executor.TORCH and cpu_flash.supports(compiled.scored, q, v):
         return cpu_flash.run_backward(p, compiled.head_patterns, q, k, v, out, lse,
                                       grad_out, grad_lse, scale)
     if executor is Executor.TORCH:

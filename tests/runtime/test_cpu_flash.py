@@ -37,7 +37,7 @@ def _grads(q, k, v, pattern, dtype=torch.float64):
 @pytest.mark.parametrize("pattern", PATTERNS, ids=repr)
 def test_forward_backward_match_oracle(pattern):
     q, k, v = random_qkv(2, 4, 2, 330, 330, 24, seed=3)  # GQA, 330 = 5 tiles and a part
-    assert cpu_flash.supports(dispatch.compile_pattern(pattern).head_patterns, q, v)
+    assert cpu_flash.supports(dispatch.compile_pattern(pattern).scored, q, v)
     assert_matches_oracle(pattern, q, k, v, "torch")
     for name, got, ref in zip("qkv", _grads(q, k, v, pattern, torch.float32), _grads(q, k, v, pattern)):
         err = (got.double() - ref).abs().max().item()
@@ -152,7 +152,7 @@ def test_inference_mode_ids_edited_in_place():
 def test_score_modifiers_take_the_gather_executor(monkeypatch):
     q, k, v = random_qkv(1, 2, 2, 100, 100, 16, seed=9)
     scored = sf.causal() & sf.softcap(20.0)
-    assert not cpu_flash.supports(dispatch.compile_pattern(scored).head_patterns, q, v)
+    assert not cpu_flash.supports(dispatch.compile_pattern(scored).scored, q, v)
     calls = []
     real = torch_exec.run_forward
     monkeypatch.setattr(torch_exec, "run_forward", lambda *a: calls.append(1) or real(*a))
