@@ -137,7 +137,7 @@ class KernelPlan:
         nodes read as empty (a routed kernel's selected tiles come on top, per call)."""
         return static_part(self.pattern) if is_dynamic(self.pattern) else self.pattern
 
-    @property
+    @cached_property
     def has_documents(self) -> bool:
         return any(isinstance(n, Documents) for n in walk(self.analysed))
 

@@ -38,20 +38,24 @@ def supports(scored: bool, q: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def _groups(plan, call_kernels, q, k):
-    """Per kernel and dilation group: (heads, kv head of each, rows, cols, [(row, program)])."""
+    """Per kernel and dilation group: (selector of its query heads, of the kv head of
+    each, the kv heads as a list, rows, cols, [(batch row, program)]). Selectors are
+    slices where they can be, so that selecting is a view rather than a copy."""
     hq, hkv = q.shape[1], k.shape[1]
     for index, (kernel, call_pattern, schedules) in enumerate(
             zip(plan.kernels, call_kernels, plan.schedules)):
         heads = list(range(hq)) if kernel.heads is None else list(kernel.heads)
         kv_heads = [h // (hq // hkv) for h in heads]
+        q_sel = slice(None) if heads == list(range(hq)) else heads
+        kv_sel = slice(None) if kv_heads == list(range(hkv)) else kv_heads
         for group, sched in enumerate(schedules):
             geo = sched.geometry
             if geo.q_len == 0 or geo.kv_len == 0:
                 continue
             rows = slice(geo.q_start, None, kernel.groups)
             cols = slice(geo.kv_start, None, kernel.groups)
-            yield heads, kv_heads, rows, cols, programs(plan, index, group, kernel, call_pattern,
-                                                        sched)
+            yield q_sel, kv_sel, kv_heads, rows, cols, programs(plan, index, group, kernel,
+                                                                call_pattern, sched)
 
 
 def _batch_rows(row):
@@ -64,11 +68,11 @@ def run_forward(plan, call_kernels, q, k, v, out, lse, scale: float) -> None:
     lse.fill_(float("-inf"))
     if q.shape[2] == 0:
         return
-    for heads, kv_heads, rows, cols, progs in _groups(plan, call_kernels, q, k):
+    for heads, kv_sel, _, rows, cols, progs in _groups(plan, call_kernels, q, k):
         for row, prog in progs:
             b = _batch_rows(row)
-            o, l_ = _forward(prog, plan, q[b][:, heads, rows], k[b][:, kv_heads, cols],
-                             v[b][:, kv_heads, cols], scale)
+            o, l_ = _forward(prog, plan, q[b][:, heads, rows], k[b][:, kv_sel, cols],
+                             v[b][:, kv_sel, cols], scale)
             out[b, heads, rows] = o.to(out.dtype)
             lse[b, heads, rows] = l_
 
@@ -87,7 +91,10 @@ class _Padded:
         self.kv_rows = (prog.front + prog.kv_tiles + prog.back) * bn
 
     def pad_q(self, x, fill=0.0):
-        """``[B, H, L(, D)]`` -> ``[BH, q_rows(, d)]``, filled past the end with ``fill``."""
+        """``[B, H, L(, D)]`` -> ``[BH, q_rows(, d)]``, filled past the end with ``fill``
+        (a view of ``x`` itself when it is contiguous and needs no padding)."""
+        if self.q_rows == self.q_len and (x.dim() == 3 or x.shape[3] == self.d) and x.is_contiguous():
+            return x.view(self.bh, self.q_len, *x.shape[3:])
         shape = (self.bh, self.q_rows) + ((self.d,) if x.dim() == 4 else ())
         out = torch.full(shape, fill, dtype=x.dtype) if fill else torch.zeros(shape, dtype=x.dtype)
         target = out[:, :self.q_len, :x.shape[3]] if x.dim() == 4 else out[:, :self.q_len]
@@ -95,6 +102,9 @@ class _Padded:
         return out
 
     def pad_kv(self, x):
+        if (self.kv_rows == self.kv_len and self.prog.front == 0 and x.shape[3] == self.d
+                and x.is_contiguous()):
+            return x.view(self.bh, self.kv_len, self.d)
         out = torch.zeros(self.bh, self.kv_rows, self.d, dtype=x.dtype)
         first = self.prog.front * self.bn
         out[:, first:first + self.kv_len, :x.shape[3]] = x.reshape(self.bh, self.kv_len, x.shape[3])
@@ -106,16 +116,17 @@ class _Padded:
         items = batch.items
         rows = batch.count * self.bm // items
         if x.dim() == 2:
-            return x.as_strided((items, self.bh, rows), (rows, self.q_rows, 1), batch.first * self.bm)
+            return x.as_strided((items, self.bh, rows), (rows, self.q_rows, 1),
+                                x.storage_offset() + batch.first * self.bm)
         d = self.d
         return x.as_strided((items, self.bh, rows, d), (rows * d, self.q_rows * d, d, 1),
-                            batch.first * self.bm * d)
+                            x.storage_offset() + batch.first * self.bm * d)
 
     def kv_view(self, x, batch: Batch, window, piece):
         bn, d = self.bn, self.d
         first = (self.prog.front + window.start + piece.col) * bn * d
         return x.as_strided((batch.items, self.bh, piece.width * bn, d),
-                            (window.step * bn * d, self.kv_rows * d, d, 1), first)
+                            (window.step * bn * d, self.kv_rows * d, d, 1), x.storage_offset() + first)
 
     def kv_tiles(self, batch: Batch, window, piece) -> torch.Tensor:
         """Padded kv tile index of each (item, column) of a piece, item-major."""
@@ -193,12 +204,12 @@ def run_backward(plan, call_kernels, q, k, v, out, lse, grad_out, grad_lse, scal
     dk = torch.zeros(k.shape, dtype=compute)
     dv = torch.zeros(v.shape, dtype=compute)
     if q.shape[2] and k.shape[2]:
-        for heads, kv_heads, rows, cols, progs in _groups(plan, call_kernels, q, k):
+        for heads, kv_sel, kv_heads, rows, cols, progs in _groups(plan, call_kernels, q, k):
             for row, prog in progs:
                 b = _batch_rows(row)
                 g = None if grad_lse is None else grad_lse[b][:, heads, rows]
-                grads = _backward(prog, plan, q[b][:, heads, rows], k[b][:, kv_heads, cols],
-                                  v[b][:, kv_heads, cols], out[b][:, heads, rows],
+                grads = _backward(prog, plan, q[b][:, heads, rows], k[b][:, kv_sel, cols],
+                                  v[b][:, kv_sel, cols], out[b][:, heads, rows],
                                   lse[b][:, heads, rows], grad_out[b][:, heads, rows], g, scale)
                 dq[b, heads, rows] += grads[0]
                 index = torch.tensor(kv_heads)
