@@ -29,7 +29,7 @@ def masks(length: int):
             f"documents({'+'.join(map(str, lengths))})": sf.documents(ids)}
 
 
-def median_ms(fn, repeats=5):
+def median_ms(fn, repeats=3):
     fn()
     times = []
     for _ in range(repeats):

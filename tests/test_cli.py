@@ -11,7 +11,7 @@ runner = CliRunner()
 
 
 def test_demo_runs_and_is_exact():
-    # FlexAttention's compile is exercised once, in tests/test_cpu_bench.py
+    # FlexAttention's compile is exercised in tests/test_cpu_bench.py (marked slow)
     result = runner.invoke(app, ["demo", "--length", "1024", "--window", "128", "--no-flex",
                                  "--json"])
     assert result.exit_code == 0, result.output

@@ -1,6 +1,7 @@
 """The CPU comparison (sparseforge bench): its FlexAttention masks are the same masks, its
 Flex path compiles and agrees with the oracle, and a tiny run produces the table."""
 
+import pytest
 import torch
 
 from sparseforge import cpu_bench
@@ -15,6 +16,7 @@ def test_flex_mask_mods_equal_sparseforge_masks():
             assert torch.equal(mask_mod(0, 0, i[:, None], i[None, :]), ours), name
 
 
+@pytest.mark.slow  # FlexAttention's torch.compile alone takes ~20 s on the 2-core CI machine
 def test_flex_forward_compiles_matches_and_keeps_the_thread_count():
     threads = torch.get_num_threads()
     _, pattern, mask_mod = cpu_bench.cases(256, window=32)[0]
