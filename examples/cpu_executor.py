@@ -10,12 +10,12 @@ band), causal diagonals in the fused kernel's causal mode. ``--png`` draws them.
 """
 
 import argparse
-import time
 
 import numpy as np
 import torch
 
 import sparseforge as sf
+from sparseforge.cpu_bench import timed
 from sparseforge.runtime import cpu_program, dispatch
 
 
@@ -29,21 +29,12 @@ def masks(length: int):
             f"documents({'+'.join(map(str, lengths))})": sf.documents(ids)}
 
 
-def median_ms(fn, repeats=3):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(times))
-
-
 def times(q, k, v, pattern, n):
     """Median ms of sparseforge and of dense SDPA with the boolean mask."""
     mask = sf.dense_mask(pattern, n, n).reshape(n, n)
-    ours = median_ms(lambda: sf.attention(q, k, v, pattern))
-    sdpa = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    ours = timed(lambda: sf.attention(q, k, v, pattern), 3)["median_ms"]
+    sdpa = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                 3)["median_ms"]
     return ours, sdpa
 
 

@@ -23,16 +23,6 @@ from .ir.nodes import causal
 from .runtime import dispatch
 
 
-def best(fn, repeats):
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return min(ts)
-
-
 def dispatch_overhead_us(n=2000):
     """Warm per-call cost of attention's Python layer, executor excluded."""
     q = torch.randn(1, 1, 1, 16)

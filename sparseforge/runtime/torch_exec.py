@@ -1,4 +1,6 @@
-"""The CPU path: execute a plan's tile schedule with torch ops.
+"""The gather executor: a plan's tile schedule with torch ops, for what the fused CPU
+executor (``cpu_flash``) does not run: patterns with score modifiers (softcap, ALiBi,
+``rel_bias``, which it applies to the gathered scores).
 
 It consumes the same closed-form segments as the kernel (evaluated once per plan, see
 ``Plan.schedules``), so it is a second, independent consumer of the plan. Query tiles
