@@ -16,6 +16,9 @@ from ._version import __version__ as __version__
 #: public name -> the module that defines it
 _PUBLIC = {
     "BuildSpec": "aot.spec",
+    "affine": "ir.affine", "top_left": "ir.affine",
+    "create_block_mask": "flex.api", "flex_attention": "flex.api", "from_mask_mod": "flex.api",
+    "from_score_mod": "flex.api",
     "Pattern": "ir.nodes", "causal": "ir.nodes", "chunks": "ir.nodes", "documents": "ir.nodes",
     "full": "ir.nodes", "global_queries": "ir.nodes", "per_head": "ir.nodes",
     "prefix_lm": "ir.nodes", "sinks": "ir.nodes", "sliding_window": "ir.nodes",
@@ -38,12 +41,13 @@ _PUBLIC = {
 }
 
 __all__ = [
-    "BuildSpec", "Pattern", "Plan", "SparseAttention", "alibi", "alibi_slopes", "attention",
-    "causal", "chunks", "clusters", "dense_mask", "documents", "full", "global_queries",
+    "BuildSpec", "Pattern", "Plan", "SparseAttention", "affine", "alibi", "alibi_slopes", "attention",
+    "causal", "chunks", "clusters", "create_block_mask", "dense_mask", "documents",
+    "flex_attention", "from_mask_mod", "from_score_mod", "full", "global_queries",
     "halo_blocks", "hierarchical", "load_kernels", "maxvit_block", "maxvit_grid", "merge", "na1d",
     "na2d", "na3d", "neighborhood", "per_head", "plan", "prefix_lm", "reference_attention",
     "rel_bias", "sinks", "sliding_window", "softcap", "swin_window", "threshold_blocks",
-    "topk_blocks", "topk_chunks", "topk_keys", "vertical_slash", "window",
+    "top_left", "topk_blocks", "topk_chunks", "topk_keys", "vertical_slash", "window",
 ]
 
 
@@ -63,6 +67,8 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what static tools and IDEs see: the same names, imported eagerly
     from .aot.spec import BuildSpec
     from .api import attention
+    from .flex.api import create_block_mask, flex_attention, from_mask_mod, from_score_mod
+    from .ir.affine import affine, top_left
     from .ir.neighborhood import halo_blocks, maxvit_block, maxvit_grid, neighborhood, swin_window
     from .ir.nodes import (
         Pattern,

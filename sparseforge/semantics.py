@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .ir.affine import Affine, TopLeft
 from .ir.neighborhood import Neighborhood, neighborhood_keep
 from .ir.nodes import (
     Causal,
@@ -62,6 +63,10 @@ def _eval(pat: Pattern, i, p, j, q_len, kv_len, routing=None) -> torch.Tensor:
             j, pat.size, rounding_mode="floor")
     if isinstance(pat, Documents):
         return _documents(pat, i, p, j, q_len, kv_len)
+    if isinstance(pat, Affine):
+        return (pat.q * p + pat.kv * j + pat.const >= 0) | _no_pairs(p, j)
+    if isinstance(pat, TopLeft):  # the query's position is its row
+        return _eval(pat.pattern, i, i, j, q_len, kv_len, routing)
     if isinstance(pat, Neighborhood):
         return neighborhood_keep(pat, p, j, TorchOps)
     if isinstance(pat, DynamicPattern):

@@ -13,6 +13,7 @@ primitives = st.one_of(
     st.builds(sf.global_queries, st.integers(0, 40)),
     st.builds(sf.chunks, st.integers(1, 48)),
     st.builds(sf.prefix_lm, st.integers(0, 40)),
+    st.builds(sf.affine, st.integers(-3, 3), st.integers(-3, 3), st.integers(-60, 60)),
 )
 
 
@@ -22,6 +23,7 @@ def static_patterns(max_leaves: int = 4):
         lambda inner: st.one_of(
             st.builds(lambda a, b: a | b, inner, inner),
             st.builds(lambda a, b: a & b, inner, inner),
+            st.builds(sf.top_left, inner),
         ),
         max_leaves=max_leaves,
     )

@@ -8,6 +8,7 @@ Only integers from validated IR nodes reach the text: never a user string.
 
 from __future__ import annotations
 
+from ..ir.affine import Affine, TopLeft
 from ..ir.neighborhood import Neighborhood, neighborhood_keep
 from ..ir.nodes import (
     Causal,
@@ -43,10 +44,11 @@ def positions_prelude(pattern: Pattern) -> list[str]:
     return [f"p = {p}", f"j = {j}"]
 
 
-def triton_predicate(pattern: Pattern, leaf=None) -> str:
-    """The pattern's mask as a Triton expression over ``p`` (absolute query position) and
-    ``j`` (key). ``leaf``: a planner-internal node's override for some leaves (returns
-    their text, or None for the default)."""
+def triton_predicate(pattern: Pattern, leaf=None, p: str = "p") -> str:
+    """The pattern's mask as a Triton expression over ``p`` (the query position: the
+    name ``p`` of its absolute position, or ``i``, its row, inside ``top_left``) and ``j``
+    (key). ``leaf``: a planner-internal node's override for some leaves (returns their
+    text, or None for the default)."""
     text = leaf(pattern) if leaf is not None else None
     if text is not None:
         return text
@@ -55,29 +57,34 @@ def triton_predicate(pattern: Pattern, leaf=None) -> str:
     if isinstance(pattern, Empty):
         return "j < 0"
     if isinstance(pattern, Causal):
-        return "j <= p"
+        return f"j <= {p}"
     if isinstance(pattern, Window):
         d, lo, hi = pattern.dilation, pattern.left * pattern.dilation, pattern.right * pattern.dilation
-        band = f"(j >= p - {lo}) & (j <= p + {hi})"
-        return band if d == 1 else f"((j - p) % {d} == 0) & {band}"
+        band = f"(j >= {p} - {lo}) & (j <= {p} + {hi})"
+        return band if d == 1 else f"((j - {p}) % {d} == 0) & {band}"
     if isinstance(pattern, Sinks):
         return f"j < {int(pattern.n)}"
     if isinstance(pattern, GlobalQueries):
-        return f"(p < {int(pattern.n)}) | (j < 0)"
+        return f"({p} < {int(pattern.n)}) | (j < 0)"
     if isinstance(pattern, Chunks):
-        return f"_floordiv(p, {int(pattern.size)}) == _floordiv(j, {int(pattern.size)})"
+        return f"_floordiv({p}, {int(pattern.size)}) == _floordiv(j, {int(pattern.size)})"
     if isinstance(pattern, Documents):
         return "doc_q == doc_k"
+    if isinstance(pattern, Affine):  # j < 0 broadcasts a row-only half-plane over the keys
+        return (f"({int(pattern.q)} * {p} + {int(pattern.kv)} * j + {int(pattern.const)} >= 0)"
+                " | (j < 0)")
+    if isinstance(pattern, TopLeft):
+        return triton_predicate(pattern.pattern, leaf, p="i")
     if isinstance(pattern, Neighborhood):
-        return str(neighborhood_keep(pattern, TritonText("p"), TritonText("j"), TritonOps))
+        return str(neighborhood_keep(pattern, TritonText(p), TritonText("j"), TritonOps))
     if isinstance(pattern, DynamicPattern):  # the routed kernel's per-pair lookup (_routed)
         return "routed"
     if hasattr(pattern, "triton_predicate"):  # planner-internal nodes (a token layout)
         return pattern.triton_predicate(triton_predicate)
     if isinstance(pattern, Union):
-        return " | ".join(f"({triton_predicate(p, leaf)})" for p in pattern.parts)
+        return " | ".join(f"({triton_predicate(q, leaf, p)})" for q in pattern.parts)
     if isinstance(pattern, Intersection):
-        return " & ".join(f"({triton_predicate(p, leaf)})" for p in pattern.parts)
+        return " & ".join(f"({triton_predicate(q, leaf, p)})" for q in pattern.parts)
     raise TypeError(f"no Triton predicate for {type(pattern).__name__}")
 
 
@@ -97,6 +104,11 @@ def slug(pattern: Pattern) -> str:
                                                    ("c", "causal", False))
                         if any(x != default for x in getattr(pattern, name)))
         return f"na{pattern.ndim}d-{dims[0]}-k{dims[1]}{extra}"
+    if isinstance(pattern, Affine):
+        return "affine" + "_".join(str(v).replace("-", "m")
+                                   for v in (pattern.q, pattern.kv, pattern.const))
+    if isinstance(pattern, TopLeft):
+        return "topleft-" + slug(pattern.pattern)
     if hasattr(pattern, "slug"):
         return pattern.slug(slug)
     if isinstance(pattern, Union):

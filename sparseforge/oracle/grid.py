@@ -10,13 +10,14 @@ import torch
 @dataclass(frozen=True)
 class Grid:
     """The pair grid of one call: rows ``i`` ``[Lq, 1]``, their absolute positions ``p``
-    (bottom-right aligned), keys ``j`` ``[1, Lkv]``; ``content`` = (q, k, scale) when the
-    pattern routes."""
+    (bottom-right aligned; the rows themselves under ``top_left``), keys ``j`` ``[1, Lkv]``;
+    ``content`` = (q, k, scale) when the pattern routes."""
 
     q_len: int
     kv_len: int
     device: torch.device | None = None
     content: tuple | None = None
+    top_left: bool = False
 
     @property
     def i(self) -> torch.Tensor:
@@ -24,7 +25,7 @@ class Grid:
 
     @property
     def p(self) -> torch.Tensor:
-        return self.i + (self.kv_len - self.q_len)
+        return self.i if self.top_left else self.i + (self.kv_len - self.q_len)
 
     @property
     def j(self) -> torch.Tensor:

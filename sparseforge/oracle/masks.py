@@ -10,8 +10,11 @@ needs them (batched document ids, routing decided per head, ``per_head``).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
+from ..ir.affine import Affine, TopLeft
 from ..ir.neighborhood import Neighborhood
 from ..ir.nodes import (
     Causal,
@@ -55,6 +58,8 @@ def mask_of(pattern: Pattern, grid: Grid) -> torch.Tensor:
                 m = mask_of(part, grid)
             out = m if out is None else out & m
         return out
+    if isinstance(pattern, TopLeft):  # queries aligned to the first key: p is the row
+        return mask_of(pattern.pattern, dataclasses.replace(grid, top_left=True))
     if isinstance(pattern, DynamicPattern):  # routed alone: every bucket is a candidate
         return routed_mask(pattern, static_siblings([], grid), grid)
     return as4d(static_rule(pattern, grid))
@@ -99,6 +104,8 @@ def static_rule(pat: Pattern, g: Grid) -> torch.Tensor:
         return floor_div(p, pat.size) == floor_div(j, pat.size)
     if isinstance(pat, Documents):
         return documents_rule(pat, g)
+    if isinstance(pat, Affine):
+        return (pat.q * p + pat.kv * j + pat.const >= 0).expand(g.q_len, g.kv_len)
     if isinstance(pat, Neighborhood):
         return neighborhood_rule(pat, p, j)
     raise TypeError(f"the oracle has no rule for {type(pat).__name__}")

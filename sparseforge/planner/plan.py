@@ -16,6 +16,7 @@ from functools import cached_property
 import numpy as np
 import torch
 
+from ..ir.affine import drop_top_left
 from ..ir.canonicalize import canonicalize
 from ..ir.neighborhood import Neighborhood
 from ..ir.nodes import Documents, Intersection, Pattern, PerHead, Window, walk
@@ -269,6 +270,8 @@ def plan(pattern: Pattern, *, q_len: int, kv_len: int, head_dim: int, dtype="bfl
     request = _check_request(pattern, q_len, kv_len, head_dim, dtype, target, block_m, block_n,
                              schedule, groups, tiled)
     canonical = canonicalize(pattern)
+    if q_len == kv_len:  # both alignments agree: plan the plain pattern (the same kernels)
+        canonical = canonicalize(drop_top_left(canonical))
     if is_dynamic(canonical):
         return _plan_routed(canonical, request)
     return _plan_static(canonical, request)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import sympy
 
+from ..ir.affine import Affine, TopLeft
 from ..ir.neighborhood import Neighborhood, group_extent, na_key_range, na_query_range
 from ..ir.nodes import (
     Causal,
@@ -192,27 +193,30 @@ def _tiles(j_lo, j_hi, jf_lo, jf_hi) -> TileSegment:
 _NO_FULL = (sympy.Integer(1), sympy.Integer(0))  # an empty full range
 
 
-def primitive_segment(pat: Pattern) -> TileSegment:
-    """The one segment of a position-only primitive."""
+def primitive_segment(pat: Pattern, top_left: bool = False) -> TileSegment:
+    """The one segment of a position-only primitive (``top_left``: inside ``top_left``,
+    where the query position is the row, ``p - (Lkv - Lq)``)."""
     last_key = KV_LEN - 1
+    shift = (KV_LEN - Q_LEN) if top_left else 0
+    p_first, p_last = P_FIRST - shift, P_LAST - shift
     if isinstance(pat, Full):
         return _tiles(0, last_key, 0, last_key)
     if isinstance(pat, Causal):
-        return _tiles(0, P_LAST, 0, P_FIRST)
+        return _tiles(0, p_last, 0, p_first)
     if isinstance(pat, Window):
         left, right, d = pat.left * pat.dilation, pat.right * pat.dilation, pat.dilation
-        full = (P_LAST - left, P_FIRST + right) if d == 1 else _NO_FULL
-        return _tiles(P_FIRST - left, P_LAST + right, *full)
+        full = (p_last - left, p_first + right) if d == 1 else _NO_FULL
+        return _tiles(p_first - left, p_last + right, *full)
     if isinstance(pat, Sinks):
         return _tiles(0, pat.n - 1, 0, pat.n - 1)
     if isinstance(pat, GlobalQueries):
         # All keys if the first row is global; all full if the last row is.
-        any_row = sympy.Min(1, sympy.Max(0, pat.n - P_FIRST))
-        all_rows = sympy.Min(1, sympy.Max(0, pat.n - P_LAST))
+        any_row = sympy.Min(1, sympy.Max(0, pat.n - p_first))
+        all_rows = sympy.Min(1, sympy.Max(0, pat.n - p_last))
         return _tiles(0, any_row * KV_LEN - 1, 0, all_rows * KV_LEN - 1)
     if isinstance(pat, Chunks):
         s = pat.size
-        first_chunk, last_chunk = FloorDiv(P_FIRST, s), FloorDiv(P_LAST, s)
+        first_chunk, last_chunk = FloorDiv(p_first, s), FloorDiv(p_last, s)
         # Full only where the first row's chunk and the last row's chunk coincide.
         return _tiles(first_chunk * s, last_chunk * s + s - 1, last_chunk * s, first_chunk * s + s - 1)
     if isinstance(pat, Documents):
@@ -220,8 +224,29 @@ def primitive_segment(pat: Pattern) -> TileSegment:
     if isinstance(pat, Empty):
         return _tiles(0, -1, *_NO_FULL)
     if isinstance(pat, Neighborhood):
-        return _tiles(*_neighborhood_bounds(pat, P_FIRST, P_LAST, na_key_range))
+        return _tiles(*_neighborhood_bounds(pat, p_first, p_last, na_key_range))
+    if isinstance(pat, Affine):
+        return _tiles(*_half_plane(pat.q, pat.kv, pat.const, p_first, p_last, 0, last_key,
+                                   KV_LEN))
     raise TypeError(f"no range rule for {type(pat).__name__}")
+
+
+def _half_plane(a: int, b: int, c: int, x_first, x_last, y_first, y_last, y_count):
+    """Inclusive (lo, hi, full_lo, full_hi) of the ``y`` with ``a * x + b * y + c >= 0`` for
+    some / every ``x`` in ``[x_first, x_last]``, ``y`` in ``[y_first, y_last]`` (the query
+    side: x the query position, y the key; the key side swaps them). The bound on ``y`` is
+    monotone in ``x``, so its extremes are at the range's ends: the widest where ``a x``
+    is largest."""
+    widest, narrowest = (x_last, x_first) if a > 0 else (x_first, x_last)
+    if b == 0:  # whole lines of y: on for some x / for every x
+        on_some, on_every = gt0(a * widest + c + 1), gt0(a * narrowest + c + 1)
+        return (y_first, y_first - 1 + on_some * y_count, y_first,
+                y_first - 1 + on_every * y_count)
+    if b > 0:  # y >= ceil(-(a x + c) / b)
+        return (ceil_div(-(a * widest + c), b), y_last,
+                ceil_div(-(a * narrowest + c), b), y_last)
+    return (y_first, FloorDiv(a * widest + c, -b),  # y <= floor((a x + c) / -b)
+            y_first, FloorDiv(a * narrowest + c, -b))
 
 
 def _neighborhood_bounds(pat: Neighborhood, first, last, rule):
@@ -278,11 +303,11 @@ def _query_tiles(i_lo, i_hi, if_lo, if_hi) -> TileSegment:
                        ceil_div(if_lo, BLOCK_M), FloorDiv(if_hi + 1, BLOCK_M))
 
 
-def key_side_segment(pat: Pattern) -> TileSegment:
+def key_side_segment(pat: Pattern, top_left: bool = False) -> TileSegment:
     """The one segment of a primitive seen from key tile ``n``: which query rows can see
-    some key of the tile (visit) and which see all of them (full). Stated on absolute
-    query positions p = i + Lkv - Lq, converted to rows at the end."""
-    delta = KV_LEN - Q_LEN
+    some key of the tile (visit) and which see all of them (full). Stated on query
+    positions p = i + Lkv - Lq (p = i inside ``top_left``), converted to rows at the end."""
+    delta = 0 if top_left else KV_LEN - Q_LEN
     last_row = Q_LEN - 1
 
     def rows(p_lo, p_hi, pf_lo, pf_hi):
@@ -292,7 +317,7 @@ def key_side_segment(pat: Pattern) -> TileSegment:
         full = (0, last_row) if isinstance(pat, Full) else _NO_FULL
         return _query_tiles(0, last_row, *full)
     if isinstance(pat, Causal):  # j <= p
-        return rows(J_FIRST, KV_LEN - 1, J_LAST, KV_LEN - 1)
+        return rows(J_FIRST, last_row + delta, J_LAST, last_row + delta)
     if isinstance(pat, Window):  # p in [j - right*d, j + left*d]
         left, right = pat.left * pat.dilation, pat.right * pat.dilation
         full = (J_LAST - right, J_FIRST + left) if pat.dilation == 1 else (1 + delta, delta)
@@ -311,6 +336,9 @@ def key_side_segment(pat: Pattern) -> TileSegment:
         return _query_tiles(0, -1, *_NO_FULL)
     if isinstance(pat, Neighborhood):  # absolute positions of the queries, from the keys'
         return rows(*_neighborhood_bounds(pat, J_FIRST, J_LAST, na_query_range))
+    if isinstance(pat, Affine):  # the same half-plane, solved for the query position
+        return rows(*_half_plane(pat.kv, pat.q, pat.const, J_FIRST, J_LAST, delta,
+                                 last_row + delta, Q_LEN))
     raise TypeError(f"no key-side range rule for {type(pat).__name__}")
 
 
@@ -339,28 +367,34 @@ def _max(*args):
     return sympy.Max(*args, evaluate=len(str(args)) < 400)
 
 
-def tile_segments(pattern: Pattern, side: str = "query", primitive=None) -> list[TileSegment]:
+def tile_segments(pattern: Pattern, side: str = "query", primitive=None,
+                  top_left: bool = False) -> list[TileSegment]:
     """Segments of a canonical, single-head pattern (see module docstring): kv tiles per
     query tile (``side="query"``) or query tiles per kv tile (``side="key"``).
-    ``primitive``: segments of a leaf, when a token layout replaces the default rules."""
+    ``primitive``: segments of a leaf, when a token layout replaces the default rules;
+    ``top_left``: the pattern sits inside ``top_left`` (queries aligned to the first key)."""
     if side not in SIDES:
         raise ValueError(f"side={side!r}: expected one of {SIDES}")
+    if isinstance(pattern, TopLeft):
+        return tile_segments(pattern.pattern, side, primitive, top_left=True)
     if isinstance(pattern, Union):
         out: list[TileSegment] = []
         for part in pattern.parts:
-            out.extend(tile_segments(part, side, primitive))
+            out.extend(tile_segments(part, side, primitive, top_left))
         return out
     if isinstance(pattern, Intersection):
-        acc = tile_segments(pattern.parts[0], side, primitive)
+        acc = tile_segments(pattern.parts[0], side, primitive, top_left)
         for part in pattern.parts[1:]:
-            acc = [one for a in acc for b in tile_segments(part, side, primitive)
+            acc = [one for a in acc for b in tile_segments(part, side, primitive, top_left)
                    for one in _intersect(a, b)]
         return acc
     if primitive is not None:
         return primitive(pattern)
     if hasattr(pattern, "tile_segments"):  # planner-internal nodes (a token layout)
         return pattern.tile_segments(side)
-    return [primitive_segment(pattern) if side == "query" else key_side_segment(pattern)]
+    if side == "query":
+        return [primitive_segment(pattern, top_left)]
+    return [key_side_segment(pattern, top_left)]
 
 
 def hull_segment(segments: list[TileSegment]) -> TileSegment:
