@@ -22,6 +22,7 @@ import torch
 from ..codegen.render import KINDS
 from ..ir import nodes as ir
 from ..ir import routing, scores
+from ..ir.affine import affine, top_left
 from ..ir.neighborhood import neighborhood
 from ..planner.plan import Plan, plan
 from .compile import build_binary
@@ -43,6 +44,10 @@ def variant_specs() -> dict[str, tuple]:
         "dilation_groups": (ir.window(64, 64, dilation=4), 64, "bfloat16", {"groups": 4}),
         "documents": (ir.documents(ids) & ir.causal(), 64, "bfloat16", {}),
         "chunks": (ir.chunks(1000) & ir.causal(), 64, "float16", {}),
+        # a FlexAttention mask: queries aligned to the first key (Lq < Lkv), a non-unit
+        # half-plane (kv <= 2 q) beside strict causal
+        "flex_top_left": (top_left(affine(2, -1, 0) & (affine(1, -1, -1) | ir.sinks(4))), 64,
+                          "bfloat16", {"q_len": L // 2}),
     }
     for d in (16, 64, 80, 128, 256):
         shapes[f"bf16_d{d}"] = (ir.sliding_window(1024), d, "bfloat16", {})
@@ -111,7 +116,9 @@ def variant_kinds(name: str) -> tuple[str, ...]:
 
 def variant_plan(name: str, target: str = "sm_90") -> Plan:
     p, d, dt, kw = variant_specs()[name]
-    return plan(p, q_len=L, kv_len=L, head_dim=d, dtype=dt, target=target, **kw)
+    kw = dict(kw)
+    return plan(p, q_len=kw.pop("q_len", L), kv_len=L, head_dim=d, dtype=dt, target=target,
+                **kw)
 
 
 def template_variants(target: str = "sm_90") -> dict[str, Plan]:
