@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from .._env import triton_version
-from ..ir.nodes import walk
+from ..ir.nodes import document_terms, walk
 from ..ir.ops import TritonOps, TritonText
 from ..ir.routing import (
     Clusters,
@@ -237,6 +237,7 @@ def render_kernel(plan: Plan, kernel_index: int = 0, kind: str = "forward") -> K
         predicate_prelude=predicate_prelude(analysed),
         positions_prelude=positions_prelude(analysed) if kernel.score.any else [],
         has_documents=kernel.has_documents,
+        n_documents=len(document_terms(analysed)),
         routed=routed,
         **_routing_context(kernel.analysed if routed else None, plan.kv_len),
         d_padded=plan.padded_head_dim != plan.head_dim,

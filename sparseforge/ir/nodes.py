@@ -245,6 +245,17 @@ def walk(pattern: Pattern):
         yield from walk(c)
 
 
+def document_terms(pattern: Pattern) -> tuple[Documents, ...]:
+    """The distinct ``documents`` nodes of a pattern, in walk order: the kernels number
+    their id pairs so (``doc_q0/doc_k0``, ...), and a call's own pattern (the same
+    canonical structure, its own tensors) lists its ids in the same order."""
+    seen: dict[int, Documents] = {}
+    for node in walk(pattern):
+        if isinstance(node, Documents):
+            seen.setdefault(id(node), node)
+    return tuple(seen.values())
+
+
 # ---------------------------------------------------------------- public constructors
 
 

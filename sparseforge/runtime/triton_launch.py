@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ir.nodes import Documents, walk
+from ..ir.nodes import document_terms
 from ..ir.scores import Alibi, RelBias, Softcap, rel_bias_table, score_terms
 from ..planner.plan import Plan
 from ..planner.schedule import group_geometry
@@ -37,15 +37,19 @@ def head_runs(heads: tuple[int, ...] | None, n_heads: int) -> list[tuple[int, in
 
 
 def _documents_args(call_kernel_pattern, q_len, kv_len, device):
-    docs = [n for n in walk(call_kernel_pattern) if isinstance(n, Documents)]
-    if len(docs) != 1:
-        raise ValueError("documents: a pattern may hold one documents(...) term per head")
-    ids_q, ids_k = document_ids(docs[0], q_len, kv_len)
-    ids_q = ids_q.to(device=device, dtype=torch.int32).contiguous()
-    ids_k = ids_k.to(device=device, dtype=torch.int32).contiguous()
-    sb_q = 0 if ids_q.shape[0] == 1 else ids_q.stride(0)
-    sb_k = 0 if ids_k.shape[0] == 1 else ids_k.stride(0)
-    return [ids_q, ids_k, sb_q, ids_q.stride(1), sb_k, ids_k.stride(1)]
+    """Every documents term's ids packed ``[B or 1, terms, L]`` (int32) per side, in
+    ``document_terms`` order, with their batch, term and token strides."""
+    terms = [document_ids(d, q_len, kv_len) for d in document_terms(call_kernel_pattern)]
+    args: list = []
+    packed = []
+    for side in (0, 1):
+        ids = [t[side] for t in terms]
+        batch = max(x.shape[0] for x in ids)
+        stacked = torch.stack([x.expand(batch, -1) for x in ids], 1)
+        packed.append(stacked.to(device=device, dtype=torch.int32).contiguous())
+    for t in packed:
+        args += [0 if t.shape[0] == 1 else t.stride(0), t.stride(1), t.stride(2)]
+    return packed + args
 
 
 def _score_args(kernel, call_pattern, device) -> list:
