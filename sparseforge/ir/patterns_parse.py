@@ -1,7 +1,8 @@
 """Parse a pattern expression typed on the command line, safely (no eval).
 
-Only the static constructors, integer literals, keyword arguments, ``|`` and ``&`` are
-accepted; anything else is a ValueError naming what was found.
+Only the static constructors, integer literals (negative ones too), keyword arguments,
+patterns as arguments (``top_left(causal())``), ``|`` and ``&`` are accepted; anything
+else is a ValueError naming what was found.
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ import ast
 import re
 from functools import lru_cache
 
-from . import neighborhood, nodes, scores
+from . import affine, neighborhood, nodes, scores
 
 CONSTRUCTORS = {name: getattr(nodes, name) for name in (
     "full", "causal", "window", "sliding_window", "sinks", "global_queries", "chunks",
     "prefix_lm")}
 CONSTRUCTORS.update({name: getattr(neighborhood, name) for name in (
     "neighborhood", "maxvit_block", "maxvit_grid", "swin_window", "halo_blocks")})
+CONSTRUCTORS.update(affine=affine.affine, top_left=affine.top_left)
 
 
 def parse_pattern(text: str) -> nodes.Pattern:
@@ -43,6 +45,10 @@ def _build(node, text):
 
 
 def _int(node, text):
+    if isinstance(node, (ast.Call, ast.BinOp)):  # a pattern argument: top_left(causal())
+        return _build(node, text)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return -_int(node.operand, text)
     if isinstance(node, ast.Constant) and isinstance(node.value, int):
         return node.value
     if isinstance(node, ast.Tuple):  # per-dimension values of a neighbourhood
@@ -102,6 +108,8 @@ def _repr_value(node, text, tensors):
         return value
     if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
         return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return -_repr_value(node.operand, text, tensors)
     if isinstance(node, ast.List):
         return [_build_repr(e, text, tensors) for e in node.elts]
     if isinstance(node, ast.Tuple):

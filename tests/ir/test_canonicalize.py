@@ -1,3 +1,4 @@
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -63,3 +64,35 @@ def test_canonicalisation_preserves_the_mask(pattern, lq, lkv):
 def test_canonical_form_is_stable():
     p = (sf.sinks(4) | sf.window(3, 3)) & sf.causal()
     assert canonicalize(canonicalize(p)) == canonicalize(p)
+
+
+def test_affine_and_top_left_reprs_parse_back():
+    from sparseforge.ir.patterns_parse import parse_pattern
+
+    for pattern in (sf.affine(2, -1, -3), sf.top_left(sf.causal() | sf.affine(0, 1, -5)),
+                    sf.top_left(sf.window(3, 0) & sf.affine(1, 0, -8))):
+        assert repr(parse_pattern(repr(pattern))) == repr(pattern)
+
+
+def test_affine_canonical_forms():
+    c = canonicalize
+    assert repr(c(sf.affine(2, -2, 1))) == "causal()"  # 2p - 2j + 1 >= 0 <=> j <= p
+    assert repr(c(sf.affine(0, -1, 9))) == "sinks(10)"
+    assert repr(c(sf.affine(-1, 0, 4))) == "global_queries(5)"
+    assert repr(c(sf.affine(0, 3, 0))) == "full()"
+    assert repr(c(sf.affine(0, 0, -1))) == "empty()"
+    assert repr(c(sf.causal() & sf.affine(-1, 1, 255))) == "window(left=255, right=0)"
+    assert repr(c(sf.affine(1, -1, -3) & sf.affine(-1, 1, 1))) == "empty()"
+    assert repr(c(sf.top_left(sf.sinks(4)))) == "sinks(4)"  # reads no query position
+    assert repr(c(sf.top_left(sf.top_left(sf.causal())))) == "top_left(causal())"
+
+
+def test_top_left_refuses_what_it_cannot_align():
+    with pytest.raises(ValueError, match="kv_ids"):
+        sf.top_left(sf.documents(torch.zeros(8, dtype=torch.long)))
+    with pytest.raises(ValueError, match="static masks"):
+        sf.top_left(sf.causal() & sf.softcap(5.0))
+    with pytest.raises(ValueError, match="const"):
+        sf.affine(1, -1, 1 << 30)
+    with pytest.raises(TypeError, match="int"):
+        sf.affine(1.5, -1)
