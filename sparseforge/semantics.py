@@ -20,6 +20,7 @@ from .ir.nodes import (
     Full,
     GlobalQueries,
     Intersection,
+    MaskTable,
     Pattern,
     PerHead,
     ScoreModifier,
@@ -63,6 +64,9 @@ def _eval(pat: Pattern, i, p, j, q_len, kv_len, routing=None) -> torch.Tensor:
             j, pat.size, rounding_mode="floor")
     if isinstance(pat, Documents):
         return _documents(pat, i, p, j, q_len, kv_len)
+    if isinstance(pat, MaskTable):
+        table = table_mask(pat, q_len, kv_len).to(i.device)
+        return table[:, i.clamp(0, q_len - 1), j.clamp(0, kv_len - 1)]  # [B, *pairs]
     if isinstance(pat, Affine):
         return (pat.q * p + pat.kv * j + pat.const >= 0) | _no_pairs(p, j)
     if isinstance(pat, TopLeft):  # the query's position is its row
@@ -124,6 +128,15 @@ def document_ids(pat: Documents, q_len: int, kv_len: int) -> tuple[torch.Tensor,
         raise ValueError(f"documents(kv_ids): kv_ids has length {ki.shape[-1]}, "
                          f"expected kv_len={kv_len}")
     return qi.long(), ki.long()
+
+
+def table_mask(pat: MaskTable, q_len: int, kv_len: int) -> torch.Tensor:
+    """The mask of a ``mask_table`` as ``[B or 1, Lq, Lkv]``, its lengths checked."""
+    mask = pat.mask if pat.mask.dim() == 3 else pat.mask[None]
+    if tuple(mask.shape[-2:]) != (q_len, kv_len):
+        raise ValueError(f"mask_table(mask): shape {tuple(pat.mask.shape)}, expected "
+                         f"[.., q_len, kv_len] = [.., {q_len}, {kv_len}]")
+    return mask
 
 
 def _documents(pat: Documents, i, p, j, q_len, kv_len) -> torch.Tensor:

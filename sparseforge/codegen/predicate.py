@@ -1,7 +1,8 @@
 """The IR's printer for the kernel: a pattern as a Triton boolean expression.
 
 Names available in the generated ``_allowed`` helper: ``i`` (query rows, [BM, 1]), ``p``
-(their absolute positions), ``j`` (keys, [1, BN]), for documents ``doc_q0``/``doc_k0``, ..., and
+(their absolute positions), ``j`` (keys, [1, BN]), for documents ``doc_q0``/``doc_k0``, ...,
+for mask tables ``tbl0``, ... ([BM, BN] tiles of the tables), and
 for a routed kernel ``routed`` ([BM, BN]: is the key's bucket selected for the row's).
 Only integers from validated IR nodes reach the text: never a user string.
 """
@@ -18,6 +19,7 @@ from ..ir.nodes import (
     Full,
     GlobalQueries,
     Intersection,
+    MaskTable,
     Pattern,
     Sinks,
     Union,
@@ -45,13 +47,13 @@ def positions_prelude(pattern: Pattern) -> list[str]:
     return [f"p = {p}", f"j = {j}"]
 
 
-def triton_predicate(pattern: Pattern, leaf=None, p: str = "p", docs=None) -> str:
+def triton_predicate(pattern: Pattern, leaf=None, p: str = "p", root=None) -> str:
     """The pattern's mask as a Triton expression over ``p`` (the query position: the
     name ``p`` of its absolute position, or ``i``, its row, inside ``top_left``) and ``j``
     (key). ``leaf``: a planner-internal node's override for some leaves (returns their
-    text, or None for the default). ``docs``: the whole pattern's ``document_terms``
-    (the k-th compares ``doc_qk == doc_kk``)."""
-    docs = document_terms(pattern) if docs is None else docs
+    text, or None for the default). ``root``: the whole pattern, whose ``document_terms``
+    number the id pairs (the k-th compares ``doc_qk == doc_kk``) and mask tables (``tblk``)."""
+    root = pattern if root is None else root
     text = leaf(pattern) if leaf is not None else None
     if text is not None:
         return text
@@ -72,13 +74,16 @@ def triton_predicate(pattern: Pattern, leaf=None, p: str = "p", docs=None) -> st
     if isinstance(pattern, Chunks):
         return f"_floordiv({p}, {int(pattern.size)}) == _floordiv(j, {int(pattern.size)})"
     if isinstance(pattern, Documents):
-        n = next(k for k, d in enumerate(docs) if d is pattern)
+        n = next(k for k, d in enumerate(document_terms(root)) if d is pattern)
         return f"doc_q{n} == doc_k{n}"
+    if isinstance(pattern, MaskTable):
+        tables = document_terms(root, MaskTable)
+        return f"tbl{next(k for k, t in enumerate(tables) if t is pattern)} != 0"
     if isinstance(pattern, Affine):  # j < 0 broadcasts a row-only half-plane over the keys
         return (f"({int(pattern.q)} * {p} + {int(pattern.kv)} * j + {int(pattern.const)} >= 0)"
                 " | (j < 0)")
     if isinstance(pattern, TopLeft):
-        return triton_predicate(pattern.pattern, leaf, "i", docs)
+        return triton_predicate(pattern.pattern, leaf, "i", root)
     if isinstance(pattern, Neighborhood):
         return str(neighborhood_keep(pattern, TritonText(p), TritonText("j"), TritonOps))
     if isinstance(pattern, DynamicPattern):  # the routed kernel's per-pair lookup (_routed)
@@ -86,9 +91,9 @@ def triton_predicate(pattern: Pattern, leaf=None, p: str = "p", docs=None) -> st
     if hasattr(pattern, "triton_predicate"):  # planner-internal nodes (a token layout)
         return pattern.triton_predicate(triton_predicate)
     if isinstance(pattern, Union):
-        return " | ".join(f"({triton_predicate(q, leaf, p, docs)})" for q in pattern.parts)
+        return " | ".join(f"({triton_predicate(q, leaf, p, root)})" for q in pattern.parts)
     if isinstance(pattern, Intersection):
-        return " & ".join(f"({triton_predicate(q, leaf, p, docs)})" for q in pattern.parts)
+        return " & ".join(f"({triton_predicate(q, leaf, p, root)})" for q in pattern.parts)
     raise TypeError(f"no Triton predicate for {type(pattern).__name__}")
 
 

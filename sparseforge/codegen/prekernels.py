@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 from functools import lru_cache
 
-from ..ir.nodes import Documents, Full, Intersection, walk
+from ..ir.nodes import Documents, Full, Intersection, MaskTable, walk
 from ..ir.routing import Hierarchical, ThresholdBlocks, TopkBlocks, TopkChunks, VerticalSlash
 from ..ir.scores import strip_scores
 from .predicate import triton_predicate
@@ -93,8 +93,8 @@ def cluster_constexprs(head_dim: int, n_clusters: int) -> dict:
 
 def lines_supported(siblings) -> bool:
     """Whether the line pre-kernels can print the static part (no document ids: those
-    are run-time data, routed with torch ops)."""
-    return not any(isinstance(n, Documents) for s in siblings for n in walk(s))
+    are run-time data, routed with torch ops; so are mask tables)."""
+    return not any(isinstance(n, (Documents, MaskTable)) for s in siblings for n in walk(s))
 
 
 def lines_predicate(siblings) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from .._env import triton_version
-from ..ir.nodes import document_terms, walk
+from ..ir.nodes import MaskTable, document_terms, walk
 from ..ir.ops import TritonOps, TritonText
 from ..ir.routing import (
     Clusters,
@@ -238,6 +238,8 @@ def render_kernel(plan: Plan, kernel_index: int = 0, kind: str = "forward") -> K
         positions_prelude=positions_prelude(analysed) if kernel.score.any else [],
         has_documents=kernel.has_documents,
         n_documents=len(document_terms(analysed)),
+        has_tables=kernel.has_tables,
+        n_tables=len(document_terms(analysed, MaskTable)),
         routed=routed,
         **_routing_context(kernel.analysed if routed else None, plan.kv_len),
         d_padded=plan.padded_head_dim != plan.head_dim,

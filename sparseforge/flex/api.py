@@ -19,7 +19,7 @@ import torch
 from ..api import attention
 from ..ir.affine import drop_top_left
 from ..ir.canonicalize import canonicalize
-from ..ir.nodes import Documents, Full, Intersection, Pattern, PerHead, walk
+from ..ir.nodes import Documents, Full, Intersection, MaskTable, Pattern, PerHead, walk
 from ..ir.scores import Alibi, RelBias
 from ..planner.ranges import tile_segments
 from ..planner.schedule import visit_matrices
@@ -108,7 +108,7 @@ def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device=None, BLOCK_SIZE=128
     """A FlexAttention ``BlockMask`` for ``mask_mod``, usable by Flex's ``flex_attention``
     and by ``sf.flex_attention`` alike (Flex's signature).
 
-    When the mask has a closed form (and no per-token ids or per-head parts), its block
+    When the mask has a closed form (and no per-token ids, mask tables or per-head parts), its block
     tables come from the pattern's tile bounds: no ``mask_mod`` evaluation over the
     ``Q_LEN x KV_LEN`` grid. Otherwise Flex's own ``create_block_mask`` builds it."""
     from torch.nn.attention import flex_attention as flex
@@ -119,7 +119,7 @@ def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device=None, BLOCK_SIZE=128
         pattern = from_mask_mod(mask_mod, heads=H)
     except FlexTraceError:
         pattern = None
-    if pattern is None or any(isinstance(n, (Documents, PerHead)) for n in walk(pattern)):
+    if pattern is None or any(isinstance(n, (Documents, MaskTable, PerHead)) for n in walk(pattern)):
         return flex.create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device=device,
                                       BLOCK_SIZE=BLOCK_SIZE)
     block = (BLOCK_SIZE, BLOCK_SIZE) if isinstance(BLOCK_SIZE, int) else tuple(BLOCK_SIZE)

@@ -11,7 +11,9 @@ and each atom becomes a node:
 * ``(kv_idx - q_idx) % d == 0``: a window with dilation ``d`` (its band comes from the
   half-planes beside it in the same ``&``);
 * ``ids[q_idx] == kv_ids[kv_idx]`` (``ids[b, q_idx]`` for per-sequence ids):
-  ``documents(ids, kv_ids)``.
+  ``documents(ids, kv_ids)``;
+* a captured bool ``mask[q_idx, kv_idx]`` (or ``mask[b, q_idx, kv_idx]``) as a truth value:
+  ``mask_table(mask)`` (tree masks of speculative decoding).
 
 The whole is wrapped in ``top_left``: Flex's ``q_idx`` is the query's row. A head index
 ``h`` is substituted per head (``heads=``), giving ``per_head``. Anything else raises
@@ -34,6 +36,7 @@ from ..ir.nodes import (
     Empty,
     Full,
     Intersection,
+    MaskTable,
     Pattern,
     PerHead,
     Union,
@@ -242,12 +245,15 @@ class _Lowering:
     # ---------------------------------------------------------------- lookups
 
     def lookup(self, rel, diff) -> Pattern:
-        """``ids[q] == kv_ids[kv]`` (optionally ``[b, ...]`` on both): documents."""
+        """``ids[q] == kv_ids[kv]`` (optionally ``[b, ...]`` on both): documents; a bool
+        ``mask[q, kv]`` (or ``mask[b, q, kv]``) used as a truth value: ``mask_table``."""
         lookups = list(diff.atoms(Lookup))
+        if len(lookups) == 1 and diff == lookups[0] and isinstance(rel, sympy.Ne) and rel.rhs == 0:
+            return self.table(rel, lookups[0])
         if not isinstance(rel, sympy.Eq) or len(lookups) != 2:
-            self.fail(rel, "a lookup into a captured tensor has a closed form only as "
-                           "ids[q_idx] == kv_ids[kv_idx] (documents); an arbitrary boolean "
-                           "mask tensor does not")
+            self.fail(rel, "a lookup into a captured tensor is read only as "
+                           "ids[q_idx] == kv_ids[kv_idx] (documents) or as a bool "
+                           "mask[q_idx, kv_idx] (mask_table)")
         first, second = lookups
         if sympy.expand(diff - (first - second)) != 0 and sympy.expand(diff - (second - first)) != 0:
             self.fail(rel, "only ids[q_idx] == kv_ids[kv_idx] has a closed form")
@@ -257,6 +263,14 @@ class _Lowering:
                            "(optionally after b)")
         q_ids, kv_ids = (self._ids(by_side[s], rel) for s in (Q, KV))
         return Documents(q_ids, kv_ids=kv_ids)
+
+    def table(self, rel, lookup: Lookup) -> Pattern:
+        t = self.traced.tables[int(lookup.args[0])]
+        index = tuple(lookup.args[1:])
+        if t.dtype != torch.bool or index not in ((Q, KV), (B, Q, KV)) or t.dim() != len(index):
+            self.fail(rel, "a captured tensor read as a mask must be bool and indexed "
+                           "[q_idx, kv_idx] or [b, q_idx, kv_idx]")
+        return MaskTable(t)
 
     def _ids(self, lookup: Lookup, rel) -> torch.Tensor:
         t = self.traced.tables[int(lookup.args[0])]

@@ -162,6 +162,35 @@ class Documents(Pattern):
                 and other.kv_ids is self.kv_ids)
 
 
+@dataclass(frozen=True, eq=False)
+class MaskTable(Pattern):
+    """``mask[i, j]``: any boolean mask, given as a tensor ``[Lq, Lkv]`` or ``[B, Lq, Lkv]``
+    (tree masks of speculative decoding, masks with no closed form). Indexed by the query
+    row, like ``documents`` with ``kv_ids``, so its alignment is its own. Identity (not
+    value) equality, like ``documents``."""
+
+    mask: Any
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.mask, torch.Tensor):
+            raise TypeError(f"mask_table(mask=...): expected a bool torch.Tensor, "
+                            f"got {type(self.mask).__name__}")
+        if self.mask.dtype != torch.bool:
+            raise TypeError(f"mask_table(mask=...): expected dtype torch.bool, got {self.mask.dtype}")
+        if self.mask.dim() not in (2, 3):
+            raise ValueError(f"mask_table(mask=...): expected shape [Lq, Lkv] or [B, Lq, Lkv], "
+                             f"got {tuple(self.mask.shape)}")
+
+    def __repr__(self) -> str:
+        return f"mask_table(<mask {'x'.join(str(s) for s in self.mask.shape)}>)"
+
+    def __hash__(self) -> int:
+        return hash(id(self.mask))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MaskTable) and other.mask is self.mask
+
+
 class ScoreModifier(Pattern):
     """Base of the score modifiers (``sparseforge.ir.scores``): they change the scores of
     allowed pairs, never which pairs interact, so as a mask each one allows every pair.
@@ -245,15 +274,28 @@ def walk(pattern: Pattern):
         yield from walk(c)
 
 
-def document_terms(pattern: Pattern) -> tuple[Documents, ...]:
-    """The distinct ``documents`` nodes of a pattern, in walk order: the kernels number
-    their id pairs so (``doc_q0/doc_k0``, ...), and a call's own pattern (the same
-    canonical structure, its own tensors) lists its ids in the same order."""
-    seen: dict[int, Documents] = {}
+def document_terms(pattern: Pattern, kind: type = Documents) -> tuple:
+    """The distinct ``documents`` nodes (or ``kind``: ``MaskTable``) of a pattern, in walk
+    order: the kernels number their id pairs so (``doc_q0/doc_k0``, ...) and their mask
+    tables (``tbl0``, ...), and a call's own pattern (the same canonical structure, its
+    own tensors) lists its tensors in the same order."""
+    seen: dict[int, Pattern] = {}
     for node in walk(pattern):
-        if isinstance(node, Documents):
+        if isinstance(node, kind):
             seen.setdefault(id(node), node)
     return tuple(seen.values())
+
+
+def data_tensors(pattern: Pattern) -> tuple[torch.Tensor, ...]:
+    """The tensors deciding which pairs interact (document ids, mask tables), in walk
+    order: what a cached tile refinement is checked against."""
+    out: list[torch.Tensor] = []
+    for node in walk(pattern):
+        if isinstance(node, Documents):
+            out += [t for t in (node.ids, node.kv_ids) if t is not None]
+        elif isinstance(node, MaskTable):
+            out.append(node.mask)
+    return tuple(out)
 
 
 # ---------------------------------------------------------------- public constructors
@@ -298,6 +340,11 @@ def chunks(size: int) -> Pattern:
 def documents(ids: Any, kv_ids: Any = None) -> Pattern:
     """Packed sequences: tokens attend only within their own document id."""
     return Documents(ids, kv_ids)
+
+
+def mask_table(mask: Any) -> Pattern:
+    """Pairs where ``mask[i, j]`` (or ``mask[b, i, j]``) is true: any mask as a tensor."""
+    return MaskTable(mask)
 
 
 def prefix_lm(n: int) -> Pattern:

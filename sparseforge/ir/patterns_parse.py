@@ -58,7 +58,7 @@ def _int(node, text):
 
 # --------------------------------------------------------------- reprs, with tensors
 
-_PLACEHOLDER = re.compile(r"<(ids|kv_ids|slopes|table)( [0-9x]*)?>")
+_PLACEHOLDER = re.compile(r"<(ids|kv_ids|mask|slopes|table)( [0-9x]*)?>")
 
 
 @lru_cache(maxsize=256)
@@ -70,7 +70,7 @@ def _repr_tree(text: str) -> ast.expr:
 
 
 def placeholder_kinds(text: str) -> list[str]:
-    """What each tensor of a pattern repr is, in order: ids, kv_ids, slopes or table."""
+    """What each tensor of a pattern repr is, in order: ids, kv_ids, mask, slopes or table."""
     return [m.group(1) for m in _PLACEHOLDER.finditer(text)]
 
 
@@ -121,7 +121,8 @@ def _repr_value(node, text, tensors):
 
 def _repr_constructors() -> dict:
     table = dict(CONSTRUCTORS)
-    table.update(empty=nodes.Empty, documents=nodes.documents, per_head=nodes.per_head,
+    table.update(empty=nodes.Empty, documents=nodes.documents, mask_table=nodes.mask_table,
+                 per_head=nodes.per_head,
                  softcap=scores.softcap, alibi=scores.alibi, rel_bias=scores.rel_bias)
     return table
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from .neighborhood import Neighborhood, grid_coordinate
-from .nodes import Documents, Full, Intersection, Pattern, ScoreModifier, walk
+from .nodes import Documents, Full, Intersection, MaskTable, Pattern, ScoreModifier, walk
 
 #: widest rel_bias table (2R + 1 entries) the kernels accept: the dK/dV kernel keeps one
 #: accumulator per entry in registers for the table's gradient
@@ -320,13 +320,15 @@ def alibi_slopes(n_heads: int):
 
 
 def pattern_tensors(pattern: Pattern) -> list:
-    """Every run-time tensor the pattern holds (document ids, ALiBi slopes, rel_bias
-    tables), in walk order, which is the order of their placeholders in ``repr``: what
+    """Every run-time tensor the pattern holds (document ids, mask tables, ALiBi slopes,
+    rel_bias tables), in walk order, which is the order of their placeholders in ``repr``: what
     a compiled graph passes to the custom op (see ``patterns_parse.parse_repr``)."""
     out = []
     for node in walk(pattern):
         if isinstance(node, Documents):
             out += [node.ids] + ([] if node.kv_ids is None else [node.kv_ids])
+        elif isinstance(node, MaskTable):
+            out.append(node.mask)
         elif isinstance(node, (Alibi, RelBias)):
             out.append(getattr(node, node.tensor_name))
     return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..ir.neighborhood import Neighborhood
-from ..ir.nodes import Documents, Intersection, Pattern, PerHead, walk
+from ..ir.nodes import Documents, Intersection, MaskTable, Pattern, PerHead, walk
 from ..ir.routing import TopkKeys, is_dynamic
 from ..ir.scores import Alibi, RelBias, Softcap
 from ..validate import SUPPORTED_DTYPES, check_attention_inputs
@@ -43,7 +43,7 @@ def dense_mask(pattern: Pattern, q_len: int, kv_len: int, *, batch: int | None =
         return mask.expand(q.shape[0], q.shape[1], q_len, kv_len)
     # document ids may differ per batch: a pattern holding them always answers per batch
     batched = (mask.shape[0] > 1 or batch is not None
-               or any(isinstance(n, Documents) for n in walk(pattern)))
+               or any(isinstance(n, (Documents, MaskTable)) for n in walk(pattern)))
     if batched:
         return mask.expand(max(mask.shape[0], batch or 1), -1, -1, -1)
     return mask[0] if isinstance(pattern, PerHead) else mask[0, 0]

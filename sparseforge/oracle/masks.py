@@ -24,6 +24,7 @@ from ..ir.nodes import (
     Full,
     GlobalQueries,
     Intersection,
+    MaskTable,
     Pattern,
     PerHead,
     ScoreModifier,
@@ -104,6 +105,12 @@ def static_rule(pat: Pattern, g: Grid) -> torch.Tensor:
         return floor_div(p, pat.size) == floor_div(j, pat.size)
     if isinstance(pat, Documents):
         return documents_rule(pat, g)
+    if isinstance(pat, MaskTable):  # mask[i, j], per batch row when batched
+        m = pat.mask if pat.mask.dim() == 3 else pat.mask[None]
+        if tuple(m.shape[-2:]) != (g.q_len, g.kv_len):
+            raise ValueError(f"mask_table(mask): shape {tuple(pat.mask.shape)} for "
+                             f"q_len={g.q_len}, kv_len={g.kv_len}")
+        return m.to(g.device)
     if isinstance(pat, Affine):
         return (pat.q * p + pat.kv * j + pat.const >= 0).expand(g.q_len, g.kv_len)
     if isinstance(pat, Neighborhood):

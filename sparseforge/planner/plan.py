@@ -19,7 +19,7 @@ import torch
 from ..ir.affine import drop_top_left
 from ..ir.canonicalize import canonicalize
 from ..ir.neighborhood import Neighborhood
-from ..ir.nodes import Documents, Intersection, Pattern, PerHead, Window, walk
+from ..ir.nodes import Documents, Intersection, MaskTable, Pattern, PerHead, Window, walk
 from ..ir.routing import TopkKeys, is_dynamic
 from ..ir.scores import ScoreSpec, score_spec, score_terms, strip_scores
 from ..ir.split import envelope, static_part
@@ -141,6 +141,10 @@ class KernelPlan:
     @cached_property
     def has_documents(self) -> bool:
         return any(isinstance(n, Documents) for n in walk(self.analysed))
+
+    @cached_property
+    def has_tables(self) -> bool:
+        return any(isinstance(n, MaskTable) for n in walk(self.analysed))
 
 
 @dataclass(frozen=True)
@@ -448,7 +452,7 @@ def _tileable(heads, q_len: int, kv_len: int, groups):
     if (node is None or groups is not None or q_len != kv_len or q_len < node.size
             or q_len <= DECODE_MAX_Q
             or any(score_spec(p).rel_grad for p in masks)
-            or any(isinstance(n, Documents) for p in masks for n in walk(p))):
+            or any(isinstance(n, (Documents, MaskTable)) for p in masks for n in walk(p))):
         return None
     return node
 

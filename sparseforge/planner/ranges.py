@@ -37,6 +37,7 @@ from ..ir.nodes import (
     Full,
     GlobalQueries,
     Intersection,
+    MaskTable,
     Pattern,
     Sinks,
     Union,
@@ -219,7 +220,7 @@ def primitive_segment(pat: Pattern, top_left: bool = False) -> TileSegment:
         first_chunk, last_chunk = FloorDiv(p_first, s), FloorDiv(p_last, s)
         # Full only where the first row's chunk and the last row's chunk coincide.
         return _tiles(first_chunk * s, last_chunk * s + s - 1, last_chunk * s, first_chunk * s + s - 1)
-    if isinstance(pat, Documents):
+    if isinstance(pat, (Documents, MaskTable)):
         return _tiles(0, last_key, *_NO_FULL)  # decided per tile at run time
     if isinstance(pat, Empty):
         return _tiles(0, -1, *_NO_FULL)
@@ -313,7 +314,7 @@ def key_side_segment(pat: Pattern, top_left: bool = False) -> TileSegment:
     def rows(p_lo, p_hi, pf_lo, pf_hi):
         return _query_tiles(p_lo - delta, p_hi - delta, pf_lo - delta, pf_hi - delta)
 
-    if isinstance(pat, (Full, Documents)):
+    if isinstance(pat, (Full, Documents, MaskTable)):
         full = (0, last_row) if isinstance(pat, Full) else _NO_FULL
         return _query_tiles(0, last_row, *full)
     if isinstance(pat, Causal):  # j <= p

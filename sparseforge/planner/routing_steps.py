@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from ..ir.nodes import Documents, Empty, Pattern, PerHead, walk
+from ..ir.nodes import Documents, Empty, MaskTable, Pattern, PerHead, walk
 from ..ir.routing import (
     Clusters,
     DynamicPattern,
@@ -187,4 +187,4 @@ def cluster_kernel_ok(pattern: Pattern, node) -> bool:
     outside the intersection, no documents, ALiBi or rel_bias (softcap is fine)."""
     if node.balanced is not None or not isinstance(static_part(pattern), Empty):
         return False
-    return not any(isinstance(n, (Documents, Alibi, RelBias)) for n in walk(pattern))
+    return not any(isinstance(n, (Documents, MaskTable, Alibi, RelBias)) for n in walk(pattern))

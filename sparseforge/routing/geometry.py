@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import torch
 
-from ..ir.nodes import Documents, walk
+from ..ir.nodes import Documents, MaskTable, walk
 from ..ir.routing import Hierarchical, ThresholdBlocks, TopkBlocks, TopkChunks, TopkKeys
 from ..semantics import pair_mask
 from .selection import bucket_of
@@ -100,8 +100,9 @@ _candidates = ShapeCache(256)
 
 
 def shape_only(siblings) -> bool:
-    """Whether the static part's mask depends on the shapes only (no document ids)."""
-    return not any(isinstance(n, Documents) for s in siblings for n in walk(s))
+    """Whether the static part's mask depends on the shapes only (no document ids or
+    mask tables)."""
+    return not any(isinstance(n, (Documents, MaskTable)) for s in siblings for n in walk(s))
 
 
 def node_candidates(node, siblings, q_starts, k_starts, q_len: int, kv_len: int,

@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..ir.nodes import data_tensors
 from ..planner.schedule import GroupSchedule
-from .cpu_tiles import document_tensors, refinable, refined_schedule
+from .cpu_tiles import refinable, refined_schedule
 from .torch_exec import tile_mask
 
 #: a batch grows while its windows cost at most this much more than the tiles it visits
@@ -125,7 +126,7 @@ def programs(plan, index: int, group: int, kernel, call_pattern, sched: GroupSch
     while the call's ids are equal to it (compared on the host: O(L), no device sync on
     CPU), so an in-place edit, even of an inference tensor, is never served stale tiles."""
     refine = refinable(plan, kernel)
-    ids = document_tensors(call_pattern) if refine else ()
+    ids = data_tensors(call_pattern) if refine else ()
     key = (id(plan), index, group, tuple(id(t) for t in ids))
     hit = _programs.get(key)
     if (hit is not None and hit[0] is plan and len(hit[2]) == len(ids)

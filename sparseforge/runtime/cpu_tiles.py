@@ -1,4 +1,5 @@
-"""Call-time tile sets for patterns that hold document ids (the CPU executor's input).
+"""Call-time tile sets for patterns that hold document ids or mask tables (the CPU
+executor's input).
 
 The plan cannot see document ids (they are run-time data), so its schedule visits every
 tile a ``documents(...)`` term allows structurally, with no full tile: correct, but it
@@ -8,7 +9,8 @@ tiles can share a document (exact for packed, sorted ids; a safe superset otherw
 and a pair of tiles holding one and the same id throughout is full. The refinement
 walks the pattern's union/intersection tree with the plan's own segments at the other
 leaves, so ``documents(ids) & causal()``, prefix-LM per document and unions of several
-id terms all get tight tiles.
+id terms all get tight tiles. A ``mask_table`` gives its tiles directly: a tile is
+visited where the table holds a true pair, full where every pair of a whole tile is.
 """
 
 from __future__ import annotations
@@ -16,17 +18,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..ir.nodes import Documents, Intersection, Pattern, Union, walk
+from ..ir.nodes import Documents, Intersection, MaskTable, Pattern, Union
 from ..planner.ranges import tile_segments
 from ..planner.schedule import GroupSchedule, visit_matrices
-from ..semantics import document_ids, strip_scores
+from ..semantics import document_ids, strip_scores, table_mask
 
 
 def refinable(plan, kernel) -> bool:
     """Whether the kernel's tiles can be refined from its document ids: it holds some,
     runs on original token order and has no dilation groups (the leaves' segments are
     then stated on the same lengths as the schedule)."""
-    return kernel.has_documents and kernel.groups == 1 and plan.layout is None
+    return ((kernel.has_documents or kernel.has_tables) and kernel.groups == 1
+            and plan.layout is None)
 
 
 def refined_schedule(plan, call_pattern: Pattern, sched: GroupSchedule) -> list[GroupSchedule]:
@@ -37,12 +40,6 @@ def refined_schedule(plan, call_pattern: Pattern, sched: GroupSchedule) -> list[
     visit = visit & sched.visit
     full = full & visit
     return [GroupSchedule(sched.geometry, visit[b], full[b]) for b in range(visit.shape[0])]
-
-
-def document_tensors(call_pattern: Pattern) -> tuple[torch.Tensor, ...]:
-    """The id tensors a refinement is computed from, in a fixed order."""
-    return tuple(t for node in walk(call_pattern) if isinstance(node, Documents)
-                 for t in (node.ids, node.kv_ids) if t is not None)
 
 
 def _tile_sets(pattern: Pattern, plan, q_len: int, kv_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -56,6 +53,8 @@ def _tile_sets(pattern: Pattern, plan, q_len: int, kv_len: int) -> tuple[np.ndar
         return visit, full
     if isinstance(pattern, Documents):
         return _document_tiles(pattern, q_len, kv_len, plan.block_m, plan.block_n)
+    if isinstance(pattern, MaskTable):
+        return _table_tiles(pattern, q_len, kv_len, plan.block_m, plan.block_n)
     visit, full = visit_matrices(tile_segments(pattern), q_len, kv_len, plan.block_m, plan.block_n)
     return visit[None], full[None]
 
@@ -68,6 +67,20 @@ def _document_tiles(pat: Documents, q_len: int, kv_len: int, bm: int, bn: int):
     k_whole = torch.arange(k_lo.shape[1]) * bn + bn <= kv_len  # no column past the end
     full = ((q_lo == q_hi)[:, :, None] & (k_lo == k_hi)[:, None, :]
             & (q_lo[:, :, None] == k_lo[:, None, :]) & k_whole)
+    return visit.numpy(), full.numpy()
+
+
+def _table_tiles(pat: MaskTable, q_len: int, kv_len: int, bm: int, bn: int):
+    """Tiles holding a true pair (visit) and whole tiles holding only true pairs (full)."""
+    mask = table_mask(pat, q_len, kv_len).cpu()
+    b = mask.shape[0]
+    tq, tk = -(-q_len // bm), -(-kv_len // bn)
+    padded = torch.zeros(b, tq * bm, tk * bn, dtype=torch.bool)
+    padded[:, :q_len, :kv_len] = mask
+    blocks = padded.view(b, tq, bm, tk, bn)
+    visit = blocks.any(4).any(2)
+    whole = ((torch.arange(tq) + 1) * bm <= q_len)[:, None] & ((torch.arange(tk) + 1) * bn <= kv_len)
+    full = blocks.all(4).all(2) & whole
     return visit.numpy(), full.numpy()
 
 

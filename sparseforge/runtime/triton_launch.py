@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import torch
 
-from ..ir.nodes import document_terms
+from ..ir.nodes import MaskTable, document_terms
 from ..ir.scores import Alibi, RelBias, Softcap, rel_bias_table, score_terms
 from ..planner.plan import Plan
 from ..planner.schedule import group_geometry
 from ..planner.tiles import DECODE_MAX_Q
-from ..semantics import document_ids
+from ..semantics import document_ids, table_mask
 from . import gpu_launch, sources
 from .tma import call_tma, ensure_allocator
 
@@ -52,6 +52,32 @@ def _documents_args(call_kernel_pattern, q_len, kv_len, device):
     return packed + args
 
 
+#: packed mask tables by (tensor ids, versions, device): a warm call with the same,
+#: unedited tables neither copies nor converts them again (in-place edits bump the
+#: version, so they are never served stale)
+_packed_tables: dict = {}
+
+
+def _tables_args(call_kernel_pattern, q_len, kv_len, device):
+    """Every mask table packed ``[B or 1, tables, Lq, Lkv]`` (uint8) with its batch,
+    table, row and key strides."""
+    masks = [n.mask for n in document_terms(call_kernel_pattern, MaskTable)]
+    versions = tuple(None if m.is_inference() else m._version for m in masks)
+    key = (tuple(map(id, masks)), versions, q_len, kv_len, str(device))
+    hit = _packed_tables.get(key) if None not in versions else None
+    if hit is None or any(a is not b for a, b in zip(hit[1], masks)):
+        tables = [table_mask(n, q_len, kv_len)
+                  for n in document_terms(call_kernel_pattern, MaskTable)]
+        batch = max(t.shape[0] for t in tables)
+        stacked = torch.stack([t.expand(batch, -1, -1) for t in tables], 1)
+        hit = (stacked.to(device=device, dtype=torch.uint8).contiguous(), masks)
+        if len(_packed_tables) > 16:
+            _packed_tables.clear()
+        _packed_tables[key] = hit  # holding the masks keeps their ids unique
+    t = hit[0]
+    return [t, 0 if t.shape[0] == 1 else t.stride(0), t.stride(1), t.stride(2), t.stride(3)]
+
+
 def _score_args(kernel, call_pattern, device) -> list:
     """The score modifiers' run-time values, in the kernels' parameter order: ALiBi
     slopes, the rel_bias table and its row stride, the soft cap in log2 units."""
@@ -73,6 +99,8 @@ def _score_args(kernel, call_pattern, device) -> list:
 def _pattern_args(kernel, call_pattern, q_len: int, kv_len: int, device) -> list:
     """The run-time values a kernel's pattern reads: document ids, score modifiers."""
     docs = _documents_args(call_pattern, q_len, kv_len, device) if kernel.has_documents else []
+    if kernel.has_tables:
+        docs += _tables_args(call_pattern, q_len, kv_len, device)
     return docs + _score_args(kernel, call_pattern, device)
 
 

@@ -188,7 +188,8 @@ def test_control_flow_names_the_line():
 
 
 @pytest.mark.parametrize("mask_mod, words", [
-    (lambda b, h, q, kv: BOOL_TABLE[q, kv], "boolean mask tensor"),
+    (lambda b, h, q, kv: ~BOOL_TABLE[q, kv], "mask_table"),
+    (lambda b, h, q, kv: BOOL_TABLE[kv, q], "indexed \\[q_idx, kv_idx\\]"),
     (lambda b, h, q, kv: (q * kv) < 10, "product of positions"),
     (lambda b, h, q, kv: (q >= kv) & (b == 0), "depends on b"),
     (lambda b, h, q, kv: q % 4 == 0, "kv_idx - q_idx"),
@@ -310,17 +311,44 @@ def test_our_block_mask_equals_flex_and_runs_in_flex():
 
 
 def test_untraceable_mask_runs_on_flex_with_a_warning():
-    table = torch.rand(40, 40) > 0.3
-    table.fill_diagonal_(True)
+    table = torch.rand(40, 40, generator=torch.Generator().manual_seed(1)) > 0.3
 
-    def tree(b, h, q, kv):
-        return table[q, kv]
+    def transposed(b, h, q, kv):  # a bool table read [kv, q]: no form here
+        return table[kv, q] | (q == kv)
 
     q, k, v = random_qkv(1, 2, 2, 40, 40, 16)
-    block_mask = sf.create_block_mask(tree, None, None, 40, 40, device="cpu")
+    block_mask = sf.create_block_mask(transposed, None, None, 40, 40, device="cpu")
     with pytest.warns(UserWarning, match="running on FlexAttention"):
         out = sf.flex_attention(q, k, v, block_mask=block_mask)
-    torch.testing.assert_close(out, flex_reference(q, k, v, tree), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, flex_reference(q, k, v, transposed), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_tree_mask_from_a_captured_table(backend):
+    """Speculative decoding's tree mask: the prefix causal, the draft tokens by a bool
+    table; read as mask_table beside the closed-form part, exact, no hand-over to Flex."""
+    prefix, draft = 30, 12
+    parents = torch.tensor([-1, 0, 0, 1, 1, 2, 3, 3, 5, 6, 6, 9])
+    tree = torch.eye(draft, dtype=torch.bool)
+    for node, parent in enumerate(parents.tolist()):
+        if parent >= 0:
+            tree[node] |= tree[parent]
+    table = torch.zeros(draft, prefix + draft, dtype=torch.bool)
+    table[:, prefix:] = tree
+
+    def tree_mask(b, h, q_idx, kv_idx):
+        return (kv_idx < prefix) | table[q_idx, kv_idx]
+
+    pattern = sf.from_mask_mod(tree_mask)
+    assert repr(pattern) == f"(mask_table(<mask {draft}x{prefix + draft}>) | sinks({prefix}))"
+    q, k, v = random_qkv(2, 4, 2, draft, prefix + draft, 16, seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # runs on sparseforge: no hand-over warning
+        out = sf.flex_attention(q, k, v, block_mask=sf.create_block_mask(
+            tree_mask, None, None, draft, prefix + draft, device="cpu"), enable_gqa=True,
+            backend=backend)
+    torch.testing.assert_close(out, flex_reference(q, k, v, tree_mask, enable_gqa=True),
+                               atol=2e-5, rtol=1e-5)
 
 
 def test_flex_attention_checks_lengths():

@@ -1,12 +1,14 @@
-"""Patterns holding several ``documents(...)`` terms (per-document prefix LM, a shared
-prompt, Flamingo-style cross attention, text beside a neighbourhood) run in the generated
-kernels: forward, dQ, dK/dV and decode against the fp64 oracle, batched and shared ids
-mixed."""
+"""Patterns holding run-time data run in the generated kernels: several ``documents(...)``
+terms (per-document prefix LM, a shared prompt, Flamingo-style cross attention) and bool
+``mask_table``s (tree masks). Forward, dQ, dK/dV and decode against the fp64 oracle,
+batched and shared tensors mixed, in-place edits seen, CPU tiles exact."""
 
 import pytest
 import torch
 
 import sparseforge as sf
+from sparseforge.planner.schedule import GroupSchedule, group_geometry, visit_matrices
+from sparseforge.runtime.cpu_tiles import refined_schedule
 from tests.helpers import assert_matches_oracle, random_qkv
 from tests.runtime.test_backward import _check as check_gradients
 from tests.runtime.test_decode import _check as check_decode
@@ -67,3 +69,67 @@ def test_flex_mask_with_two_id_tensors():
     pattern = sf.from_mask_mod(prompt_and_documents)
     assert len(sf.ir.nodes.document_terms(pattern)) == 2
     assert_matches_oracle(pattern, *random_qkv(1, 2, 2, L, L, 16, seed=3), "triton")
+
+
+# --------------------------------------------------------------------- mask tables
+
+TREE = torch.rand(2, L, L, generator=torch.Generator().manual_seed(4)) > 0.7
+TABLES = {
+    "table_or_sinks": sf.mask_table(TREE[0]) | sf.sinks(3),
+    "batched_table_and_causal": sf.mask_table(TREE) & sf.causal(),
+    "table_beside_documents": (sf.documents(DOCS) & sf.causal()) | sf.mask_table(TREE[1]),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("name", list(TABLES))
+def test_mask_table_forward(name, backend):
+    q, k, v = random_qkv(2, 4, 2, L, L, 20, seed=len(name))
+    assert_matches_oracle(TABLES[name], q, k, v, backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_mask_table_gradients(backend):
+    check_gradients(*random_qkv(2, 2, 2, L, L, 16, seed=6), TABLES["batched_table_and_causal"],
+                    backend)
+
+
+def test_mask_table_decode(launched_kinds):
+    table = torch.rand(2, 3, L, generator=torch.Generator().manual_seed(8)) > 0.5
+    check_decode(*random_qkv(2, 4, 2, 3, L, 32, seed=7), sf.mask_table(table) | sf.sinks(2))
+    assert "decode" in launched_kinds
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_mask_table_edited_in_place_is_seen(backend):
+    """The packed tables (Triton) and refined CPU programs are cached; an in-place edit
+    must never be served stale."""
+    table = torch.rand(L, L, generator=torch.Generator().manual_seed(9)) > 0.5
+    pattern = sf.mask_table(table)
+    q, k, v = random_qkv(1, 2, 2, L, L, 16, seed=9)
+    assert_matches_oracle(pattern, q, k, v, backend)
+    table[:, : L // 2] = ~table[:, : L // 2]
+    assert_matches_oracle(pattern, q, k, v, backend)
+
+
+def test_mask_table_tiles_are_exact_on_cpu():
+    """The CPU executor computes only the tiles where the table holds a true pair."""
+    table = torch.zeros(256, 256, dtype=torch.bool)
+    table[60:90, 10:20] = True  # two query tiles of 64, one key tile
+    table[64:128, 128:192] = True  # a whole tile: full
+    p = sf.plan(sf.mask_table(table), q_len=256, kv_len=256, head_dim=16, dtype="float32",
+                target="cpu")
+    geo = group_geometry(256, 256, 1)[0]
+    visit, full = visit_matrices(list(p.kernels[0].walked_segments), 256, 256, p.block_m,
+                                 p.block_n)
+    assert visit.all() and not full.any()  # the plan cannot see the table
+    (refined,) = refined_schedule(p, sf.mask_table(table), GroupSchedule(geo, visit, full))
+    assert refined.visit.sum() == 3 and refined.full.sum() == 1 and refined.full[1, 2]
+
+
+def test_mask_table_checks_its_shape():
+    q, k, v = random_qkv(1, 2, 2, 20, 30, 16)
+    with pytest.raises(ValueError, match="mask_table"):
+        sf.attention(q, k, v, sf.mask_table(torch.ones(30, 20, dtype=torch.bool)))
+    with pytest.raises(TypeError, match="bool"):
+        sf.mask_table(torch.ones(20, 30))
