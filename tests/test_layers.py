@@ -139,12 +139,15 @@ def test_a_plain_import_loads_no_heavy_dependency():
 def test_public_api_is_unchanged():
     assert set(sparseforge.__all__) == set(sparseforge._PUBLIC)
     assert set(sparseforge.__all__) == {
-        "BuildSpec", "Pattern", "Plan", "SparseAttention", "alibi", "alibi_slopes", "attention",
-        "causal", "chunks", "clusters", "dense_mask", "documents", "full", "global_queries",
-        "halo_blocks", "hierarchical", "load_kernels", "maxvit_block", "maxvit_grid", "merge",
+        "BuildSpec", "Pattern", "Plan", "SparseAttention", "affine", "alibi", "alibi_slopes",
+        "attention", "causal", "chunks", "clusters", "create_block_mask", "dense_mask",
+        "documents", "flex_attention", "from_mask_mod", "from_score_mod", "full",
+        "global_queries", "halo_blocks", "hierarchical", "load_kernels", "mask_table",
+        "maxvit_block", "maxvit_grid", "merge",
         "na1d", "na2d", "na3d", "neighborhood", "per_head", "plan", "prefix_lm",
         "reference_attention", "rel_bias", "sinks", "sliding_window", "softcap", "swin_window",
-        "threshold_blocks", "topk_blocks", "topk_chunks", "topk_keys", "vertical_slash", "window"}
+        "threshold_blocks", "top_left", "topk_blocks", "topk_chunks", "topk_keys",
+        "vertical_slash", "window"}
     for name in sparseforge.__all__:
         assert getattr(sparseforge, name) is not None
 

@@ -111,7 +111,8 @@ def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device=None, BLOCK_SIZE=128
     When the mask has a closed form (and no per-token ids, mask tables or per-head parts), its block
     tables come from the pattern's tile bounds: no ``mask_mod`` evaluation over the
     ``Q_LEN x KV_LEN`` grid. Otherwise Flex's own ``create_block_mask`` builds it."""
-    from torch.nn.attention import flex_attention as flex
+    # FlexAttention's module loads its compiler stack: only Flex's own objects need it
+    import torch.nn.attention.flex_attention as flex
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -194,6 +195,7 @@ def _check_block_mask(block_mask, q_len: int, kv_len: int) -> None:
 
 def _call_pattern(q, score_mod, block_mask, q_len, kv_len):
     """(pattern, factor on the scale, the ALiBi node or None) of one call."""
+    # FlexAttention's module loads its compiler stack: imported when a block mask is given
     from torch.nn.attention.flex_attention import noop_mask
 
     heads = q.shape[1]
@@ -226,7 +228,8 @@ def _with_modifiers(pattern: Pattern, modifiers: list) -> Pattern:
 
 def _on_flex(exc, q, k, v, score_mod, block_mask, scale, enable_gqa, return_lse):
     """Run the call on FlexAttention itself (warned once per function)."""
-    from torch.nn.attention import flex_attention as flex
+    # FlexAttention's module loads its compiler stack: only this hand-over needs it
+    import torch.nn.attention.flex_attention as flex
 
     key = (getattr(block_mask, "mask_mod", None), score_mod)
     if key not in _WARNED:
