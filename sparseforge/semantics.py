@@ -132,9 +132,10 @@ def document_ids(pat: Documents, q_len: int, kv_len: int) -> tuple[torch.Tensor,
 
 def table_mask(pat: MaskTable, q_len: int, kv_len: int) -> torch.Tensor:
     """The mask of a ``mask_table`` as ``[B or 1, Lq, Lkv]``, its lengths checked."""
-    mask = pat.mask if pat.mask.dim() == 3 else pat.mask[None]
+    table = pat.table(q_len, kv_len)
+    mask = table if table.dim() == 3 else table[None]
     if tuple(mask.shape[-2:]) != (q_len, kv_len):
-        raise ValueError(f"mask_table(mask): shape {tuple(pat.mask.shape)}, expected "
+        raise ValueError(f"mask_table(mask): shape {tuple(table.shape)}, expected "
                          f"[.., q_len, kv_len] = [.., {q_len}, {kv_len}]")
     return mask
 

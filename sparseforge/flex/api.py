@@ -19,7 +19,16 @@ import torch
 from ..api import attention
 from ..ir.affine import drop_top_left
 from ..ir.canonicalize import canonicalize
-from ..ir.nodes import Documents, Full, Intersection, MaskTable, Pattern, PerHead, walk
+from ..ir.nodes import (
+    Documents,
+    EvaluatedMask,
+    Full,
+    Intersection,
+    MaskTable,
+    Pattern,
+    PerHead,
+    walk,
+)
 from ..ir.scores import Alibi, RelBias
 from ..planner.ranges import tile_segments
 from ..planner.schedule import visit_matrices
@@ -34,7 +43,8 @@ _CACHE_SIZE = 256
 _WARNED: set = set()
 
 
-def from_mask_mod(mask_mod, *, heads: int | None = None, batch: int | None = None) -> Pattern:
+def from_mask_mod(mask_mod, *, heads: int | None = None, batch: int | None = None,
+                  fallback: str | None = None) -> Pattern:
     """The pattern of a FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool``.
 
     Read once, symbolically: comparisons of affine expressions in ``q_idx``/``kv_idx``
@@ -44,13 +54,30 @@ def from_mask_mod(mask_mod, *, heads: int | None = None, batch: int | None = Non
     ``h`` becomes ``per_head`` (pass ``heads``). The result is ``top_left``-aligned, as
     Flex's ``q_idx`` is the query's row. Raises ``ValueError`` naming the construct (and
     the line, for Python control flow on an index) when the function has no closed form.
-    ``batch`` is accepted for symmetry with Flex's ``B``: patterns are shared by the batch
-    (per-sequence document ids ``ids[b, q_idx]`` are the one ``b``-dependent form)."""
+    ``batch``: patterns are shared by the batch (per-sequence document ids
+    ``ids[b, q_idx]`` are the one ``b``-dependent closed form); a fallback mask is evaluated
+    for ``batch`` rows.
+
+    ``fallback="blocks"``: a function with no closed form becomes a ``mask_table``
+    evaluated once per (Lq, Lkv) over the whole grid by Flex's ``create_mask`` (the cost
+    of Flex's ``create_block_mask``: O(Lq * Lkv) time and memory; per head when ``heads``
+    is given, else at h = 0), exact, then run like any table."""
     if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int) or heads < 1):
         raise ValueError(f"from_mask_mod(heads={heads!r}): expected a positive int")
     if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
         raise ValueError(f"from_mask_mod(batch={batch!r}): expected a positive int")
-    return _cached(("mask", heads), mask_mod, lambda: lower_mask(trace_mask_mod(mask_mod), heads))
+    if fallback not in (None, "blocks"):
+        raise ValueError(f"from_mask_mod(fallback={fallback!r}): expected None or 'blocks'")
+    try:
+        return _cached(("mask", heads), mask_mod,
+                       lambda: lower_mask(trace_mask_mod(mask_mod), heads))
+    except FlexTraceError:
+        if fallback is None:
+            raise
+    if heads is None:
+        return EvaluatedMask(mask_mod=mask_mod, batch=batch)
+    return PerHead(tuple(EvaluatedMask(mask_mod=mask_mod, head=h, batch=batch)
+                         for h in range(heads)))
 
 
 def from_score_mod(score_mod, *, heads: int | None = None) -> Pattern:

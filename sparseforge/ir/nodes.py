@@ -190,6 +190,60 @@ class MaskTable(Pattern):
     def __eq__(self, other: object) -> bool:
         return isinstance(other, MaskTable) and other.mask is self.mask
 
+    def table(self, q_len: int, kv_len: int) -> torch.Tensor:
+        """The bool table of a call with these lengths."""
+        return self.mask
+
+
+#: evaluated tables of ``EvaluatedMask`` nodes by (node id, lengths); a value holds its
+#: node, so the id stays unique while cached
+_evaluated: dict = {}
+
+
+@dataclass(frozen=True, eq=False)
+class EvaluatedMask(MaskTable):
+    """A FlexAttention ``mask_mod`` with no closed form (``from_mask_mod(...,
+    fallback="blocks")``), evaluated once per (Lq, Lkv) over the whole grid by Flex's own
+    ``create_mask`` (O(Lq * Lkv) time and memory, like Flex's ``create_block_mask``) and
+    then run as a ``mask_table``. ``head``: the h it is evaluated at; ``batch``: how many
+    batch rows to evaluate (None: one, shared)."""
+
+    mask: Any = None
+    mask_mod: Any = None
+    head: int = 0
+    batch: int | None = None
+
+    def __post_init__(self) -> None:
+        if not callable(self.mask_mod):
+            raise TypeError(f"EvaluatedMask(mask_mod={type(self.mask_mod).__name__}): expected "
+                            "a function mask_mod(b, h, q_idx, kv_idx)")
+
+    def __repr__(self) -> str:
+        name = getattr(self.mask_mod, "__name__", "mask_mod")
+        return f"mask_table(<mask_mod {name} h{self.head} at {id(self.mask_mod):#x}>)"
+
+    def __hash__(self) -> int:
+        return hash((id(self.mask_mod), self.head, self.batch))
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, EvaluatedMask) and other.mask_mod is self.mask_mod
+                and (other.head, other.batch) == (self.head, self.batch))
+
+    def table(self, q_len: int, kv_len: int) -> torch.Tensor:
+        key = (id(self), q_len, kv_len)
+        hit = _evaluated.get(key)
+        if hit is None:
+            # FlexAttention's module loads its compiler stack: only this fallback needs it
+            from torch.nn.attention.flex_attention import create_mask
+
+            def at_head(b, h, q_idx, kv_idx):
+                return self.mask_mod(b, h * 0 + self.head, q_idx, kv_idx)
+
+            mask = create_mask(at_head, self.batch or 1, 1, q_len, kv_len, device="cpu")[:, 0]
+            if len(_evaluated) > 64:
+                _evaluated.clear()
+            hit = _evaluated[key] = (self, mask if self.batch else mask[0])
+        return hit[1]
 
 class ScoreModifier(Pattern):
     """Base of the score modifiers (``sparseforge.ir.scores``): they change the scores of
@@ -293,7 +347,7 @@ def data_tensors(pattern: Pattern) -> tuple[torch.Tensor, ...]:
     for node in walk(pattern):
         if isinstance(node, Documents):
             out += [t for t in (node.ids, node.kv_ids) if t is not None]
-        elif isinstance(node, MaskTable):
+        elif isinstance(node, MaskTable) and not isinstance(node, EvaluatedMask):
             out.append(node.mask)
     return tuple(out)
 

@@ -327,7 +327,7 @@ def pattern_tensors(pattern: Pattern) -> list:
     for node in walk(pattern):
         if isinstance(node, Documents):
             out += [node.ids] + ([] if node.kv_ids is None else [node.kv_ids])
-        elif isinstance(node, MaskTable):
+        elif isinstance(node, MaskTable) and node.mask is not None:  # not a fallback mask_mod
             out.append(node.mask)
         elif isinstance(node, (Alibi, RelBias)):
             out.append(getattr(node, node.tensor_name))

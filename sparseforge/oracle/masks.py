@@ -106,9 +106,10 @@ def static_rule(pat: Pattern, g: Grid) -> torch.Tensor:
     if isinstance(pat, Documents):
         return documents_rule(pat, g)
     if isinstance(pat, MaskTable):  # mask[i, j], per batch row when batched
-        m = pat.mask if pat.mask.dim() == 3 else pat.mask[None]
+        table = pat.table(g.q_len, g.kv_len)  # a fallback mask_mod: evaluated on the grid
+        m = table if table.dim() == 3 else table[None]
         if tuple(m.shape[-2:]) != (g.q_len, g.kv_len):
-            raise ValueError(f"mask_table(mask): shape {tuple(pat.mask.shape)} for "
+            raise ValueError(f"mask_table(mask): shape {tuple(table.shape)} for "
                              f"q_len={g.q_len}, kv_len={g.kv_len}")
         return m.to(g.device)
     if isinstance(pat, Affine):

@@ -388,9 +388,12 @@ def _plan_static(canonical: Pattern, r: PlanRequest) -> Plan:
     if not all(_lean_walk(k) for k in kernels):
         backward = backward_configs(r.target, r.head_dim, r.dtype, scored,
                                     tiled=chosen.layout is not None, lean_walk=False)
+    decode = decode_config(r.target, r.head_dim, r.dtype, scored)
+    if _has_tables(heads):
+        backward = tuple(_within_a_word(c) for c in backward)
+        decode = _within_a_word(decode)
     return Plan(canonical, chosen.q_len, chosen.kv_len, r.head_dim, r.dtype, r.target,
-                chosen.config, kernels, *backward,
-                decode_config(r.target, r.head_dim, r.dtype, scored), chosen.layout,
+                chosen.config, kernels, *backward, decode, chosen.layout,
                 tile_choices=tuple(priced_candidates))
 
 
@@ -402,16 +405,35 @@ def _lean_walk(kernel: KernelPlan) -> bool:
             and not any(isinstance(n, Neighborhood) for n in walk(kernel.analysed)))
 
 
+#: keys a mask table's word holds: the kernels read one word per row and key tile, so key
+#: tiles of patterns with tables hold at most this many keys
+TABLE_WORD = 64
+
+
+def _has_tables(heads) -> bool:
+    return any(isinstance(n, MaskTable) for p, _ in heads for n in walk(p))
+
+
+def _within_a_word(cfg: TileConfig) -> TileConfig:
+    return cfg if cfg.block_n <= TABLE_WORD else dataclasses.replace(cfg, block_n=TABLE_WORD)
+
+
 def _candidates(heads, scored: bool, r: PlanRequest) -> list[Candidate]:
     """Every tile config of the target's table (or the one the overrides give), each in
     original token order and, for an N-D neighbourhood, in a tiled layout."""
     configs = candidate_configs(r.target, r.head_dim, r.dtype, scored)
+    if _has_tables(heads):
+        configs = [c for c in configs if c.block_n <= TABLE_WORD] or [
+            dataclasses.replace(configs[0], block_n=TABLE_WORD)]
     if r.block_m or r.block_n:
         base = configs[0]
         configs = [TileConfig(r.block_m or base.block_m, r.block_n or base.block_n,
                               base.num_warps, base.num_stages, base.efficiency, base.tile_overhead)]
         if r.dtype != "float32":
             configs = [priced(r.target, r.head_dim, configs[0])]
+        if _has_tables(heads) and configs[0].block_n > TABLE_WORD:
+            raise ValueError(f"plan(block_n={configs[0].block_n}): a pattern with a mask_table "
+                             f"needs key tiles of at most {TABLE_WORD} (one table word per row)")
     backward = backward_configs(r.target, r.head_dim, r.dtype, scored)
     node = _tileable(heads, r.q_len, r.kv_len, r.groups) if r.tiled is not False else None
     if r.tiled and node is None:

@@ -83,7 +83,8 @@ _FP32_POINTERS = {"Lse", "Delta", "DK", "DV", "OutPart", "LsePart", "Slopes", "B
 _INT32_POINTERS = {"DocQ", "DocK", "Sel", "SelCount", "QBucket", "KBucket", "KStarts", "TileList",
                    "TileCount", "HeadMap", "Cols", "ColCount", "Offs", "OffCount", "TileSpan",
                    "PosQ", "PosK"}
-_UINT8_POINTERS = {"TileMap", "Tbl"}
+_UINT8_POINTERS = {"TileMap"}
+_INT64_POINTERS = {"Tbl"}  # bit-packed mask tables, 64 keys a word
 _FP32_SCALARS = {"qk_scale", "sm_scale", "cap2"}
 _UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od"}
 
@@ -116,6 +117,8 @@ def kernel_signature(plan: Plan, kernel_index: int, kind: str = "forward",
             sig[name] = "*i32"
         elif name in _UINT8_POINTERS:
             sig[name] = "*u8"
+        elif name in _INT64_POINTERS:
+            sig[name] = "*i64"
         elif name in _FP32_SCALARS:
             sig[name] = "fp32"
         else:
@@ -127,7 +130,7 @@ def divisibility_attrs(fn, signature: dict, plan: Plan) -> dict:
     """The facts Triton's JIT would specialise on for contiguous [B, H, L, D] inputs:
     pointers are 16-byte aligned, and token/head/batch strides are multiples of 16 when
     the head dim is. Without them nothing vectorises (scalar loads, 2-byte smem stores)."""
-    aligned = _DATA_POINTERS | _FP32_POINTERS | _INT32_POINTERS | _UINT8_POINTERS
+    aligned = _DATA_POINTERS | _FP32_POINTERS | _INT32_POINTERS | _UINT8_POINTERS | _INT64_POINTERS
     if plan.head_dim % 16 == 0:
         aligned |= {f"stride_{t}{d}" for t in "qkvo" for d in "bhmn"}
     return {(fn.arg_names.index(name),): [["tt.divisibility", 16]]

@@ -59,9 +59,9 @@ _packed_tables: dict = {}
 
 
 def _tables_args(call_kernel_pattern, q_len, kv_len, device):
-    """Every mask table packed ``[B or 1, tables, Lq, Lkv]`` (uint8) with its batch,
-    table, row and key strides."""
-    masks = [n.mask for n in document_terms(call_kernel_pattern, MaskTable)]
+    """Every mask table bit-packed ``[B or 1, tables, Lq, ceil(Lkv / 64)]`` (int64 words,
+    key j at bit j % 64 of word j // 64) with its batch, table, row and word strides."""
+    masks = [n.table(q_len, kv_len) for n in document_terms(call_kernel_pattern, MaskTable)]
     versions = tuple(None if m.is_inference() else m._version for m in masks)
     key = (tuple(map(id, masks)), versions, q_len, kv_len, str(device))
     hit = _packed_tables.get(key) if None not in versions else None
@@ -70,12 +70,21 @@ def _tables_args(call_kernel_pattern, q_len, kv_len, device):
                   for n in document_terms(call_kernel_pattern, MaskTable)]
         batch = max(t.shape[0] for t in tables)
         stacked = torch.stack([t.expand(batch, -1, -1) for t in tables], 1)
-        hit = (stacked.to(device=device, dtype=torch.uint8).contiguous(), masks)
+        hit = (_bit_packed(stacked).to(device), masks)
         if len(_packed_tables) > 16:
             _packed_tables.clear()
         _packed_tables[key] = hit  # holding the masks keeps their ids unique
     t = hit[0]
     return [t, 0 if t.shape[0] == 1 else t.stride(0), t.stride(1), t.stride(2), t.stride(3)]
+
+
+def _bit_packed(bits: torch.Tensor) -> torch.Tensor:
+    """Bool ``[..., L]`` -> int64 ``[..., ceil(L / 64)]``: bytes of 8 keys each (bit k of a
+    byte is its k-th key), read as little-endian 64-bit words. Temporaries stay byte-sized."""
+    pad = (-bits.shape[-1]) % 64
+    b = torch.nn.functional.pad(bits.to(torch.uint8), (0, pad))
+    b = b.view(*b.shape[:-1], -1, 8) << torch.arange(8, dtype=torch.uint8, device=b.device)
+    return b.sum(-1, dtype=torch.uint8).contiguous().view(torch.int64)
 
 
 def _score_args(kernel, call_pattern, device) -> list:

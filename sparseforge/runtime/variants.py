@@ -42,11 +42,12 @@ def variant_specs() -> dict[str, tuple]:
         "three_segments": (ir.global_queries(16) | ir.window(64, 64) | ir.sinks(8), 64, "bfloat16",
                            {"schedule": "segments"}),
         "dilation_groups": (ir.window(64, 64, dilation=4), 64, "bfloat16", {"groups": 4}),
-        # two id tensors (packed documents beside a shared prompt) and a bool mask table:
-        # the kernels' id and table loops
-        "documents_and_table": ((ir.documents(ids) & ir.causal()) | ir.documents(ids, kv_ids=ids)
-                                | ir.mask_table(torch.zeros(L, L, dtype=torch.bool)), 64,
-                                "bfloat16", {}),
+        # two id tensors (packed documents beside a shared prompt): the kernels' id loops
+        "documents": ((ir.documents(ids) & ir.causal()) | ir.documents(ids, kv_ids=ids), 64,
+                      "bfloat16", {}),
+        # a bool mask table beside sinks (a speculative-decoding tree under a prefix)
+        "mask_table": (ir.mask_table(torch.zeros(L, L, dtype=torch.bool)) | ir.sinks(64), 64,
+                       "bfloat16", {}),
         "chunks": (ir.chunks(1000) & ir.causal(), 64, "float16", {}),
         # a FlexAttention mask: queries aligned to the first key (Lq < Lkv), a non-unit
         # half-plane (kv <= 2 q) beside strict causal
