@@ -20,7 +20,7 @@ warnings.filterwarnings("ignore", message=".*flex_attention.*")  # Flex's eager-
 torch.manual_seed(0)
 
 WINDOW = 256
-documents = torch.repeat_interleave(torch.arange(4), torch.tensor([700, 300, 900, 148]))
+documents = torch.repeat_interleave(torch.arange(4), torch.tensor([350, 150, 450, 74]))
 
 
 def causal(b, h, q_idx, kv_idx):
@@ -52,7 +52,7 @@ for mask_mod in (causal, sliding_window, prefix_lm, document_causal, dilated_ban
     print(f"  {mask_mod.__name__:16s} -> {sf.from_mask_mod(mask_mod)}")
 print(f"  {'softcap':16s} -> {sf.from_score_mod(softcap)}")
 
-L = 2048
+L = 1024
 q = torch.randn(1, 8, L, 64)
 k = torch.randn(1, 2, L, 64)
 v = torch.randn(1, 2, L, 64)

@@ -19,7 +19,16 @@ import torch
 from ..ir.affine import drop_top_left
 from ..ir.canonicalize import canonicalize
 from ..ir.neighborhood import Neighborhood
-from ..ir.nodes import Documents, Intersection, MaskTable, Pattern, PerHead, Window, walk
+from ..ir.nodes import (
+    Documents,
+    Intersection,
+    MaskTable,
+    Pattern,
+    PerHead,
+    Window,
+    document_terms,
+    walk,
+)
 from ..ir.routing import TopkKeys, is_dynamic
 from ..ir.scores import ScoreSpec, score_spec, score_terms, strip_scores
 from ..ir.split import envelope, static_part
@@ -402,6 +411,7 @@ def _lean_walk(kernel: KernelPlan) -> bool:
     no dilation groups, no document ids, no N-D neighbourhood coordinates in the predicate
     (``tiles.backward_configs``)."""
     return (len(kernel.key_segments) == 1 and kernel.groups == 1 and not kernel.has_documents
+            and not kernel.has_tables
             and not any(isinstance(n, Neighborhood) for n in walk(kernel.analysed)))
 
 
@@ -414,6 +424,10 @@ def _has_tables(heads) -> bool:
     return any(isinstance(n, MaskTable) for p, _ in heads for n in walk(p))
 
 
+def _id_terms(heads) -> int:
+    return max(len(document_terms(p)) for p, _ in heads)
+
+
 def _within_a_word(cfg: TileConfig) -> TileConfig:
     return cfg if cfg.block_n <= TABLE_WORD else dataclasses.replace(cfg, block_n=TABLE_WORD)
 
@@ -422,7 +436,9 @@ def _candidates(heads, scored: bool, r: PlanRequest) -> list[Candidate]:
     """Every tile config of the target's table (or the one the overrides give), each in
     original token order and, for an N-D neighbourhood, in a tiled layout."""
     configs = candidate_configs(r.target, r.head_dim, r.dtype, scored)
-    if _has_tables(heads):
+    if _has_tables(heads) or _id_terms(heads) > 1:
+        # a table's word per row, or several id pairs, live beside the scores: key tiles of
+        # at most 64 (two id terms stacked 248 bytes at 128 x 128 under Triton 3.6)
         configs = [c for c in configs if c.block_n <= TABLE_WORD] or [
             dataclasses.replace(configs[0], block_n=TABLE_WORD)]
     if r.block_m or r.block_n:

@@ -45,13 +45,12 @@ def variant_specs() -> dict[str, tuple]:
         # two id tensors (packed documents beside a shared prompt): the kernels' id loops
         "documents": ((ir.documents(ids) & ir.causal()) | ir.documents(ids, kv_ids=ids), 64,
                       "bfloat16", {}),
-        # a bool mask table beside sinks (a speculative-decoding tree under a prefix)
-        "mask_table": (ir.mask_table(torch.zeros(L, L, dtype=torch.bool)) | ir.sinks(64), 64,
-                       "bfloat16", {}),
         "chunks": (ir.chunks(1000) & ir.causal(), 64, "float16", {}),
-        # a FlexAttention mask: queries aligned to the first key (Lq < Lkv), a non-unit
-        # half-plane (kv <= 2 q) beside strict causal
-        "flex_top_left": (top_left(affine(2, -1, 0) & (affine(1, -1, -1) | ir.sinks(4))), 64,
+        # FlexAttention masks: queries aligned to the first key (Lq < Lkv), a non-unit
+        # half-plane (kv <= 2 q) beside strict causal, and a bool mask table (a
+        # speculative-decoding tree): the table's word loads
+        "flex_top_left": (top_left(affine(2, -1, 0) & (affine(1, -1, -1) | ir.sinks(4)))
+                          | ir.mask_table(torch.zeros(L // 2, L, dtype=torch.bool)), 64,
                           "bfloat16", {"q_len": L // 2}),
     }
     for d in (16, 64, 80, 128, 256):

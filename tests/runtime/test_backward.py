@@ -142,7 +142,7 @@ def test_fuzz_gradients(pattern, hkv, group, lq, lkv, d, seed):
 
 
 @pytest.mark.overflow_checks
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
 @given(**_FUZZ)
 def test_fuzz_gradients_generated_kernels(pattern, hkv, group, lq, lkv, d, seed):
     _fuzz_gradients(pattern, hkv, group, lq, lkv, d, seed, "triton")
