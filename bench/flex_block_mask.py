@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -35,6 +36,14 @@ def sliding_window(b, h, q_idx, kv_idx):
 
 def dilated_band(b, h, q_idx, kv_idx):
     return ((q_idx - kv_idx) % 4 == 0) & ((q_idx - kv_idx).abs() <= 256)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -72,7 +81,7 @@ def main() -> None:
             rows.append(row)
             print(f"{row['mask']:15s} L={length:6d}  sparseforge {row['sparseforge_ms']:8.2f} ms"
                   f"  Flex {row['flex_ms']:8.2f} ms  equal blocks: {same}")
-    result = {"machine": platform.processor() or platform.machine(),
+    result = {"device": f"cpu ({_cpu_name()}, {os.cpu_count()} cores), no GPU",
               "cpu_count": torch.get_num_threads(), "torch": torch.__version__,
               "triton": triton.__version__, "sparseforge": sf.__version__,
               "repeats": args.repeats, "rows": rows}
