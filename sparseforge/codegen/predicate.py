@@ -79,9 +79,8 @@ def triton_predicate(pattern: Pattern, leaf=None, p: str = "p", root=None) -> st
     if isinstance(pattern, MaskTable):
         tables = document_terms(root, MaskTable)
         return f"tbl{next(k for k, t in enumerate(tables) if t is pattern)} != 0"
-    if isinstance(pattern, Affine):  # j < 0 broadcasts a row-only half-plane over the keys
-        return (f"({int(pattern.q)} * {p} + {int(pattern.kv)} * j + {int(pattern.const)} >= 0)"
-                " | (j < 0)")
+    if isinstance(pattern, Affine):
+        return _half_plane(int(pattern.q), int(pattern.kv), int(pattern.const), p)
     if isinstance(pattern, TopLeft):
         return triton_predicate(pattern.pattern, leaf, "i", root)
     if isinstance(pattern, Neighborhood):
@@ -95,6 +94,22 @@ def triton_predicate(pattern: Pattern, leaf=None, p: str = "p", root=None) -> st
     if isinstance(pattern, Intersection):
         return " & ".join(f"({triton_predicate(q, leaf, p, root)})" for q in pattern.parts)
     raise TypeError(f"no Triton predicate for {type(pattern).__name__}")
+
+
+def _half_plane(a: int, b: int, c: int, p: str) -> str:
+    """``a*p + b*j + c >= 0`` as one comparison of ``j`` with a per-row bound (the bound is
+    computed once per row, [BM, 1]; a key-free half-plane broadcasts with ``j < 0``)."""
+    row = " + ".join(t for t in (f"{a} * {p}" if a not in (0, 1) else p if a == 1 else "",
+                                 str(c) if c else "") if t).replace("+ -", "- ") or "0"
+    if b == 0:
+        return f"({row} >= 0) | (j < 0)"
+    if b == -1:
+        return f"j <= {row}"
+    if b == 1:
+        return f"j >= -({row})"
+    if b < 0:  # j <= floor(row / -b)
+        return f"j <= _floordiv({row}, {-b})"
+    return f"j >= _floordiv(-({row}) + {b - 1}, {b})"  # j >= ceil(-row / b)
 
 
 def slug(pattern: Pattern) -> str:
