@@ -30,12 +30,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     if backend == "reference":
         return reference_attention(q, k, v, pattern, scale=scale, enable_gqa=enable_gqa,
                                    return_lse=return_lse)
-    if torch.compiler.is_compiling() and any(isinstance(n, EvaluatedMask) for n in walk(pattern)):
-        raise ValueError("pattern: a mask_mod evaluated as a table (from_mask_mod(..., "
-                         "fallback='blocks')) cannot run under torch.compile; call it outside "
-                         "the compiled region or give the mask a closed form")
-    if torch.compiler.is_compiling() and not is_dynamic(pattern):
-        return custom_op.compiled_attention(q, k, v, pattern, scale=scale, enable_gqa=enable_gqa,
-                                            return_lse=return_lse, backend=backend)
+    if torch.compiler.is_compiling():
+        if any(isinstance(n, EvaluatedMask) for n in walk(pattern)):
+            raise ValueError("pattern: a mask_mod evaluated as a table (from_mask_mod(..., "
+                             "fallback='blocks')) cannot run under torch.compile; call it "
+                             "outside the compiled region or give the mask a closed form")
+        if not is_dynamic(pattern):
+            return custom_op.compiled_attention(q, k, v, pattern, scale=scale,
+                                                enable_gqa=enable_gqa, return_lse=return_lse,
+                                                backend=backend)
     return dispatch.attention(q, k, v, pattern, scale=scale, enable_gqa=enable_gqa,
                               return_lse=return_lse, backend=backend)
