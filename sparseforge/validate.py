@@ -23,6 +23,7 @@ class AttentionShape:
     kv_len: int
     head_dim: int
     scale: float
+    value_dim: int  # v's head dim: the output's; may differ from q/k's (MLA)
 
 
 def check_attention_inputs(q, k, v, pattern, *, scale=None, enable_gqa=False,
@@ -44,18 +45,20 @@ def check_attention_inputs(q, k, v, pattern, *, scale=None, enable_gqa=False,
         raise TypeError(f"pattern: expected a sparseforge pattern (e.g. sf.causal()), got "
                         f"{type(pattern).__name__}")
     b, hq, lq, d = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and "
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k and v must have the same [B, H, L], got {tuple(k.shape)} and "
                          f"{tuple(v.shape)}")
     bk, hkv, lkv, dk = k.shape
+    dv = v.shape[-1]
     if bk != b:
         raise ValueError(f"k: batch {bk} does not match q's batch {b}")
     if dk != d:
-        raise ValueError(f"k: head dim {dk} does not match q's head dim {d} (different value "
-                         "head dims are not supported)")
-    if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
-        raise ValueError(f"q: head dim {d} is outside the supported range "
-                         f"[{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]")
+        raise ValueError(f"k: head dim {dk} does not match q's head dim {d} (v's head dim may "
+                         "differ; q's and k's may not)")
+    for name, size in (("q", d), ("v", dv)):
+        if not MIN_HEAD_DIM <= size <= MAX_HEAD_DIM:
+            raise ValueError(f"{name}: head dim {size} is outside the supported range "
+                             f"[{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]")
     if hkv != hq:
         if not enable_gqa:
             raise ValueError(f"k has {hkv} heads but q has {hq}; pass enable_gqa=True for "
@@ -70,4 +73,4 @@ def check_attention_inputs(q, k, v, pattern, *, scale=None, enable_gqa=False,
         scale = 1.0 / math.sqrt(d)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TypeError(f"scale={scale!r}: expected a finite float or None")
-    return AttentionShape(b, hq, hkv, lq, lkv, d, float(scale))
+    return AttentionShape(b, hq, hkv, lq, lkv, d, float(scale), dv)

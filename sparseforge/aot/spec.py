@@ -31,7 +31,8 @@ class BuildSpec:
     ``q_len``/``kv_len`` are the lengths the plan is made for; the kernels serve every
     length whose plan renders the same kernels (the tile bounds are run-time arithmetic).
     ``heads``/``kv_heads`` describe GQA and must match a ``per_head`` pattern's length.
-    ``backward`` asks for the training kernels too.
+    ``backward`` asks for the training kernels too. ``value_dim`` is v's head dim where it
+    differs from q's and k's (``head_dim``), as in MLA.
     """
 
     name: str
@@ -43,6 +44,7 @@ class BuildSpec:
     heads: int = 1
     kv_heads: int | None = None
     backward: bool = False
+    value_dim: int | None = None  # v's head dim where it differs from q/k's (MLA)
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
@@ -57,6 +59,11 @@ class BuildSpec:
                 or not 1 <= self.head_dim <= 256:
             raise ValueError(f"BuildSpec({self.name!r}).head_dim={self.head_dim!r}: expected an "
                              f"int in [1, 256]")
+        if self.value_dim is not None and (isinstance(self.value_dim, bool)
+                                           or not isinstance(self.value_dim, int)
+                                           or not 1 <= self.value_dim <= 256):
+            raise ValueError(f"BuildSpec({self.name!r}).value_dim={self.value_dim!r}: expected "
+                             f"None or an int in [1, 256]")
         if self.dtype not in DTYPES:
             raise ValueError(f"BuildSpec({self.name!r}).dtype={self.dtype!r}: expected one of "
                              f"{', '.join(DTYPES)}")
@@ -74,13 +81,13 @@ class BuildSpec:
 
     def plan(self, target: str) -> Plan:
         return plan(self.pattern, q_len=self.q_len, kv_len=self.kv_len, head_dim=self.head_dim,
-                    dtype=self.dtype, target=target)
+                    dtype=self.dtype, target=target, value_dim=self.value_dim)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "pattern": repr(self.pattern), "q_len": self.q_len,
                 "kv_len": self.kv_len, "head_dim": self.head_dim, "dtype": self.dtype,
                 "heads": self.heads, "kv_heads": self.kv_heads or self.heads,
-                "backward": self.backward}
+                "backward": self.backward, "value_dim": self.value_dim or self.head_dim}
 
 
 def load_spec_file(path: str | Path) -> list[BuildSpec]:

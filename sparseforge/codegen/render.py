@@ -42,6 +42,7 @@ from ..planner.ranges import (
     normalise_steps,
 )
 from ..planner.symbolic import BLOCK_M, BLOCK_N, TRITON_NAMES, to_triton
+from ..planner.tiles import padded_head_dim
 from .predicate import (
     positions_prelude,
     predicate_prelude,
@@ -123,8 +124,9 @@ def tma_fits(plan: Plan, kernel: KernelPlan, kind: str) -> bool:
     kinds = ("forward", "backward_dq", "decode") if triton_version() >= (3, 9) else (
         "forward", "backward_dq")
     return (kind in kinds
-            and plan.dtype in ("bfloat16", "float16") and plan.head_dim % 8 == 0
-            and 64 <= plan.padded_head_dim <= 128
+            and plan.dtype in ("bfloat16", "float16")
+            and all(d % 8 == 0 and 64 <= padded_head_dim(d) <= 128
+                    for d in (plan.head_dim, plan.value_dim))
             and not (kernel.score.rel_bias and plan.layout is not None))
 
 
@@ -133,7 +135,8 @@ def kernel_name(plan: Plan, kernel: KernelPlan, kind: str = "forward") -> str:
     if len(pattern_slug) > 60:
         pattern_slug = pattern_slug[:48] + "-" + hashlib.sha256(pattern_slug.encode()).hexdigest()[:8]
     cfg = kind_config(plan, kind)
-    name = (f"{KINDS[kind].prefix}_{pattern_slug}_bm{cfg.block_m}_bn{cfg.block_n}_d{plan.head_dim}_"
+    dims = f"d{plan.head_dim}" + (f"v{plan.value_dim}" if plan.value_dim != plan.head_dim else "")
+    name = (f"{KINDS[kind].prefix}_{pattern_slug}_bm{cfg.block_m}_bn{cfg.block_n}_{dims}_"
             f"{_DTYPE_SHORT[plan.dtype]}")
     return re.sub(r"[^0-9A-Za-z_]", "_", name)
 
@@ -243,6 +246,8 @@ def render_kernel(plan: Plan, kernel_index: int = 0, kind: str = "forward") -> K
         routed=routed,
         **_routing_context(kernel.analysed if routed else None, plan.kv_len),
         d_padded=plan.padded_head_dim != plan.head_dim,
+        dv_padded=plan.padded_value_dim != plan.value_dim,
+        split_v=plan.value_dim != plan.head_dim,
         dot_precision=', input_precision="ieee"' if plan.dtype == "float32" else "",
         # dK/dV: several head patterns may share a kv head, each kernel then adds its part
         # to the buffers; alone, a kernel stores (the read-back spilled at D=128 on sm_90)
@@ -253,7 +258,8 @@ def render_kernel(plan: Plan, kernel_index: int = 0, kind: str = "forward") -> K
     rendered = render(spec.template, name, context, comment=repr(kernel.pattern).replace("'", ""))
     options = (("num_warps", cfg.num_warps), ("num_stages", cfg.num_stages))
     constexprs = (("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n), ("HEAD_DIM", plan.head_dim),
-                  ("D_PAD", plan.padded_head_dim), ("GROUPS", groups))
+                  ("D_PAD", plan.padded_head_dim), ("HEAD_DIM_V", plan.value_dim),
+                  ("DV_PAD", plan.padded_value_dim), ("GROUPS", groups))
     tma_ready = tma_fits(plan, kernel, kind)
     return KernelSource(name, rendered.source, rendered.sha256, kernel_index, options, kind,
                         constexprs, tma_ready)

@@ -20,7 +20,7 @@ import jinja2
 
 from .._version import __version__
 
-TEMPLATE_VERSION = 6  # of the templates as a set: part of every cache key
+TEMPLATE_VERSION = 7  # of the templates as a set: part of every cache key
 
 #: what printed expressions, kernel names and reprs of the IR may contain: no quotes,
 #: newlines, backslashes, or anything else that could end a comment or a string

@@ -13,10 +13,12 @@ def explain(plan) -> str:
     cfg = plan.config
     lq, lkv = plan.lengths
     run = "" if plan.layout is None else f" (run on {plan.q_len} x {plan.kv_len} tiled tokens)"
+    value = ("" if plan.value_dim == plan.head_dim else
+             f" Dv={plan.value_dim} (padded {plan.padded_value_dim})")
     lines = [
         f"pattern     {plan.pattern!r}",
         f"problem     Lq={lq} Lkv={lkv}{run} D={plan.head_dim} "
-        f"(padded {plan.padded_head_dim}) {plan.dtype} target={plan.target}",
+        f"(padded {plan.padded_head_dim}){value} {plan.dtype} target={plan.target}",
         f"tiles       BLOCK_M={cfg.block_m} BLOCK_N={cfg.block_n} num_warps={cfg.num_warps} "
         f"num_stages={cfg.num_stages}",
     ]

@@ -190,6 +190,13 @@ class Plan:
     #: every forward tile config the planner priced, with its estimated cost (``explain``
     #: says why the chosen one won)
     tile_choices: tuple[TileChoice, ...] = ()
+    #: v's head dim (the output's); None on construction means ``head_dim``. It differs
+    #: for MLA-style attention (DeepSeek-V2/V3: q/k 192, v 128).
+    value_dim: int | None = None
+
+    def __post_init__(self):
+        if self.value_dim is None:
+            object.__setattr__(self, "value_dim", self.head_dim)
 
     @cached_property
     def routing_dag(self):
@@ -214,6 +221,10 @@ class Plan:
     @property
     def padded_head_dim(self) -> int:
         return padded_head_dim(self.head_dim)
+
+    @property
+    def padded_value_dim(self) -> int:
+        return padded_head_dim(self.value_dim)
 
     @cached_property
     def schedules(self) -> tuple[tuple[GroupSchedule, ...], ...]:
@@ -272,16 +283,17 @@ def default_target(device: torch.device | None = None) -> str:
 def plan(pattern: Pattern, *, q_len: int, kv_len: int, head_dim: int, dtype="bfloat16",
          target: str = "cpu", block_m: int | None = None, block_n: int | None = None,
          schedule: str | None = None, groups: int | None = None,
-         tiled: bool | None = None) -> Plan:
+         tiled: bool | None = None, value_dim: int | None = None) -> Plan:
     """Plan ``pattern`` for the given sizes. ``block_m``/``block_n``/``schedule``/``groups``
     and ``tiled`` (N-D tiled token layout on/off) override the cost model (tests and
-    benchmarks use this).
+    benchmarks use this). ``value_dim`` is v's head dim where it differs from q's and k's
+    (``head_dim``); tiles are chosen for the larger of the two.
 
     Three steps: check the arguments, canonicalise, then plan a routed pattern
     (``_plan_routed``: its static part's segments plus the selected tiles) or a static one
     (``_plan_static``: price every tile config and token layout, keep the cheapest)."""
     request = _check_request(pattern, q_len, kv_len, head_dim, dtype, target, block_m, block_n,
-                             schedule, groups, tiled)
+                             schedule, groups, tiled, value_dim)
     canonical = canonicalize(pattern)
     if q_len == kv_len:  # both alignments agree: plan the plain pattern (the same kernels)
         canonical = canonicalize(drop_top_left(canonical))
@@ -304,6 +316,13 @@ class PlanRequest:
     schedule: str | None = None
     groups: int | None = None
     tiled: bool | None = None
+    value_dim: int | None = None
+
+    @property
+    def tile_dim(self) -> int:
+        """The head dim tiles are chosen for: the larger of q/k's and v's (the q tile and
+        the output accumulator are both live across the tile loop)."""
+        return max(self.head_dim, self.value_dim)
 
     def replan(self, pattern: Pattern, **changes) -> Plan:
         """``plan`` of another pattern with these arguments, some changed."""
@@ -311,12 +330,16 @@ class PlanRequest:
 
 
 def _check_request(pattern, q_len, kv_len, head_dim, dtype, target, block_m, block_n, schedule,
-                   groups, tiled) -> PlanRequest:
+                   groups, tiled, value_dim) -> PlanRequest:
     if not isinstance(pattern, Pattern):
         raise TypeError(f"plan(pattern={type(pattern).__name__}): expected a sparseforge pattern")
     q_len, kv_len = _check_len("q_len", q_len), _check_len("kv_len", kv_len)
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or not 1 <= head_dim <= 256:
         raise ValueError(f"plan(head_dim={head_dim!r}): expected an int in [1, 256]")
+    if value_dim is None:
+        value_dim = head_dim
+    elif isinstance(value_dim, bool) or not isinstance(value_dim, int) or not 1 <= value_dim <= 256:
+        raise ValueError(f"plan(value_dim={value_dim!r}): expected None or an int in [1, 256]")
     dtype = dtype_name(dtype)
     if target not in TARGETS:
         raise ValueError(f"plan(target={target!r}): expected one of {', '.join(TARGETS)}")
@@ -327,7 +350,7 @@ def _check_request(pattern, q_len, kv_len, head_dim, dtype, target, block_m, blo
     if tiled not in (None, True, False):
         raise ValueError(f"plan(tiled={tiled!r}): expected None, True or False")
     return PlanRequest(q_len, kv_len, head_dim, dtype, target, block_m, block_n, schedule, groups,
-                       tiled)
+                       tiled, value_dim)
 
 
 def _plan_routed(canonical: Pattern, r: PlanRequest) -> Plan:
@@ -346,7 +369,7 @@ def _plan_routed(canonical: Pattern, r: PlanRequest) -> Plan:
     cfg = static.config
     if (score_spec(canonical).any or isinstance(node, TopkKeys)) and not (r.block_m or r.block_n):
         # modifiers (or DMA's key bias) beside the scores: the scored tile table
-        cfg = candidate_configs(r.target, r.head_dim, r.dtype, scored=True)[0]
+        cfg = candidate_configs(r.target, r.tile_dim, r.dtype, scored=True)[0]
     cfg = dataclasses.replace(cfg, block_n=min(cfg.block_n, MAX_ROUTED_BLOCK_N))  # 64-bit masks
     if r.target == "sm_80":  # a fourth inlined tile walk: two stages left stack bytes (cuobjdump)
         cfg = dataclasses.replace(cfg, num_stages=1)
@@ -395,15 +418,20 @@ def _plan_static(canonical: Pattern, r: PlanRequest) -> Plan:
                     for (_, analysed, g, segs, sched), (p, h) in zip(choices, chosen.heads))
     backward = chosen.backward
     if not all(_lean_walk(k) for k in kernels):
-        backward = backward_configs(r.target, r.head_dim, r.dtype, scored,
+        backward = backward_configs(r.target, r.tile_dim, r.dtype, scored,
                                     tiled=chosen.layout is not None, lean_walk=False)
-    decode = decode_config(r.target, r.head_dim, r.dtype, scored)
+    decode = decode_config(r.target, r.tile_dim, r.dtype, scored)
     if _has_tables(heads):
         backward = tuple(_within_a_word(c) for c in backward)
         decode = _within_a_word(decode)
+    if r.value_dim != r.head_dim and r.target == "sm_80" and backward[0].block_n > 32:
+        # dQ with q/k 64 and v 96 or 128 wide: 64 x 64 tiles left 16 stack bytes on sm_80,
+        # 64 x 32 none (cuobjdump, Triton 3.9)
+        backward = (dataclasses.replace(backward[0], block_n=backward[0].block_n // 2),
+                    backward[1])
     return Plan(canonical, chosen.q_len, chosen.kv_len, r.head_dim, r.dtype, r.target,
                 chosen.config, kernels, *backward, decode, chosen.layout,
-                tile_choices=tuple(priced_candidates))
+                tile_choices=tuple(priced_candidates), value_dim=r.value_dim)
 
 
 def _lean_walk(kernel: KernelPlan) -> bool:
@@ -435,7 +463,7 @@ def _within_a_word(cfg: TileConfig) -> TileConfig:
 def _candidates(heads, scored: bool, r: PlanRequest) -> list[Candidate]:
     """Every tile config of the target's table (or the one the overrides give), each in
     original token order and, for an N-D neighbourhood, in a tiled layout."""
-    configs = candidate_configs(r.target, r.head_dim, r.dtype, scored)
+    configs = candidate_configs(r.target, r.tile_dim, r.dtype, scored)
     if _has_tables(heads) or _id_terms(heads) > 1:
         # a table's word per row, or several id pairs, live beside the scores: key tiles of
         # at most 64 (two id terms stacked 248 bytes at 128 x 128 under Triton 3.6)
@@ -446,24 +474,24 @@ def _candidates(heads, scored: bool, r: PlanRequest) -> list[Candidate]:
         configs = [TileConfig(r.block_m or base.block_m, r.block_n or base.block_n,
                               base.num_warps, base.num_stages, base.efficiency, base.tile_overhead)]
         if r.dtype != "float32":
-            configs = [priced(r.target, r.head_dim, configs[0])]
+            configs = [priced(r.target, r.tile_dim, configs[0])]
         if _has_tables(heads) and configs[0].block_n > TABLE_WORD:
             raise ValueError(f"plan(block_n={configs[0].block_n}): a pattern with a mask_table "
                              f"needs key tiles of at most {TABLE_WORD} (one table word per row)")
-    backward = backward_configs(r.target, r.head_dim, r.dtype, scored)
+    backward = backward_configs(r.target, r.tile_dim, r.dtype, scored)
     node = _tileable(heads, r.q_len, r.kv_len, r.groups) if r.tiled is not False else None
     if r.tiled and node is None:
         raise ValueError("plan(tiled=True): the tiled layout needs an N-D neighborhood in every "
                          "head (one grid and dilation), q_len == kv_len >= the grid size > "
                          f"{DECODE_MAX_Q}, no documents and no token-offset rel_bias")
-    tiled_backward = backward_configs(r.target, r.head_dim, r.dtype, scored, tiled=True)
+    tiled_backward = backward_configs(r.target, r.tile_dim, r.dtype, scored, tiled=True)
     out = []
     for base_cfg in configs:
         if not r.tiled:
             out.append(Candidate(base_cfg, None, heads, r.q_len, r.kv_len, backward))
         if node is None:
             continue
-        cfg = (tiled_forward_config(base_cfg, r.target, r.head_dim, r.dtype, scored, node.ndim)
+        cfg = (tiled_forward_config(base_cfg, r.target, r.tile_dim, r.dtype, scored, node.ndim)
                if not (r.block_m or r.block_n) else base_cfg)
         # 128 x 128 tiles spill once the layout's predicate is live beside them (cuobjdump)
         if cfg.block_m * cfg.block_n > 128 * 64:

@@ -129,10 +129,12 @@ def kernel_signature(plan: Plan, kernel_index: int, kind: str = "forward",
 def divisibility_attrs(fn, signature: dict, plan: Plan) -> dict:
     """The facts Triton's JIT would specialise on for contiguous [B, H, L, D] inputs:
     pointers are 16-byte aligned, and token/head/batch strides are multiples of 16 when
-    the head dim is. Without them nothing vectorises (scalar loads, 2-byte smem stores)."""
+    their head dim is (q/k's, or v/out's). Without them nothing vectorises (scalar loads,
+    2-byte smem stores)."""
     aligned = _DATA_POINTERS | _FP32_POINTERS | _INT32_POINTERS | _UINT8_POINTERS | _INT64_POINTERS
-    if plan.head_dim % 16 == 0:
-        aligned |= {f"stride_{t}{d}" for t in "qkvo" for d in "bhmn"}
+    for tensors, dim in (("qk", plan.head_dim), ("vo", plan.value_dim)):
+        if dim % 16 == 0:
+            aligned |= {f"stride_{t}{d}" for t in tensors for d in "bhmn"}
     return {(fn.arg_names.index(name),): [["tt.divisibility", 16]]
             for name in signature if name in aligned}
 

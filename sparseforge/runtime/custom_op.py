@@ -54,7 +54,8 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: lis
 
 @attention_op.register_fake
 def _attention_fake(q, k, v, tensors, pattern, scale, enable_gqa, backend):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return (q.new_empty((*q.shape[:3], v.shape[-1])),
+            q.new_empty(q.shape[:3], dtype=torch.float32))
 
 
 def _table_slots(key: str) -> list[int]:

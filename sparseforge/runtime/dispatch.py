@@ -92,12 +92,12 @@ def compile_pattern(pattern: Pattern) -> CompiledPattern:
 
 
 def cached_plan(compiled: CompiledPattern, q_len: int, kv_len: int, head_dim: int, dtype,
-                target: str) -> Plan:
-    key = (compiled.key, q_len, kv_len, head_dim, dtype, target)
+                target: str, value_dim: int | None = None) -> Plan:
+    key = (compiled.key, q_len, kv_len, head_dim, dtype, target, value_dim)
     found = _plans.get(key)
     if found is None:
         found = plan(compiled.canonical, q_len=q_len, kv_len=kv_len, head_dim=head_dim,
-                     dtype=dtype_name(dtype), target=target)
+                     dtype=dtype_name(dtype), target=target, value_dim=value_dim)
         _plans[key] = found
         log.debug("planned %s", key)
     return found
@@ -146,7 +146,7 @@ def execute_forward(executor: Executor, p: Plan, compiled: CompiledPattern, q, k
     plan)."""
     b, hq, lq, _ = q.shape
     # both executors write every row of every head (empty rows included): no fill needed
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, whatever q is
+    out = torch.empty((b, hq, lq, v.shape[-1]), dtype=q.dtype, device=q.device)  # contiguous
     lse = torch.empty((b, hq, lq), dtype=torch.float32, device=q.device)
     if executor is Executor.TORCH and cpu_flash.supports(compiled.scored, q, v):
         cpu_flash.run_forward(p, compiled.head_patterns, q, k, v, out, lse, scale)
@@ -224,7 +224,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
         return (out, lse) if return_lse else out
     compiled = compile_pattern(pattern)
     check_table_grads(executor, compiled.tables)
-    p = cached_plan(compiled, shape.q_len, shape.kv_len, shape.head_dim, q.dtype, target)
+    p = cached_plan(compiled, shape.q_len, shape.kv_len, shape.head_dim, q.dtype, target,
+                    shape.value_dim)
     if p.layout is None:
         out, lse = attend(executor, p, compiled, q, k, v, shape.scale)
     else:  # N-D tiles: gather into the layout's order, attend, scatter back
@@ -247,7 +248,8 @@ def _run_routed(executor: Executor, target: str, backend: str, q, k, v, pattern:
                if node is None else
                "the routed kernel has no generated backward yet" if wants_grad else None)
     if executor is not Executor.TORCH and why_not is None and shape.q_len and shape.kv_len:
-        p = cached_plan(compiled, shape.q_len, shape.kv_len, shape.head_dim, q.dtype, target)
+        p = cached_plan(compiled, shape.q_len, shape.kv_len, shape.head_dim, q.dtype, target,
+                        shape.value_dim)
         prekernels = executor.prekernels
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         if isinstance(node, Clusters):  # gather in cluster order, attend, scatter back
@@ -347,7 +349,8 @@ def attention_backward(q, k, v, out, lse, grad_out, grad_lse, pattern: Pattern, 
     shape = check_attention_inputs(q, k, v, pattern, scale=scale, enable_gqa=enable_gqa)
     executor, target = resolve_backend(backend, q)
     compiled = compile_pattern(pattern)
-    p = cached_plan(compiled, shape.q_len, shape.kv_len, shape.head_dim, q.dtype, target)
+    p = cached_plan(compiled, shape.q_len, shape.kv_len, shape.head_dim, q.dtype, target,
+                    shape.value_dim)
     if p.layout is None:
         dq, dk, dv, grads = execute_backward(executor, p, compiled, q, k, v, out, lse, grad_out,
                                              grad_lse, shape.scale)

@@ -60,7 +60,8 @@ def run_forward(plan: Plan, call_kernels, q, k, v, out, lse, scale: float) -> No
 
 def _run_group(plan: Plan, kernel: KernelPlan, pattern, sched: GroupSchedule, q, k, v, heads,
                group, scale, totals):
-    """Attention of one dilation group; q: [B, Hsel, Lg, D], k/v: [B, Hkv, Lkg, D]."""
+    """Attention of one dilation group; q: [B, Hsel, Lg, D], k: [B, Hkv, Lkg, D], v: [B, Hkv,
+    Lkg, Dv]."""
     bm, bn = plan.block_m, plan.block_n
     b, hs, lq, d = q.shape
     lk = k.shape[2]
@@ -70,7 +71,8 @@ def _run_group(plan: Plan, kernel: KernelPlan, pattern, sched: GroupSchedule, q,
     # pad to whole tiles: [B, Hsel, Tq, BM, D] and [B, Hsel, Tk, BN, D]
     qt = torch.nn.functional.pad(q, (0, 0, 0, tq * bm - lq)).view(b, hs, tq, bm, d)
     kt, vt = (_kv_tiles(x, kv_heads, tk, bn) for x in (k, v))
-    out = q.new_zeros(b, hs, tq, bm, d)
+    dv = v.shape[-1]
+    out = q.new_zeros(b, hs, tq, bm, dv)
     lse = q.new_full((b, hs, tq, bm), float("-inf"))
     counts = visit.sum(1)
     order = np.argsort(counts, kind="stable")
@@ -90,7 +92,7 @@ def _run_group(plan: Plan, kernel: KernelPlan, pattern, sched: GroupSchedule, q,
                 out[:, :, sel] = o
                 lse[:, :, sel] = l_
         start = stop
-    return out.view(b, hs, tq * bm, d)[:, :, :lq], lse.view(b, hs, tq * bm)[:, :, :lq]
+    return out.view(b, hs, tq * bm, dv)[:, :, :lq], lse.view(b, hs, tq * bm)[:, :, :lq]
 
 
 def _attend(pattern, geo, groups, plan, q, kt, vt, visit, full, tiles_q, lk, scale, totals, heads):
@@ -165,7 +167,7 @@ def _group_backward(plan, kernel, pattern, sched, q, k, v, do, lse, delta, heads
                     scale, totals):
     bm, bn = plan.block_m, plan.block_n
     b, hs, lq, d = q.shape
-    lk = k.shape[2]
+    lk, d_v = k.shape[2], v.shape[-1]
     geo, visit, full = sched.geometry, sched.visit, sched.full
     tq, tk = visit.shape
     kv_heads = torch.tensor([h // group for h in heads], device=q.device)
@@ -226,11 +228,11 @@ def _group_backward(plan, kernel, pattern, sched, q, k, v, do, lse, delta, heads
             dkt.index_add_(2, flat, (torch.matmul(ds.transpose(-1, -2), qs) * scale)
                            .reshape(b, hs, nq * int(count), bn, d))
             dvt.index_add_(2, flat, torch.matmul(p.transpose(-1, -2), dos)
-                           .reshape(b, hs, nq * int(count), bn, d))
+                           .reshape(b, hs, nq * int(count), bn, d_v))
     dk = torch.zeros(b, hkv, tk * bn, d, dtype=q.dtype, device=q.device)
-    dv = torch.zeros_like(dk)
+    dv = torch.zeros(b, hkv, tk * bn, d_v, dtype=q.dtype, device=q.device)
     dk.index_add_(1, kv_heads, dkt.view(b, hs, tk * bn, d))  # GQA: sum over the query heads
-    dv.index_add_(1, kv_heads, dvt.view(b, hs, tk * bn, d))
+    dv.index_add_(1, kv_heads, dvt.view(b, hs, tk * bn, d_v))
     return dqt.view(b, hs, tq * bm, d)[:, :, :lq], dk[:, :, :lk], dv[:, :, :lk], dtable
 
 

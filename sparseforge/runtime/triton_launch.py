@@ -147,7 +147,8 @@ def backward_launches(plan: Plan, call_kernels, q, k, v, do, dq, dk, dv, lse, de
     hkv, lkv = k.shape[1], k.shape[2]
     group = hq // hkv
     bm, bn = plan.backward_dq.block_m, plan.backward_dkdv.block_n
-    common = [*q.stride(), *k.stride(), *lse.stride()]
+    own_v = [*v.stride(), *do.stride()] if plan.value_dim != plan.head_dim else []
+    common = [*q.stride(), *k.stride(), *own_v, *lse.stride()]
     for kind in ("backward_dq", "backward_dkdv"):
         for index, kernel in enumerate(plan.kernels):
             extra = _pattern_args(kernel, call_kernels[index], lq, lkv, q.device)
@@ -302,9 +303,9 @@ def positive_scale(q, scale: float):
 def run_decode(plan: Plan, call_kernels, q, k, v, out, lse, scale: float, interpret: bool) -> None:
     """Attention of a few new tokens by the split-KV decode kernels, merged exactly."""
     q, scale = positive_scale(q, scale)
-    b, hq, lq, d = q.shape
+    b, hq, lq, _ = q.shape
     chunks, splits = decode_layout(plan, b, hq, k.shape[1])
-    out_part = torch.empty((b, hq, lq, splits, d), dtype=torch.float32, device=q.device)
+    out_part = torch.empty((b, hq, lq, splits, v.shape[-1]), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((b, hq, lq, splits), dtype=torch.float32, device=q.device)
     held = _held_launcher(q, interpret)
     for index, grid, args in decode_launches(plan, call_kernels, q, k, v, out_part, lse_part,

@@ -52,6 +52,11 @@ def variant_specs() -> dict[str, tuple]:
         "flex_top_left": (top_left(affine(2, -1, 0) & (affine(1, -1, -1) | ir.sinks(4)))
                           | ir.mask_table(torch.zeros(L // 2, L, dtype=torch.bool)), 64,
                           "bfloat16", {"q_len": L // 2}),
+        # v's head dim apart from q/k's: DeepSeek's MLA (192 / 128), and a padded one (96
+        # in 128 columns) beside q/k's 64, moved by TMA on sm_90
+        "mla": (ir.causal(), 192, "bfloat16", {"value_dim": 128}),
+        "value_dim_padded": (ir.sliding_window(512) | ir.sinks(4), 64, "float16",
+                             {"value_dim": 96}),
     }
     for d in (16, 64, 80, 128, 256):
         shapes[f"bf16_d{d}"] = (ir.sliding_window(1024), d, "bfloat16", {})

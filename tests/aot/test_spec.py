@@ -21,6 +21,7 @@ GOOD = dict(name="layer", pattern=sf.causal(), q_len=1024, kv_len=1024, head_dim
     ({"heads": 6, "kv_heads": 4}, ValueError, "kv_heads=4"),
     ({"pattern": sf.per_head([sf.causal(), sf.full()]), "heads": 3}, ValueError, "per_head"),
     ({"backward": "yes"}, TypeError, "backward"),
+    ({"value_dim": 0}, ValueError, "value_dim"),
 ])
 def test_build_spec_rejects_bad_fields(change, error, match):
     with pytest.raises(error, match=match):
@@ -31,6 +32,9 @@ def test_build_spec_plans_and_describes_itself():
     spec = sf.BuildSpec(**{**GOOD, "heads": 8, "kv_heads": 2})
     assert spec.plan("sm_90").block_m >= 16
     assert spec.to_dict()["kv_heads"] == 2 and spec.to_dict()["pattern"] == "causal()"
+    assert spec.to_dict()["value_dim"] == 64
+    mla = sf.BuildSpec(**{**GOOD, "head_dim": 192, "value_dim": 128})
+    assert mla.plan("sm_90").value_dim == 128 and mla.to_dict()["value_dim"] == 128
 
 
 def _write(tmp_path, body):
