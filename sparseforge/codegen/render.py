@@ -27,7 +27,7 @@ from ..ir.routing import (
     VerticalSlash,
     is_dynamic,
 )
-from ..ir.scores import ScoreSpec, rel_index
+from ..ir.scores import REGISTER_REL_BIAS_WIDTH, ScoreSpec, rel_index
 from ..planner.plan import KernelPlan, Plan
 from ..planner.ranges import (
     FULL_HI,
@@ -174,6 +174,7 @@ def _score_context(score: ScoreSpec, cfg) -> dict:
     return dict(score_any=score.any, alibi=score.alibi, softcap=score.softcap,
                 rel_bias=score.rel_bias, rel_index=rel_text,
                 rel_grad=score.rel_grad,
+                rel_wide=2 * score.rel_radius + 1 > REGISTER_REL_BIAS_WIDTH,
                 rel_radius=max(score.rel_radius, 0),
                 bias_t_pad=padded_pow2(2 * max(score.rel_radius, 0) + 1),
                 bias_chunk=padded_pow2(cfg.block_m + cfg.block_n - 1))

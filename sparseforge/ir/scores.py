@@ -33,9 +33,11 @@ import torch
 from .neighborhood import Neighborhood, grid_coordinate
 from .nodes import Documents, Full, Intersection, MaskTable, Pattern, ScoreModifier, walk
 
-#: widest rel_bias table (2R + 1 entries) the kernels accept: the dK/dV kernel keeps one
-#: accumulator per entry in registers for the table's gradient
-MAX_REL_BIAS_WIDTH = 1025
+#: widest rel_bias table (2R + 1 entries) the kernels accept (a radius of 64k tokens)
+MAX_REL_BIAS_WIDTH = 2 ** 17 + 1
+#: widest table whose gradient the dK/dV kernel sums in registers (one accumulator per
+#: entry); wider ones are summed in the program's own row of the gradient buffer
+REGISTER_REL_BIAS_WIDTH = 1025
 
 
 def _check_float_tensor(owner: str, name: str, t: Any, dims: int, shape_text: str) -> None:

@@ -72,6 +72,10 @@ def variant_specs() -> dict[str, tuple]:
     shapes["scores_d128"] = (ir.sliding_window(1024) & every, 128, "float16", {})
     shapes["scores_d256"] = (ir.sliding_window(1024) & every, 256, "bfloat16", {})
     shapes["scores_fp32"] = (ir.causal() & every, 64, "float32", {})
+    # a table too wide for register accumulators (radius 2048): its gradient is summed in
+    # the program's row of the buffer
+    shapes["scores_rel_bias_wide"] = (ir.causal() & scores.rel_bias(torch.zeros(heads, 4097)),
+                                      128, "bfloat16", {})
     shapes["scores_dilated"] = (ir.window(64, 64, dilation=4) & scores.rel_bias(table), 64,
                                 "float16", {"groups": 4})
     # N-D neighbourhoods: the tiled layout (2-D dilated, with sinks and a causal axis; 3-D

@@ -157,6 +157,23 @@ def test_wide_table_clips_beyond_the_tiles():
                      table, "triton")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_table_wider_than_the_register_accumulators(backend):
+    # 2R + 1 = 1203 > 1025: the dK/dV kernel sums the gradient in its buffer row. Keys
+    # more than R = 601 behind a query (Lkv = 700) clip into the first entry;
+    # a dilated window strides the offsets by 2
+    table = _table(1203, seed=12)
+    _check_grads(*random_qkv(1, HQ, HKV, 20, 700, 16, seed=13), sf.causal() & sf.rel_bias(table),
+                 table, backend)
+    dilated = sf.window(20, 20, dilation=2) & sf.rel_bias(table) & sf.softcap(3.0)
+    _check_grads(*random_qkv(1, HQ, HKV, 60, 60, 16, seed=14), dilated, table, backend)
+
+
+def test_table_wider_than_the_limit_is_refused():
+    with pytest.raises(ValueError, match=r"2R \+ 1 in \[1, 131073\]"):
+        sf.rel_bias(torch.zeros(4, 2 ** 17 + 3))
+
+
 def test_bf16_forward_with_modifiers():
     _, patterns = _patterns()
     q, k, v = random_qkv(1, HQ, HKV, 40, 40, 32, seed=8)
