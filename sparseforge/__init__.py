@@ -31,7 +31,7 @@ _PUBLIC = {
     "topk_blocks": "ir.routing", "topk_chunks": "ir.routing", "topk_keys": "ir.routing",
     "vertical_slash": "ir.routing",
     "alibi": "ir.scores", "alibi_slopes": "ir.scores", "rel_bias": "ir.scores",
-    "softcap": "ir.scores",
+    "pair_bias": "ir.scores", "softcap": "ir.scores",
     "merge": "merging",
     "SparseAttention": "modules",
     "na1d": "natten_api", "na2d": "natten_api", "na3d": "natten_api",
@@ -47,7 +47,8 @@ __all__ = [
     "flex_attention", "from_mask_mod", "from_score_mod", "full", "global_queries",
     "halo_blocks", "hierarchical", "load_kernels", "mask_table", "maxvit_block", "maxvit_grid",
     "merge", "na1d",
-    "na2d", "na3d", "neighborhood", "per_head", "plan", "prefix_lm", "reference_attention",
+    "na2d", "na3d", "neighborhood", "pair_bias", "per_head", "plan", "prefix_lm",
+    "reference_attention",
     "rel_bias", "sinks", "sliding_window", "softcap", "swin_window", "threshold_blocks",
     "top_left", "topk_blocks", "topk_chunks", "topk_keys", "vertical_slash", "window",
 ]
@@ -95,7 +96,7 @@ if TYPE_CHECKING:  # what static tools and IDEs see: the same names, imported ea
         topk_keys,
         vertical_slash,
     )
-    from .ir.scores import alibi, alibi_slopes, rel_bias, softcap
+    from .ir.scores import alibi, alibi_slopes, pair_bias, rel_bias, softcap
     from .merging import merge
     from .modules import SparseAttention
     from .natten_api import na1d, na2d, na3d

@@ -31,7 +31,16 @@ from .ir.nodes import (
 )
 from .ir.ops import TorchOps
 from .ir.routing import DynamicPattern, TopkKeys
-from .ir.scores import Alibi, RelBias, Softcap, rel_index, score_spec, score_terms, strip_scores
+from .ir.scores import (
+    Alibi,
+    PairBias,
+    RelBias,
+    Softcap,
+    rel_index,
+    score_spec,
+    score_terms,
+    strip_scores,
+)
 
 
 def pair_mask(pattern: Pattern, i: torch.Tensor, j: torch.Tensor, q_len: int,
@@ -157,7 +166,8 @@ def score_positions(pattern: Pattern, p, j):
 
 def biased_scores(pattern: Pattern, s: torch.Tensor, heads: torch.Tensor, p: torch.Tensor,
                   j: torch.Tensor) -> torch.Tensor:
-    """``s`` plus the additive modifiers of a head pattern (alibi, rel_bias), literally.
+    """``s`` plus the additive modifiers of a head pattern (alibi, rel_bias, pair_bias),
+    literally.
 
     ``s``: [..., H, *pairs] scaled scores, where ``pairs`` is the broadcast shape of the
     query positions ``p`` and keys ``j``; ``heads``: the query head of each of the H rows
@@ -175,6 +185,8 @@ def biased_scores(pattern: Pattern, s: torch.Tensor, heads: torch.Tensor, p: tor
         table = terms[RelBias].table.to(device=s.device, dtype=s.dtype)
         idx = rel_index(score_spec(pattern), p, j, TorchOps).to(s.device)
         s = s + table.flatten(1)[heads][:, idx]
+    if PairBias in terms:
+        s = s + pair_bias_scores(terms[PairBias], s, heads, p, j)
     for node in {n for n in walk(pattern) if isinstance(n, TopkKeys)}:  # DMA's per-key bias
         bias = node.bias.to(device=s.device, dtype=s.dtype)
         bias = (bias if bias.dim() == 3 else bias[None])[:, heads]  # [B|1, H, Lkv]
@@ -182,6 +194,26 @@ def biased_scores(pattern: Pattern, s: torch.Tensor, heads: torch.Tensor, p: tor
         jj = j.to(s.device).expand(pairs).reshape(-1)
         s = s + bias[..., jj].view(*bias.shape[:2], *pairs)
     return s
+
+
+def pair_bias_positions(pair: PairBias, p: torch.Tensor, j: torch.Tensor):
+    """(flat index into a ``[Lq * Lkv]`` bias plane, broadcast pairs shape) of query
+    positions ``p`` and keys ``j``: the row is ``i = p - (Lkv - Lq)``. Positions past the
+    ends (padding, always masked) read the nearest entry."""
+    lq, lk = pair.bias4.shape[-2:]
+    i = (p - (lk - lq)).clamp(0, max(lq - 1, 0))
+    jj = j.clamp(0, max(lk - 1, 0))
+    pairs = torch.broadcast_shapes(i.shape, jj.shape)
+    return (i * lk + jj).expand(pairs).reshape(-1), pairs
+
+
+def pair_bias_scores(pair: PairBias, s: torch.Tensor, heads: torch.Tensor, p, j) -> torch.Tensor:
+    """``bias[b, h, i, j]`` for scores ``s`` ``[B, H, *pairs]`` (differentiable in the bias)."""
+    bias = pair.bias4.to(device=s.device, dtype=s.dtype)
+    if bias.shape[1] > 1:
+        bias = bias[:, heads]
+    flat, pairs = pair_bias_positions(pair, p.to(s.device), j.to(s.device))
+    return bias.flatten(2)[..., flat].view(*bias.shape[:2], *pairs)
 
 
 def softcap_value(pattern: Pattern) -> float | None:

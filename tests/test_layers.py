@@ -145,7 +145,7 @@ def test_public_api_is_unchanged():
         "global_queries", "halo_blocks", "hierarchical", "load_kernels", "mask_table",
         "maxvit_block", "maxvit_grid", "merge",
         "na1d", "na2d", "na3d", "neighborhood", "per_head", "plan", "prefix_lm",
-        "reference_attention", "rel_bias", "sinks", "sliding_window", "softcap", "swin_window",
+        "reference_attention", "pair_bias", "rel_bias", "sinks", "sliding_window", "softcap", "swin_window",
         "threshold_blocks", "top_left", "topk_blocks", "topk_chunks", "topk_keys",
         "vertical_slash", "window"}
     for name in sparseforge.__all__:

@@ -58,7 +58,7 @@ def _int(node, text):
 
 # --------------------------------------------------------------- reprs, with tensors
 
-_PLACEHOLDER = re.compile(r"<(ids|kv_ids|mask|slopes|table)( [0-9x]*)?>")
+_PLACEHOLDER = re.compile(r"<(ids|kv_ids|mask|slopes|table|bias)( [0-9x]*)?>")
 
 
 @lru_cache(maxsize=256)
@@ -70,7 +70,8 @@ def _repr_tree(text: str) -> ast.expr:
 
 
 def placeholder_kinds(text: str) -> list[str]:
-    """What each tensor of a pattern repr is, in order: ids, kv_ids, mask, slopes or table."""
+    """What each tensor of a pattern repr is, in order: ids, kv_ids, mask, slopes, table or
+    bias."""
     return [m.group(1) for m in _PLACEHOLDER.finditer(text)]
 
 
@@ -123,7 +124,8 @@ def _repr_constructors() -> dict:
     table = dict(CONSTRUCTORS)
     table.update(empty=nodes.Empty, documents=nodes.documents, mask_table=nodes.mask_table,
                  per_head=nodes.per_head,
-                 softcap=scores.softcap, alibi=scores.alibi, rel_bias=scores.rel_bias)
+                 softcap=scores.softcap, alibi=scores.alibi, rel_bias=scores.rel_bias,
+                 pair_bias=scores.pair_bias)
     return table
 
 

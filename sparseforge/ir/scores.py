@@ -12,7 +12,11 @@
    difference of the key's and query's coordinates inside their dilation group, clipped
    to ``+-R_d`` (Swin's and MaxViT's relative-position bias over a window, NATTEN's
    ``rpb``). Forward and q/k/v gradients; the table's own gradient is on the CPU path;
-3. ``softcap(c)``: ``s = c * tanh(s / c)`` (Gemma 2, Grok-1: logit soft-capping).
+3. ``pair_bias(bias)``: ``s += bias[b, h, i, j]`` with ``i`` the query's row, ``bias``
+   broadcastable to ``[B, Hq, Lq, Lkv]``: a bias per pair gathered from a tensor
+   (Graphormer's spatial and edge encodings, T5's bias materialised per pair, any Flex
+   ``score_mod`` that adds ``bias[b, h, q_idx, kv_idx]``). Differentiable in ``bias``;
+4. ``softcap(c)``: ``s = c * tanh(s / c)`` (Gemma 2, Grok-1: logit soft-capping).
 
 ``p = i + Lkv - Lq`` is the query's absolute position (bottom-right alignment). A
 modifier is a pattern node that allows every pair, joined to a mask by ``&``:
@@ -137,7 +141,35 @@ class RelBias(_TensorModifier):
         return (self.table[0].numel() - 1) // 2
 
 
-MODIFIERS = (Alibi, RelBias, Softcap)  # in the order they apply
+@dataclass(frozen=True, eq=False, repr=False)
+class PairBias(_TensorModifier):
+    """``s += bias[b, h, i, j]`` (``i`` the query's row, not its position ``p``); ``bias``
+    is ``[Lq, Lkv]``, ``[Hq or 1, Lq, Lkv]`` or ``[B or 1, Hq or 1, Lq, Lkv]``."""
+
+    bias: Any
+    tensor_name = "bias"
+    kind = "pair_bias"
+
+    def __post_init__(self) -> None:
+        dims = self.bias.dim() if isinstance(self.bias, torch.Tensor) else 0
+        _check_float_tensor("pair_bias", "bias", self.bias, dims if dims in (2, 3, 4) else 4,
+                            "[Lq, Lkv], [Hq or 1, Lq, Lkv] or [B or 1, Hq or 1, Lq, Lkv]")
+
+    @property
+    def bias4(self) -> torch.Tensor:
+        """The bias as ``[B or 1, Hq or 1, Lq, Lkv]`` (a view)."""
+        return self.bias.reshape((1,) * (4 - self.bias.dim()) + tuple(self.bias.shape))
+
+    def check_call(self, batch: int, q_heads: int, q_len: int, kv_len: int) -> None:
+        """The bias broadcasts to the call's ``[B, Hq, Lq, Lkv]``."""
+        b, h, lq, lk = self.bias4.shape
+        if (lq, lk) != (q_len, kv_len) or b not in (1, batch) or h not in (1, q_heads):
+            raise ValueError(f"pair_bias(bias=[{'x'.join(map(str, self.bias.shape))}]): expected "
+                             f"a shape broadcastable to [B={batch}, Hq={q_heads}, Lq={q_len}, "
+                             f"Lkv={kv_len}] (B and Hq may be 1)")
+
+
+MODIFIERS = (Alibi, RelBias, PairBias, Softcap)  # in the order they apply
 
 
 @dataclass(frozen=True)
@@ -163,6 +195,7 @@ class ScoreSpec:
     rel_radius: int = -1  # half the flattened rel_bias width, -1 without one
     softcap: bool = False
     rel_grid: RelGrid | None = None  # window offsets; None: token offsets j - p
+    pair_bias: bool = False
 
     @property
     def rel_bias(self) -> bool:
@@ -170,7 +203,7 @@ class ScoreSpec:
 
     @property
     def any(self) -> bool:
-        return self.alibi or self.rel_bias or self.softcap
+        return self.alibi or self.rel_bias or self.softcap or self.pair_bias
 
     @property
     def rel_grad(self) -> bool:
@@ -199,7 +232,8 @@ def score_spec(pattern: Pattern) -> ScoreSpec:
     terms = score_terms(pattern)
     rel = terms.get(RelBias)
     grid = _rel_grid(pattern, rel) if rel is not None and rel.window_dims else None
-    return ScoreSpec(Alibi in terms, rel.radius if rel is not None else -1, Softcap in terms, grid)
+    return ScoreSpec(Alibi in terms, rel.radius if rel is not None else -1, Softcap in terms, grid,
+                     PairBias in terms)
 
 
 def _rel_grid(pattern: Pattern, rel: RelBias) -> RelGrid:
@@ -261,6 +295,18 @@ def rel_bias_table(pattern: Pattern):
     return None if rel is None else rel.table
 
 
+def pair_bias_tensor(pattern: Pattern):
+    """The pair_bias tensor of one head pattern, None without one."""
+    pair = score_terms(pattern).get(PairBias)
+    return None if pair is None else pair.bias
+
+
+def learned_tensors(pattern: Pattern) -> list:
+    """The tensors of one head pattern that may carry a gradient: its rel_bias table and
+    pair_bias tensor (slopes are fixed)."""
+    return [t for t in (rel_bias_table(pattern), pair_bias_tensor(pattern)) if t is not None]
+
+
 def strip_scores(pattern: Pattern) -> Pattern:
     """The mask of a head pattern: its modifiers removed."""
     kept = tuple(p for p in _operands(pattern) if not isinstance(p, ScoreModifier))
@@ -285,6 +331,14 @@ def check_score_heads(pattern: Pattern, q_heads: int) -> None:
 def softcap(cap: float) -> Pattern:
     """Soft-cap scores to (-cap, cap): ``cap * tanh(s / cap)`` (Gemma 2, Grok-1)."""
     return Softcap(cap)
+
+
+def pair_bias(bias) -> Pattern:
+    """Add ``bias[b, h, i, j]`` to the score of query row ``i`` and key ``j`` (``bias``:
+    ``[Lq, Lkv]``, ``[Hq or 1, Lq, Lkv]`` or ``[B or 1, Hq or 1, Lq, Lkv]``): a bias per
+    pair, as Graphormer's spatial and edge encodings (Ying et al. 2021) or a T5 bias
+    materialised per pair. Its gradient is ``dS`` per pair (summed over broadcast dims)."""
+    return PairBias(bias)
 
 
 def alibi(slopes) -> Pattern:
@@ -323,7 +377,7 @@ def alibi_slopes(n_heads: int):
 
 def pattern_tensors(pattern: Pattern) -> list:
     """Every run-time tensor the pattern holds (document ids, mask tables, ALiBi slopes,
-    rel_bias tables), in walk order, which is the order of their placeholders in ``repr``: what
+    rel_bias tables, pair biases), in walk order, which is the order of their placeholders in ``repr``: what
     a compiled graph passes to the custom op (see ``patterns_parse.parse_repr``)."""
     out = []
     for node in walk(pattern):
@@ -331,6 +385,6 @@ def pattern_tensors(pattern: Pattern) -> list:
             out += [node.ids] + ([] if node.kv_ids is None else [node.kv_ids])
         elif isinstance(node, MaskTable) and node.mask is not None:  # not a fallback mask_mod
             out.append(node.mask)
-        elif isinstance(node, (Alibi, RelBias)):
+        elif isinstance(node, (Alibi, RelBias, PairBias)):
             out.append(getattr(node, node.tensor_name))
     return out

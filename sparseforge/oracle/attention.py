@@ -11,7 +11,7 @@ import torch
 from ..ir.neighborhood import Neighborhood
 from ..ir.nodes import Documents, Intersection, MaskTable, Pattern, PerHead, walk
 from ..ir.routing import TopkKeys, is_dynamic
-from ..ir.scores import Alibi, RelBias, Softcap
+from ..ir.scores import Alibi, PairBias, RelBias, Softcap
 from ..validate import SUPPORTED_DTYPES, check_attention_inputs
 from .grid import Grid, floor_div
 from .masks import coordinates, mask_of
@@ -64,7 +64,7 @@ def _content(pattern: Pattern, content, q_len: int, kv_len: int):
 def modifiers(head: Pattern) -> list:
     """The score modifiers at a head pattern's top-level ``&`` (nested ``&`` flattened)."""
     if not isinstance(head, Intersection):
-        return [head] if isinstance(head, (Alibi, RelBias, Softcap)) else []
+        return [head] if isinstance(head, (Alibi, RelBias, PairBias, Softcap)) else []
     out = []
     for part in head.parts:
         out += modifiers(part)
@@ -84,6 +84,11 @@ def modified_scores(head: Pattern, s: torch.Tensor, heads: list[int], q_len: int
     for m in mods:
         if isinstance(m, RelBias):
             s = s + _rel_bias(m, head, rows, p, j)
+    for m in mods:
+        if isinstance(m, PairBias):  # bias[b, h, i, j] by query row i
+            bias = m.bias.double().to(s.device)
+            bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+            s = s + (bias[:, rows] if bias.shape[1] > 1 else bias)
     for node in {n for n in walk(head) if isinstance(n, TopkKeys)}:  # DMA: bias on every score
         bias = node.bias.double().to(s.device)
         bias = bias if bias.dim() == 3 else bias[None]

@@ -59,7 +59,7 @@ def _attention_fake(q, k, v, tensors, pattern, scale, enable_gqa, backend):
 
 
 def _table_slots(key: str) -> list[int]:
-    return [i for i, kind in enumerate(placeholder_kinds(key)) if kind == "table"]
+    return [i for i, kind in enumerate(placeholder_kinds(key)) if kind in ("table", "bias")]
 
 
 @torch.library.custom_op("sparseforge::attention_backward", mutates_args=())
@@ -113,8 +113,8 @@ attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 def compiled_attention(q, k, v, pattern, *, scale, enable_gqa, return_lse, backend):
     """What ``sf.attention`` does while dynamo traces: one opaque op call."""
-    tensors = pattern_tensors(pattern)  # its tables are the only float N-D tensors among these
-    check_table_grads(resolve_backend(backend, q)[0], tensors)
+    tensors = pattern_tensors(pattern)
+    check_table_grads(resolve_backend(backend, q)[0], pattern)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     out, lse = attention_op(q, k, v, tensors, pattern_key(pattern), float(scale), enable_gqa,

@@ -21,9 +21,9 @@ from functools import cached_property
 import torch
 
 from ..ir.canonicalize import canonicalize
-from ..ir.nodes import Pattern
+from ..ir.nodes import Pattern, walk
 from ..ir.routing import Clusters, is_dynamic
-from ..ir.scores import rel_bias_table, score_spec
+from ..ir.scores import RelBias, learned_tensors, score_spec
 from ..ir.split import static_siblings
 from ..planner.plan import Plan, default_target, dtype_name, head_groups, plan
 from ..planner.routing_steps import kernel_routing_node
@@ -60,7 +60,7 @@ class CompiledPattern:
     canonical: Pattern
     key: str  # structural key: equal for patterns that render the same kernels
     head_patterns: tuple[Pattern, ...]  # per kernel, in the plan's kernel order
-    tables: tuple  # the distinct rel_bias tables of the pattern: inputs with a gradient
+    tables: tuple  # its distinct rel_bias tables and pair biases: inputs with a gradient
     # the routing node the generated kernel runs and its static siblings (the candidates'
     # source), found once per pattern; () when there is none
     routed_node: tuple = ()
@@ -81,7 +81,7 @@ def compile_pattern(pattern: Pattern) -> CompiledPattern:
         return hit[1]
     canonical = canonicalize(pattern)
     heads = tuple(p for p, _ in head_groups(canonical))
-    tables = {id(t): t for t in map(rel_bias_table, heads) if t is not None}
+    tables = {id(t): t for head in heads for t in learned_tensors(head)}
     node = kernel_routing_node(canonical) if is_dynamic(canonical) else None
     routed = () if node is None else (node, tuple(static_siblings(canonical, node)))
     compiled = CompiledPattern(canonical, repr(canonical), heads, tuple(tables.values()), routed)
@@ -124,13 +124,13 @@ def resolve_backend(backend: str, q: torch.Tensor) -> tuple[Executor, str]:
     return Executor.TORCH, "cpu"
 
 
-def check_table_grads(executor: Executor, tables) -> None:
+def check_table_grads(executor: Executor, pattern: Pattern) -> None:
     """A window-offset rel_bias table (N-D) gets its gradient from the torch executor only
     so far: the generated dK/dV kernel sums token-offset tables along tile diagonals,
     which window offsets do not follow. Refuse, rather than return no gradient."""
     if executor is Executor.TORCH or not torch.is_grad_enabled():
         return
-    for t in tables:
+    for t in (n.table for n in walk(pattern) if isinstance(n, RelBias)):
         if t.requires_grad and t.dim() > 2:
             raise ValueError(f"rel_bias(table=[{'x'.join(map(str, t.shape))}]): the Triton "
                              "kernels do not compute a window-offset table's gradient yet; pass "
@@ -223,7 +223,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
         out, lse = _run_routed(executor, target, backend, q, k, v, pattern, shape)
         return (out, lse) if return_lse else out
     compiled = compile_pattern(pattern)
-    check_table_grads(executor, compiled.tables)
+    check_table_grads(executor, compiled.canonical)
     p = cached_plan(compiled, shape.q_len, shape.kv_len, shape.head_dim, q.dtype, target,
                     shape.value_dim)
     if p.layout is None:
@@ -332,7 +332,7 @@ def tiled_run(p: Plan, device) -> TiledRun:
     padding = torch.ones(p.layout[0].run_len, dtype=torch.bool, device=device)
     padding[q_scatter] = False
     heads = tuple(k.pattern for k in p.kernels)
-    tables = {id(t): t for t in map(rel_bias_table, heads) if t is not None}
+    tables = {id(t): t for head in heads for t in learned_tensors(head)}
     patterns = CompiledPattern(p.pattern, repr(p.pattern), heads, tuple(tables.values()))
     run = TiledRun(q_gather, q_scatter, padding, kv_gather, kv_scatter, patterns)
     _tiled_runs[key] = (p, run)  # holding the plan keeps its id unique

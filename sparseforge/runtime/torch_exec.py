@@ -19,13 +19,22 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..ir.scores import rel_bias_table, rel_index, score_spec
+from ..ir.scores import (
+    PairBias,
+    learned_tensors,
+    pair_bias_tensor,
+    rel_bias_table,
+    rel_index,
+    score_spec,
+    score_terms,
+)
 from ..planner.plan import KernelPlan, Plan
 from ..planner.schedule import GroupSchedule
 from ..semantics import (
     TorchOps,
     biased_scores,
     modified_scores,
+    pair_bias_positions,
     pair_mask,
     score_positions,
     softcap_value,
@@ -131,7 +140,7 @@ def run_backward(plan: Plan, call_kernels, q, k, v, out, lse, grad_out, grad_lse
     dq = torch.zeros(q.shape, dtype=compute, device=q.device)
     dk = torch.zeros(k.shape, dtype=compute, device=k.device)
     dv = torch.zeros(v.shape, dtype=compute, device=v.device)
-    tables = {id(t): t for t in map(rel_bias_table, call_kernels) if t is not None}
+    tables = {id(t): t for head in call_kernels for t in learned_tensors(head)}
     dtables = {key: torch.zeros(t.shape, dtype=compute, device=q.device) for key, t in tables.items()}
     if lq == 0 or lkv == 0:
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
@@ -148,11 +157,13 @@ def run_backward(plan: Plan, call_kernels, q, k, v, out, lse, grad_out, grad_lse
                 continue
             rows = slice(geo.q_start, None, kernel.groups)
             cols = slice(geo.kv_start, None, kernel.groups)
+            pair = pair_bias_tensor(call_pattern)
             grads = _group_backward(
                 plan, kernel, call_pattern, sched, q[:, heads, rows].to(compute),
                 k[:, :, cols].to(compute), v[:, :, cols].to(compute),
                 grad_out[:, heads, rows].to(compute), lse[:, heads, rows].to(compute),
-                delta[:, heads, rows], heads, hq // hkv, hkv, scale, (lq, lkv))
+                delta[:, heads, rows], heads, hq // hkv, hkv, scale, (lq, lkv),
+                None if pair is None else dtables[id(pair)])
             dq[:, heads, rows] += grads[0]
             dk[:, :, cols] += grads[1]
             dv[:, :, cols] += grads[2]
@@ -164,7 +175,9 @@ def run_backward(plan: Plan, call_kernels, q, k, v, out, lse, grad_out, grad_lse
 
 
 def _group_backward(plan, kernel, pattern, sched, q, k, v, do, lse, delta, heads, group, hkv,
-                    scale, totals):
+                    scale, totals, dpair=None):
+    """dq, dk, dv and the rel_bias table's gradient of one dilation group; a pair_bias's
+    gradient (dS per pair) is added into ``dpair`` (shaped as the bias) in place."""
     bm, bn = plan.block_m, plan.block_n
     b, hs, lq, d = q.shape
     lk, d_v = k.shape[2], v.shape[-1]
@@ -220,6 +233,8 @@ def _group_backward(plan, kernel, pattern, sched, q, k, v, do, lse, delta, heads
             ds = p * (dp - deltat[:, :, sel][..., None])
             if cap is not None:
                 ds = ds * (1 - t * t)  # through the cap
+            if dpair is not None:
+                _add_pair_grad(score_terms(pattern)[PairBias], dpair, ds, heads, p_pos, j_pos)
             if dtable is not None:  # each pair's dS to its (clipped) table entry
                 idx = rel_index(score, *score_positions(pattern, p_pos, j_pos), TorchOps).flatten()
                 dtable.index_add_(1, idx, ds.sum(0).flatten(1))
@@ -234,6 +249,21 @@ def _group_backward(plan, kernel, pattern, sched, q, k, v, do, lse, delta, heads
     dk.index_add_(1, kv_heads, dkt.view(b, hs, tk * bn, d))  # GQA: sum over the query heads
     dv.index_add_(1, kv_heads, dvt.view(b, hs, tk * bn, d_v))
     return dqt.view(b, hs, tq * bm, d)[:, :, :lq], dk[:, :, :lk], dv[:, :, :lk], dtable
+
+
+def _add_pair_grad(pair, dpair, ds, heads, p, j) -> None:
+    """Add dS ``[B, Hs, *pairs]`` to the pair bias's gradient at each pair's entry, summed
+    over the dims the bias broadcasts (batch, heads)."""
+    flat, _ = pair_bias_positions(pair, p, j)
+    plane = dpair.reshape(pair.bias4.shape).flatten(2)  # a view: [B|1, H|1, Lq * Lkv]
+    g = ds.flatten(2)
+    if plane.shape[0] == 1:
+        g = g.sum(0, keepdim=True)
+    if plane.shape[1] == 1:
+        plane[:, 0].index_add_(1, flat, g.sum(1).to(plane.dtype))
+        return
+    for n, h in enumerate(heads):
+        plane[:, h].index_add_(1, flat, g[:, n].to(plane.dtype))
 
 
 def _tile_positions(geo, groups, tiles_q, kv_idx, bm, bn, totals):
