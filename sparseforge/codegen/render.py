@@ -173,7 +173,7 @@ def _score_context(score: ScoreSpec, cfg) -> dict:
                 if score.rel_bias else "")
     return dict(score_any=score.any, alibi=score.alibi, softcap=score.softcap,
                 rel_bias=score.rel_bias, rel_index=rel_text,
-                rel_grad=score.rel_grad,
+                rel_grad=score.rel_grad, pair_bias=score.pair_bias,
                 rel_wide=2 * score.rel_radius + 1 > REGISTER_REL_BIAS_WIDTH,
                 rel_radius=max(score.rel_radius, 0),
                 bias_t_pad=padded_pow2(2 * max(score.rel_radius, 0) + 1),

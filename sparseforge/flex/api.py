@@ -112,11 +112,12 @@ def _cached(kind, fn, build):
 
 def _closure_key(fn) -> tuple:
     """What a function reads besides its arguments: closure cells and defaults (tensors by
-    identity, numbers by value)."""
+    identity and whether they want a gradient, since a recognised modifier may hold a view
+    of them; numbers by value)."""
     cells = getattr(fn, "__closure__", None) or ()
     values = [c.cell_contents for c in cells if _has_contents(c)]
     values += list(getattr(fn, "__defaults__", None) or ())
-    return tuple(id(v) if isinstance(v, torch.Tensor) else v for v in values
+    return tuple((id(v), v.requires_grad) if isinstance(v, torch.Tensor) else v for v in values
                  if isinstance(v, (torch.Tensor, int, float, bool, str, type(None))))
 
 

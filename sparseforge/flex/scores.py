@@ -7,10 +7,13 @@ Recognised, in sparseforge's order (bias terms, then the cap):
 * ``table[h, clamp(kv_idx - q_idx, -R, R) + R]`` (or without the clamp, or indexed by
   ``q_idx - kv_idx``, or a table shared by the heads): ``rel_bias`` (differentiable in
   the table, as in Flex);
+* ``bias[q_idx, kv_idx]``, ``bias[h, q_idx, kv_idx]``, ``bias[b, q_idx, kv_idx]`` or
+  ``bias[b, h, q_idx, kv_idx]``: ``pair_bias`` (a bias per pair: Graphormer, a T5 bias
+  materialised per pair; differentiable in the tensor, as in Flex);
 * ``score * c``: a factor on the scale, returned apart (``Recognised.scale``): a pattern
   cannot hold it, ``sf.flex_attention`` folds it into ``scale``.
 
-Anything else (a bias gathered per pair, ``b``-dependent terms, other functions) raises
+Anything else (other ``b``-dependent terms, other lookups, other functions) raises
 ``FlexTraceError`` naming the term.
 """
 
@@ -22,8 +25,8 @@ import sympy
 import torch
 
 from ..ir.nodes import Full, Intersection, Pattern
-from ..ir.scores import Alibi, RelBias, Softcap
-from .trace import KV, SCORE, FlexTraceError, H, Lookup, Q, Traced
+from ..ir.scores import Alibi, PairBias, RelBias, Softcap
+from .trace import KV, SCORE, B, FlexTraceError, H, Lookup, Q, Traced
 
 
 @dataclass(frozen=True)
@@ -49,8 +52,14 @@ def recognise_scores(traced: Traced, heads: int | None = None) -> Recognised:
     if slope != 0:
         modifiers.append(_alibi(slope, -bias.coeff(Q), traced, heads))
         bias = sympy.expand(bias - slope * (KV - Q))
+    pairs = [t for t in sympy.Add.make_args(bias) if _pair_index(t) is not None]
+    if len(pairs) > 1:
+        raise FlexTraceError(f"score_mod {name}: {' + '.join(map(str, pairs))}: one per-pair "
+                             "bias tensor per score_mod (add the tensors first)")
+    bias = sympy.expand(bias - sum(pairs))
     if bias != 0:
         modifiers.append(_rel_bias(bias, traced, heads))
+    modifiers += [_pair_bias(t, traced) for t in pairs]
     if cap is not None:
         modifiers.append(Softcap(float(cap)))
     pattern = Intersection((Full(), *modifiers)) if modifiers else Full()
@@ -103,8 +112,8 @@ def _rel_bias(bias, traced: Traced, heads):
         offset = index[0]
     else:
         raise FlexTraceError(f"score_mod {traced.name}: {bias}: a bias table is indexed by "
-                             "[h, offset] or [offset]; a per-pair bias [q_idx, kv_idx] has no "
-                             "closed form")
+                             "[h, offset] or [offset], a per-pair bias by [(b,) (h,) q_idx, "
+                             "kv_idx]")
     width = table.shape[-1]
     radius = (width - 1) // 2
     sign = _offset_sign(offset, radius)
@@ -123,6 +132,30 @@ def _rel_bias(bias, traced: Traced, heads):
         rows = table
     rows = rows.flip(-1) if sign < 0 else rows
     return RelBias(rows)
+
+
+#: index forms of a per-pair bias lookup -> which of (batch, head) they index
+_PAIR_FORMS = {(Q, KV): (), (H, Q, KV): (1,), (B, Q, KV): (0,), (B, H, Q, KV): (0, 1)}
+
+
+def _pair_index(term):
+    """The dims (0: batch, 1: head) a per-pair lookup ``t[..., q_idx, kv_idx]`` indexes,
+    or None for any other term."""
+    if not isinstance(term, Lookup):
+        return None
+    return _PAIR_FORMS.get(tuple(term.args[1:]))
+
+
+def _pair_bias(term, traced: Traced) -> PairBias:
+    """``bias[(b,) (h,) q_idx, kv_idx]`` as a pair bias holding the captured tensor (or a
+    view of it), so its gradient reaches it."""
+    tensor = traced.tables[int(term.args[0])]
+    if not tensor.dtype.is_floating_point:
+        raise FlexTraceError(f"score_mod {traced.name}: the per-pair bias {term} must be "
+                             "floating point")
+    if _pair_index(term) == (0,):  # [B, Lq, Lkv]: a view with the head dim
+        return PairBias(tensor.unsqueeze(1))
+    return PairBias(tensor)  # [Lq, Lkv], [H, Lq, Lkv], [B, H, Lq, Lkv]: pair_bias's own forms
 
 
 def _offset_sign(offset, radius: int) -> int | None:

@@ -483,7 +483,7 @@ def _candidates(heads, scored: bool, r: PlanRequest) -> list[Candidate]:
     if r.tiled and node is None:
         raise ValueError("plan(tiled=True): the tiled layout needs an N-D neighborhood in every "
                          "head (one grid and dilation), q_len == kv_len >= the grid size > "
-                         f"{DECODE_MAX_Q}, no documents and no token-offset rel_bias")
+                         f"{DECODE_MAX_Q}, no documents, no token-offset rel_bias and no pair_bias")
     tiled_backward = backward_configs(r.target, r.tile_dim, r.dtype, scored, tiled=True)
     out = []
     for base_cfg in configs:
@@ -510,14 +510,15 @@ def _candidates(heads, scored: bool, r: PlanRequest) -> list[Candidate]:
 def _tileable(heads, q_len: int, kv_len: int, groups):
     """The neighbourhood a tiled layout would serve, or None where one cannot be used:
     it permutes absolute positions (q_len == kv_len), decode keeps original order,
-    document ids are read per original position, and a token-offset rel_bias table's
-    gradient is summed along tile diagonals (score modifiers otherwise map run positions
-    back, ``Tiled.original_positions``)."""
+    document ids are read per original position, a token-offset rel_bias table's
+    gradient is summed along tile diagonals, and a pair bias's gradient is stored by
+    original row and key (score modifiers otherwise map run positions back,
+    ``Tiled.original_positions``)."""
     masks = [p for p, _ in heads]
     node = layout_node(masks)
     if (node is None or groups is not None or q_len != kv_len or q_len < node.size
             or q_len <= DECODE_MAX_Q
-            or any(score_spec(p).rel_grad for p in masks)
+            or any(score_spec(p).rel_grad or score_spec(p).pair_bias for p in masks)
             or any(isinstance(n, (Documents, MaskTable)) for p in masks for n in walk(p))):
         return None
     return node

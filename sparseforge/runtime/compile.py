@@ -79,13 +79,15 @@ def resource_usage(cubin: bytes) -> dict:
 # run-time parameters that are not int32 scalars: data pointers take the plan's dtype
 _DATA_POINTERS = {"Q", "K", "V", "Out", "DO", "DQ"}
 _FP32_POINTERS = {"Lse", "Delta", "DK", "DV", "OutPart", "LsePart", "Slopes", "Bias", "DBias",
-                  "KeyBias"}
+                  "KeyBias", "Pair", "DPair"}
 _INT32_POINTERS = {"DocQ", "DocK", "Sel", "SelCount", "QBucket", "KBucket", "KStarts", "TileList",
                    "TileCount", "HeadMap", "Cols", "ColCount", "Offs", "OffCount", "TileSpan",
                    "PosQ", "PosK"}
 _UINT8_POINTERS = {"TileMap"}
 _INT64_POINTERS = {"Tbl"}  # bit-packed mask tables, 64 keys a word
 _FP32_SCALARS = {"qk_scale", "sm_scale", "cap2"}
+# a pair bias plane [B, H, Lq, Lkv] may pass 2^31 elements
+_INT64_SCALARS = {"stride_pairb", "stride_pairh", "stride_pairq", "stride_dpairb", "stride_dpairh"}
 _UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od"}
 
 
@@ -121,6 +123,8 @@ def kernel_signature(plan: Plan, kernel_index: int, kind: str = "forward",
             sig[name] = "*i64"
         elif name in _FP32_SCALARS:
             sig[name] = "fp32"
+        elif name in _INT64_SCALARS:
+            sig[name] = "i64"
         else:
             sig[name] = "i32"
     return sig, constexprs

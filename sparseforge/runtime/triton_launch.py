@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..ir.nodes import MaskTable, document_terms
-from ..ir.scores import Alibi, RelBias, Softcap, rel_bias_table, score_terms
+from ..ir.scores import Alibi, PairBias, RelBias, Softcap, pair_bias_tensor, rel_bias_table, score_terms
 from ..planner.plan import Plan
 from ..planner.schedule import group_geometry
 from ..planner.tiles import DECODE_MAX_Q
@@ -100,6 +100,10 @@ def _score_args(kernel, call_pattern, device) -> list:
     if score.rel_bias:
         table = terms[RelBias].table.detach().to(device=device, dtype=torch.float32).flatten(1).contiguous()
         args += [table, table.stride(0)]
+    if score.pair_bias:  # [B|1, H|1, Lq, Lkv]: a broadcast dim steps by 0
+        bias = terms[PairBias].bias4.detach().to(device=device, dtype=torch.float32).contiguous()
+        args += [bias, *(0 if n == 1 else st for n, st in zip(bias.shape[:2], bias.stride()[:2])),
+                 bias.stride(2)]
     if score.softcap:
         args.append(terms[Softcap].cap * LOG2E)
     return args
@@ -139,10 +143,11 @@ def kernel_launches(plan: Plan, call_kernels, q, k, v, out, lse, scale: float, r
 
 
 def backward_launches(plan: Plan, call_kernels, q, k, v, do, dq, dk, dv, lse, delta, scale: float,
-                      bias_parts=None):
+                      bias_parts=None, dpair=None):
     """(kind, kernel index, grid, run-time arguments) of every backward launch, in the
     kernels' parameter order: all dQ launches, then all dK/dV launches. ``bias_parts``
-    maps a kernel with a rel_bias table to its gradient buffer (``bias_grad_buffers``)."""
+    maps a kernel with a rel_bias table to its gradient buffer (``bias_grad_buffers``);
+    ``dpair`` is the pair biases' gradient buffer [B, Hq, Lq, Lkv] (the dQ kernels write it)."""
     b, hq, lq, _ = q.shape
     hkv, lkv = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -156,6 +161,8 @@ def backward_launches(plan: Plan, call_kernels, q, k, v, do, dq, dk, dv, lse, de
             if kind == "backward_dq":
                 tiles = max(1, max(-(-geo.q_len // bm) for geo in geos))
                 tensors = [q, k, v, do, dq, lse, delta]
+                if kernel.score.pair_bias:
+                    extra = extra + [dpair, dpair.stride(0), dpair.stride(1)]
             else:
                 tiles = max(1, max(-(-geo.kv_len // bn) for geo in geos))
                 tensors = [q, k, v, do, dk, dv, lse, delta]
@@ -213,13 +220,43 @@ def run_backward(plan: Plan, call_kernels, q, k, v, out, lse, grad_out, grad_lse
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     parts = bias_grad_buffers(plan, call_kernels, q, k)
+    dpair = (torch.zeros((*q.shape[:3], k.shape[2]), dtype=torch.float32, device=q.device)
+             if any(kernel.score.pair_bias for kernel in plan.kernels) else None)
     if q.shape[2] == 0 or k.shape[2] == 0:
-        return dq.zero_(), dk.to(k.dtype), dv.to(v.dtype), table_grads(call_kernels, parts)
+        return (dq.zero_(), dk.to(k.dtype), dv.to(v.dtype),
+                {**table_grads(call_kernels, parts), **pair_grads(plan, call_kernels, dpair)})
     held = _held_launcher(q, interpret)
     for kind, index, grid, args in backward_launches(plan, call_kernels, q, k, v, grad_out, dq, dk,
-                                                      dv, lse, delta, scale, parts):
+                                                      dv, lse, delta, scale, parts, dpair):
         _launch(plan, index, kind, grid, args, q, interpret, held)
-    return dq, dk.to(k.dtype), dv.to(v.dtype), table_grads(call_kernels, parts)
+    return (dq, dk.to(k.dtype), dv.to(v.dtype),
+            {**table_grads(call_kernels, parts), **pair_grads(plan, call_kernels, dpair)})
+
+
+def pair_grads(plan: Plan, call_kernels, dpair) -> dict:
+    """id(bias) -> the gradient of each pair bias: the buffer's heads of the kernels
+    holding it, summed over the dims the bias broadcasts, in its shape and dtype."""
+    grads: dict = {}
+    if dpair is None:
+        return grads
+    for head in call_kernels:
+        bias = pair_bias_tensor(head)
+        if bias is None or id(bias) in grads:
+            continue
+        shape = score_terms(head)[PairBias].bias4.shape
+        owners = [h for kernel, other in zip(plan.kernels, call_kernels)
+                  if pair_bias_tensor(other) is bias
+                  for h in (range(dpair.shape[1]) if kernel.heads is None else kernel.heads)]
+        g = dpair
+        if len(owners) < dpair.shape[1]:  # per-head patterns: other heads hold other biases
+            g = torch.zeros_like(dpair)
+            g[:, owners] = dpair[:, owners]
+        if shape[0] == 1:
+            g = g.sum(0, keepdim=True)
+        if shape[1] == 1:
+            g = g.sum(1, keepdim=True)
+        grads[id(bias)] = g.reshape(bias.shape).to(bias.dtype)
+    return grads
 
 
 def _held_launcher(q, interpret: bool):

@@ -74,6 +74,10 @@ def variant_specs() -> dict[str, tuple]:
     shapes["scores_fp32"] = (ir.causal() & every, 64, "float32", {})
     # a table too wide for register accumulators (radius 2048): its gradient is summed in
     # the program's row of the buffer
+    # a bias per pair (Graphormer): a [BM, BN] load beside the scores, and dQ's store of dS
+    pair = scores.pair_bias(torch.zeros(1, 1, 1, 1).expand(1, heads, L, L))
+    shapes["scores_pair_bias"] = (ir.sliding_window(1024) & pair & scores.softcap(30.0), 128,
+                                  "float16", {})
     shapes["scores_rel_bias_wide"] = (ir.causal() & scores.rel_bias(torch.zeros(heads, 4097)),
                                       128, "bfloat16", {})
     shapes["scores_dilated"] = (ir.window(64, 64, dilation=4) & scores.rel_bias(table), 64,

@@ -14,6 +14,7 @@ from tests.helpers import assert_matches_oracle, random_qkv
 DOC = torch.tensor([0] * 30 + [1] * 45 + [2] * 25)
 WINDOWS = torch.tensor([4, 9, 16, 33])
 PAIR_BIAS = torch.randn(8, 8)
+OTHER_PAIR_BIAS = torch.randn(8, 8)
 BOOL_TABLE = torch.rand(10, 10, generator=torch.Generator().manual_seed(0)) > 0.5
 
 
@@ -252,7 +253,8 @@ def test_score_mods_are_recognised():
 
 @pytest.mark.parametrize("score_mod, words", [
     (lambda s, b, h, q, kv: s * 0.5, "scale="),
-    (lambda s, b, h, q, kv: s + PAIR_BIAS[q, kv], "per-pair bias"),
+    (lambda s, b, h, q, kv: s + PAIR_BIAS[kv, q], r"per-pair bias by \[\(b,\) \(h,\) q_idx"),
+    (lambda s, b, h, q, kv: s + PAIR_BIAS[q, kv] + OTHER_PAIR_BIAS[q, kv], "one per-pair bias"),
     (lambda s, b, h, q, kv: s * s, "multiple of the score"),
 ])
 def test_unsupported_score_mods_are_named(score_mod, words):
@@ -429,3 +431,37 @@ def test_fallback_blocks_per_head_and_errors():
         sf.from_mask_mod(head_wave, heads=3)  # no fallback: the error stands
     with pytest.raises(ValueError, match="fallback"):
         sf.from_mask_mod(head_wave, fallback="dense")
+
+
+@pytest.mark.parametrize("form", ["q,kv", "h,q,kv", "b,q,kv", "b,h,q,kv"])
+def test_per_pair_bias_is_recognised_and_matches_flex(form):
+    """``score + bias[..., q_idx, kv_idx]`` (Graphormer): a pair_bias in every index form,
+    with Flex's outputs (Lq != Lkv, GQA) and the bias's gradient from the fp64 oracle."""
+    q, k, v = random_qkv(2, 4, 2, 33, 47, 16, seed=3)
+    shape = {"q,kv": (33, 47), "h,q,kv": (4, 33, 47), "b,q,kv": (2, 33, 47),
+             "b,h,q,kv": (2, 4, 33, 47)}[form]
+    bias = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    index = {"q,kv": lambda b, h, q_, kv: (q_, kv), "h,q,kv": lambda b, h, q_, kv: (h, q_, kv),
+             "b,q,kv": lambda b, h, q_, kv: (b, q_, kv),
+             "b,h,q,kv": lambda b, h, q_, kv: (b, h, q_, kv)}[form]
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + bias[index(b, h, q_idx, kv_idx)]
+
+    assert "pair_bias(<bias" in repr(sf.from_score_mod(score_mod))
+    want = flex_reference(q, k, v, sliding, score_mod, enable_gqa=True)
+    block_mask = sf.create_block_mask(sliding, None, None, 33, 47, device="cpu")
+    got = sf.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=True)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    bias.requires_grad_()  # (traced again: the recognised modifier may hold a view of it)
+    try:
+        got = sf.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                                enable_gqa=True)
+        grad = torch.autograd.grad(got.square().sum(), bias)[0]
+        pattern = sf.from_mask_mod(sliding) & sf.from_score_mod(score_mod)
+        ref = sf.reference_attention(q.double(), k.double(), v.double(), pattern,
+                                     enable_gqa=True)
+        want_grad = torch.autograd.grad(ref.square().sum(), bias)[0]
+        torch.testing.assert_close(grad, want_grad, atol=1e-4, rtol=1e-4)
+    finally:
+        bias.requires_grad_(False)
