@@ -243,6 +243,7 @@ def render_kernel(plan: Plan, kernel_index: int = 0, kind: str = "forward") -> K
         has_documents=kernel.has_documents,
         n_documents=len(document_terms(analysed)),
         has_tables=kernel.has_tables,
+        table_hull=kernel.narrowed_by_tables and runs == 1,
         n_tables=len(document_terms(analysed, MaskTable)),
         routed=routed,
         **_routing_context(kernel.analysed if routed else None, plan.kv_len),

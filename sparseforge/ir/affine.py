@@ -21,6 +21,8 @@ from .nodes import (
     Chunks,
     Documents,
     GlobalQueries,
+    Intersection,
+    MaskTable,
     Pattern,
     PerHead,
     ScoreModifier,
@@ -112,3 +114,17 @@ def drop_top_left(pattern: Pattern) -> Pattern:
         return pattern
     kids = tuple(drop_top_left(c) for c in pattern.children)
     return type(pattern)(kids)  # Union, Intersection and PerHead hold only their children
+
+
+def table_conjuncts(pattern: Pattern) -> list[MaskTable]:
+    """The ``mask_table`` nodes every allowed pair of ``pattern`` must satisfy: those at
+    its top-level ``&`` (through nested intersections and ``top_left``, which a table,
+    indexed by row, does not notice). Their true pairs bound the tiles a kernel visits;
+    a table inside a union bounds nothing."""
+    if isinstance(pattern, TopLeft):
+        return table_conjuncts(pattern.pattern)
+    if isinstance(pattern, MaskTable):
+        return [pattern]
+    if isinstance(pattern, Intersection):
+        return [t for part in pattern.parts for t in table_conjuncts(part)]
+    return []

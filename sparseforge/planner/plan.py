@@ -16,7 +16,7 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from ..ir.affine import drop_top_left
+from ..ir.affine import drop_top_left, table_conjuncts
 from ..ir.canonicalize import canonicalize
 from ..ir.neighborhood import Neighborhood
 from ..ir.nodes import (
@@ -154,6 +154,14 @@ class KernelPlan:
     @cached_property
     def has_tables(self) -> bool:
         return any(isinstance(n, MaskTable) for n in walk(self.analysed))
+
+    @cached_property
+    def narrowed_by_tables(self) -> bool:
+        """The kernels clamp their closed-form tile ranges to the tiles holding a true pair
+        of the pattern's conjunct mask tables (a per-tile range computed once per table,
+        ``runtime/table_hulls.py``): original token order, no dilation groups, not routed."""
+        return (bool(table_conjuncts(self.analysed)) and self.groups == 1
+                and not is_dynamic(self.analysed))
 
 
 @dataclass(frozen=True)

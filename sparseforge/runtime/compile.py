@@ -80,7 +80,7 @@ def resource_usage(cubin: bytes) -> dict:
 _DATA_POINTERS = {"Q", "K", "V", "Out", "DO", "DQ"}
 _FP32_POINTERS = {"Lse", "Delta", "DK", "DV", "OutPart", "LsePart", "Slopes", "Bias", "DBias",
                   "KeyBias", "Pair", "DPair"}
-_INT32_POINTERS = {"DocQ", "DocK", "Sel", "SelCount", "QBucket", "KBucket", "KStarts", "TileList",
+_INT32_POINTERS = {"DocQ", "DocK", "Hull", "Sel", "SelCount", "QBucket", "KBucket", "KStarts", "TileList",
                    "TileCount", "HeadMap", "Cols", "ColCount", "Offs", "OffCount", "TileSpan",
                    "PosQ", "PosK"}
 _UINT8_POINTERS = {"TileMap"}

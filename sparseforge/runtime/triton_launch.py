@@ -18,6 +18,7 @@ from ..planner.schedule import group_geometry
 from ..planner.tiles import DECODE_MAX_Q
 from ..semantics import document_ids, table_mask
 from . import gpu_launch, sources
+from .table_hulls import table_hulls
 from .tma import call_tma, ensure_allocator
 
 LOG2E = 1.4426950408889634
@@ -109,11 +110,16 @@ def _score_args(kernel, call_pattern, device) -> list:
     return args
 
 
-def _pattern_args(kernel, call_pattern, q_len: int, kv_len: int, device) -> list:
-    """The run-time values a kernel's pattern reads: document ids, score modifiers."""
+def _pattern_args(kernel, call_pattern, q_len: int, kv_len: int, device, tiles) -> list:
+    """The run-time values a kernel's pattern reads: document ids, mask tables and their
+    per-tile ranges (``tiles``: rows and columns of a tile, and whether rows are keys),
+    score modifiers."""
     docs = _documents_args(call_pattern, q_len, kv_len, device) if kernel.has_documents else []
     if kernel.has_tables:
         docs += _tables_args(call_pattern, q_len, kv_len, device)
+    if kernel.narrowed_by_tables:
+        hulls = table_hulls(call_pattern, q_len, kv_len, *tiles, device)
+        docs += [hulls, 0 if hulls.shape[0] == 1 else hulls.stride(0)]
     return docs + _score_args(kernel, call_pattern, device)
 
 
@@ -129,7 +135,8 @@ def kernel_launches(plan: Plan, call_kernels, q, k, v, out, lse, scale: float, r
     b, hq, lq, _ = q.shape
     hkv, lkv = k.shape[1], k.shape[2]
     for index, kernel in enumerate(plan.kernels):
-        extra = _pattern_args(kernel, call_kernels[index], lq, lkv, q.device)
+        extra = _pattern_args(kernel, call_kernels[index], lq, lkv, q.device,
+                              (plan.block_m, plan.block_n, False))
         if routed is not None:
             extra += routed.kernel_args()
         g = kernel.groups
@@ -156,7 +163,10 @@ def backward_launches(plan: Plan, call_kernels, q, k, v, do, dq, dk, dv, lse, de
     common = [*q.stride(), *k.stride(), *own_v, *lse.stride()]
     for kind in ("backward_dq", "backward_dkdv"):
         for index, kernel in enumerate(plan.kernels):
-            extra = _pattern_args(kernel, call_kernels[index], lq, lkv, q.device)
+            cfg = getattr(plan, kind)
+            hull_tiles = ((cfg.block_m, cfg.block_n, False) if kind == "backward_dq" else
+                          (cfg.block_n, cfg.block_m, True))  # dK/dV: a key tile's query tiles
+            extra = _pattern_args(kernel, call_kernels[index], lq, lkv, q.device, hull_tiles)
             geos = group_geometry(lq, lkv, kernel.groups)
             if kind == "backward_dq":
                 tiles = max(1, max(-(-geo.q_len // bm) for geo in geos))
@@ -302,7 +312,9 @@ def decode_launches(plan: Plan, call_kernels, q, k, v, out_part, lse_part, scale
     hkv, lkv = k.shape[1], k.shape[2]
     group = hq // hkv
     for index, kernel in enumerate(plan.kernels):
-        extra = _pattern_args(kernel, call_kernels[index], lq, lkv, q.device)
+        # (all new tokens are one query tile)
+        extra = _pattern_args(kernel, call_kernels[index], lq, lkv, q.device,
+                              (max(lq, 1), plan.decode.block_n, False))
         for first_head, n_heads in head_runs(kernel.heads, hq):
             n_kv_heads = kv_heads_spanned(first_head, n_heads, group)
             args = [q, k, v, out_part, lse_part, *extra, *q.stride(), *k.stride(), *v.stride(),

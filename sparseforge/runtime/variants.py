@@ -52,6 +52,10 @@ def variant_specs() -> dict[str, tuple]:
         "flex_top_left": (top_left(affine(2, -1, 0) & (affine(1, -1, -1) | ir.sinks(4)))
                           | ir.mask_table(torch.zeros(L // 2, L, dtype=torch.bool)), 64,
                           "bfloat16", {"q_len": L // 2}),
+        # a table every pair must satisfy (a tree mask beside causal): the segments are
+        # clamped to the tiles of the table's true pairs
+        "table_conjunct": (ir.causal() & ir.mask_table(torch.zeros(L, L, dtype=torch.bool)), 128,
+                           "bfloat16", {}),
         # v's head dim apart from q/k's: DeepSeek's MLA (192 / 128), and a padded one (96
         # in 128 columns) beside q/k's 64, moved by TMA on sm_90
         "mla": (ir.causal(), 192, "bfloat16", {"value_dim": 128}),
@@ -75,9 +79,12 @@ def variant_specs() -> dict[str, tuple]:
     # a table too wide for register accumulators (radius 2048): its gradient is summed in
     # the program's row of the buffer
     # a bias per pair (Graphormer): a [BM, BN] load beside the scores, and dQ's store of dS
+    # (with a wide rel_bias table too, dK/dV stacked 64 bytes on sm_80: kept apart)
     pair = scores.pair_bias(torch.zeros(1, 1, 1, 1).expand(1, heads, L, L))
     shapes["scores_pair_bias"] = (ir.sliding_window(1024) & pair & scores.softcap(30.0), 128,
                                   "float16", {})
+    # a rel_bias table too wide for register accumulators (radius 2048): its gradient is
+    # summed in the dK/dV program's row of the buffer
     shapes["scores_rel_bias_wide"] = (ir.causal() & scores.rel_bias(torch.zeros(heads, 4097)),
                                       128, "bfloat16", {})
     shapes["scores_dilated"] = (ir.window(64, 64, dilation=4) & scores.rel_bias(table), 64,

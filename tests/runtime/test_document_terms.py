@@ -7,8 +7,10 @@ import pytest
 import torch
 
 import sparseforge as sf
+from sparseforge.ir.affine import table_conjuncts
 from sparseforge.planner.schedule import GroupSchedule, group_geometry, visit_matrices
 from sparseforge.runtime.cpu_tiles import refined_schedule
+from sparseforge.runtime.table_hulls import table_hulls
 from tests.helpers import assert_matches_oracle, random_qkv
 from tests.runtime.test_backward import _check as check_gradients
 from tests.runtime.test_decode import _check as check_decode
@@ -128,3 +130,46 @@ def test_mask_table_checks_its_shape():
         sf.attention(q, k, v, sf.mask_table(torch.ones(30, 20, dtype=torch.bool)))
     with pytest.raises(TypeError, match="bool"):
         sf.mask_table(torch.ones(20, 30))
+
+
+def test_table_hulls_bound_each_tile_row():
+    """Per tile row, the first and one past the last tile holding a true pair of every
+    conjunct table; empty rows get an empty range; a table in a union bounds nothing."""
+    table = torch.zeros(2, 100, 130, dtype=torch.bool)
+    table[0, 5, 40] = table[0, 5, 100] = True  # batch 0, query tile 0: key tiles 1 .. 3
+    table[1, 70, 0] = True  # batch 1, query tile 2: key tile 0
+    pattern = sf.causal() & sf.mask_table(table)
+    hulls = table_hulls(pattern, 100, 130, 32, 32, False, "cpu")
+    assert hulls.shape == (2, 4, 2)
+    assert hulls[0, 0].tolist() == [1, 4] and hulls[1, 2].tolist() == [0, 1]
+    assert hulls[0, 1, 0] >= hulls[0, 1, 1]  # nothing in query tile 1
+    by_keys = table_hulls(pattern, 100, 130, 32, 32, True, "cpu")  # per key tile: query tiles
+    assert by_keys.shape == (2, 5, 2)
+    assert by_keys[0, 1].tolist() == [0, 1] and by_keys[0, 3].tolist() == [0, 1]
+    assert by_keys[1, 0].tolist() == [2, 3]
+    assert table_conjuncts(sf.top_left(sf.causal() & sf.mask_table(table[0])))
+    assert not table_conjuncts(sf.causal() | sf.mask_table(table))
+
+
+@pytest.mark.parametrize("q_len", [128, 3])
+def test_kernels_skip_tiles_outside_the_table(q_len, launched_kinds):
+    """v is NaN at every key outside the table's true pairs' tiles: a kernel visiting one
+    of those tiles would spread the NaN (0 * NaN) into the output or the gradients. The
+    forward, dQ, dK/dV and decode kernels all walk only the tiles the table holds."""
+    table = torch.zeros(q_len, 128, dtype=torch.bool)
+    rows = min(q_len, 48)
+    table[-rows:, 64:96] = torch.rand(rows, 32, generator=torch.Generator().manual_seed(1)) > 0.3
+    pattern = sf.causal() & sf.mask_table(table)
+    q, k, v = random_qkv(1, 2, 2, q_len, 128, 16, seed=11)
+    clean = v.clone()
+    v[:, :, :64] = float("nan")
+    v[:, :, 96:] = float("nan")
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = sf.attention(q, k, v, pattern, backend="triton")
+    assert ("decode" if q_len <= 16 else "forward") in launched_kinds
+    ref = sf.reference_attention(q.detach().double(), k.detach().double(), clean.double(), pattern)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
+    dq, dk, dv = torch.autograd.grad(out.square().sum(), (q, k, v))
+    assert not (dq.isnan().any() or dk.isnan().any() or dv.isnan().any())
+    assert dv[:, :, :64].abs().max() == 0 and dv[:, :, 96:].abs().max() == 0
