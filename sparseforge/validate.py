@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .ir.nodes import Pattern, PerHead, walk
-from .ir.scores import PairBias, check_score_heads
+from .ir.nodes import Pattern, PerHead
+from .ir.scores import check_score_tensors
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 1, 256
@@ -68,10 +68,7 @@ def check_attention_inputs(q, k, v, pattern, *, scale=None, enable_gqa=False,
                              f"({hkv})")
     if isinstance(pattern, PerHead) and len(pattern.patterns) != hq:
         raise ValueError(f"per_head: got {len(pattern.patterns)} patterns for {hq} query heads")
-    check_score_heads(pattern, hq)
-    for node in walk(pattern):
-        if isinstance(node, PairBias):
-            node.check_call(b, hq, lq, lkv)
+    check_score_tensors(pattern, b, hq, lq, lkv)
     if scale is None:
         scale = 1.0 / math.sqrt(d)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):

@@ -301,6 +301,11 @@ def pair_bias_tensor(pattern: Pattern):
     return None if pair is None else pair.bias
 
 
+def window_tables(pattern: Pattern) -> tuple:
+    """The window-offset (N-D) rel_bias tables of a pattern."""
+    return tuple(n.table for n in walk(pattern) if isinstance(n, RelBias) and n.window_dims)
+
+
 def learned_tensors(pattern: Pattern) -> list:
     """The tensors of one head pattern that may carry a gradient: its rel_bias table and
     pair_bias tensor (slopes are fixed)."""
@@ -315,14 +320,18 @@ def strip_scores(pattern: Pattern) -> Pattern:
     return kept[0] if len(kept) == 1 else Intersection(kept)
 
 
-def check_score_heads(pattern: Pattern, q_heads: int) -> None:
-    """The slopes / table of every modifier have one row per query head."""
+def check_score_tensors(pattern: Pattern, batch: int, q_heads: int, q_len: int,
+                        kv_len: int) -> None:
+    """The slopes / table of every modifier have one row per query head, and a pair bias
+    broadcasts to the call's ``[B, Hq, Lq, Lkv]``."""
     for node in walk(pattern):
         if isinstance(node, (Alibi, RelBias)):
             rows = getattr(node, node.tensor_name).shape[0]
             if rows != q_heads:
                 raise ValueError(f"{node!r}: {node.tensor_name} has {rows} rows, expected one "
                                  f"per query head ({q_heads})")
+        elif isinstance(node, PairBias):
+            node.check_call(batch, q_heads, q_len, kv_len)
 
 
 # ---------------------------------------------------------------- public constructors

@@ -19,7 +19,7 @@ import torch
 
 from ..ir.nodes import Pattern
 from ..ir.patterns_parse import parse_repr, placeholder_kinds
-from ..ir.scores import pattern_tensors
+from ..ir.scores import pattern_tensors, window_tables
 from .dispatch import attention, attention_backward, check_table_grads, compile_pattern, resolve_backend
 
 
@@ -114,7 +114,7 @@ attention_op.register_autograd(_backward, setup_context=_setup_context)
 def compiled_attention(q, k, v, pattern, *, scale, enable_gqa, return_lse, backend):
     """What ``sf.attention`` does while dynamo traces: one opaque op call."""
     tensors = pattern_tensors(pattern)
-    check_table_grads(resolve_backend(backend, q)[0], pattern)
+    check_table_grads(resolve_backend(backend, q)[0], window_tables(pattern))
     if scale is None:
         scale = q.shape[-1] ** -0.5
     out, lse = attention_op(q, k, v, tensors, pattern_key(pattern), float(scale), enable_gqa,

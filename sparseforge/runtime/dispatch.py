@@ -21,9 +21,9 @@ from functools import cached_property
 import torch
 
 from ..ir.canonicalize import canonicalize
-from ..ir.nodes import Pattern, walk
+from ..ir.nodes import Pattern
 from ..ir.routing import Clusters, is_dynamic
-from ..ir.scores import RelBias, learned_tensors, score_spec
+from ..ir.scores import learned_tensors, score_spec, window_tables
 from ..ir.split import static_siblings
 from ..planner.plan import Plan, default_target, dtype_name, head_groups, plan
 from ..planner.routing_steps import kernel_routing_node
@@ -64,6 +64,11 @@ class CompiledPattern:
     # the routing node the generated kernel runs and its static siblings (the candidates'
     # source), found once per pattern; () when there is none
     routed_node: tuple = ()
+
+    @cached_property
+    def window_tables(self) -> tuple:
+        """Its window-offset (N-D) rel_bias tables."""
+        return window_tables(self.canonical)
 
     @cached_property
     def scored(self) -> bool:
@@ -124,14 +129,14 @@ def resolve_backend(backend: str, q: torch.Tensor) -> tuple[Executor, str]:
     return Executor.TORCH, "cpu"
 
 
-def check_table_grads(executor: Executor, pattern: Pattern) -> None:
+def check_table_grads(executor: Executor, tables) -> None:
     """A window-offset rel_bias table (N-D) gets its gradient from the torch executor only
     so far: the generated dK/dV kernel sums token-offset tables along tile diagonals,
     which window offsets do not follow. Refuse, rather than return no gradient."""
     if executor is Executor.TORCH or not torch.is_grad_enabled():
         return
-    for t in (n.table for n in walk(pattern) if isinstance(n, RelBias)):
-        if t.requires_grad and t.dim() > 2:
+    for t in tables:  # the window-offset tables (``window_tables``)
+        if t.requires_grad:
             raise ValueError(f"rel_bias(table=[{'x'.join(map(str, t.shape))}]): the Triton "
                              "kernels do not compute a window-offset table's gradient yet; pass "
                              "table.detach() (q, k and v still get gradients) or train on "
@@ -223,7 +228,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
         out, lse = _run_routed(executor, target, backend, q, k, v, pattern, shape)
         return (out, lse) if return_lse else out
     compiled = compile_pattern(pattern)
-    check_table_grads(executor, compiled.canonical)
+    check_table_grads(executor, compiled.window_tables)
     p = cached_plan(compiled, shape.q_len, shape.kv_len, shape.head_dim, q.dtype, target,
                     shape.value_dim)
     if p.layout is None:
