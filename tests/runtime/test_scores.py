@@ -159,11 +159,11 @@ def test_wide_table_clips_beyond_the_tiles():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_table_wider_than_the_register_accumulators(backend):
-    # 2R + 1 = 1203 > 1025: the dK/dV kernel sums the gradient in its buffer row. Keys
-    # more than R = 601 behind a query (Lkv = 700) clip into the first entry;
-    # a dilated window strides the offsets by 2
-    table = _table(1203, seed=12)
-    _check_grads(*random_qkv(1, HQ, HKV, 20, 700, 16, seed=13), sf.causal() & sf.rel_bias(table),
+    # radius 1024 (2R + 1 = 2049 > 1025): the dK/dV kernel sums the gradient in its buffer
+    # row. Keys more than R behind a query (Lkv = 1100) clip into the first entry; a
+    # dilated window strides the offsets by 2
+    table = _table(2049, seed=12)
+    _check_grads(*random_qkv(1, HQ, HKV, 20, 1100, 16, seed=13), sf.causal() & sf.rel_bias(table),
                  table, backend)
     dilated = sf.window(20, 20, dilation=2) & sf.rel_bias(table) & sf.softcap(3.0)
     _check_grads(*random_qkv(1, HQ, HKV, 60, 60, 16, seed=14), dilated, table, backend)
