@@ -83,8 +83,11 @@ def _alibi(slope, q_slope, traced: Traced, heads):
     if sympy.expand(slope - q_slope) != 0:
         raise FlexTraceError(f"score_mod {traced.name}: kv_idx and q_idx enter with different "
                              "factors; only slope * (kv_idx - q_idx) (ALiBi) has a form")
-    if isinstance(slope, Lookup) and tuple(slope.args[1:]) == (H,):
-        slopes = traced.tables[int(slope.args[0])]
+    factor, lookup = slope.as_coeff_Mul()  # (1.0 * slopes[h] after a float cap's algebra)
+    if isinstance(lookup, Lookup) and tuple(lookup.args[1:]) == (H,):
+        slopes = traced.tables[int(lookup.args[0])]
+        if factor != 1:
+            slopes = slopes * float(factor)
     elif slope.is_number:
         if heads is None:
             raise FlexTraceError(f"score_mod {traced.name}: one ALiBi slope for every head; "

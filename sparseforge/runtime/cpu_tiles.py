@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..ir.affine import TopLeft
 from ..ir.nodes import Documents, Intersection, MaskTable, Pattern, Union
 from ..planner.ranges import tile_segments
 from ..planner.schedule import GroupSchedule, visit_matrices
@@ -42,10 +43,15 @@ def refined_schedule(plan, call_pattern: Pattern, sched: GroupSchedule) -> list[
     return [GroupSchedule(sched.geometry, visit[b], full[b]) for b in range(visit.shape[0])]
 
 
-def _tile_sets(pattern: Pattern, plan, q_len: int, kv_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """(visit, full), bool ``[B, Tq, Tk]`` (B = 1 unless ids are batched)."""
+def _tile_sets(pattern: Pattern, plan, q_len: int, kv_len: int,
+               top_left: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(visit, full), bool ``[B, Tq, Tk]`` (B = 1 unless ids are batched). ``top_left``:
+    the leaves sit inside a ``top_left`` (ids and tables index rows either way; the
+    closed-form leaves are aligned to the first key)."""
+    if isinstance(pattern, TopLeft):
+        return _tile_sets(pattern.pattern, plan, q_len, kv_len, True)
     if isinstance(pattern, (Union, Intersection)):
-        parts = [_tile_sets(p, plan, q_len, kv_len) for p in pattern.parts]
+        parts = [_tile_sets(p, plan, q_len, kv_len, top_left) for p in pattern.parts]
         combine = np.logical_or if isinstance(pattern, Union) else np.logical_and
         visit, full = parts[0]
         for v, f in parts[1:]:
@@ -55,7 +61,8 @@ def _tile_sets(pattern: Pattern, plan, q_len: int, kv_len: int) -> tuple[np.ndar
         return _document_tiles(pattern, q_len, kv_len, plan.block_m, plan.block_n)
     if isinstance(pattern, MaskTable):
         return _table_tiles(pattern, q_len, kv_len, plan.block_m, plan.block_n)
-    visit, full = visit_matrices(tile_segments(pattern), q_len, kv_len, plan.block_m, plan.block_n)
+    leaf = TopLeft(pattern) if top_left else pattern
+    visit, full = visit_matrices(tile_segments(leaf), q_len, kv_len, plan.block_m, plan.block_n)
     return visit[None], full[None]
 
 
