@@ -20,9 +20,10 @@ import torch
 
 from ..ir.affine import table_conjuncts
 from ..semantics import table_mask
+from .tensor_memo import TensorMemo
 
-#: (table ids, versions, lengths, tiles, side, device) -> (hulls, the tables held)
-_hulls: dict = {}
+#: per-tile ranges by table (identity and version), lengths, tiles, side and device
+_hulls = TensorMemo(limit=32)
 
 
 def table_hulls(call_pattern, q_len: int, kv_len: int, block_rows: int, block_cols: int,
@@ -31,21 +32,15 @@ def table_hulls(call_pattern, q_len: int, kv_len: int, block_rows: int, block_co
     of key rows), the first and one past the last tile of ``block_cols`` keys (queries)
     holding a true pair of every conjunct table; an empty tile row gets (tiles, 0)."""
     tables = table_conjuncts(call_pattern)
-    masks = [n.table(q_len, kv_len) for n in tables]
-    versions = tuple(None if m.is_inference() else m._version for m in masks)
-    key = (tuple(map(id, masks)), versions, q_len, kv_len, block_rows, block_cols, by_keys,
-           str(device))
-    hit = _hulls.get(key) if None not in versions else None
-    if hit is not None and all(a is b for a, b in zip(hit[1], masks)):
-        return hit[0]
-    mask = table_mask(tables[0], q_len, kv_len)
-    for node in tables[1:]:
-        mask = mask & table_mask(node, q_len, kv_len)
-    hulls = _tile_hulls(mask.to(device), block_rows, block_cols, by_keys)
-    if len(_hulls) > 32:
-        _hulls.clear()
-    _hulls[key] = (hulls, masks)  # holding the masks keeps their ids unique
-    return hulls
+
+    def build():
+        mask = table_mask(tables[0], q_len, kv_len)
+        for node in tables[1:]:
+            mask = mask & table_mask(node, q_len, kv_len)
+        return _tile_hulls(mask.to(device), block_rows, block_cols, by_keys)
+
+    return _hulls.get([n.table(q_len, kv_len) for n in tables],
+                      (q_len, kv_len, block_rows, block_cols, by_keys, str(device)), build)
 
 
 def _tile_hulls(mask: torch.Tensor, block_rows: int, block_cols: int, by_keys: bool):

@@ -19,6 +19,7 @@ from ..planner.tiles import DECODE_MAX_Q
 from ..semantics import document_ids, table_mask
 from . import gpu_launch, sources
 from .table_hulls import table_hulls
+from .tensor_memo import TensorMemo
 from .tma import call_tma, ensure_allocator
 
 LOG2E = 1.4426950408889634
@@ -53,29 +54,24 @@ def _documents_args(call_kernel_pattern, q_len, kv_len, device):
     return packed + args
 
 
-#: packed mask tables by (tensor ids, versions, device): a warm call with the same,
-#: unedited tables neither copies nor converts them again (in-place edits bump the
-#: version, so they are never served stale)
-_packed_tables: dict = {}
+#: packed mask tables: a warm call with the same, unedited tables neither copies nor
+#: converts them again
+_packed_tables = TensorMemo(limit=16)
 
 
 def _tables_args(call_kernel_pattern, q_len, kv_len, device):
     """Every mask table bit-packed ``[B or 1, tables, Lq, ceil(Lkv / 64)]`` (int64 words,
     key j at bit j % 64 of word j // 64) with its batch, table, row and word strides."""
-    masks = [n.table(q_len, kv_len) for n in document_terms(call_kernel_pattern, MaskTable)]
-    versions = tuple(None if m.is_inference() else m._version for m in masks)
-    key = (tuple(map(id, masks)), versions, q_len, kv_len, str(device))
-    hit = _packed_tables.get(key) if None not in versions else None
-    if hit is None or any(a is not b for a, b in zip(hit[1], masks)):
-        tables = [table_mask(n, q_len, kv_len)
-                  for n in document_terms(call_kernel_pattern, MaskTable)]
+    nodes = document_terms(call_kernel_pattern, MaskTable)
+
+    def build():
+        tables = [table_mask(n, q_len, kv_len) for n in nodes]
         batch = max(t.shape[0] for t in tables)
         stacked = torch.stack([t.expand(batch, -1, -1) for t in tables], 1)
-        hit = (_bit_packed(stacked).to(device), masks)
-        if len(_packed_tables) > 16:
-            _packed_tables.clear()
-        _packed_tables[key] = hit  # holding the masks keeps their ids unique
-    t = hit[0]
+        return _bit_packed(stacked).to(device)
+
+    t = _packed_tables.get([n.table(q_len, kv_len) for n in nodes], (q_len, kv_len, str(device)),
+                           build)
     return [t, 0 if t.shape[0] == 1 else t.stride(0), t.stride(1), t.stride(2), t.stride(3)]
 
 
