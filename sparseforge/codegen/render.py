@@ -212,7 +212,7 @@ def render_kernel(plan: Plan, kernel_index: int = 0, kind: str = "forward") -> K
     spec = KINDS[kind]
     kernel = plan.kernels[kernel_index]
     tiles = {BLOCK_M: cfg.block_m, BLOCK_N: cfg.block_n}
-    walked = getattr(kernel, spec.segments)
+    walked = kernel.kernel_segments(spec.segments)
     # unpermuted kinds see the pattern in original coordinates, without dilation groups
     analysed, groups = (kernel.analysed, kernel.groups) if spec.permuted else (kernel.mask, 1)
     routed = is_dynamic(analysed)
@@ -243,7 +243,7 @@ def render_kernel(plan: Plan, kernel_index: int = 0, kind: str = "forward") -> K
         has_documents=kernel.has_documents,
         n_documents=len(document_terms(analysed)),
         has_tables=kernel.has_tables,
-        table_hull=kernel.narrowed_by_tables and runs == 1,
+        data_hull=kernel.narrowed_by_data,
         n_tables=len(document_terms(analysed, MaskTable)),
         routed=routed,
         **_routing_context(kernel.analysed if routed else None, plan.kv_len),

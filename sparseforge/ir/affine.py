@@ -20,6 +20,7 @@ from .nodes import (
     Causal,
     Chunks,
     Documents,
+    Full,
     GlobalQueries,
     Intersection,
     MaskTable,
@@ -116,15 +117,28 @@ def drop_top_left(pattern: Pattern) -> Pattern:
     return type(pattern)(kids)  # Union, Intersection and PerHead hold only their children
 
 
-def table_conjuncts(pattern: Pattern) -> list[MaskTable]:
-    """The ``mask_table`` nodes every allowed pair of ``pattern`` must satisfy: those at
-    its top-level ``&`` (through nested intersections and ``top_left``, which a table,
-    indexed by row, does not notice). Their true pairs bound the tiles a kernel visits;
-    a table inside a union bounds nothing."""
+def data_conjuncts(pattern: Pattern) -> list[MaskTable | Documents]:
+    """The ``mask_table`` and ``documents`` nodes every allowed pair of ``pattern`` must
+    satisfy: those at its top-level ``&`` (through nested intersections and ``top_left``,
+    which neither notices: both are indexed by row). Their pairs bound the tiles a kernel
+    visits (``planner/data_hulls.py``); a node inside a union bounds nothing."""
     if isinstance(pattern, TopLeft):
-        return table_conjuncts(pattern.pattern)
-    if isinstance(pattern, MaskTable):
+        return data_conjuncts(pattern.pattern)
+    if isinstance(pattern, (MaskTable, Documents)):
         return [pattern]
     if isinstance(pattern, Intersection):
-        return [t for part in pattern.parts for t in table_conjuncts(part)]
+        return [t for part in pattern.parts for t in data_conjuncts(part)]
     return []
+
+
+def without_data_conjuncts(pattern: Pattern) -> Pattern:
+    """``pattern`` with each of its ``data_conjuncts`` read as ``full()``: what the
+    closed-form segments bound when the kernels take those nodes' tiles from their data
+    (``planner/data_hulls.py``)."""
+    if isinstance(pattern, TopLeft):
+        return TopLeft(without_data_conjuncts(pattern.pattern))
+    if isinstance(pattern, (MaskTable, Documents)):
+        return Full()
+    if isinstance(pattern, Intersection):
+        return Intersection(tuple(without_data_conjuncts(p) for p in pattern.parts))
+    return pattern

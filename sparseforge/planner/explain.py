@@ -40,13 +40,17 @@ def explain(plan) -> str:
             "bounds computed in-kernel: no index tensor)"
             + ("; document ids read per partial tile" if k.has_documents else ""),
         ]
+        if k.narrowed_by_data:
+            lines.append("  data ranges  segments of the pattern without its document ids / mask "
+                         "tables, clamped per tile to the tiles that data allows and its full "
+                         "tiles (computed once per data tensor)")
         if k.score.any:
             mods = [name for name, on in (("alibi", k.score.alibi),
                                           (_rel_bias_text(k.score), k.score.rel_bias),
                                           ("softcap", k.score.softcap)) if on]
             lines.append(f"  scores       {', '.join(mods)} on every visited pair (values are "
                          "run-time arguments)")
-        for s, seg in enumerate(k.walked_segments):
+        for s, seg in enumerate(k.kernel_segments("walked_segments")):
             if seg.lets:  # N-D bounds: long closed forms over named intermediates
                 family = f", {seg.runs} runs walked in a loop" if seg.runs > 1 else ""
                 lines.append(f"  segment {s}    closed form over {len(seg.lets)} intermediates"

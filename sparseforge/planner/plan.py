@@ -16,7 +16,7 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from ..ir.affine import drop_top_left, table_conjuncts
+from ..ir.affine import data_conjuncts, drop_top_left, without_data_conjuncts
 from ..ir.canonicalize import canonicalize
 from ..ir.neighborhood import Neighborhood
 from ..ir.nodes import (
@@ -33,6 +33,7 @@ from ..ir.routing import TopkKeys, is_dynamic
 from ..ir.scores import ScoreSpec, score_spec, score_terms, strip_scores
 from ..ir.split import envelope, static_part
 from ..semantics import pair_mask
+from .data_hulls import narrow_to_hulls
 from .explain import explain
 from .layout import GridTiling, Tiled, choose_tiling, layout_node
 from .picture import save_png
@@ -156,12 +157,22 @@ class KernelPlan:
         return any(isinstance(n, MaskTable) for n in walk(self.analysed))
 
     @cached_property
-    def narrowed_by_tables(self) -> bool:
-        """The kernels clamp their closed-form tile ranges to the tiles holding a true pair
-        of the pattern's conjunct mask tables (a per-tile range computed once per table,
-        ``runtime/table_hulls.py``): original token order, no dilation groups, not routed."""
-        return (bool(table_conjuncts(self.analysed)) and self.groups == 1
-                and not is_dynamic(self.analysed))
+    def narrowed_by_data(self) -> bool:
+        """The kernels walk the segments of the pattern without its conjunct mask tables
+        and document ids, clamped per tile to the ranges that data allows (computed once
+        per data tensor, ``planner/data_hulls.py``). Needs original token order, no
+        dilation groups, no routing, and no segment family (its runs are walked in a
+        loop the clamp does not reach)."""
+        return self.groups == 1 and _data_free_segments(self.analysed) is not None
+
+    def kernel_segments(self, name: str) -> tuple[TileSegment, ...]:
+        """What a generated kernel walks: ``name`` (``walked_segments``, ``key_segments``
+        or ``decode_segments``), or with ``narrowed_by_data`` the same of the pattern
+        without its data conjuncts (the kernel clamps them to the data's ranges)."""
+        if not self.narrowed_by_data:
+            return getattr(self, name)
+        free = without_data_conjuncts(self.mask if name == "decode_segments" else self.analysed)
+        return self._walked(tile_segments(free, side="key" if name == "key_segments" else "query"))
 
 
 @dataclass(frozen=True)
@@ -565,6 +576,7 @@ def _choose_kernel(pattern, q_len, kv_len, cfg, schedule, groups):
         if groups is not None and g != groups:
             continue
         segs = tile_segments(analysed)
+        free = _data_free_segments(analysed) if g == 1 else None
         several = walk_count(segs) > 1
         for sched in (SCHEDULES if several else ("segments",)):
             if schedule is not None and several and sched != schedule:
@@ -572,7 +584,14 @@ def _choose_kernel(pattern, q_len, kv_len, cfg, schedule, groups):
             walk = walked(segs, sched)
             visited = partial = 0
             for geo in group_geometry(q_len, kv_len, g):
-                v, f = visit_matrices(list(walk), geo.q_len, geo.kv_len, cfg.block_m, cfg.block_n)
+                if free is None:
+                    v, f = visit_matrices(list(walk), geo.q_len, geo.kv_len, cfg.block_m,
+                                          cfg.block_n)
+                else:  # the kernels walk the data-free segments clamped by the data
+                    v, f = visit_matrices(list(walked(free, sched)), q_len, kv_len, cfg.block_m,
+                                          cfg.block_n)
+                    v, f = narrow_to_hulls(analysed, v, f, q_len, kv_len, cfg.block_m,
+                                           cfg.block_n)
                 visited += int(v.sum())
                 partial += int((v & ~f).sum())
             # walking several segments costs a little per query tile: prefer the hull on ties
@@ -584,12 +603,29 @@ def _choose_kernel(pattern, q_len, kv_len, cfg, schedule, groups):
     return best
 
 
+def _data_free_segments(analysed: Pattern) -> list[TileSegment] | None:
+    """The segments of ``analysed`` without its data conjuncts, where the kernels can
+    clamp them to the data's per-tile ranges (not routed, no segment family on either
+    side); None where they cannot."""
+    if not data_conjuncts(analysed) or is_dynamic(analysed):
+        return None
+    free = without_data_conjuncts(analysed)
+    segs = tile_segments(free)
+    if any(seg.runs > 1 for seg in (*segs, *tile_segments(free, side="key"))):
+        return None
+    return segs
+
+
 def _stats(p: Plan, index: int) -> TileStats:
     kernel = p.kernels[index]
     bm, bn = p.block_m, p.block_n
     q_tiles = kv_tiles = visited = full_tiles = useful = 0
     for sched in p.schedules[index]:
         v, f = sched.visit, sched.full
+        if kernel.narrowed_by_data:  # the tiles a generated kernel walks with this data
+            v, f = visit_matrices(list(kernel.kernel_segments("walked_segments")), p.q_len,
+                                  p.kv_len, bm, bn)
+            v, f = narrow_to_hulls(kernel.analysed, v, f, p.q_len, p.kv_len, bm, bn)
         q_tiles += v.shape[0]
         kv_tiles = max(kv_tiles, v.shape[1] if v.ndim == 2 else 0)
         visited += int(v.sum())

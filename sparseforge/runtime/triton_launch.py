@@ -18,7 +18,7 @@ from ..planner.schedule import group_geometry
 from ..planner.tiles import DECODE_MAX_Q
 from ..semantics import document_ids, table_mask
 from . import gpu_launch, sources
-from .table_hulls import table_hulls
+from .hull_memo import cached_tile_hulls
 from .tensor_memo import TensorMemo
 from .tma import call_tma, ensure_allocator
 
@@ -113,8 +113,8 @@ def _pattern_args(kernel, call_pattern, q_len: int, kv_len: int, device, tiles) 
     docs = _documents_args(call_pattern, q_len, kv_len, device) if kernel.has_documents else []
     if kernel.has_tables:
         docs += _tables_args(call_pattern, q_len, kv_len, device)
-    if kernel.narrowed_by_tables:
-        hulls = table_hulls(call_pattern, q_len, kv_len, *tiles, device)
+    if kernel.narrowed_by_data:
+        hulls = cached_tile_hulls(call_pattern, q_len, kv_len, *tiles, device)
         docs += [hulls, 0 if hulls.shape[0] == 1 else hulls.stride(0)]
     return docs + _score_args(kernel, call_pattern, device)
 

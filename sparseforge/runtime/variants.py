@@ -56,6 +56,9 @@ def variant_specs() -> dict[str, tuple]:
         # clamped to the tiles of the table's true pairs
         "table_conjunct": (ir.causal() & ir.mask_table(torch.zeros(L, L, dtype=torch.bool)), 128,
                            "bfloat16", {}),
+        # packed documents every pair must satisfy, beside causal: the causal segments
+        # clamped per tile to the documents' tiles and full tiles (the common Flex mask)
+        "documents_conjunct": (ir.documents(ids) & ir.causal(), 64, "bfloat16", {}),
         # v's head dim apart from q/k's: DeepSeek's MLA (192 / 128), and a padded one (96
         # in 128 columns) beside q/k's 64, moved by TMA on sm_90
         "mla": (ir.causal(), 192, "bfloat16", {"value_dim": 128}),

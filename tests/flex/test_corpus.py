@@ -1,6 +1,6 @@
-"""A corpus of FlexAttention masks and score modifiers written the way Flex users write
-them (Flex's documentation and attention-gym, and the patterns of the seed papers), each
-read by ``sf.from_mask_mod`` / ``sf.from_score_mod`` and checked in three ways:
+"""The corpus of FlexAttention masks (``tests/flex/corpus.py``) and score modifiers
+(below) written the way Flex users write them (Flex's documentation and attention-gym,
+and the patterns of the seed papers), each read by ``sf.from_mask_mod`` / ``sf.from_score_mod`` and checked in three ways:
 
 * the dense mask of the pattern equals Flex's own ``create_mask`` of the function;
 * ``sf.flex_attention`` equals Flex's ``flex_attention`` (CPU forward) on both libraries'
@@ -20,147 +20,17 @@ import torch
 from torch.nn.attention import flex_attention as flex
 
 import sparseforge as sf
+from tests.flex.corpus import B, H, mask_corpus
 from tests.helpers import random_qkv
 
-B, H, HKV = 2, 2, 1
+HKV = 1
 SQUARE, WIDE, TALL = (50, 50), (29, 66), (66, 29)
-
-DOCS = torch.tensor([0] * 22 + [1] * 26 + [2] * 18)  # three packed documents, 66 tokens
-BATCH_DOCS = torch.stack([DOCS, torch.tensor([0] * 36 + [1] * 30)])  # per batch row
-QUERY_DOCS = torch.tensor([0] * 12 + [1] * 17)  # 29 queries against DOCS (cross attention)
-WINDOWS = torch.tensor([8, 21])  # per head
-PREFIX = 17
-
-
-def _tree_table(q_len, kv_len, prefix):
-    """Speculative decoding: each draft token sees the prompt and its tree ancestors."""
-    draft = q_len
-    parents = [-1] + [(i - 1) // 2 for i in range(1, draft)]
-    tree = torch.eye(draft, dtype=torch.bool)
-    for node, parent in enumerate(parents):
-        if parent >= 0:
-            tree[node] |= tree[parent]
-    table = torch.zeros(q_len, kv_len, dtype=torch.bool)
-    table[:, prefix:prefix + draft] = tree
-    return table
-
-
-TREE = _tree_table(29, 66, 37)
-
-
-# ---------------------------------------------------------------------------- masks
-
-
-def causal(b, h, q_idx, kv_idx):
-    return q_idx >= kv_idx
-
-
-def sliding_window(b, h, q_idx, kv_idx):  # attention-gym: look back WINDOW tokens
-    return (q_idx >= kv_idx) & (q_idx - kv_idx <= 24)
-
-
-def symmetric_window(b, h, q_idx, kv_idx):  # Longformer / NATTEN 1-D local attention
-    return (q_idx - kv_idx).abs() <= 8
-
-
-def prefix_lm(b, h, q_idx, kv_idx):
-    return (kv_idx < PREFIX) | (q_idx >= kv_idx)
-
-
-def document_causal(b, h, q_idx, kv_idx):  # packed sequences
-    return (DOCS[q_idx] == DOCS[kv_idx]) & (q_idx >= kv_idx)
-
-
-def document_bidirectional(b, h, q_idx, kv_idx):
-    return DOCS[q_idx] == DOCS[kv_idx]
-
-
-def batch_documents(b, h, q_idx, kv_idx):  # ids per batch row
-    return (BATCH_DOCS[b, q_idx] == BATCH_DOCS[b, kv_idx]) & (q_idx >= kv_idx)
-
-
-def cross_documents(b, h, q_idx, kv_idx):  # queries of one document see its keys only
-    return QUERY_DOCS[q_idx] == DOCS[kv_idx]
-
-
-def chunked_causal(b, h, q_idx, kv_idx):  # Llama 4's chunked attention
-    return (q_idx // 32 == kv_idx // 32) & (q_idx >= kv_idx)
-
-
-def block_causal(b, h, q_idx, kv_idx):  # causal between blocks, full inside (MoBA's own block)
-    return q_idx // 16 >= kv_idx // 16
-
-
-def dilated_window(b, h, q_idx, kv_idx):  # DiNA / LongNet dilation
-    return ((q_idx - kv_idx) % 3 == 0) & ((q_idx - kv_idx).abs() <= 15)
-
-
-def strict_causal(b, h, q_idx, kv_idx):
-    return q_idx > kv_idx
-
-
-def streaming_llm(b, h, q_idx, kv_idx):  # attention sinks beside a sliding window
-    return (kv_idx < 4) | ((q_idx >= kv_idx) & (q_idx - kv_idx < 32))
-
-
-def global_tokens(b, h, q_idx, kv_idx):  # Longformer global positions
-    return (q_idx < 3) | (kv_idx < 3) | ((q_idx - kv_idx).abs() <= 4)
-
-
-def per_head_window(b, h, q_idx, kv_idx):  # a different window per head
-    return (q_idx >= kv_idx) & (q_idx - kv_idx < WINDOWS[h])
-
-
-def alternating_heads(b, h, q_idx, kv_idx):  # even heads local, odd heads causal
-    return torch.where(h % 2 == 0, (q_idx - kv_idx).abs() <= 6, q_idx >= kv_idx)
-
-
-def full(b, h, q_idx, kv_idx):  # Flex's noop_mask, written with the indices
-    return q_idx >= 0
-
-
-def offset_causal(b, h, q_idx, kv_idx):  # bottom-right causal written by hand
-    return q_idx + (66 - 29) >= kv_idx
-
-
-def kv_scaled_band(b, h, q_idx, kv_idx):  # keys at twice the query rate
-    return (kv_idx <= 2 * q_idx + 1) & (kv_idx >= 2 * q_idx - 20)
-
-
-def early_queries_see_all(b, h, q_idx, kv_idx):
-    return torch.where(q_idx < 8, kv_idx >= 0, q_idx >= kv_idx)
-
-
-def tree_decoding(b, h, q_idx, kv_idx):  # Medusa / EAGLE draft trees
-    return (kv_idx < 37) | TREE[q_idx, kv_idx]
-
-
-def window_or_prefix_chunks(b, h, q_idx, kv_idx):
-    return ((q_idx // 24) == (kv_idx // 24)) | ((kv_idx < 10) & (q_idx >= kv_idx))
-
-
-causal_and_window = flex.and_masks(causal, symmetric_window)
-documents_or_prefix = flex.or_masks(document_causal, lambda b, h, q_idx, kv_idx: kv_idx < 5)
-nested_composition = flex.and_masks(flex.or_masks(sliding_window, global_tokens), causal)
-causal_and_window.__name__ = "and_masks_causal_window"
-documents_or_prefix.__name__ = "or_masks_documents_prefix"
-nested_composition.__name__ = "and_or_masks_nested"
-
-#: mask_mod -> (from_mask_mod keywords, lengths)
-MASKS = {
-    causal: ({}, SQUARE), sliding_window: ({}, TALL), symmetric_window: ({}, WIDE),
-    prefix_lm: ({}, SQUARE), document_causal: ({}, (66, 66)),
-    document_bidirectional: ({}, (66, 66)), batch_documents: ({"batch": B}, (66, 66)),
-    cross_documents: ({}, WIDE), chunked_causal: ({}, TALL), block_causal: ({}, SQUARE),
-    dilated_window: ({}, WIDE), strict_causal: ({}, TALL), streaming_llm: ({}, SQUARE),
-    global_tokens: ({}, WIDE), per_head_window: ({"heads": H}, SQUARE),
-    alternating_heads: ({"heads": H}, TALL), full: ({}, WIDE), offset_causal: ({}, WIDE),
-    kv_scaled_band: ({}, WIDE), early_queries_see_all: ({}, TALL),
-    tree_decoding: ({}, WIDE), window_or_prefix_chunks: ({}, SQUARE),
-    causal_and_window: ({}, TALL), documents_or_prefix: ({}, (66, 66)),
-    nested_composition: ({}, SQUARE),
-}
+MASKS = mask_corpus(1)
 assert len(MASKS) >= 25
+
+
+def _mask(name):
+    return MASKS[name].mask_mod
 
 
 def _flex_mask(mask_mod, q_len, kv_len):
@@ -191,9 +61,10 @@ def _oracle_check(q, k, v, pattern, backend, scale=None):
         torch.testing.assert_close(g.double(), w, atol=1e-4, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("mask_mod", list(MASKS), ids=lambda f: f.__name__)
-def test_mask_equals_flex_and_the_oracle(mask_mod):
-    kw, (q_len, kv_len) = MASKS[mask_mod]
+@pytest.mark.parametrize("name", list(MASKS))
+def test_mask_equals_flex_and_the_oracle(name):
+    entry = MASKS[name]
+    mask_mod, kw, q_len, kv_len = entry.mask_mod, entry.keywords, entry.q_len, entry.kv_len
     pattern = sf.from_mask_mod(mask_mod, **kw)
     dense = sf.dense_mask(pattern, q_len, kv_len, batch=B)
     assert torch.equal(dense.expand(B, H, q_len, kv_len), _flex_mask(mask_mod, q_len, kv_len))
@@ -208,14 +79,14 @@ def test_mask_equals_flex_and_the_oracle(mask_mod):
 
 
 def test_affine_masks_need_no_index_tensor_and_one_plan_serves_many_lengths():
-    for mask_mod in (causal, sliding_window, strict_causal, kv_scaled_band, streaming_llm,
-                     chunked_causal, symmetric_window, offset_causal):
-        pattern = sf.from_mask_mod(mask_mod)
+    for name in ("causal", "sliding_window", "strict_causal", "kv_scaled_band", "streaming_llm",
+                 "chunked_causal", "symmetric_window", "offset_causal"):
+        pattern = sf.from_mask_mod(_mask(name))
         text = sf.plan(pattern, q_len=4096, kv_len=4096, head_dim=64, target="sm_90").explain()
-        assert "no index tensor" in text, mask_mod.__name__
+        assert "no index tensor" in text, name
         kernels = {sf.plan(pattern, q_len=n, kv_len=n, head_dim=64, target="sm_90").kernels
                    for n in (1000, 2048, 3001)}
-        assert len(kernels) == 1, mask_mod.__name__
+        assert len(kernels) == 1, name
 
 
 # ---------------------------------------------------------------------- score mods
@@ -265,18 +136,20 @@ def alibi_and_relative(score, b, h, q_idx, kv_idx):
 
 #: score_mod -> (mask_mod, from_score_mod keywords, lengths)
 SCORES = {
-    softcap: (causal, {}, SQUARE), alibi: (sliding_window, {}, TALL),
-    relative_position: (causal, {}, WIDE), shared_relative_position: (None, {"heads": H}, SQUARE),
-    graph_bias: (symmetric_window, {}, SQUARE), batch_pair_bias: (offset_causal, {}, WIDE),
-    capped_alibi: (prefix_lm, {}, SQUARE), scaled: (causal, {}, TALL),
-    alibi_and_relative: (streaming_llm, {}, SQUARE),
+    softcap: ("causal", {}, SQUARE), alibi: ("sliding_window", {}, TALL),
+    relative_position: ("causal", {}, WIDE),
+    shared_relative_position: (None, {"heads": H}, SQUARE),
+    graph_bias: ("symmetric_window", {}, SQUARE), batch_pair_bias: ("offset_causal", {}, WIDE),
+    capped_alibi: ("prefix_lm", {}, SQUARE), scaled: ("causal", {}, TALL),
+    alibi_and_relative: ("streaming_llm", {}, SQUARE),
 }
 assert len(SCORES) >= 8
 
 
 @pytest.mark.parametrize("score_mod", list(SCORES), ids=lambda f: f.__name__)
 def test_score_mod_equals_flex_and_the_oracle(score_mod):
-    mask_mod, kw, (q_len, kv_len) = SCORES[score_mod]
+    mask_name, kw, (q_len, kv_len) = SCORES[score_mod]
+    mask_mod = None if mask_name is None else _mask(mask_name)
     q, k, v = random_qkv(B, H, H, q_len, kv_len, 16, seed=q_len)
     block_mask = (None if mask_mod is None else
                   sf.create_block_mask(mask_mod, B, H, q_len, kv_len, device="cpu"))

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import sparseforge as sf
-from sparseforge.ir.affine import table_conjuncts
+from sparseforge.ir.affine import data_conjuncts
 from sparseforge.planner.schedule import GroupSchedule, group_geometry, visit_matrices
 from sparseforge.runtime.cpu_tiles import refined_schedule
-from sparseforge.runtime.table_hulls import table_hulls
+from sparseforge.planner.data_hulls import tile_hulls
 from tests.helpers import assert_matches_oracle, random_qkv
 from tests.runtime.test_backward import _check as check_gradients
 from tests.runtime.test_decode import _check as check_decode
@@ -134,32 +134,94 @@ def test_mask_table_checks_its_shape():
 
 def test_table_hulls_bound_each_tile_row():
     """Per tile row, the first and one past the last tile holding a true pair of every
-    conjunct table; empty rows get an empty range; a table in a union bounds nothing."""
+    conjunct table; empty rows get an empty range; a table makes no tile full; a table
+    in a union bounds nothing."""
     table = torch.zeros(2, 100, 130, dtype=torch.bool)
     table[0, 5, 40] = table[0, 5, 100] = True  # batch 0, query tile 0: key tiles 1 .. 3
     table[1, 70, 0] = True  # batch 1, query tile 2: key tile 0
     pattern = sf.causal() & sf.mask_table(table)
-    hulls = table_hulls(pattern, 100, 130, 32, 32, False, "cpu")
-    assert hulls.shape == (2, 4, 2)
-    assert hulls[0, 0].tolist() == [1, 4] and hulls[1, 2].tolist() == [0, 1]
+    hulls = tile_hulls(pattern, 100, 130, 32, 32, False, "cpu")
+    assert hulls.shape == (2, 4, 4)
+    assert hulls[0, 0].tolist() == [1, 4, 0, 0] and hulls[1, 2].tolist() == [0, 1, 0, 0]
     assert hulls[0, 1, 0] >= hulls[0, 1, 1]  # nothing in query tile 1
-    by_keys = table_hulls(pattern, 100, 130, 32, 32, True, "cpu")  # per key tile: query tiles
-    assert by_keys.shape == (2, 5, 2)
-    assert by_keys[0, 1].tolist() == [0, 1] and by_keys[0, 3].tolist() == [0, 1]
-    assert by_keys[1, 0].tolist() == [2, 3]
-    assert table_conjuncts(sf.top_left(sf.causal() & sf.mask_table(table[0])))
-    assert not table_conjuncts(sf.causal() | sf.mask_table(table))
+    by_keys = tile_hulls(pattern, 100, 130, 32, 32, True, "cpu")  # per key tile: query tiles
+    assert by_keys.shape == (2, 5, 4)
+    assert by_keys[0, 1, :2].tolist() == [0, 1] and by_keys[0, 3, :2].tolist() == [0, 1]
+    assert by_keys[1, 0, :2].tolist() == [2, 3]
+    assert data_conjuncts(sf.top_left(sf.causal() & sf.mask_table(table[0])))
+    assert not data_conjuncts(sf.causal() | sf.mask_table(table))
 
 
+def _dense_tile_ranges(mask, block_rows, block_cols):
+    """Per tile row: [first, last + 1) of occupied tiles and the set of all-true tiles."""
+    b, rows, cols = mask.shape
+    tr, tc = -(-rows // block_rows), -(-cols // block_cols)
+    out = []
+    for batch in range(b):
+        per_row = []
+        for r in range(tr):
+            occupied, full = [], set()
+            for c in range(tc):
+                tile = mask[batch, r * block_rows:(r + 1) * block_rows,
+                            c * block_cols:(c + 1) * block_cols]
+                if tile.any():
+                    occupied.append(c)
+                if tile.all() and tile.shape[1] == block_cols:
+                    full.add(c)
+            per_row.append((occupied, full))
+        out.append(per_row)
+    return out
+
+
+@pytest.mark.parametrize("by_keys", [False, True])
+def test_document_hulls_bound_tiles_and_name_only_full_ones(by_keys):
+    """Document ids give each tile row the hull of the tiles holding one of its ids
+    (ids need not be sorted or contiguous, per batch row, queries apart from keys), and a
+    full range made of all-true tiles only; every occupied tile lies in the hull."""
+    gen = torch.Generator().manual_seed(5)
+    packed = torch.repeat_interleave(torch.arange(5), torch.tensor([9, 40, 3, 70, 28]))
+    scattered = torch.randint(0, 4, (150,), generator=gen)
+    cases = [(sf.documents(packed), 120, 150, True),
+             (sf.documents(torch.stack([packed, scattered])), 150, 150, True),
+             (sf.documents(packed[:100], kv_ids=packed), 100, 150, True),
+             (sf.documents(packed) & sf.documents(torch.stack([packed // 2, packed // 3])), 150,
+              150, True),
+             (sf.documents(scattered), 150, 150, False)]
+    for pattern, q_len, kv_len, some_full in cases:
+        dense = sf.dense_mask(pattern, q_len, kv_len, batch=2).expand(2, 1, q_len, kv_len)[:, 0]
+        dense = dense.transpose(1, 2) if by_keys else dense
+        hulls = tile_hulls(pattern, q_len, kv_len, 16, 32, by_keys, "cpu").expand(2, -1, -1)
+        fulls = 0
+        for batch, per_row in enumerate(_dense_tile_ranges(dense, 16, 32)):
+            for r, (occupied, full) in enumerate(per_row):
+                lo, hi, flo, fhi = hulls[batch, r].tolist()
+                if occupied:
+                    assert (lo, hi) == (occupied[0], occupied[-1] + 1), (pattern, batch, r)
+                else:
+                    assert lo >= hi
+                assert set(range(flo, fhi)) <= full, (pattern, batch, r)
+                fulls += fhi > flo
+        assert (fulls > 0) == some_full, pattern
+
+
+@pytest.mark.parametrize("data", ["table", "documents"])
 @pytest.mark.parametrize("q_len", [128, 3])
-def test_kernels_skip_tiles_outside_the_table(q_len, launched_kinds):
-    """v is NaN at every key outside the table's true pairs' tiles: a kernel visiting one
-    of those tiles would spread the NaN (0 * NaN) into the output or the gradients. The
-    forward, dQ, dK/dV and decode kernels all walk only the tiles the table holds."""
-    table = torch.zeros(q_len, 128, dtype=torch.bool)
-    rows = min(q_len, 48)
-    table[-rows:, 64:96] = torch.rand(rows, 32, generator=torch.Generator().manual_seed(1)) > 0.3
-    pattern = sf.causal() & sf.mask_table(table)
+def test_kernels_skip_tiles_outside_the_data(q_len, data, launched_kinds):
+    """v is NaN at every key outside the tiles of the table's true pairs (of the queries'
+    document): a kernel visiting one of those tiles would spread the NaN (0 * NaN) into
+    the output or the gradients. The forward, dQ, dK/dV and decode kernels all walk only
+    the tiles the data allows (documents: their inner tiles as full tiles)."""
+    if data == "table":
+        table = torch.zeros(q_len, 128, dtype=torch.bool)
+        rows = min(q_len, 48)
+        table[-rows:, 64:96] = torch.rand(rows, 32, generator=torch.Generator().manual_seed(1)) > 0.3
+        pattern = sf.causal() & sf.mask_table(table)
+    else:  # the last 48 queries belong to document 1, which holds keys 64 .. 95
+        kv_ids = torch.repeat_interleave(torch.tensor([0, 1, 2]), torch.tensor([64, 32, 32]))
+        q_ids = torch.full((q_len,), 3)
+        q_ids[-min(q_len, 48):] = 1
+        pattern = sf.top_left(sf.causal()) & sf.documents(q_ids, kv_ids=kv_ids) if q_len > 16 \
+            else sf.documents(q_ids, kv_ids=kv_ids)
     q, k, v = random_qkv(1, 2, 2, q_len, 128, 16, seed=11)
     clean = v.clone()
     v[:, :, :64] = float("nan")
