@@ -1,16 +1,18 @@
 """Time ``sf.create_block_mask`` (block tables from closed-form tile bounds) against
-FlexAttention's ``create_block_mask`` (the mask_mod evaluated over every block), on CPU.
+FlexAttention's ``create_block_mask`` (the mask_mod evaluated over every block), eager and
+``torch.compile``d (what Flex recommends at long lengths), on CPU.
 
     python bench/flex_block_mask.py [--lengths 1024,4096,16384] [--repeats 5]
                                     [--flex-max-length 32768]
 
-Both return a Flex ``BlockMask`` with equal block counts (checked here too). The first
-call of a function also traces it once (sparseforge) or warms Flex's vmap: both are
-excluded, the median of ``--repeats`` warm calls is reported. Writes
-``bench/results/flex_block_mask_cpu.json``. Flex's CPU ``create_block_mask`` evaluates
-the dense grid: the 24 GB dev VM had 9 GB in use during its call at L = 32k (``free -g``),
-and the grid grows with L^2, so lengths above ``--flex-max-length`` time sparseforge alone
-and record why Flex was not run.
+All return a Flex ``BlockMask`` with equal block counts (checked here too). The first
+call at each length also traces the function once (sparseforge), warms Flex's vmap, or
+compiles Flex's (``flex_compiled_first_ms``, reported apart); the median of
+``--repeats`` warm calls is reported. Writes ``bench/results/flex_block_mask_cpu.json``.
+Flex's eager CPU ``create_block_mask`` materialises the dense grid: the 24 GB dev VM had
+9 GB in use during its call at L = 32k (``free -g``), and the grid grows with L^2, so
+lengths above ``--flex-max-length`` time eager Flex not at all (compiled Flex fuses the
+grid away and runs at every length).
 """
 
 from __future__ import annotations
@@ -51,13 +53,25 @@ def _cpu_name() -> str:
 
 
 def median_ms(fn, repeats: int) -> float:
-    fn()  # warm: tracing, vmap
+    return warm_and_median_ms(fn, repeats)[1]
+
+
+def warm_and_median_ms(fn, repeats: int) -> tuple[float, float]:
+    """(first call, median of ``repeats`` warm calls), in ms."""
+    t = time.perf_counter()
+    fn()  # warm: tracing, vmap, compiling
+    first = (time.perf_counter() - t) * 1e3
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    return first, statistics.median(times)
+
+
+def same_blocks(a, b) -> bool:
+    return all(torch.equal(getattr(a, f), getattr(b, f))
+               for f in ("kv_num_blocks", "full_kv_num_blocks"))
 
 
 def main() -> None:
@@ -68,6 +82,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" /
                                              "flex_block_mask_cpu.json"))
     args = parser.parse_args()
+    compiled = torch.compile(flex.create_block_mask)
     rows = []
     for mask_mod in (causal, sliding_window, dilated_band):
         for length in map(int, args.lengths.split(",")):
@@ -77,24 +92,26 @@ def main() -> None:
             def theirs(m=mask_mod, n=length):
                 return flex.create_block_mask(m, None, None, n, n, device="cpu")
 
-            if length > args.flex_max_length:
-                row = {"mask": mask_mod.__name__, "length": length,
-                       "sparseforge_ms": median_ms(ours, args.repeats), "flex_ms": None,
-                       "equal_block_counts": None,
-                       "flex_not_run": "dense grid grows with L^2: 9 GB in use at 32k on this VM"}
-                rows.append(row)
-                print(f"{row['mask']:15s} L={length:6d}  sparseforge {row['sparseforge_ms']:8.2f} ms"
-                      "  Flex not run (dense grid too large for this machine)")
-                continue
-            a, b = ours(), theirs()
-            same = all(torch.equal(getattr(a, f), getattr(b, f))
-                       for f in ("kv_num_blocks", "full_kv_num_blocks"))
+            def theirs_compiled(m=mask_mod, n=length):
+                return compiled(m, None, None, n, n, device="cpu")
+
             row = {"mask": mask_mod.__name__, "length": length,
-                   "sparseforge_ms": median_ms(ours, args.repeats),
-                   "flex_ms": median_ms(theirs, args.repeats), "equal_block_counts": same}
+                   "sparseforge_ms": median_ms(ours, args.repeats)}
+            first, row["flex_compiled_ms"] = warm_and_median_ms(theirs_compiled, args.repeats)
+            row["flex_compiled_first_ms"] = first
+            row["equal_block_counts"] = same_blocks(ours(), theirs_compiled())
+            if length > args.flex_max_length:
+                row["flex_ms"] = None
+                row["flex_not_run"] = "eager: dense grid grows with L^2 (9 GB in use at 32k)"
+                eager = "not run"
+            else:
+                row["flex_ms"] = median_ms(theirs, args.repeats)
+                row["equal_block_counts"] &= same_blocks(ours(), theirs())
+                eager = f"{row['flex_ms']:9.2f} ms"
             rows.append(row)
             print(f"{row['mask']:15s} L={length:6d}  sparseforge {row['sparseforge_ms']:8.2f} ms"
-                  f"  Flex {row['flex_ms']:8.2f} ms  equal blocks: {same}")
+                  f"  Flex compiled {row['flex_compiled_ms']:9.2f} ms (first {first / 1e3:.1f} s)"
+                  f"  Flex eager {eager}  equal blocks: {row['equal_block_counts']}")
     result = {"device": f"cpu ({_cpu_name()}, {os.cpu_count()} cores), no GPU",
               "cpu_count": torch.get_num_threads(), "torch": torch.__version__,
               "triton": triton.__version__, "sparseforge": sf.__version__,
