@@ -1,10 +1,12 @@
 """Attention under a routed pattern with torch ops: route (the torch reference), then
-attend query rows in chunks against every key with the routed mask.
+attend. Block-routed patterns gather the key tiles each row chunk reaches
+(``routed_gather``: memory and work linear in the sequence); the rest attend query rows
+in chunks against every key with the routed mask.
 
 The exact, differentiable path for what the routed forward kernel does not run
-(training, ``vertical_slash``, the torch backend; ``runtime.dispatch._run_routed``): the
-mask is evaluated per chunk of rows, so memory stays O(rows x Lkv) per chunk, but the
-compute is dense. On CUDA the top-k and coverage rules route with the generated
+(training, ``vertical_slash``, the torch backend; ``runtime.dispatch._run_routed``). On
+the row-chunk path the mask is evaluated per chunk of rows, but the compute is dense and
+a gradient keeps every chunk's probabilities. On CUDA the top-k and coverage rules route with the generated
 pre-kernels (docs/routing.md).
 """
 
@@ -16,6 +18,7 @@ from ..ir.canonicalize import canonicalize
 from ..routing.rules import route
 from ..semantics import modified_scores, pair_mask
 from .prekernels import route_with_prekernels
+from .routed_gather import gathered_routed_attention
 
 #: query rows attended at once: bounds the [B, H, rows, Lkv] score block
 ROW_CHUNK = 256
@@ -33,6 +36,9 @@ def routed_attention(q, k, v, pattern, scale: float, prekernels: str | None = No
         routing = (route(canonical, q.detach(), k.detach(), scale) if prekernels is None else
                    route_with_prekernels(canonical, q.detach(), k.detach(), scale,
                                          interpret=prekernels == "interpret"))
+    gathered = gathered_routed_attention(q, k, v, canonical, routing, scale)
+    if gathered is not None:  # block routing: only the reachable key tiles, memory O(L)
+        return gathered
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     group = hq // hkv
     kk = k.to(compute).repeat_interleave(group, dim=1)
