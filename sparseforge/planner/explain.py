@@ -73,7 +73,8 @@ def explain(plan) -> str:
                          f"part {plan.kernels[0].static_mask!r}; tiles, density and utilisation "
                          "count it only), then per query tile the kv tiles its rows' selected "
                          "buckets or lines cross, each tile once; backward and decode run with "
-                         "torch ops")
+                         "torch ops (block routing: static tiles per row chunk plus each "
+                         "selected bucket's rows, memory linear in the length)")
         else:
             lines.append("routed      no generated kernel (clusters, two routing nodes or "
                          "per-head patterns): torch ops run it (dense per row chunk); the kernels "

@@ -77,23 +77,28 @@ def static_mask_rows(siblings, rows: torch.Tensor, q_len: int, kv_len: int, devi
 
 
 def bucket_candidates(siblings, q_starts, k_starts, q_len: int, kv_len: int, device) -> torch.Tensor:
-    """Bool ``[B or 1, Cq, Ck]``: buckets pairs where the siblings allow at least one pair."""
+    """Bool ``[B or 1, Cq, Ck]``: buckets pairs where the siblings allow at least one pair.
+
+    Per chunk of rows: the allowed keys counted per key bucket (a prefix sum read at the
+    bucket starts), then added into each row's query bucket, so memory stays
+    O(rows x Lkv) whatever the bucket sizes (one-token query buckets included)."""
     cq, ck = q_starts.shape[-1] - 1, k_starts.shape[-1] - 1
     shift = kv_len - q_len
-    unit_keys = ck == kv_len  # one key per bucket (topk_keys): the key one-hot is the identity
-    kb = bucket_of(torch.arange(kv_len, device=device), k_starts.to(device))  # [B|1, Lkv]
-    k_onehot = None if unit_keys else torch.nn.functional.one_hot(kb.clamp(0, ck - 1), ck).float()
-    out = None
+    k_starts = k_starts.to(device)
+    out = torch.zeros(k_starts.shape[0], cq, ck, device=device)
     for r0 in range(0, q_len, ROW_CHUNK):
         rows = torch.arange(r0, min(q_len, r0 + ROW_CHUNK), device=device)
-        allowed = static_mask_rows(siblings, rows, q_len, kv_len, device).float()  # [B|1, R, Lkv]
+        allowed = static_mask_rows(siblings, rows, q_len, kv_len, device)  # [B|1, R, Lkv]
         qb = bucket_of(rows + shift, q_starts.to(device)).clamp(0, cq - 1)  # [B|1, R]
-        q_onehot = torch.nn.functional.one_hot(qb, cq).float().transpose(-1, -2)  # [B|1, Cq, R]
-        part = (q_onehot @ allowed if unit_keys else q_onehot @ allowed @ k_onehot) > 0
-        out = part if out is None else out | part
-    if out is None:
-        out = torch.zeros(1, cq, ck, dtype=torch.bool, device=device)
-    return out
+        b = max(allowed.shape[0], qb.shape[0], k_starts.shape[0], out.shape[0])
+        counts = torch.nn.functional.pad(allowed.to(torch.int32).cumsum(-1), (1, 0))
+        counts = counts.expand(b, -1, -1)  # [B, R, Lkv + 1]: allowed keys before each key
+        at_starts = torch.gather(counts, 2, k_starts.expand(b, -1)[:, None, :]
+                                 .expand(-1, len(rows), -1))  # [B, R, Ck + 1]
+        per_bucket = (at_starts[..., 1:] - at_starts[..., :-1] > 0).float()  # [B, R, Ck]
+        out = out.expand(b, -1, -1).clone() if out.shape[0] < b else out
+        out.scatter_add_(1, qb.expand(b, -1)[..., None].expand(-1, -1, ck), per_bucket)
+    return out > 0
 
 
 _candidates = ShapeCache(256)

@@ -120,6 +120,7 @@ def _static_tiles(run: _Run, static: torch.Tensor, node, sel: BlockSelection):
         return out, torch.full((b, hq, run.q_len), float("-inf"), dtype=run.compute,
                                device=device)
     tiles = ascending_indices(static, width).long()  # [chunks, W]
+    heads_sel = sel.selected[:, sel.heads.to(sel.selected.device)]  # [B, Hq, Cq, Ck]
     outs, lses = [], []
     for c, r0 in enumerate(range(0, run.q_len, CHUNK_ROWS)):
         rows = torch.arange(r0, min(run.q_len, r0 + CHUNK_ROWS), device=device)
@@ -131,7 +132,7 @@ def _static_tiles(run: _Run, static: torch.Tensor, node, sel: BlockSelection):
             kg, vg = (t[:, :, keys].to(run.compute).repeat_interleave(run.group, 1)
                       for t in (k, v))
             s = q[:, :, rows].to(run.compute) @ kg.transpose(-1, -2) * run.scale
-            routed = _SelectedOnPairs(sel, rows + (run.kv_len - run.q_len), keys)
+            routed = _SelectedOnPairs(sel, heads_sel, rows + (run.kv_len - run.q_len), keys)
             allowed = pair_mask(run.pattern, rows[:, None], keys[None, :], run.q_len,
                                 run.kv_len, {node: routed}) & valid
             return _softmax_parts(s, allowed, vg)
@@ -240,15 +241,15 @@ def _buckets(positions, starts) -> torch.Tensor:
 
 
 class _SelectedOnPairs:
-    """A selection on one chunk's pairs (rows at ``positions`` x ``keys``), in the shape
-    ``semantics.pair_mask`` gives routing nodes there: ``[B, Hq, rows, keys]``."""
+    """A selection (``heads_sel``: per query head ``[B, Hq, Cq, Ck]``) on one chunk's pairs
+    (rows at ``positions`` x ``keys``), in the shape ``semantics.pair_mask`` gives routing
+    nodes there: ``[B, Hq, rows, keys]``."""
 
-    def __init__(self, sel: BlockSelection, positions, keys):
-        self.sel, self.positions, self.keys = sel, positions, keys
+    def __init__(self, sel: BlockSelection, heads_sel, positions, keys):
+        self.sel, self.heads_sel, self.positions, self.keys = sel, heads_sel, positions, keys
 
     def pair_mask(self, p, j) -> torch.Tensor:
-        sel = self.sel
-        heads_sel = sel.selected[:, sel.heads.to(sel.selected.device)]  # [B, Hq, Cq, Ck]
+        sel, heads_sel = self.sel, self.heads_sel  # [B, Hq, Cq, Ck]
         b, hq, cq, ck = heads_sel.shape
         qb = _buckets(self.positions[None], sel.q_starts).expand(b, -1)  # [B, rows]
         kb = _buckets(self.keys[None], sel.k_starts).expand(b, -1)  # [B, keys]
