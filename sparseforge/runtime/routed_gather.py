@@ -95,11 +95,14 @@ class _Run:
         self.group = self.hq // k.shape[1]
         self.wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
 
-    def call(self, fn):
-        """``fn(q, k, v)``, recomputed in the backward when a gradient is wanted."""
+    def call(self, fn, *pieces):
+        """``fn(*pieces)``, recomputed in the backward when a gradient is wanted. The
+        pieces are this chunk's or bucket's own rows and keys, cut from q, k and v by one
+        gather each for all of them (a gather or slice per piece would give each piece's
+        backward a gradient the size of the whole input)."""
         if self.wants_grad:
-            return checkpoint(fn, self.q, self.k, self.v, use_reentrant=False)
-        return fn(self.q, self.k, self.v)
+            return checkpoint(fn, *pieces, use_reentrant=False)
+        return fn(*pieces)
 
 
 def _softmax_parts(s: torch.Tensor, allowed: torch.Tensor, vals: torch.Tensor):
@@ -121,23 +124,24 @@ def _static_tiles(run: _Run, static: torch.Tensor, node, sel: BlockSelection):
                                device=device)
     tiles = ascending_indices(static, width).long()  # [chunks, W]
     heads_sel = sel.selected[:, sel.heads.to(sel.selected.device)]  # [B, Hq, Cq, Ck]
+    keys = (tiles[:, :, None] * KEY_TILE + torch.arange(KEY_TILE, device=device)).flatten(1)
+    valid = (keys >= 0) & (keys < run.kv_len)  # [chunks, W * KEY_TILE]
+    keys = torch.where(valid, keys, 0)
+    k_pieces, v_pieces = (t.index_select(2, keys.flatten()).split(keys.shape[1], dim=2)
+                          for t in (run.k, run.v))
     outs, lses = [], []
-    for c, r0 in enumerate(range(0, run.q_len, CHUNK_ROWS)):
-        rows = torch.arange(r0, min(run.q_len, r0 + CHUNK_ROWS), device=device)
-        keys = (tiles[c, :, None] * KEY_TILE + torch.arange(KEY_TILE, device=device)).flatten()
-        valid = (keys >= 0) & (keys < run.kv_len)
-        keys = torch.where(valid, keys, 0)
+    for c, q_piece in enumerate(run.q.split(CHUNK_ROWS, dim=2)):
+        rows = torch.arange(c * CHUNK_ROWS, c * CHUNK_ROWS + q_piece.shape[2], device=device)
 
-        def chunk(q, k, v, rows=rows, keys=keys, valid=valid):
-            kg, vg = (t[:, :, keys].to(run.compute).repeat_interleave(run.group, 1)
-                      for t in (k, v))
-            s = q[:, :, rows].to(run.compute) @ kg.transpose(-1, -2) * run.scale
+        def chunk(q, k, v, rows=rows, keys=keys[c], valid=valid[c]):
+            kg, vg = (t.to(run.compute).repeat_interleave(run.group, 1) for t in (k, v))
+            s = q.to(run.compute) @ kg.transpose(-1, -2) * run.scale
             routed = _SelectedOnPairs(sel, heads_sel, rows + (run.kv_len - run.q_len), keys)
             allowed = pair_mask(run.pattern, rows[:, None], keys[None, :], run.q_len,
                                 run.kv_len, {node: routed}) & valid
             return _softmax_parts(s, allowed, vg)
 
-        out, lse = run.call(chunk)
+        out, lse = run.call(chunk, q_piece, k_pieces[c], v_pieces[c])
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs, 2), torch.cat(lses, 2)
@@ -176,37 +180,40 @@ def _selected_buckets(run: _Run, static: torch.Tensor, as_selected, sel: BlockSe
     device, hq = run.q.device, run.hq
     picks = per_row.permute(0, 1, 3, 2).nonzero()  # (b, h, bucket, row), rows grouped
     starts = sel.k_starts.to(device).expand(run.b, -1).tolist()
-    groups = torch.unique_consecutive(picks[:, :3], dim=0, return_counts=True)
-    row_ids, lses, outs = [], [], []
-    first = 0
-    for (bi, h, c), count in zip(groups[0].tolist(), groups[1].tolist()):
-        rows = picks[first:first + count, 3]
-        first += count
+    groups, counts = torch.unique_consecutive(picks[:, :3], dim=0, return_counts=True)
+    work = []  # (flat rows, rows, keys, kv rows of the flattened k) per non-empty bucket
+    pieces = picks[:, 3].split(counts.tolist()) if len(picks) else ()
+    for (bi, h, c), rows in zip(groups.tolist(), pieces):
         k0, k1 = starts[bi][c], min(starts[bi][c + 1], run.kv_len)
-        if k1 <= k0:
-            continue
-        keys = torch.arange(k0, k1, device=device)
-        in_static = static[torch.div(rows, CHUNK_ROWS, rounding_mode="floor")][
-            :, torch.div(keys, KEY_TILE, rounding_mode="floor")]  # [rows, keys]
-
-        def bucket(q, k, v, bi=bi, h=h, rows=rows, keys=keys, in_static=in_static, k0=k0, k1=k1):
-            kv_head = h // run.group
-            kk = k[bi, kv_head, k0:k1].to(run.compute)
-            vv = v[bi, kv_head, k0:k1].to(run.compute)
-            s = q[bi, h, rows].to(run.compute) @ kk.T * run.scale
-            allowed = pair_mask(as_selected, rows[:, None], keys[None, :], run.q_len,
-                                run.kv_len) & ~in_static
-            return _softmax_parts(s, allowed, vv)
-
-        out, lse = run.call(bucket)
-        row_ids.append((bi * hq + h) * run.q_len + rows)
-        lses.append(lse)
-        outs.append(out)
-    if not row_ids:
+        if k1 > k0:
+            keys = torch.arange(k0, k1, device=device)
+            kv_rows = (bi * run.k.shape[1] + h // run.group) * run.kv_len + keys
+            work.append(((bi * hq + h) * run.q_len + rows, rows, keys, kv_rows))
+    if not work:
         empty = torch.zeros(0, dtype=torch.long, device=device)
         return empty, empty.to(run.compute), torch.zeros(0, run.v.shape[-1], dtype=run.compute,
                                                          device=device)
-    return torch.cat(row_ids), torch.cat(lses), torch.cat(outs)
+    flat_rows = torch.cat([w[0] for w in work])
+    q_pieces = run.q.reshape(-1, run.q.shape[-1]).index_select(0, flat_rows).split(
+        [len(w[0]) for w in work])
+    kv_index = torch.cat([w[3] for w in work])
+    k_pieces, v_pieces = (t.reshape(-1, t.shape[-1]).index_select(0, kv_index).split(
+        [len(w[2]) for w in work]) for t in (run.k, run.v))
+    lses, outs = [], []
+    for (_, rows, keys, _), q_piece, k_piece, v_piece in zip(work, q_pieces, k_pieces, v_pieces):
+        in_static = static[torch.div(rows, CHUNK_ROWS, rounding_mode="floor")][
+            :, torch.div(keys, KEY_TILE, rounding_mode="floor")]  # [rows, keys]
+
+        def bucket(q, k, v, rows=rows, keys=keys, in_static=in_static):
+            s = q.to(run.compute) @ k.to(run.compute).T * run.scale
+            allowed = pair_mask(as_selected, rows[:, None], keys[None, :], run.q_len,
+                                run.kv_len) & ~in_static
+            return _softmax_parts(s, allowed, v.to(run.compute))
+
+        out, lse = run.call(bucket, q_piece, k_piece, v_piece)
+        lses.append(lse)
+        outs.append(out)
+    return flat_rows, torch.cat(lses), torch.cat(outs)
 
 
 def _merge(out_s, lse_s, rows, lse_r, out_r):
