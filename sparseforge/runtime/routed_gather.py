@@ -49,10 +49,12 @@ from ..semantics import pair_mask
 CHUNK_ROWS = 128
 #: keys per static tile
 KEY_TILE = 64
-#: gather only when it computes at most this fraction of the dense pairs, or when the
-#: dense path's probabilities would exceed ``DENSE_BYTES`` (short or nearly dense
-#: patterns run faster on the row-chunk path, whose memory is then small anyway)
+#: gather when the dense path's fp32 probabilities would exceed ``DENSE_BYTES``, or when
+#: they exceed ``GATHER_MIN_BYTES`` and gathering computes at most ``GATHER_FRACTION`` of
+#: the dense pairs (short or nearly dense problems run faster on the row-chunk path,
+#: whose memory is then small anyway)
 GATHER_FRACTION = 0.5
+GATHER_MIN_BYTES = 64 << 20
 DENSE_BYTES = 1 << 30
 
 
@@ -164,6 +166,8 @@ def _worth_gathering(run: _Run, static, per_row: torch.Tensor, sel: BlockSelecti
     dense = run.b * run.hq * run.q_len * run.kv_len
     if dense * 4 > DENSE_BYTES:
         return True
+    if dense * 4 < GATHER_MIN_BYTES:
+        return False
     rows = [min(CHUNK_ROWS, run.q_len - r0) for r0 in range(0, run.q_len, CHUNK_ROWS)]
     static_pairs = float((static.sum(-1) * rows).sum()) * KEY_TILE * run.b * run.hq
     starts = sel.k_starts.to(per_row.device).expand(run.b, -1)

@@ -30,6 +30,7 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(routed_gather, "CHUNK_ROWS", 32)
     monkeypatch.setattr(routed_gather, "KEY_TILE", 16)
     monkeypatch.setattr(routed_gather, "GATHER_FRACTION", 1.0)  # gather at any density
+    monkeypatch.setattr(routed_gather, "GATHER_MIN_BYTES", 0)  # and any size
 
 
 @pytest.fixture
