@@ -1,6 +1,7 @@
 """The corpus of FlexAttention masks (``tests/flex/corpus.py``) and score modifiers
 (below) written the way Flex users write them (Flex's documentation and attention-gym,
-and the patterns of the seed papers), each read by ``sf.from_mask_mod`` / ``sf.from_score_mod`` and checked in three ways:
+and the patterns of the seed papers), each read by ``sf.from_mask_mod`` /
+``sf.from_score_mod`` and checked in three ways:
 
 * the dense mask of the pattern equals Flex's own ``create_mask`` of the function;
 * ``sf.flex_attention`` equals Flex's ``flex_attention`` (CPU forward) on both libraries'

@@ -8,9 +8,9 @@ import torch
 
 import sparseforge as sf
 from sparseforge.ir.affine import data_conjuncts
+from sparseforge.planner.data_hulls import tile_hulls
 from sparseforge.planner.schedule import GroupSchedule, group_geometry, visit_matrices
 from sparseforge.runtime.cpu_tiles import refined_schedule
-from sparseforge.planner.data_hulls import tile_hulls
 from tests.helpers import assert_matches_oracle, random_qkv
 from tests.runtime.test_backward import _check as check_gradients
 from tests.runtime.test_decode import _check as check_decode
