@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import sys
 import warnings
 from pathlib import Path
@@ -104,7 +105,9 @@ def main() -> None:
     fewer = sum(r["sparseforge_tiles_128"] < r["flex_blocks"] for r in rows)
     print(f"{equal} of {len(rows)} masks visit as many 128 x 128 tiles as Flex, {fewer} fewer, "
           f"{len(rows) - equal - fewer} more")
-    result = {"what": "tiles visited (counts, no kernel run): sparseforge plan stats on sm_90 vs "
+    result = {"device": "none: counts from plans and block masks, no kernel run (computed on "
+                        f"{platform.machine()} CPU)",
+              "what": "tiles visited (counts, no kernel run): sparseforge plan stats on sm_90 vs "
                       "Flex create_block_mask blocks, batch row 0, summed over heads",
               "scale": args.scale, "torch": torch.__version__, "triton": triton.__version__,
               "sparseforge": sf.__version__, "rows": rows}
