@@ -584,14 +584,11 @@ def _choose_kernel(pattern, q_len, kv_len, cfg, schedule, groups):
             walk = walked(segs, sched)
             visited = partial = 0
             for geo in group_geometry(q_len, kv_len, g):
-                if free is None:
-                    v, f = visit_matrices(list(walk), geo.q_len, geo.kv_len, cfg.block_m,
-                                          cfg.block_n)
-                else:  # the kernels walk the data-free segments clamped by the data
-                    v, f = visit_matrices(list(walked(free, sched)), q_len, kv_len, cfg.block_m,
-                                          cfg.block_n)
-                    v, f = narrow_to_hulls(analysed, v, f, q_len, kv_len, cfg.block_m,
-                                           cfg.block_n)
+                # with data conjuncts the kernels walk the data-free segments (clamped by the
+                # data at run time: the price stays a function of the shapes, as the plan
+                # cache key is, so it reads no ids or tables)
+                v, f = visit_matrices(list(walk if free is None else walked(free, sched)),
+                                      geo.q_len, geo.kv_len, cfg.block_m, cfg.block_n)
                 visited += int(v.sum())
                 partial += int((v & ~f).sum())
             # walking several segments costs a little per query tile: prefer the hull on ties
