@@ -133,7 +133,7 @@ def narrow_to_hulls(pattern, visit: np.ndarray, full: np.ndarray, q_len: int, kv
                     block_m: int, block_n: int) -> tuple[np.ndarray, np.ndarray]:
     """A plan's ``visit``/``full`` tile matrices ``[Tq, Tk]`` (of the pattern without its
     data conjuncts) clamped to the ranges of those conjuncts (the first sequence of
-    per-batch data), for pricing and statistics."""
+    per-batch data), for the plan's statistics (its price reads no data)."""
     hull = tile_hulls(pattern, q_len, kv_len, block_m, block_n, False, "cpu")[0].numpy()
     rows = visit.shape[0]
     cols = np.arange(visit.shape[1])[None, :]
