@@ -185,8 +185,8 @@ def _routing_context(pattern, kv_len: int) -> dict:
     (vertical_slash: columns and diagonals), with the binary searches' unrolled steps
     (enough for the longest selection a row can hold)."""
     nodes = [n for n in walk(pattern) if isinstance(n, DynamicPattern)] if pattern else []
-    context = dict(routed_lines=False, col_steps=0, off_steps=0, sel_steps=0, key_bias=False,
-                   remapped=False)
+    context = dict(routed_lines=False, col_steps=0, off_steps=0, sel_steps=0, list_steps=0,
+                   key_bias=False, remapped=False)
     if not nodes:
         return context
     node = nodes[0]
@@ -203,7 +203,18 @@ def _routing_context(pattern, kv_len: int) -> dict:
     buckets = node.chunks if isinstance(node, TopkChunks) else -(-kv_len // node.block) + 1
     # (topk_keys: blocks of one key, so a row may hold min(k, Lkv) of them)
     width = buckets if isinstance(node, ThresholdBlocks) else min(node.k, buckets)
-    return dict(context, sel_steps=steps(width))
+    # dK/dV's search of a query tile's bucket list (at most every bucket)
+    return dict(context, sel_steps=steps(width), list_steps=steps(buckets))
+
+
+def routed_backward_kernels(pattern, kind: str = "backward_dq") -> bool:
+    """Whether a routed pattern has generated ``kind`` kernels: the backward (dQ, dK/dV)
+    of the bucket rules (``topk_blocks``, ``topk_chunks``, ``threshold_blocks``,
+    ``hierarchical``). Not yet: decode, and the backward of ``vertical_slash`` (lines),
+    ``clusters`` (sorted tokens) and ``topk_keys`` (the key bias's gradient)."""
+    nodes = [n for n in walk(pattern) if isinstance(n, DynamicPattern)]
+    return (kind in ("backward_dq", "backward_dkdv") and len(nodes) == 1
+            and not isinstance(nodes[0], (VerticalSlash, Clusters, TopkKeys)))
 
 
 def render_kernel(plan: Plan, kernel_index: int = 0, kind: str = "forward") -> KernelSource:
@@ -216,9 +227,9 @@ def render_kernel(plan: Plan, kernel_index: int = 0, kind: str = "forward") -> K
     # unpermuted kinds see the pattern in original coordinates, without dilation groups
     analysed, groups = (kernel.analysed, kernel.groups) if spec.permuted else (kernel.mask, 1)
     routed = is_dynamic(analysed)
-    if routed and kind != "forward":
-        raise ValueError(f"{kind} kernel of {kernel.pattern!r}: routed patterns have a generated "
-                         "forward kernel only (their backward and decode run with torch ops)")
+    if routed and kind != "forward" and not routed_backward_kernels(analysed, kind):
+        raise ValueError(f"{kind} kernel of {kernel.pattern!r}: this routing rule has a generated "
+                         "forward kernel only (its backward and decode run with torch ops)")
     runs = walked[0].runs if len(walked) == 1 else 1
     if any(seg.runs > 1 for seg in walked) and (len(walked) > 1 or routed or kind == "decode"):
         raise ValueError(f"{kind} kernel of {kernel.pattern!r}: a segment family is walked "

@@ -121,8 +121,10 @@ class KernelPlan:
 
     @cached_property
     def key_segments(self) -> tuple[TileSegment, ...]:
-        """Query-tile segments per kv tile (inverted bounds), walked by backward dK/dV."""
-        return self._walked(tile_segments(self.analysed, side="key"))
+        """Query-tile segments per kv tile (inverted bounds), walked by backward dK/dV; of
+        the static part of a routed pattern (its selected tiles come on top, per call)."""
+        static = static_part(self.analysed) if is_dynamic(self.analysed) else self.analysed
+        return self._walked(tile_segments(static, side="key"))
 
     @cached_property
     def decode_segments(self) -> tuple[TileSegment, ...]:
@@ -395,7 +397,14 @@ def _plan_routed(canonical: Pattern, r: PlanRequest) -> Plan:
     if (cfg.block_m, cfg.block_n) != (static.block_m, static.block_n):
         static = r.replan(static_part(canonical), groups=1, tiled=False, block_m=cfg.block_m,
                           block_n=cfg.block_n)
-    static = dataclasses.replace(static, config=cfg)
+    # the backward kernels' key tiles hold one 64-bit mask of buckets too
+    static = dataclasses.replace(
+        static, config=cfg,
+        backward_dq=dataclasses.replace(static.backward_dq, block_n=min(static.backward_dq.block_n,
+                                                                         MAX_ROUTED_BLOCK_N)),
+        backward_dkdv=dataclasses.replace(static.backward_dkdv,
+                                          block_n=min(static.backward_dkdv.block_n,
+                                                      MAX_ROUTED_BLOCK_N)))
     kernels = tuple(dataclasses.replace(kp, pattern=canonical, analysed=strip_scores(canonical))
                     for kp in static.kernels)
     steps += (tile_list_step(steps, node, r.q_len, r.kv_len, static.block_m, static.block_n),)

@@ -82,7 +82,7 @@ _FP32_POINTERS = {"Lse", "Delta", "DK", "DV", "OutPart", "LsePart", "Slopes", "B
                   "KeyBias", "Pair", "DPair"}
 _INT32_POINTERS = {"DocQ", "DocK", "Hull", "Sel", "SelCount", "QBucket", "KBucket", "KStarts", "TileList",
                    "TileCount", "HeadMap", "Cols", "ColCount", "Offs", "OffCount", "TileSpan",
-                   "PosQ", "PosK"}
+                   "PosQ", "PosK", "TPtr", "TIdx"}
 _UINT8_POINTERS = {"TileMap"}
 _INT64_POINTERS = {"Tbl"}  # bit-packed mask tables, 64 keys a word
 _FP32_SCALARS = {"qk_scale", "sm_scale", "cap2"}

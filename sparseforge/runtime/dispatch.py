@@ -20,6 +20,7 @@ from functools import cached_property
 
 import torch
 
+from ..codegen.render import routed_backward_kernels
 from ..ir.canonicalize import canonicalize
 from ..ir.nodes import Pattern
 from ..ir.routing import Clusters, is_dynamic
@@ -30,7 +31,7 @@ from ..planner.routing_steps import kernel_routing_node
 from ..validate import check_attention_inputs
 from . import cpu_flash, torch_exec, triton_launch
 from .cache import interpreter_active
-from .routed_tiles import cluster_tiles, route_tiles
+from .routed_tiles import backward_routing, cluster_tiles, route_tiles
 from .routed_torch import routed_attention
 
 log = logging.getLogger("sparseforge")
@@ -168,7 +169,7 @@ def execute_forward(executor: Executor, p: Plan, compiled: CompiledPattern, q, k
 
 
 def execute_backward(executor: Executor, p: Plan, compiled: CompiledPattern, q, k, v, out, lse,
-                     grad_out, grad_lse, scale):
+                     grad_out, grad_lse, scale, routed=None):
     """dq, dk, dv and the rel_bias tables' grads (id(table) -> grad) by the FlashAttention
     backward over the plan's schedule, on tokens in the plan's order: the one place a
     backward runs. The generated dQ and dK/dV kernels for the Triton executors, torch ops
@@ -179,38 +180,46 @@ def execute_backward(executor: Executor, p: Plan, compiled: CompiledPattern, q, 
     if executor is Executor.TORCH:
         return torch_exec.run_backward(p, compiled.head_patterns, q, k, v, out, lse,
                                        grad_out.contiguous(), grad_lse, scale)
+    if routed is not None:  # the forward's selection, laid out for the backward's tiles
+        routed = backward_routing(compiled.routed_node[0], routed, q.shape[2], k.shape[2],
+                                  p.block_m, p.backward_dq.block_m, p.backward_dkdv.block_m)
     return triton_launch.run_backward(p, compiled.head_patterns, q, k, v, out, lse, grad_out,
-                                      grad_lse, scale, interpret=executor.interpret)
+                                      grad_lse, scale, interpret=executor.interpret, routed=routed)
 
 
 class _SparseAttentionFunction(torch.autograd.Function):
     """Forward by the chosen executor; backward recomputes tile probabilities from the
-    saved lse (only out and lse are kept, never an Lq x Lkv matrix)."""
+    saved lse (only out and lse are kept, never an Lq x Lkv matrix). A routed plan keeps
+    its call's selection (``routed``, ``routed_tiles.RoutedTiles``): the backward walks
+    the same tiles; the routing itself is not differentiated (as in MoBA and NSA)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, executor, p, compiled, scale, *tables):
-        out, lse = execute_forward(executor, p, compiled, q, k, v, scale)
+    def forward(ctx, q, k, v, executor, p, compiled, scale, routed, *tables):
+        out, lse = execute_forward(executor, p, compiled, q, k, v, scale, routed=routed)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (executor, p, compiled, scale)
+        ctx.args = (executor, p, compiled, scale, routed)
         ctx.table_ids = tuple(id(t) for t in tables)
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        executor, p, compiled, scale = ctx.args
+        executor, p, compiled, scale, routed = ctx.args
         dq, dk, dv, table_grads = execute_backward(executor, p, compiled, q, k, v, out, lse,
-                                                   grad_out, grad_lse, scale)
-        return (dq, dk, dv, None, None, None, None, *(table_grads.get(t) for t in ctx.table_ids))
+                                                   grad_out, grad_lse, scale, routed)
+        return (dq, dk, dv, None, None, None, None, None,
+                *(table_grads.get(t) for t in ctx.table_ids))
 
 
-def attend(executor: Executor, p: Plan, compiled: CompiledPattern, q, k, v, scale: float):
-    """A static plan's forward on tokens in its order, differentiable when a gradient is
-    wanted (through ``_SparseAttentionFunction``, whose backward is ``execute_backward``)."""
+def attend(executor: Executor, p: Plan, compiled: CompiledPattern, q, k, v, scale: float,
+           routed=None):
+    """A plan's forward on tokens in its order (a routed plan's with this call's
+    ``routed`` tiles), differentiable when a gradient is wanted (through
+    ``_SparseAttentionFunction``, whose backward is ``execute_backward``)."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *compiled.tables)):
-        return _SparseAttentionFunction.apply(q, k, v, executor, p, compiled, scale,
+        return _SparseAttentionFunction.apply(q, k, v, executor, p, compiled, scale, routed,
                                               *compiled.tables)
-    return execute_forward(executor, p, compiled, q, k, v, scale)
+    return execute_forward(executor, p, compiled, q, k, v, scale, routed=routed)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, *,
@@ -242,16 +251,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
 
 def _run_routed(executor: Executor, target: str, backend: str, q, k, v, pattern: Pattern, shape):
     """A routed pattern: the generated pre-kernels route, then the routed forward kernel
-    walks the static segments plus the selected tiles. Training (a gradient wanted), the
-    torch executor and patterns without a kernel (two routing nodes, per-head patterns,
-    balanced clusters) run ``routed_attention`` (torch ops, exact, differentiable);
-    ``backend='triton'`` refuses what it cannot run rather than fall back silently."""
+    walks the static segments plus the selected tiles; with a gradient wanted, the
+    generated backward walks the same selection (the bucket rules). The torch executor,
+    patterns without a kernel (two routing nodes, per-head patterns, balanced clusters)
+    and training the rules without a generated backward run ``routed_attention`` (torch
+    ops, exact, differentiable); ``backend='triton'`` refuses what it cannot run rather
+    than fall back silently."""
     compiled = compile_pattern(pattern)
     node, siblings = compiled.routed_node or (None, ())
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     why_not = ("it has no generated kernel (one routing node per pattern, not clusters)"
                if node is None else
-               "the routed kernel has no generated backward yet" if wants_grad else None)
+               f"{type(node).__name__}'s routed kernel has no generated backward yet"
+               if wants_grad and not routed_backward_kernels(compiled.canonical) else None)
     if executor is not Executor.TORCH and why_not is None and shape.q_len and shape.kv_len:
         p = cached_plan(compiled, shape.q_len, shape.kv_len, shape.head_dim, q.dtype, target,
                         shape.value_dim)
@@ -261,9 +273,10 @@ def _run_routed(executor: Executor, target: str, backend: str, q, k, v, pattern:
             order = ClusterOrder(*cluster_tiles(node, q, k, p.block_m, prekernels))
             return order.scatter(*execute_forward(executor, p, compiled, *order.gather(q, k, v),
                                                   shape.scale, routed=order.tiles))
-        routed = route_tiles(node, siblings, q, k, shape.scale, p.block_m, prekernels,
-                             p.block_n)
-        return execute_forward(executor, p, compiled, q, k, v, shape.scale, routed=routed)
+        with torch.no_grad():  # routing decisions are not differentiated
+            routed = route_tiles(node, siblings, q, k, shape.scale, p.block_m, prekernels,
+                                 p.block_n)
+        return attend(executor, p, compiled, q, k, v, shape.scale, routed)
     if backend == "triton" and why_not is not None:
         raise ValueError(f"backend='triton' with {pattern!r}: {why_not}; backend='auto' or "
                          "'torch' runs it with torch ops")

@@ -47,6 +47,9 @@ class RoutedTiles:
     head_map: torch.Tensor
     key_bias: torch.Tensor | None = None  # topk_keys: fp32 [B or 1, Hq, Lkv]
     positions: tuple | None = None  # clusters: original positions of the sorted q and k
+    #: query bucket boundaries ``[B or 1, Cq + 1]`` (not a kernel argument): the backward
+    #: lays the same selection out for its own query tiles (``backward_routing``)
+    q_starts: torch.Tensor | None = None
 
     def kernel_args(self) -> list:
         def batch_stride(t):
@@ -120,7 +123,57 @@ def routed_tiles(node, sel: torch.Tensor, sel_count: torch.Tensor, q_starts: tor
     return RoutedTiles(sel.to(torch.int32).contiguous(), sel_count.to(torch.int32).contiguous(),
                        q_bucket, k_bucket, k_starts.to(torch.int32).contiguous(),
                        tile_list.contiguous(), tile_count.contiguous(),
-                       head_map.to(device=sel.device, dtype=torch.int32).contiguous())
+                       head_map.to(device=sel.device, dtype=torch.int32).contiguous(),
+                       q_starts=q_starts)
+
+
+@dataclass(frozen=True)
+class RoutedBackward:
+    """What the routed backward kernels read: the forward's selection laid out per dQ
+    query tile (``dq``) and per dK/dV query tile (``dkdv``), and dK/dV's transpose of the
+    latter (``transposed_selection``): per routing head and key bucket, the query tiles
+    whose list holds it."""
+
+    dq: RoutedTiles
+    dkdv: RoutedTiles
+    t_ptr: torch.Tensor  # int32 [B, Hr, Ck + 1]: bucket c's entries are t_idx[t_ptr[c]:t_ptr[c+1]]
+    t_idx: torch.Tensor  # int32 [B, Hr, Tq * U]: query tiles, ascending per bucket
+
+    def dkdv_args(self) -> list:
+        return [*self.dkdv.kernel_args(), self.t_ptr, self.t_idx, self.t_ptr.shape[-1] - 1,
+                self.t_idx.shape[-1]]
+
+
+def transposed_selection(tiles: RoutedTiles) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-query-tile bucket lists turned around: for each routing head and key
+    bucket, the query tiles listing it, ascending, as a CSR of fixed size (every list
+    entry once). A counting sort on the device: a stable sort of the entries by bucket
+    keeps each bucket's query tiles in order, and the per-bucket counts' prefix sum
+    points at each bucket's run. No host read, no atomics on the gradients, the same
+    result every run."""
+    b, hr, tq, u = tiles.tile_list.shape
+    ck = tiles.k_starts.shape[-1] - 1
+    bucket = tiles.tile_list.reshape(b, hr, tq * u).long()
+    bucket = torch.where(bucket >= 0, bucket, ck)  # padding sorts last, counted in bucket ck
+    order = torch.sort(bucket, dim=-1, stable=True).indices
+    counts = torch.zeros((b, hr, ck + 1), dtype=torch.int64, device=bucket.device)
+    counts.scatter_add_(-1, bucket, torch.ones_like(bucket))
+    t_ptr = torch.nn.functional.pad(counts[..., :ck].cumsum(-1), (1, 0))
+    return t_ptr.to(torch.int32).contiguous(), (order // u).to(torch.int32).contiguous()
+
+
+def backward_routing(node, tiles: RoutedTiles, q_len: int, kv_len: int, forward_block_m: int,
+                     dq_block_m: int, dkdv_block_m: int) -> RoutedBackward:
+    """The forward's routing (``tiles``, laid out for ``forward_block_m`` rows) as the dQ
+    and dK/dV kernels read it: the same selection, per query tile of their own sizes."""
+    def laid_out(block_m: int) -> RoutedTiles:
+        if block_m == forward_block_m:
+            return tiles
+        return routed_tiles(node, tiles.sel, tiles.sel_count, tiles.q_starts, tiles.k_starts,
+                            tiles.head_map, q_len, kv_len, block_m)
+
+    dkdv = laid_out(dkdv_block_m)
+    return RoutedBackward(laid_out(dq_block_m), dkdv, *transposed_selection(dkdv))
 
 
 @dataclass(frozen=True)

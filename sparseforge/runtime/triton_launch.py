@@ -146,11 +146,12 @@ def kernel_launches(plan: Plan, call_kernels, q, k, v, out, lse, scale: float, r
 
 
 def backward_launches(plan: Plan, call_kernels, q, k, v, do, dq, dk, dv, lse, delta, scale: float,
-                      bias_parts=None, dpair=None):
+                      bias_parts=None, dpair=None, routed=None):
     """(kind, kernel index, grid, run-time arguments) of every backward launch, in the
     kernels' parameter order: all dQ launches, then all dK/dV launches. ``bias_parts``
     maps a kernel with a rel_bias table to its gradient buffer (``bias_grad_buffers``);
-    ``dpair`` is the pair biases' gradient buffer [B, Hq, Lq, Lkv] (the dQ kernels write it)."""
+    ``dpair`` is the pair biases' gradient buffer [B, Hq, Lq, Lkv] (the dQ kernels write it);
+    ``routed`` a routed plan's ``routed_tiles.RoutedBackward``."""
     b, hq, lq, _ = q.shape
     hkv, lkv = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -169,12 +170,16 @@ def backward_launches(plan: Plan, call_kernels, q, k, v, do, dq, dk, dv, lse, de
                 tensors = [q, k, v, do, dq, lse, delta]
                 if kernel.score.pair_bias:
                     extra = extra + [dpair, dpair.stride(0), dpair.stride(1)]
+                if routed is not None:
+                    extra = extra + routed.dq.kernel_args()
             else:
                 tiles = max(1, max(-(-geo.kv_len // bn) for geo in geos))
                 tensors = [q, k, v, do, dk, dv, lse, delta]
                 if kernel.score.rel_grad:
                     part = bias_parts[index]
                     extra = extra + [part, *part.stride()[:3]]
+                if routed is not None:
+                    extra = extra + routed.dkdv_args()
             for first_head, n_heads in head_runs(kernel.heads, hq):
                 programs = b * (n_heads if kind == "backward_dq"
                                 else kv_heads_spanned(first_head, n_heads, group))
@@ -210,11 +215,13 @@ def table_grads(call_kernels, parts: dict) -> dict:
 
 
 def run_backward(plan: Plan, call_kernels, q, k, v, out, lse, grad_out, grad_lse, scale: float,
-                 interpret: bool):
+                 interpret: bool, routed=None):
     """(dq, dk, dv, table grads) by the generated backward kernels. dQ walks the forward's
     kv tiles per query tile; dK/dV walks the inverted bounds per key tile, summing the
-    GQA group's heads in registers, and each rel_bias table's gradient per program.
-    Deterministic: no atomics anywhere. Table grads map id(table) to its gradient."""
+    GQA group's heads in registers, and each rel_bias table's gradient per program; a
+    routed plan's kernels walk the selected tiles on top (``routed``: the call's
+    ``RoutedBackward``). Deterministic: no atomics anywhere. Table grads map id(table)
+    to its gradient."""
     q, k, v, grad_out = (t.contiguous() for t in (q, k, v, grad_out))
     lse = lse.contiguous()
     # D_i = rowsum(dO * O) (minus the lse gradient, which enters every dS_ij the same way)
@@ -233,7 +240,7 @@ def run_backward(plan: Plan, call_kernels, q, k, v, out, lse, grad_out, grad_lse
                 {**table_grads(call_kernels, parts), **pair_grads(plan, call_kernels, dpair)})
     held = _held_launcher(q, interpret)
     for kind, index, grid, args in backward_launches(plan, call_kernels, q, k, v, grad_out, dq, dk,
-                                                      dv, lse, delta, scale, parts, dpair):
+                                                      dv, lse, delta, scale, parts, dpair, routed):
         _launch(plan, index, kind, grid, args, q, interpret, held)
     return (dq, dk.to(k.dtype), dv.to(v.dtype),
             {**table_grads(call_kernels, parts), **pair_grads(plan, call_kernels, dpair)})

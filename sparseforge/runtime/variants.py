@@ -19,7 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from ..codegen.render import KINDS
+from ..codegen.render import KINDS, routed_backward_kernels
 from ..ir import nodes as ir
 from ..ir import routing, scores
 from ..ir.affine import affine, top_left
@@ -115,8 +115,8 @@ def variant_specs() -> dict[str, tuple]:
     shapes["na2d_rel_bias_clipped"] = ((na | ir.sinks(4)) & window_table & scores.softcap(20.0)
                                        & scores.alibi(torch.ones(heads)), 64, "bfloat16",
                                        {"tiled": False})
-    # routed forward (static segments + selected tiles): static part empty, beside one and
-    # three segments, chunks with score modifiers; these have a forward kernel only
+    # routed kernels (static segments + selected tiles): static part empty, beside one and
+    # three segments, chunks with score modifiers; the bucket rules with their backward
     shapes["routed_topk"] = (ir.causal() & routing.topk_blocks(128, 4), 128, "bfloat16", {})
     shapes["routed_moba"] = ((ir.causal() & routing.topk_blocks(512, 3, query_block=1))
                              | (ir.causal() & ir.chunks(512)), 128, "bfloat16", {})
@@ -137,8 +137,13 @@ def variant_specs() -> dict[str, tuple]:
 
 
 def variant_kinds(name: str) -> tuple[str, ...]:
-    """The kernel kinds a variant has: routed plans have a forward kernel only."""
-    return ("forward",) if name.startswith("routed_") else tuple(KINDS)
+    """The kernel kinds a variant has: routed plans have a forward kernel, and the bucket
+    rules a backward (dQ, dK/dV) too."""
+    if not name.startswith("routed_"):
+        return tuple(KINDS)
+    pattern = variant_specs()[name][0]
+    return tuple(kind for kind in KINDS
+                 if kind == "forward" or routed_backward_kernels(pattern, kind))
 
 
 def variant_plan(name: str, target: str = "sm_90") -> Plan:

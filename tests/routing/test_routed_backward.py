@@ -1,0 +1,102 @@
+"""The routed backward kernels (dQ and dK/dV walking the forward's selection, dK/dV through
+its on-device transpose) under Triton's interpreter: q, k and v gradients through out and
+lse against fp64 autograd through the oracle, for every bucket rule with and without a
+static part, GQA, Lq != Lkv, odd head dims, empty rows, a score modifier, and key tiles
+spanning several buckets (where dK/dV must visit each query tile once); bitwise
+repeatable; and the rules without a generated backward say so."""
+
+import pytest
+import torch
+
+import sparseforge as sf
+from sparseforge.runtime import dispatch
+from sparseforge.runtime.routed_tiles import RoutedTiles, transposed_selection
+from tests.helpers import random_qkv
+
+BOUNDARIES = torch.tensor([0, 20, 45, 55, 70])
+
+PATTERNS = {
+    "moba": (sf.causal() & sf.topk_blocks(32, 2, query_block=1)) | (sf.causal() & sf.chunks(32)),
+    "nsa_selection": sf.topk_blocks(24, 3) & sf.causal(),  # 24-key blocks in 32-key tiles
+    "topk_or_window_group": sf.topk_blocks(20, 2, share="group") | sf.sliding_window(25),
+    "threshold_and_sinks": sf.threshold_blocks(16, 0.6) | sf.sinks(3),
+    "empty_rows": sf.topk_blocks(32, 1) & sf.window(3, 0),
+    "topk_chunks": sf.topk_chunks(BOUNDARIES, 2) | sf.sinks(5),
+    "hierarchical": sf.hierarchical(2, 8) & sf.causal(),
+    "many_buckets_per_tile": sf.topk_blocks(3, 4) & sf.causal(),  # ~11 buckets per key tile
+    "softcap": (sf.topk_blocks(16, 2) | sf.sliding_window(8)) & sf.softcap(3.0),
+}
+
+
+def _grads(pattern, q, k, v, backend):
+    """(out, lse, dq, dk, dv) with random output and lse gradients (0 on empty rows)."""
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = sf.attention(*leaves, pattern, enable_gqa=True, backend=backend, return_lse=True)
+    gen = torch.Generator().manual_seed(7)
+    g_out = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    g_lse = torch.where(torch.isinf(lse), 0.0, torch.randn(lse.shape, generator=gen,
+                                                           dtype=torch.float64))
+    return (out, lse, *torch.autograd.grad((out, lse), leaves, (g_out.to(out.dtype),
+                                                                g_lse.to(lse.dtype))))
+
+
+@pytest.fixture
+def no_torch_path(monkeypatch):
+    """The torch path must not run: a gradient through the routed kernel is the point."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("routed_attention (the torch path) ran")
+
+    monkeypatch.setattr(dispatch, "routed_attention", refuse)
+
+
+@pytest.mark.parametrize("lengths", [(70, 70), (29, 70)], ids=["square", "lq<lkv"])
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_gradients_equal_fp64_autograd(name, lengths, launched_kinds, no_torch_path):
+    pattern, (q_len, kv_len) = PATTERNS[name], lengths
+    q, k, v = random_qkv(1, 4, 2, q_len, kv_len, 12, seed=q_len + len(name))
+    got = _grads(pattern, q, k, v, "triton")
+    assert {"forward", "backward_dq", "backward_dkdv"} <= set(launched_kinds)
+    want = _grads(pattern, q.double(), k.double(), v.double(), "reference")
+    if name == "empty_rows":
+        assert torch.isinf(want[1]).any()
+    for label, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a.double(), b.double(), atol=2e-5, rtol=1e-4, msg=label)
+
+
+def test_bitwise_repeatable():
+    q, k, v = random_qkv(1, 2, 1, 64, 64, 16, seed=3)
+    runs = [_grads(PATTERNS["nsa_selection"], q, k, v, "triton") for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_transposed_selection_lists_each_buckets_query_tiles_ascending():
+    gen = torch.Generator().manual_seed(0)
+    b, hr, tq, u, ck = 2, 3, 9, 4, 7
+    lists = torch.full((b, hr, tq, u), -1, dtype=torch.int32)
+    for index in range(b * hr * tq):
+        chosen = torch.randperm(ck, generator=gen)[:int(torch.randint(0, u + 1, (1,), generator=gen))]
+        lists.view(-1, u)[index, :len(chosen)] = chosen.sort().values.to(torch.int32)
+    tiles = RoutedTiles(*(torch.zeros(1),) * 4, torch.zeros(1, ck + 1), lists, torch.zeros(1),
+                        torch.zeros(1))
+    t_ptr, t_idx = transposed_selection(tiles)
+    assert t_ptr.shape == (b, hr, ck + 1) and t_idx.shape == (b, hr, tq * u)
+    for i in range(b):
+        for h in range(hr):
+            for c in range(ck):
+                want = [m for m in range(tq) if c in lists[i, h, m].tolist()]
+                got = t_idx[i, h, t_ptr[i, h, c]:t_ptr[i, h, c + 1]].tolist()
+                assert got == want, (i, h, c)
+
+
+@pytest.mark.parametrize("pattern", [
+    sf.vertical_slash(4, 4) & sf.causal(),
+    sf.topk_keys(torch.randn(2, 40), 5) | sf.sinks(2),
+], ids=["vertical_slash", "topk_keys"])
+def test_rules_without_a_generated_backward_say_so(pattern):
+    q, k, v = (t.requires_grad_() for t in random_qkv(1, 2, 2, 40, 40, 16, seed=1))
+    with pytest.raises(ValueError, match="no generated backward yet"):
+        sf.attention(q, k, v, pattern, backend="triton")
+    out = sf.attention(q, k, v, pattern, backend="auto")  # the torch path trains them
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
