@@ -397,14 +397,18 @@ def _plan_routed(canonical: Pattern, r: PlanRequest) -> Plan:
     if (cfg.block_m, cfg.block_n) != (static.block_m, static.block_n):
         static = r.replan(static_part(canonical), groups=1, tiled=False, block_m=cfg.block_m,
                           block_n=cfg.block_n)
-    # the backward kernels' key tiles hold one 64-bit mask of buckets too
-    static = dataclasses.replace(
-        static, config=cfg,
-        backward_dq=dataclasses.replace(static.backward_dq, block_n=min(static.backward_dq.block_n,
-                                                                         MAX_ROUTED_BLOCK_N)),
-        backward_dkdv=dataclasses.replace(static.backward_dkdv,
-                                          block_n=min(static.backward_dkdv.block_n,
-                                                      MAX_ROUTED_BLOCK_N)))
+    # dQ's key tiles hold one 64-bit mask of buckets too; dK/dV looks each row's
+    # selection up per bucket, which left stack bytes at 64 keys and 8 warps: 32 x 32 tiles
+    # and 4 warps compile clean on sm_80 and sm_90 (the routed template variants)
+    dq_cfg = dataclasses.replace(static.backward_dq,
+                                 block_n=min(static.backward_dq.block_n, MAX_ROUTED_BLOCK_N))
+    if r.target == "sm_90":  # MoBA's dQ at D = 128 stacked 8 bytes in two stages (Triton 3.6)
+        dq_cfg = dataclasses.replace(dq_cfg, num_stages=1)
+    dkdv_cfg = static.backward_dkdv
+    if r.target in ("sm_80", "sm_90"):
+        dkdv_cfg = dataclasses.replace(dkdv_cfg, block_m=min(dkdv_cfg.block_m, 32),
+                                       block_n=min(dkdv_cfg.block_n, 32), num_warps=4)
+    static = dataclasses.replace(static, config=cfg, backward_dq=dq_cfg, backward_dkdv=dkdv_cfg)
     kernels = tuple(dataclasses.replace(kp, pattern=canonical, analysed=strip_scores(canonical))
                     for kp in static.kernels)
     steps += (tile_list_step(steps, node, r.q_len, r.kv_len, static.block_m, static.block_n),)
