@@ -397,9 +397,10 @@ def _plan_routed(canonical: Pattern, r: PlanRequest) -> Plan:
     if (cfg.block_m, cfg.block_n) != (static.block_m, static.block_n):
         static = r.replan(static_part(canonical), groups=1, tiled=False, block_m=cfg.block_m,
                           block_n=cfg.block_n)
-    # dQ's key tiles hold one 64-bit mask of buckets too; dK/dV looks each row's
-    # selection up per bucket, which left stack bytes at 64 keys and 8 warps: 32 x 32 tiles
-    # and 4 warps compile clean on sm_80 and sm_90 (the routed template variants)
+    # dQ's key tiles hold one 64-bit mask of buckets too. dK/dV looks each row's selection
+    # up per bucket, in the row slice of its [keys, rows] tiles: larger tiles or two stages
+    # left 24-920 stack bytes on sm_90 (MoBA, D = 64 and 128, Triton 3.9); 32 x 32 tiles,
+    # 4 warps and one stage compile clean on sm_80 and sm_90
     dq_cfg = dataclasses.replace(static.backward_dq,
                                  block_n=min(static.backward_dq.block_n, MAX_ROUTED_BLOCK_N))
     if r.target == "sm_90":  # MoBA's dQ at D = 128 stacked 8 bytes in two stages (Triton 3.6)
@@ -407,7 +408,8 @@ def _plan_routed(canonical: Pattern, r: PlanRequest) -> Plan:
     dkdv_cfg = static.backward_dkdv
     if r.target in ("sm_80", "sm_90"):
         dkdv_cfg = dataclasses.replace(dkdv_cfg, block_m=min(dkdv_cfg.block_m, 32),
-                                       block_n=min(dkdv_cfg.block_n, 32), num_warps=4)
+                                       block_n=min(dkdv_cfg.block_n, 32), num_warps=4,
+                                       num_stages=1)
     static = dataclasses.replace(static, config=cfg, backward_dq=dq_cfg, backward_dkdv=dkdv_cfg)
     kernels = tuple(dataclasses.replace(kp, pattern=canonical, analysed=strip_scores(canonical))
                     for kp in static.kernels)
