@@ -41,6 +41,7 @@ from ..planner.ranges import (
     merged_lets,
     normalise_steps,
 )
+from ..planner.routing_steps import has_generated_backward
 from ..planner.symbolic import BLOCK_M, BLOCK_N, TRITON_NAMES, to_triton
 from ..planner.tiles import padded_head_dim
 from .predicate import (
@@ -208,13 +209,10 @@ def _routing_context(pattern, kv_len: int) -> dict:
 
 
 def routed_backward_kernels(pattern, kind: str = "backward_dq") -> bool:
-    """Whether a routed pattern has generated ``kind`` kernels: the backward (dQ, dK/dV)
-    of the bucket rules (``topk_blocks``, ``topk_chunks``, ``threshold_blocks``,
-    ``hierarchical``). Not yet: decode, and the backward of ``vertical_slash`` (lines),
-    ``clusters`` (sorted tokens) and ``topk_keys`` (the key bias's gradient)."""
-    nodes = [n for n in walk(pattern) if isinstance(n, DynamicPattern)]
-    return (kind in ("backward_dq", "backward_dkdv") and len(nodes) == 1
-            and not isinstance(nodes[0], (VerticalSlash, Clusters, TopkKeys)))
+    """Whether a routed pattern has generated ``kind`` kernels besides its forward: the
+    backward (dQ, dK/dV) of the bucket rules (``routing_steps.has_generated_backward``).
+    No routed decode kernel yet."""
+    return kind in ("backward_dq", "backward_dkdv") and has_generated_backward(pattern)
 
 
 def render_kernel(plan: Plan, kernel_index: int = 0, kind: str = "forward") -> KernelSource:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import networkx as nx
 
 from .flex_blocks import flex_blocks
-from .routing_steps import kernel_routing_node
+from .routing_steps import backward_steps, has_generated_backward, kernel_routing_node
 from .symbolic import to_triton
 
 
@@ -72,9 +72,8 @@ def explain(plan) -> str:
             lines.append(f"routed      the forward kernel walks the segments above (the static "
                          f"part {plan.kernels[0].static_mask!r}; tiles, density and utilisation "
                          "count it only), then per query tile the kv tiles its rows' selected "
-                         "buckets or lines cross, each tile once; backward and decode run with "
-                         "torch ops (block routing: static tiles per row chunk plus each "
-                         "selected bucket's rows, memory linear in the length)")
+                         "buckets or lines cross, each tile once")
+            lines += _backward_lines(plan)
         else:
             lines.append("routed      no generated kernel (clusters, two routing nodes or "
                          "per-head patterns): torch ops run it (dense per row chunk); the kernels "
@@ -134,6 +133,28 @@ def _rel_bias_text(score) -> str:
     extents = "x".join(str(2 * h + 1) for h in grid.halves)
     how = "clipped per dimension" if grid.clipped else "inside the windows: one difference per pair"
     return f"rel_bias (window offsets {extents} on grid {'x'.join(map(str, grid.shape))}, {how})"
+
+
+def _backward_lines(plan) -> list[str]:
+    """How a routed plan trains: its generated backward's steps (the forward's selection
+    laid out for the backward's tiles and transposed for dK/dV), or the torch path."""
+    if not has_generated_backward(plan.pattern):
+        return ["backward    torch ops (this rule has no generated backward yet; block "
+                "routing: static tiles per row chunk plus each selected bucket's rows, memory "
+                "linear in the length); decode: the forward kernel"]
+    node = kernel_routing_node(plan.pattern)
+    dq, dkdv = plan.backward_dq, plan.backward_dkdv
+    steps = backward_steps(plan.routing_steps, node, plan.q_len, plan.kv_len, plan.block_m,
+                           dq.block_m, dkdv.block_m)
+    lines = [f"backward    generated, on the forward's selection (routing is not "
+             f"differentiated): dQ {dq.block_m}x{dq.block_n} walks the static segments and "
+             f"each query tile's selected tiles; dK/dV {dkdv.block_m}x{dkdv.block_n} walks the "
+             "static part's inverted bounds, then per key bucket the query tiles that selected "
+             "it, each once; deterministic, no atomics; decode: the forward kernel"]
+    for s in steps:
+        lines.append(f"  {s.name:10s} {s.op:32s} <- {', '.join(s.inputs):18s} -> {s.output}"
+                     + (f" ({s.work} ops)" if s.work else ""))
+    return lines
 
 
 def _routing_lines(plan) -> list[str]:

@@ -145,13 +145,64 @@ def tile_list_step(steps: tuple[RoutingStep, ...], node, q_len: int, kv_len: int
         return RoutingStep(f"tiles{_tag(select.name)}", "tiles the lines cross",
                            (select.name,), f"tile byte map [{q_tiles}, {kv_tiles}] + spans",
                            4 * q_tiles * kv_tiles)
+    return _bucket_lists(f"tiles{_tag(select.name)}", select.name, node, q_len, kv_len, block_m)
+
+
+def _list_width(node, q_len: int, kv_len: int, block_m: int) -> tuple[int, int]:
+    """(selections gathered per query tile, the width of its sorted bucket list)."""
     cq, ck = _bucket_counts(node, q_len, kv_len)
     span = cq if isinstance(node, TopkChunks) else min(cq, (block_m - 1) // node.q_block + 2)
     gathered = span * min(getattr(node, "k", ck), ck)
-    width = min(gathered, ck)
-    return RoutingStep(f"tiles{_tag(select.name)}", f"union per {block_m}-row tile",
-                       (select.name,), f"sorted bucket lists [{q_tiles}, <= {width}]",
+    return gathered, min(gathered, ck)
+
+
+def _bucket_lists(name: str, source: str, node, q_len: int, kv_len: int,
+                  block_m: int) -> RoutingStep:
+    q_tiles = -(-q_len // block_m)
+    gathered, width = _list_width(node, q_len, kv_len, block_m)
+    return RoutingStep(name, f"union per {block_m}-row tile", (source,),
+                       f"sorted bucket lists [{q_tiles}, <= {width}]",
                        2 * q_tiles * gathered * max(1, math.ceil(math.log2(max(gathered, 2)))))
+
+
+def has_generated_backward(pattern: Pattern) -> bool:
+    """Whether a routed pattern trains with generated backward kernels (dQ, dK/dV): one
+    routing node, a bucket rule (``topk_blocks``, ``topk_chunks``, ``threshold_blocks``,
+    ``hierarchical``). Not yet: ``vertical_slash`` (lines), ``clusters`` (sorted tokens)
+    and ``topk_keys`` (the key bias's gradient); those train with torch ops."""
+    nodes = [n for n in walk(pattern) if isinstance(n, DynamicPattern)]
+    return len(nodes) == 1 and not isinstance(nodes[0], (VerticalSlash, Clusters, TopkKeys))
+
+
+def backward_steps(steps: tuple[RoutingStep, ...], node, q_len: int, kv_len: int,
+                   forward_block_m: int, dq_block_m: int, dkdv_block_m: int
+                   ) -> tuple[RoutingStep, ...]:
+    """What the routed backward adds to the forward's routing (no step routes again: the
+    forward's selection is kept): the selection's bucket lists per dQ and per dK/dV query
+    tile where their tiles differ from the forward's, and dK/dV's transpose of the latter
+    (per key bucket, the query tiles listing it: a counting sort on the device), feeding
+    the ``dq`` and ``dkdv`` kernels."""
+    select = next(s for s in reversed(steps) if s.name.startswith(("select", "refine")))
+    tag = _tag(select.name)
+    forward_lists = next(s.name for s in steps if s.name == f"tiles{tag}")
+    out = []
+
+    def lists(block_m: int, name: str) -> str:
+        if block_m == forward_block_m:
+            return forward_lists
+        out.append(_bucket_lists(f"{name}{tag}", select.name, node, q_len, kv_len, block_m))
+        return out[-1].name
+
+    dq_lists = lists(dq_block_m, "tiles_dq")
+    kv_lists = lists(dkdv_block_m, "tiles_kv")
+    _, ck = _bucket_counts(node, q_len, kv_len)
+    entries = -(-q_len // dkdv_block_m) * _list_width(node, q_len, kv_len, dkdv_block_m)[1]
+    out.append(RoutingStep(f"transpose{tag}", "counting sort by key bucket", (kv_lists,),
+                           f"CSR: pointers [{ck + 1}], query tiles [{entries}]",
+                           entries * max(1, math.ceil(math.log2(max(entries, 2)))) + ck))
+    out.append(RoutingStep("dq", "dQ kernel", (dq_lists,), "dQ", 0))
+    out.append(RoutingStep("dkdv", "dK/dV kernel", (f"transpose{tag}", kv_lists), "dK, dV", 0))
+    return tuple(out)
 
 
 def routing_dag(steps: tuple[RoutingStep, ...]) -> nx.DiGraph:

@@ -100,3 +100,27 @@ def test_rules_without_a_generated_backward_say_so(pattern):
     out = sf.attention(q, k, v, pattern, backend="auto")  # the torch path trains them
     out.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_explain_shows_the_backward_dag_at_the_sizes_a_call_builds(monkeypatch):
+    pattern = PATTERNS["nsa_selection"]
+    built = []
+    real = dispatch.backward_routing
+    monkeypatch.setattr(dispatch, "backward_routing",
+                        lambda *args: built.append(real(*args)) or built[-1])
+    q, k, v = random_qkv(1, 2, 1, 70, 70, 16, seed=5)
+    _grads(pattern, q, k, v, "triton")
+    p = dispatch.cached_plan(dispatch.compile_pattern(pattern), 70, 70, 16, torch.float32,
+                             "interpret")
+    text = p.explain()
+    assert "backward    generated" in text and "torch ops (this rule" not in text
+    routed, = built
+    ck = routed.t_ptr.shape[-1] - 1
+    assert f"CSR: pointers [{ck + 1}], query tiles [{routed.t_idx.shape[-1]}]" in text
+    assert f"dK/dV {p.backward_dkdv.block_m}x{p.backward_dkdv.block_n}" in text
+    for step in ("transpose0", "dq ", "dkdv "):
+        assert f"\n  {step}" in text
+    # a rule without a generated backward says how it trains
+    lines = sf.plan(sf.vertical_slash(4, 4) & sf.causal(), q_len=70, kv_len=70, head_dim=16,
+                    target="interpret").explain()
+    assert "backward    torch ops" in lines
