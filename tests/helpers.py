@@ -65,3 +65,34 @@ def compile_in_subprocess(code: str, timeout: int = 600) -> list[dict]:
                           timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+#: the Tensor methods that read a value on the host (each a device sync on a GPU)
+HOST_READS = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+def host_reads_during(fn, monkeypatch) -> list[str]:
+    """The tensor values sparseforge's own Python code reads on the host while ``fn``
+    runs (``.item()``, ``bool(t)``, ``.tolist()``, ...), as "method at file:line". The
+    routing checks' ``_require`` reads on the host only for CPU tensors (a device assert
+    on CUDA), so it is not counted."""
+    import os
+    import sys
+
+    package = os.path.dirname(sf.__file__)
+    reads = []
+
+    def guarded(name, original):
+        def read(self, *args, **kwargs):
+            frame = sys._getframe(1)
+            caller = frame.f_code.co_filename
+            if caller.startswith(package) and frame.f_code.co_name != "_require":
+                reads.append(f"{name} at {os.path.relpath(caller, package)}:{frame.f_lineno}")
+            return original(self, *args, **kwargs)
+        return read
+
+    with monkeypatch.context() as patched:
+        for name in HOST_READS:
+            patched.setattr(torch.Tensor, name, guarded(name, getattr(torch.Tensor, name)))
+        fn()
+    return reads

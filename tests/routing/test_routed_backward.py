@@ -11,7 +11,7 @@ import torch
 import sparseforge as sf
 from sparseforge.runtime import dispatch
 from sparseforge.runtime.routed_tiles import RoutedTiles, transposed_selection
-from tests.helpers import random_qkv
+from tests.helpers import host_reads_during, random_qkv
 
 BOUNDARIES = torch.tensor([0, 20, 45, 55, 70])
 
@@ -124,3 +124,14 @@ def test_explain_shows_the_backward_dag_at_the_sizes_a_call_builds(monkeypatch):
     lines = sf.plan(sf.vertical_slash(4, 4) & sf.causal(), q_len=70, kv_len=70, head_dim=16,
                     target="interpret").explain()
     assert "backward    torch ops" in lines
+
+
+@pytest.mark.parametrize("name", ["moba", "threshold_and_sinks", "topk_chunks", "hierarchical"])
+def test_warm_training_steps_never_read_a_tensor_on_the_host(name, monkeypatch):
+    """A warm forward + backward (routing, tile lists, their backward layout and
+    transpose, the kernels) reads no tensor value on the host: on a GPU, no sync, and the
+    step can be captured in a CUDA graph."""
+    q, k, v = random_qkv(1, 2, 1, 70, 70, 16, seed=13)
+    _grads(PATTERNS[name], q, k, v, "triton")  # warm: plans, caches
+    reads = host_reads_during(lambda: _grads(PATTERNS[name], q, k, v, "triton"), monkeypatch)
+    assert not reads, reads

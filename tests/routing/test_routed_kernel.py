@@ -14,7 +14,7 @@ from sparseforge.ir.split import static_siblings
 from sparseforge.planner.routing_steps import kernel_routing_node
 from sparseforge.routing.rules import route_node
 from sparseforge.runtime.routed_tiles import route_tiles
-from tests.helpers import random_qkv
+from tests.helpers import host_reads_during, random_qkv
 
 from .test_routed_attention_fuzz import _config, _masked_attention, _rebuilt_mask
 
@@ -144,9 +144,6 @@ def test_routed_plan_walks_the_static_part():
 
 
 
-HOST_READS = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__")
-
-
 @pytest.mark.parametrize("pattern", [
     (sf.causal() & sf.topk_blocks(16, 2, query_block=1)) | (sf.causal() & sf.chunks(16)),
     sf.causal() & sf.threshold_blocks(8, 0.8, share="group"),
@@ -161,26 +158,8 @@ def test_warm_routed_calls_never_read_a_tensor_on_the_host(pattern, monkeypatch)
     call (pre-kernels, tile lists, kernel) never reads a tensor value from sparseforge's
     Python code (`.item()`, `bool(t)`, `.tolist()`, ...: each would be a device sync on a
     GPU and breaks capture), so every shape is fixed by the problem size alone."""
-    import os
-    import sys
-
-    package = os.path.dirname(sf.__file__)
     q, k, v = random_qkv(1, 4, 2, 64, 64, 16, seed=13)
     sf.attention(q, k, v, pattern, enable_gqa=True, backend="triton")  # warm: plans, caches
-    reads = []
-
-    def guarded(name, original):
-        def read(self, *args, **kwargs):
-            frame = sys._getframe(1)
-            caller = frame.f_code.co_filename
-            # _require checks on the host only for CPU tensors (a device assert on CUDA)
-            if caller.startswith(package) and frame.f_code.co_name != "_require":
-                reads.append(f"{name} at {os.path.relpath(caller, package)}:{frame.f_lineno}")
-            return original(self, *args, **kwargs)
-        return read
-
-    for name in HOST_READS:
-        monkeypatch.setattr(torch.Tensor, name, guarded(name, getattr(torch.Tensor, name)))
-    sf.attention(q, k, v, pattern, enable_gqa=True, backend="triton")
-    monkeypatch.undo()
+    reads = host_reads_during(
+        lambda: sf.attention(q, k, v, pattern, enable_gqa=True, backend="triton"), monkeypatch)
     assert not reads, reads
