@@ -31,8 +31,8 @@ def compressed_branch(q, k, v):
     nb = n // BLOCK_CMP
     kc = k[:, :, :nb * BLOCK_CMP].unflatten(2, (nb, BLOCK_CMP)).mean(3)
     vc = v[:, :, :nb * BLOCK_CMP].unflatten(2, (nb, BLOCK_CMP)).mean(3)
-    ends = (torch.arange(nb) + 1) * BLOCK_CMP - 1
-    mask = ends[None, :] <= torch.arange(q.shape[2])[:, None]
+    ends = (torch.arange(nb, device=q.device) + 1) * BLOCK_CMP - 1
+    mask = ends[None, :] <= torch.arange(q.shape[2], device=q.device)[:, None]
     group = q.shape[1] // k.shape[1]
     kc, vc = kc.repeat_interleave(group, 1), vc.repeat_interleave(group, 1)
     s = (q.double() @ kc.double().transpose(-1, -2)) * q.shape[-1] ** -0.5
