@@ -133,6 +133,10 @@ def correctness(device: str, dtype, small: bool) -> list[dict]:
         "routed_topk_blocks": ((sf.causal() & sf.topk_blocks(16 if small else 64, 3))
                                | sf.sliding_window(16 if small else 64),
                                n, n, False),
+        # the routed backward kernels (dQ on the selection, dK/dV on its transpose)
+        "backward_routed_moba": ((sf.causal() & sf.topk_blocks(16 if small else 128, 3,
+                                                               query_block=1))
+                                 | (sf.causal() & sf.chunks(16 if small else 128)), n, n, True),
     }
     rows = []
     for name, (pattern, lq, lkv, grad) in cases.items():
@@ -201,6 +205,13 @@ def timing_cases(small: bool) -> list[dict]:
         return ((q // block) == (kv // block)) & (kv <= q)
 
     moba = (sf.causal() & sf.topk_blocks(block, 3, query_block=1)) | (sf.causal() & sf.chunks(block))
+    # NSA's selection branch: 16 blocks of 64 keys per 64 queries, one choice per GQA group
+    # (here per head), causal; the routing is decided in the forward and kept for the backward
+    nsa_block = 8 if small else 64
+    nsa = sf.causal() & sf.topk_blocks(nsa_block, 4 if small else 16, query_block=nsa_block)
+
+    def no_extra(q, kv):
+        return kv < 0
     return [
         dict(name="dense", pattern=sf.full(), lq=mid, lkv=mid, mask_mod=full, causal=False,
              backward=True),
@@ -211,8 +222,10 @@ def timing_cases(small: bool) -> list[dict]:
         dict(name=f"na2d_7x7_{side}x{side}", pattern=sf.neighborhood((side, side), (7, 7)),
              lq=side * side, lkv=side * side, mask_mod=na_mask_mod(side, 7), causal=False,
              backward=True),
-        dict(name=f"moba_top3_block{block}", pattern=moba, lq=mid, lkv=mid, routed=own_block,
-             causal=True, backward=False),
+        dict(name=f"moba_top3_block{block}", pattern=moba, lq=long, lkv=long, routed=own_block,
+             causal=True, backward=True),
+        dict(name=f"nsa_selection_top16_block{nsa_block}", pattern=nsa, lq=long, lkv=long,
+             routed=no_extra, causal=True, backward=True),
         dict(name="decode_causal", pattern=sf.causal(), lq=1, lkv=long, mask_mod=causal,
              causal=False, backward=False),
     ]
@@ -280,9 +293,13 @@ def time_case(case: dict, device: str, dtype, heads: int, d: int, repeats: int, 
                 _, run_grad = flex_run(qg, kg, vg, mask_mod, case["lkv"])
 
                 def flex_fwd_bwd():
-                    torch.autograd.grad(run_grad(), (qg, kg, vg), go)
+                    return torch.autograd.grad(run_grad(), (qg, kg, vg), go)
 
                 row["flex_forward_backward_s"] = timed(flex_fwd_bwd, repeats, cuda)
+                ours = torch.autograd.grad(sf.attention(qg, kg, vg, pattern, backend="triton"),
+                                           (qg, kg, vg), go)
+                row["max_abs_grad_diff_vs_flex"] = max(
+                    float((a.float() - b.float()).abs().max()) for a, b in zip(ours, flex_fwd_bwd()))
         except Exception as exc:  # report, do not hide
             row["flex"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
     elif flex:

@@ -64,7 +64,7 @@ def test_smoke_run_writes_every_section(tmp_path):
         assert key in result
     assert {r["case"] for r in result["correctness"]} >= {
         "forward_window_sinks", "tiled_neighborhood_2d", "backward_causal", "decode_causal",
-        "routed_topk_blocks"}
+        "routed_topk_blocks", "backward_routed_moba"}
     assert all(r["ok"] for r in result["correctness"]), result["correctness"]
     assert all(r.get("dq_rel_error", 0) < 1e-4 for r in result["correctness"])
     names = [r["case"] for r in result["timing"]]
