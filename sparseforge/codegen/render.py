@@ -208,11 +208,11 @@ def _routing_context(pattern, kv_len: int) -> dict:
     return dict(context, sel_steps=steps(width), list_steps=steps(buckets))
 
 
-def routed_backward_kernels(pattern, kind: str = "backward_dq") -> bool:
-    """Whether a routed pattern has generated ``kind`` kernels besides its forward: the
-    backward (dQ, dK/dV) of the bucket rules (``routing_steps.has_generated_backward``).
-    No routed decode kernel yet."""
-    return kind in ("backward_dq", "backward_dkdv") and has_generated_backward(pattern)
+def routed_kernels(pattern, kind: str) -> bool:
+    """Whether a routed pattern has a generated ``kind`` kernel: every routed pattern with
+    a kernel has its forward; the bucket rules (``routing_steps.has_generated_backward``)
+    their backward (dQ, dK/dV) and split-KV decode too."""
+    return kind == "forward" or has_generated_backward(pattern)
 
 
 def render_kernel(plan: Plan, kernel_index: int = 0, kind: str = "forward") -> KernelSource:
@@ -225,9 +225,10 @@ def render_kernel(plan: Plan, kernel_index: int = 0, kind: str = "forward") -> K
     # unpermuted kinds see the pattern in original coordinates, without dilation groups
     analysed, groups = (kernel.analysed, kernel.groups) if spec.permuted else (kernel.mask, 1)
     routed = is_dynamic(analysed)
-    if routed and kind != "forward" and not routed_backward_kernels(analysed, kind):
+    if routed and not routed_kernels(analysed, kind):
         raise ValueError(f"{kind} kernel of {kernel.pattern!r}: this routing rule has a generated "
-                         "forward kernel only (its backward and decode run with torch ops)")
+                         "forward kernel only (its training runs with torch ops, its decode on "
+                         "the forward kernel)")
     runs = walked[0].runs if len(walked) == 1 else 1
     if any(seg.runs > 1 for seg in walked) and (len(walked) > 1 or routed or kind == "decode"):
         raise ValueError(f"{kind} kernel of {kernel.pattern!r}: a segment family is walked "

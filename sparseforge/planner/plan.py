@@ -129,8 +129,10 @@ class KernelPlan:
     @cached_property
     def decode_segments(self) -> tuple[TileSegment, ...]:
         """The decode kernel's segments: original coordinates (no dilation permutation;
-        a few new tokens gain nothing from it), one query tile holding every new token."""
-        return self._walked(tile_segments(self.mask))
+        a few new tokens gain nothing from it), one query tile holding every new token; of
+        the static part of a routed pattern."""
+        mask = static_part(self.mask) if is_dynamic(self.mask) else self.mask
+        return self._walked(tile_segments(mask))
 
     @cached_property
     def mask(self) -> Pattern:
@@ -410,7 +412,11 @@ def _plan_routed(canonical: Pattern, r: PlanRequest) -> Plan:
         dkdv_cfg = dataclasses.replace(dkdv_cfg, block_m=min(dkdv_cfg.block_m, 32),
                                        block_n=min(dkdv_cfg.block_n, 32), num_warps=4,
                                        num_stages=1)
-    static = dataclasses.replace(static, config=cfg, backward_dq=dq_cfg, backward_dkdv=dkdv_cfg)
+    # the routed decode kernel's key tiles hold one 64-bit mask of buckets, as the forward's
+    decode_cfg = dataclasses.replace(static.decode,
+                                     block_n=min(static.decode.block_n, MAX_ROUTED_BLOCK_N))
+    static = dataclasses.replace(static, config=cfg, backward_dq=dq_cfg, backward_dkdv=dkdv_cfg,
+                                 decode=decode_cfg)
     kernels = tuple(dataclasses.replace(kp, pattern=canonical, analysed=strip_scores(canonical))
                     for kp in static.kernels)
     steps += (tile_list_step(steps, node, r.q_len, r.kv_len, static.block_m, static.block_n),)

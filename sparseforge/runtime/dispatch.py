@@ -20,18 +20,17 @@ from functools import cached_property
 
 import torch
 
-from ..codegen.render import routed_backward_kernels
 from ..ir.canonicalize import canonicalize
 from ..ir.nodes import Pattern
 from ..ir.routing import Clusters, is_dynamic
 from ..ir.scores import learned_tensors, score_spec, window_tables
 from ..ir.split import static_siblings
 from ..planner.plan import Plan, default_target, dtype_name, head_groups, plan
-from ..planner.routing_steps import kernel_routing_node
+from ..planner.routing_steps import has_generated_backward, kernel_routing_node
 from ..validate import check_attention_inputs
 from . import cpu_flash, torch_exec, triton_launch
 from .cache import interpreter_active
-from .routed_tiles import backward_routing, cluster_tiles, route_tiles
+from .routed_tiles import backward_routing, cluster_tiles, relaid, route_tiles
 from .routed_torch import routed_attention
 
 log = logging.getLogger("sparseforge")
@@ -158,9 +157,13 @@ def execute_forward(executor: Executor, p: Plan, compiled: CompiledPattern, q, k
         cpu_flash.run_forward(p, compiled.head_patterns, q, k, v, out, lse, scale)
     elif executor is Executor.TORCH:
         torch_exec.run_forward(p, compiled.head_patterns, q, k, v, out, lse, scale)
-    elif routed is None and triton_launch.decode_eligible(p):  # a few new tokens: split-KV
+    elif triton_launch.decode_eligible(p):  # a few new tokens: split-KV
+        if routed is not None:  # the selection's bucket lists for one tile of all new tokens
+            routed = relaid(compiled.routed_node[0], routed, lq, k.shape[2], max(lq, 1),
+                            p.block_m)
         triton_launch.run_decode(p, compiled.head_patterns, q.contiguous(), k.contiguous(),
-                                 v.contiguous(), out, lse, scale, interpret=executor.interpret)
+                                 v.contiguous(), out, lse, scale, interpret=executor.interpret,
+                                 routed=routed)
     else:
         triton_launch.run_forward(p, compiled.head_patterns, q.contiguous(), k.contiguous(),
                                   v.contiguous(), out, lse, scale,
@@ -263,7 +266,7 @@ def _run_routed(executor: Executor, target: str, backend: str, q, k, v, pattern:
     why_not = ("it has no generated kernel (one routing node per pattern, not clusters)"
                if node is None else
                f"{type(node).__name__}'s routed kernel has no generated backward yet"
-               if wants_grad and not routed_backward_kernels(compiled.canonical) else None)
+               if wants_grad and not has_generated_backward(compiled.canonical) else None)
     if executor is not Executor.TORCH and why_not is None and shape.q_len and shape.kv_len:
         p = cached_plan(compiled, shape.q_len, shape.kv_len, shape.head_dim, q.dtype, target,
                         shape.value_dim)

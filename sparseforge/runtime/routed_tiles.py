@@ -162,18 +162,23 @@ def transposed_selection(tiles: RoutedTiles) -> tuple[torch.Tensor, torch.Tensor
     return t_ptr.to(torch.int32).contiguous(), (order // u).to(torch.int32).contiguous()
 
 
+def relaid(node, tiles: RoutedTiles, q_len: int, kv_len: int, block_m: int,
+           forward_block_m: int) -> RoutedTiles:
+    """The forward's selection (``tiles``, laid out for ``forward_block_m`` rows) with its
+    per-tile bucket lists for query tiles of ``block_m`` rows (no routing again)."""
+    if block_m == forward_block_m:
+        return tiles
+    return routed_tiles(node, tiles.sel, tiles.sel_count, tiles.q_starts, tiles.k_starts,
+                        tiles.head_map, q_len, kv_len, block_m)
+
+
 def backward_routing(node, tiles: RoutedTiles, q_len: int, kv_len: int, forward_block_m: int,
                      dq_block_m: int, dkdv_block_m: int) -> RoutedBackward:
     """The forward's routing (``tiles``, laid out for ``forward_block_m`` rows) as the dQ
     and dK/dV kernels read it: the same selection, per query tile of their own sizes."""
-    def laid_out(block_m: int) -> RoutedTiles:
-        if block_m == forward_block_m:
-            return tiles
-        return routed_tiles(node, tiles.sel, tiles.sel_count, tiles.q_starts, tiles.k_starts,
-                            tiles.head_map, q_len, kv_len, block_m)
-
-    dkdv = laid_out(dkdv_block_m)
-    return RoutedBackward(laid_out(dq_block_m), dkdv, *transposed_selection(dkdv))
+    dkdv = relaid(node, tiles, q_len, kv_len, dkdv_block_m, forward_block_m)
+    return RoutedBackward(relaid(node, tiles, q_len, kv_len, dq_block_m, forward_block_m), dkdv,
+                          *transposed_selection(dkdv))
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import torch
 from ..ir.nodes import MaskTable, document_terms
 from ..ir.scores import Alibi, PairBias, RelBias, Softcap, pair_bias_tensor, rel_bias_table, score_terms
 from ..planner.plan import Plan
+from ..planner.routing_steps import has_generated_backward
 from ..planner.schedule import group_geometry
 from ..planner.tiles import DECODE_MAX_Q
 from ..semantics import document_ids, table_mask
@@ -303,14 +304,17 @@ def decode_layout(plan: Plan, batch: int, q_heads: int, kv_heads: int) -> tuple[
     group = q_heads // kv_heads
     per_program = plan.decode.block_m // plan.q_len
     chunks = -(-group // per_program)
-    span = max(plan.decode_spans, default=0)
+    # (a routed plan's splits share every kv tile: selected tiles may lie anywhere)
+    span = (-(-plan.kv_len // plan.decode.block_n) if plan.routing_steps
+            else max(plan.decode_spans, default=0))
     want = -(-DECODE_PROGRAMS // max(1, batch * kv_heads * chunks))
     return chunks, max(1, min(want, -(-span // 2), 128))
 
 
 def decode_launches(plan: Plan, call_kernels, q, k, v, out_part, lse_part, scale: float,
-                    chunks: int):
-    """(kernel index, grid, run-time arguments) of every decode launch."""
+                    chunks: int, routed=None):
+    """(kernel index, grid, run-time arguments) of every decode launch; ``routed``: a
+    routed plan's ``RoutedTiles`` laid out for one query tile of all new tokens."""
     b, hq, lq, _ = q.shape
     hkv, lkv = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -318,6 +322,8 @@ def decode_launches(plan: Plan, call_kernels, q, k, v, out_part, lse_part, scale
         # (all new tokens are one query tile)
         extra = _pattern_args(kernel, call_kernels[index], lq, lkv, q.device,
                               (max(lq, 1), plan.decode.block_n, False))
+        if routed is not None:
+            extra += routed.kernel_args()
         for first_head, n_heads in head_runs(kernel.heads, hq):
             n_kv_heads = kv_heads_spanned(first_head, n_heads, group)
             args = [q, k, v, out_part, lse_part, *extra, *q.stride(), *k.stride(), *v.stride(),
@@ -340,9 +346,10 @@ def merge_partials(out_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Te
 
 
 def decode_eligible(plan: Plan) -> bool:
-    """Whether the split-KV decode kernel serves this call: a few new tokens."""
-    # decode BLOCK_M >= 16; a routed plan has a forward kernel only
-    return 1 <= plan.q_len <= DECODE_MAX_Q and plan.kv_len > 0 and not plan.routing_steps
+    """Whether the split-KV decode kernel serves this call: a few new tokens (decode
+    BLOCK_M >= 16), and a decode kernel for the pattern (the routed bucket rules have one)."""
+    return (1 <= plan.q_len <= DECODE_MAX_Q and plan.kv_len > 0
+            and (not plan.routing_steps or has_generated_backward(plan.pattern)))
 
 
 def positive_scale(q, scale: float):
@@ -352,8 +359,10 @@ def positive_scale(q, scale: float):
     return (-q, -scale) if scale < 0 else (q, scale)
 
 
-def run_decode(plan: Plan, call_kernels, q, k, v, out, lse, scale: float, interpret: bool) -> None:
-    """Attention of a few new tokens by the split-KV decode kernels, merged exactly."""
+def run_decode(plan: Plan, call_kernels, q, k, v, out, lse, scale: float, interpret: bool,
+               routed=None) -> None:
+    """Attention of a few new tokens by the split-KV decode kernels, merged exactly;
+    ``routed``: a routed plan's selection laid out for one tile of all new tokens."""
     q, scale = positive_scale(q, scale)
     b, hq, lq, _ = q.shape
     chunks, splits = decode_layout(plan, b, hq, k.shape[1])
@@ -361,7 +370,7 @@ def run_decode(plan: Plan, call_kernels, q, k, v, out, lse, scale: float, interp
     lse_part = torch.empty((b, hq, lq, splits), dtype=torch.float32, device=q.device)
     held = _held_launcher(q, interpret)
     for index, grid, args in decode_launches(plan, call_kernels, q, k, v, out_part, lse_part,
-                                             scale, chunks):
+                                             scale, chunks, routed):
         _launch(plan, index, "decode", grid, args, q, interpret, held)
     merge_partials(out_part, lse_part, out, lse)
 

@@ -19,7 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from ..codegen.render import KINDS, routed_backward_kernels
+from ..codegen.render import KINDS, routed_kernels
 from ..ir import nodes as ir
 from ..ir import routing, scores
 from ..ir.affine import affine, top_left
@@ -138,12 +138,11 @@ def variant_specs() -> dict[str, tuple]:
 
 def variant_kinds(name: str) -> tuple[str, ...]:
     """The kernel kinds a variant has: routed plans have a forward kernel, and the bucket
-    rules a backward (dQ, dK/dV) too."""
+    rules a backward (dQ, dK/dV) and a split-KV decode kernel too."""
     if not name.startswith("routed_"):
         return tuple(KINDS)
     pattern = variant_specs()[name][0]
-    return tuple(kind for kind in KINDS
-                 if kind == "forward" or routed_backward_kernels(pattern, kind))
+    return tuple(kind for kind in KINDS if routed_kernels(pattern, kind))
 
 
 def variant_plan(name: str, target: str = "sm_90") -> Plan:
