@@ -150,7 +150,8 @@ def _backward_lines(plan) -> list[str]:
              f"differentiated): dQ {dq.block_m}x{dq.block_n} walks the static segments and "
              f"each query tile's selected tiles; dK/dV {dkdv.block_m}x{dkdv.block_n} walks the "
              "static part's inverted bounds, then per key bucket the query tiles that selected "
-             "it, each once; deterministic, no atomics; decode: the forward kernel"]
+             "it, each once; deterministic, no atomics; decode (1-16 new tokens): the "
+             "split-KV decode kernel walks each routing head's selected tiles per split"]
     for s in steps:
         lines.append(f"  {s.name:10s} {s.op:32s} <- {', '.join(s.inputs):18s} -> {s.output}"
                      + (f" ({s.work} ops)" if s.work else ""))
