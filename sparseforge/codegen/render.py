@@ -41,7 +41,7 @@ from ..planner.ranges import (
     merged_lets,
     normalise_steps,
 )
-from ..planner.routing_steps import has_generated_backward
+from ..planner.routing_steps import has_generated_backward, has_routed_decode
 from ..planner.symbolic import BLOCK_M, BLOCK_N, TRITON_NAMES, to_triton
 from ..planner.tiles import padded_head_dim
 from .predicate import (
@@ -210,8 +210,10 @@ def _routing_context(pattern, kv_len: int) -> dict:
 
 def routed_kernels(pattern, kind: str) -> bool:
     """Whether a routed pattern has a generated ``kind`` kernel: every routed pattern with
-    a kernel has its forward; the bucket rules (``routing_steps.has_generated_backward``)
-    their backward (dQ, dK/dV) and split-KV decode too."""
+    a kernel has its forward; the bucket rules their backward (dQ, dK/dV:
+    ``routing_steps.has_generated_backward``) and split-KV decode (``has_routed_decode``)."""
+    if kind == "decode":
+        return has_routed_decode(pattern)
     return kind == "forward" or has_generated_backward(pattern)
 
 

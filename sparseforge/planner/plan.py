@@ -412,9 +412,12 @@ def _plan_routed(canonical: Pattern, r: PlanRequest) -> Plan:
         dkdv_cfg = dataclasses.replace(dkdv_cfg, block_m=min(dkdv_cfg.block_m, 32),
                                        block_n=min(dkdv_cfg.block_n, 32), num_warps=4,
                                        num_stages=1)
-    # the routed decode kernel's key tiles hold one 64-bit mask of buckets, as the forward's
+    # the routed decode kernel's key tiles hold one 64-bit mask of buckets, as the forward's;
+    # on sm_80 one stage (two left 8-24 stack bytes at D = 128 under Triton 3.6)
     decode_cfg = dataclasses.replace(static.decode,
                                      block_n=min(static.decode.block_n, MAX_ROUTED_BLOCK_N))
+    if r.target == "sm_80":
+        decode_cfg = dataclasses.replace(decode_cfg, num_stages=1)
     static = dataclasses.replace(static, config=cfg, backward_dq=dq_cfg, backward_dkdv=dkdv_cfg,
                                  decode=decode_cfg)
     kernels = tuple(dataclasses.replace(kp, pattern=canonical, analysed=strip_scores(canonical))

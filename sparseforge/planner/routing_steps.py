@@ -168,10 +168,19 @@ def _bucket_lists(name: str, source: str, node, q_len: int, kv_len: int,
 def has_generated_backward(pattern: Pattern) -> bool:
     """Whether a routed pattern trains with generated backward kernels (dQ, dK/dV): one
     routing node, a bucket rule (``topk_blocks``, ``topk_chunks``, ``threshold_blocks``,
-    ``hierarchical``). Not yet: ``vertical_slash`` (lines), ``clusters`` (sorted tokens)
-    and ``topk_keys`` (the key bias's gradient); those train with torch ops."""
+    ``hierarchical``, and ``topk_keys`` with its key bias's gradient). Not yet:
+    ``vertical_slash`` (lines) and ``clusters`` (sorted tokens); those train with torch
+    ops."""
     nodes = [n for n in walk(pattern) if isinstance(n, DynamicPattern)]
-    return len(nodes) == 1 and not isinstance(nodes[0], (VerticalSlash, Clusters, TopkKeys))
+    return len(nodes) == 1 and not isinstance(nodes[0], (VerticalSlash, Clusters))
+
+
+def has_routed_decode(pattern: Pattern) -> bool:
+    """Whether a few new tokens of a routed pattern run the split-KV decode kernel: the
+    bucket rules but ``topk_keys`` (whose per-head key bias the decode kernel's rows,
+    which hold several heads, do not read); the others run the forward kernel."""
+    return has_generated_backward(pattern) and not any(isinstance(n, TopkKeys)
+                                                       for n in walk(pattern))
 
 
 def backward_steps(steps: tuple[RoutingStep, ...], node, q_len: int, kv_len: int,

@@ -79,7 +79,7 @@ def resource_usage(cubin: bytes) -> dict:
 # run-time parameters that are not int32 scalars: data pointers take the plan's dtype
 _DATA_POINTERS = {"Q", "K", "V", "Out", "DO", "DQ"}
 _FP32_POINTERS = {"Lse", "Delta", "DK", "DV", "OutPart", "LsePart", "Slopes", "Bias", "DBias",
-                  "KeyBias", "Pair", "DPair"}
+                  "KeyBias", "DKeyBias", "Pair", "DPair"}
 _INT32_POINTERS = {"DocQ", "DocK", "Hull", "Sel", "SelCount", "QBucket", "KBucket", "KStarts", "TileList",
                    "TileCount", "HeadMap", "Cols", "ColCount", "Offs", "OffCount", "TileSpan",
                    "PosQ", "PosK", "TPtr", "TIdx"}

@@ -22,7 +22,7 @@ import torch
 
 from ..ir.canonicalize import canonicalize
 from ..ir.nodes import Pattern
-from ..ir.routing import Clusters, is_dynamic
+from ..ir.routing import Clusters, TopkKeys, is_dynamic
 from ..ir.scores import learned_tensors, score_spec, window_tables
 from ..ir.split import static_siblings
 from ..planner.plan import Plan, default_target, dtype_name, head_groups, plan
@@ -183,11 +183,19 @@ def execute_backward(executor: Executor, p: Plan, compiled: CompiledPattern, q, 
     if executor is Executor.TORCH:
         return torch_exec.run_backward(p, compiled.head_patterns, q, k, v, out, lse,
                                        grad_out.contiguous(), grad_lse, scale)
-    if routed is not None:  # the forward's selection, laid out for the backward's tiles
-        routed = backward_routing(compiled.routed_node[0], routed, q.shape[2], k.shape[2],
-                                  p.block_m, p.backward_dq.block_m, p.backward_dkdv.block_m)
-    return triton_launch.run_backward(p, compiled.head_patterns, q, k, v, out, lse, grad_out,
-                                      grad_lse, scale, interpret=executor.interpret, routed=routed)
+    if routed is None:
+        return triton_launch.run_backward(p, compiled.head_patterns, q, k, v, out, lse, grad_out,
+                                          grad_lse, scale, interpret=executor.interpret)
+    node = compiled.routed_node[0]  # the forward's selection, laid out for the backward's tiles
+    routed = backward_routing(node, routed, q.shape[2], k.shape[2], p.block_m,
+                              p.backward_dq.block_m, p.backward_dkdv.block_m)
+    dq, dk, dv, grads = triton_launch.run_backward(p, compiled.head_patterns, q, k, v, out, lse,
+                                                   grad_out, grad_lse, scale,
+                                                   interpret=executor.interpret, routed=routed)
+    if routed.key_bias_grad is not None:  # topk_keys: [B, Hq, Lkv], summed where broadcast
+        g = routed.key_bias_grad
+        grads[id(node.bias)] = (g.sum(0) if node.bias.dim() == 2 else g).to(node.bias.dtype)
+    return dq, dk, dv, grads
 
 
 class _SparseAttentionFunction(torch.autograd.Function):
@@ -219,10 +227,19 @@ def attend(executor: Executor, p: Plan, compiled: CompiledPattern, q, k, v, scal
     """A plan's forward on tokens in its order (a routed plan's with this call's
     ``routed`` tiles), differentiable when a gradient is wanted (through
     ``_SparseAttentionFunction``, whose backward is ``execute_backward``)."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *compiled.tables)):
+    learned = learned_inputs(compiled, routed)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *learned)):
         return _SparseAttentionFunction.apply(q, k, v, executor, p, compiled, scale, routed,
-                                              *compiled.tables)
+                                              *learned)
     return execute_forward(executor, p, compiled, q, k, v, scale, routed=routed)
+
+
+def learned_inputs(compiled: CompiledPattern, routed=None) -> tuple:
+    """The tensors besides q, k and v a gradient flows to: the pattern's rel_bias tables
+    and pair biases, and with a routed call a ``topk_keys`` node's key bias (DMA: the
+    bias is on every score; the selection it decides is not differentiated)."""
+    node = compiled.routed_node[0] if routed is not None else None
+    return compiled.tables + ((node.bias,) if isinstance(node, TopkKeys) else ())
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, *,
@@ -262,7 +279,8 @@ def _run_routed(executor: Executor, target: str, backend: str, q, k, v, pattern:
     than fall back silently."""
     compiled = compile_pattern(pattern)
     node, siblings = compiled.routed_node or (None, ())
-    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    bias = (node.bias,) if isinstance(node, TopkKeys) else ()
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *bias))
     why_not = ("it has no generated kernel (one routing node per pattern, not clusters)"
                if node is None else
                f"{type(node).__name__}'s routed kernel has no generated backward yet"

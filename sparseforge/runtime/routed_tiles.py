@@ -138,10 +138,14 @@ class RoutedBackward:
     dkdv: RoutedTiles
     t_ptr: torch.Tensor  # int32 [B, Hr, Ck + 1]: bucket c's entries are t_idx[t_ptr[c]:t_ptr[c+1]]
     t_idx: torch.Tensor  # int32 [B, Hr, Tq * U]: query tiles, ascending per bucket
+    #: topk_keys: the key bias's gradient, fp32 [B, Hq, Lkv], zeroed; dK/dV writes it
+    key_bias_grad: torch.Tensor | None = None
 
     def dkdv_args(self) -> list:
+        grad = [] if self.key_bias_grad is None else [self.key_bias_grad,
+                                                      self.key_bias_grad.stride(0)]
         return [*self.dkdv.kernel_args(), self.t_ptr, self.t_idx, self.t_ptr.shape[-1] - 1,
-                self.t_idx.shape[-1]]
+                self.t_idx.shape[-1], *grad]
 
 
 def transposed_selection(tiles: RoutedTiles) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,8 +172,9 @@ def relaid(node, tiles: RoutedTiles, q_len: int, kv_len: int, block_m: int,
     per-tile bucket lists for query tiles of ``block_m`` rows (no routing again)."""
     if block_m == forward_block_m:
         return tiles
-    return routed_tiles(node, tiles.sel, tiles.sel_count, tiles.q_starts, tiles.k_starts,
-                        tiles.head_map, q_len, kv_len, block_m)
+    laid_out = routed_tiles(node, tiles.sel, tiles.sel_count, tiles.q_starts, tiles.k_starts,
+                            tiles.head_map, q_len, kv_len, block_m)
+    return dataclasses.replace(laid_out, key_bias=tiles.key_bias)
 
 
 def backward_routing(node, tiles: RoutedTiles, q_len: int, kv_len: int, forward_block_m: int,
@@ -177,8 +182,12 @@ def backward_routing(node, tiles: RoutedTiles, q_len: int, kv_len: int, forward_
     """The forward's routing (``tiles``, laid out for ``forward_block_m`` rows) as the dQ
     and dK/dV kernels read it: the same selection, per query tile of their own sizes."""
     dkdv = relaid(node, tiles, q_len, kv_len, dkdv_block_m, forward_block_m)
+    grad = None
+    if tiles.key_bias is not None:  # per batch row: each dK/dV program writes its own keys
+        grad = torch.zeros((tiles.sel.shape[0], *tiles.key_bias.shape[1:]), dtype=torch.float32,
+                           device=tiles.key_bias.device)
     return RoutedBackward(relaid(node, tiles, q_len, kv_len, dq_block_m, forward_block_m), dkdv,
-                          *transposed_selection(dkdv))
+                          *transposed_selection(dkdv), grad)
 
 
 @dataclass(frozen=True)

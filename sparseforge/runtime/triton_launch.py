@@ -14,7 +14,7 @@ import torch
 from ..ir.nodes import MaskTable, document_terms
 from ..ir.scores import Alibi, PairBias, RelBias, Softcap, pair_bias_tensor, rel_bias_table, score_terms
 from ..planner.plan import Plan
-from ..planner.routing_steps import has_generated_backward
+from ..planner.routing_steps import has_routed_decode
 from ..planner.schedule import group_geometry
 from ..planner.tiles import DECODE_MAX_Q
 from ..semantics import document_ids, table_mask
@@ -349,7 +349,7 @@ def decode_eligible(plan: Plan) -> bool:
     """Whether the split-KV decode kernel serves this call: a few new tokens (decode
     BLOCK_M >= 16), and a decode kernel for the pattern (the routed bucket rules have one)."""
     return (1 <= plan.q_len <= DECODE_MAX_Q and plan.kv_len > 0
-            and (not plan.routing_steps or has_generated_backward(plan.pattern)))
+            and (not plan.routing_steps or has_routed_decode(plan.pattern)))
 
 
 def positive_scale(q, scale: float):
