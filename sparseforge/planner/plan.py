@@ -407,6 +407,8 @@ def _plan_routed(canonical: Pattern, r: PlanRequest) -> Plan:
                                  block_n=min(static.backward_dq.block_n, MAX_ROUTED_BLOCK_N))
     if r.target == "sm_90":  # MoBA's dQ at D = 128 stacked 8 bytes in two stages (Triton 3.6)
         dq_cfg = dataclasses.replace(dq_cfg, num_stages=1)
+        if isinstance(node, TopkKeys):  # with the key bias, 24 bytes at 64 keys (Triton 3.6)
+            dq_cfg = dataclasses.replace(dq_cfg, block_n=min(dq_cfg.block_n, 32))
     dkdv_cfg = static.backward_dkdv
     if r.target in ("sm_80", "sm_90"):
         dkdv_cfg = dataclasses.replace(dkdv_cfg, block_m=min(dkdv_cfg.block_m, 32),
