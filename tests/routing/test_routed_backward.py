@@ -161,3 +161,21 @@ def test_warm_training_steps_never_read_a_tensor_on_the_host(name, monkeypatch):
     _grads(PATTERNS[name], q, k, v, "triton")  # warm: plans, caches
     reads = host_reads_during(lambda: _grads(PATTERNS[name], q, k, v, "triton"), monkeypatch)
     assert not reads, reads
+
+
+def test_build_lists_the_routed_backward_and_decode_kernels():
+    """`sparseforge build` of a routed spec with backward=True builds its dQ and dK/dV
+    kernels; a decode-short spec its routed decode kernel (rendered here; compiling them
+    for sm_80/sm_90 is tests/codegen/test_compile.py's routed variants)."""
+    from sparseforge.aot.build import plan_jobs
+
+    specs = [sf.BuildSpec("moba_train", PATTERNS["moba"], q_len=4096, kv_len=4096, head_dim=64,
+                          dtype="bfloat16", heads=4, backward=True),
+             sf.BuildSpec("moba_serve", PATTERNS["moba"], q_len=4, kv_len=4096, head_dim=64,
+                          dtype="bfloat16", heads=4)]
+    jobs, uses = plan_jobs(specs, ["sm_80", "sm_90"])
+    kinds = {name: {(jobs[key].arch, jobs[key].kind) for key in keys}
+             for name, keys in uses.items()}
+    for arch in ("sm_80", "sm_90"):
+        assert {(arch, k) for k in ("forward", "backward_dq", "backward_dkdv")} <= kinds["moba_train"]
+        assert (arch, "decode") in kinds["moba_serve"]
