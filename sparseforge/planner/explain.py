@@ -146,8 +146,8 @@ def _backward_lines(plan) -> list[str]:
     dq, dkdv = plan.backward_dq, plan.backward_dkdv
     steps = backward_steps(plan.routing_steps, node, plan.q_len, plan.kv_len, plan.block_m,
                            dq.block_m, dkdv.block_m)
-    lines = [f"backward    generated, on the forward's selection (routing is not "
-             f"differentiated): dQ {dq.block_m}x{dq.block_n} walks the static segments and "
+    lines = [f"backward    generated, on the forward's selection (no gradient flows through "
+             f"the routing): dQ {dq.block_m}x{dq.block_n} walks the static segments and "
              f"each query tile's selected tiles; dK/dV {dkdv.block_m}x{dkdv.block_n} walks the "
              "static part's inverted bounds, then per key bucket the query tiles that selected "
              "it, each once; deterministic, no atomics; decode (1-16 new tokens): the "

@@ -89,8 +89,8 @@ def test_transposed_selection_lists_each_buckets_query_tiles_ascending():
                 assert got == want, (i, h, c)
 
 
-@pytest.mark.parametrize("bias_shape", [(4, 70), (2, 4, 70)], ids=["per_head", "per_batch"])
-@pytest.mark.parametrize("q_len", [70, 29])
+@pytest.mark.parametrize("bias_shape, q_len", [((4, 70), 70), ((2, 4, 70), 29)],
+                         ids=["per_head", "per_batch_lq<lkv"])
 def test_topk_keys_gradients_include_the_key_bias(bias_shape, q_len, no_torch_path):
     """DMA: the key bias is on every score, so it gets dS summed over the rows (per batch
     row, summed where it broadcasts); the top-k it decides is not differentiated."""
