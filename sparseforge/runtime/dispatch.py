@@ -280,7 +280,8 @@ def _run_routed(executor: Executor, target: str, backend: str, q, k, v, pattern:
     compiled = compile_pattern(pattern)
     node, siblings = compiled.routed_node or (None, ())
     bias = (node.bias,) if isinstance(node, TopkKeys) else ()
-    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *bias))
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *bias,
+                                                                            *compiled.tables))
     why_not = ("it has no generated kernel (one routing node per pattern, not clusters)"
                if node is None else
                f"{type(node).__name__}'s routed kernel has no generated backward yet"

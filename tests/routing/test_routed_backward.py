@@ -179,3 +179,18 @@ def test_build_lists_the_routed_backward_and_decode_kernels():
     for arch in ("sm_80", "sm_90"):
         assert {(arch, k) for k in ("forward", "backward_dq", "backward_dkdv")} <= kinds["moba_train"]
         assert (arch, "decode") in kinds["moba_serve"]
+
+
+def test_a_learned_rel_bias_table_gets_its_gradient_through_the_routed_kernels(no_torch_path):
+    """Only the table wants a gradient: the routed call still runs under autograd."""
+    q, k, v = random_qkv(1, 2, 2, 40, 40, 16, seed=1)
+    table = torch.randn(2, 9, requires_grad=True)
+    reference = table.detach().double().requires_grad_()
+
+    def pattern(t):
+        return (sf.causal() & sf.topk_blocks(8, 2)) & sf.rel_bias(t)
+
+    sf.attention(q, k, v, pattern(table), backend="triton").square().sum().backward()
+    sf.reference_attention(q.double(), k.double(), v.double(),
+                           pattern(reference)).square().sum().backward()
+    torch.testing.assert_close(table.grad.double(), reference.grad, atol=1e-4, rtol=1e-4)
