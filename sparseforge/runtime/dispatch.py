@@ -159,8 +159,7 @@ def execute_forward(executor: Executor, p: Plan, compiled: CompiledPattern, q, k
         torch_exec.run_forward(p, compiled.head_patterns, q, k, v, out, lse, scale)
     elif triton_launch.decode_eligible(p):  # a few new tokens: split-KV
         if routed is not None:  # the selection's bucket lists for one tile of all new tokens
-            routed = relaid(compiled.routed_node[0], routed, lq, k.shape[2], max(lq, 1),
-                            p.block_m)
+            routed = relaid(compiled.routed_node[0], routed, lq, k.shape[2], max(lq, 1))
         triton_launch.run_decode(p, compiled.head_patterns, q.contiguous(), k.contiguous(),
                                  v.contiguous(), out, lse, scale, interpret=executor.interpret,
                                  routed=routed)
@@ -187,8 +186,8 @@ def execute_backward(executor: Executor, p: Plan, compiled: CompiledPattern, q, 
         return triton_launch.run_backward(p, compiled.head_patterns, q, k, v, out, lse, grad_out,
                                           grad_lse, scale, interpret=executor.interpret)
     node = compiled.routed_node[0]  # the forward's selection, laid out for the backward's tiles
-    routed = backward_routing(node, routed, q.shape[2], k.shape[2], p.block_m,
-                              p.backward_dq.block_m, p.backward_dkdv.block_m)
+    routed = backward_routing(node, routed, q.shape[2], k.shape[2], p.backward_dq.block_m,
+                              p.backward_dkdv.block_m)
     dq, dk, dv, grads = triton_launch.run_backward(p, compiled.head_patterns, q, k, v, out, lse,
                                                    grad_out, grad_lse, scale,
                                                    interpret=executor.interpret, routed=routed)
@@ -295,9 +294,10 @@ def _run_routed(executor: Executor, target: str, backend: str, q, k, v, pattern:
             order = ClusterOrder(*cluster_tiles(node, q, k, p.block_m, prekernels))
             return order.scatter(*execute_forward(executor, p, compiled, *order.gather(q, k, v),
                                                   shape.scale, routed=order.tiles))
+        # bucket lists per forward query tile, or for decode one tile of all new tokens
+        rows = max(shape.q_len, 1) if triton_launch.decode_eligible(p) else p.block_m
         with torch.no_grad():  # routing decisions are not differentiated
-            routed = route_tiles(node, siblings, q, k, shape.scale, p.block_m, prekernels,
-                                 p.block_n)
+            routed = route_tiles(node, siblings, q, k, shape.scale, rows, prekernels, p.block_n)
         return attend(executor, p, compiled, q, k, v, shape.scale, routed)
     if backend == "triton" and why_not is not None:
         raise ValueError(f"backend='triton' with {pattern!r}: {why_not}; backend='auto' or "

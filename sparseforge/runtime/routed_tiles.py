@@ -47,9 +47,11 @@ class RoutedTiles:
     head_map: torch.Tensor
     key_bias: torch.Tensor | None = None  # topk_keys: fp32 [B or 1, Hq, Lkv]
     positions: tuple | None = None  # clusters: original positions of the sorted q and k
-    #: query bucket boundaries ``[B or 1, Cq + 1]`` (not a kernel argument): the backward
-    #: lays the same selection out for its own query tiles (``backward_routing``)
+    #: query bucket boundaries ``[B or 1, Cq + 1]`` and the query tile rows the lists are
+    #: for (not kernel arguments): the backward and decode lay the same selection out for
+    #: their own query tiles (``relaid``)
     q_starts: torch.Tensor | None = None
+    block_m: int = 0
 
     def kernel_args(self) -> list:
         def batch_stride(t):
@@ -124,7 +126,7 @@ def routed_tiles(node, sel: torch.Tensor, sel_count: torch.Tensor, q_starts: tor
                        q_bucket, k_bucket, k_starts.to(torch.int32).contiguous(),
                        tile_list.contiguous(), tile_count.contiguous(),
                        head_map.to(device=sel.device, dtype=torch.int32).contiguous(),
-                       q_starts=q_starts)
+                       q_starts=q_starts, block_m=block_m)
 
 
 @dataclass(frozen=True)
@@ -166,27 +168,26 @@ def transposed_selection(tiles: RoutedTiles) -> tuple[torch.Tensor, torch.Tensor
     return t_ptr.to(torch.int32).contiguous(), (order // u).to(torch.int32).contiguous()
 
 
-def relaid(node, tiles: RoutedTiles, q_len: int, kv_len: int, block_m: int,
-           forward_block_m: int) -> RoutedTiles:
-    """The forward's selection (``tiles``, laid out for ``forward_block_m`` rows) with its
-    per-tile bucket lists for query tiles of ``block_m`` rows (no routing again)."""
-    if block_m == forward_block_m:
+def relaid(node, tiles: RoutedTiles, q_len: int, kv_len: int, block_m: int) -> RoutedTiles:
+    """The call's selection (``tiles``) with its per-tile bucket lists for query tiles of
+    ``block_m`` rows (no routing again)."""
+    if block_m == tiles.block_m:
         return tiles
     laid_out = routed_tiles(node, tiles.sel, tiles.sel_count, tiles.q_starts, tiles.k_starts,
                             tiles.head_map, q_len, kv_len, block_m)
     return dataclasses.replace(laid_out, key_bias=tiles.key_bias)
 
 
-def backward_routing(node, tiles: RoutedTiles, q_len: int, kv_len: int, forward_block_m: int,
-                     dq_block_m: int, dkdv_block_m: int) -> RoutedBackward:
-    """The forward's routing (``tiles``, laid out for ``forward_block_m`` rows) as the dQ
-    and dK/dV kernels read it: the same selection, per query tile of their own sizes."""
-    dkdv = relaid(node, tiles, q_len, kv_len, dkdv_block_m, forward_block_m)
+def backward_routing(node, tiles: RoutedTiles, q_len: int, kv_len: int, dq_block_m: int,
+                     dkdv_block_m: int) -> RoutedBackward:
+    """The forward's routing (``tiles``) as the dQ and dK/dV kernels read it: the same
+    selection, per query tile of their own sizes."""
+    dkdv = relaid(node, tiles, q_len, kv_len, dkdv_block_m)
     grad = None
     if tiles.key_bias is not None:  # per batch row: each dK/dV program writes its own keys
         grad = torch.zeros((tiles.sel.shape[0], *tiles.key_bias.shape[1:]), dtype=torch.float32,
                            device=tiles.key_bias.device)
-    return RoutedBackward(relaid(node, tiles, q_len, kv_len, dq_block_m, forward_block_m), dkdv,
+    return RoutedBackward(relaid(node, tiles, q_len, kv_len, dq_block_m), dkdv,
                           *transposed_selection(dkdv), grad)
 
 
