@@ -192,11 +192,12 @@ def _routing_context(pattern, kv_len: int) -> dict:
         return context
     node = nodes[0]
     context["key_bias"] = isinstance(node, TopkKeys)
-    if isinstance(node, Clusters):  # tokens sorted by cluster; one key bucket per query bucket
-        return dict(context, remapped=True, sel_steps=2)  # one entry per row
-
     def steps(n: int) -> int:
         return max(n, 1).bit_length() + 1
+
+    if isinstance(node, Clusters):  # tokens sorted by cluster; one key bucket per query bucket
+        # one entry per row; dK/dV searches a query tile's cluster list (up to every cluster)
+        return dict(context, remapped=True, sel_steps=2, list_steps=steps(node.centroids.shape[1]))
 
     if isinstance(node, VerticalSlash):
         return dict(context, routed_lines=True, col_steps=steps(node.n_vertical),

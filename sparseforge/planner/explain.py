@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import networkx as nx
 
+from ..ir.routing import VerticalSlash
 from .flex_blocks import flex_blocks
-from .routing_steps import backward_steps, has_generated_backward, kernel_routing_node
+from .routing_steps import (
+    backward_steps,
+    has_routed_decode,
+    kernel_routing_node,
+)
 from .symbolic import to_triton
 
 
@@ -75,7 +80,7 @@ def explain(plan) -> str:
                          "buckets or lines cross, each tile once")
             lines += _backward_lines(plan)
         else:
-            lines.append("routed      no generated kernel (clusters, two routing nodes or "
+            lines.append("routed      no generated kernel (balanced clusters, two routing nodes or "
                          "per-head patterns): torch ops run it (dense per row chunk); the kernels "
                          "above cover its static envelope")
         lines.append("flex        (no BlockMask comparison: the mask is decided from q and k at "
@@ -136,22 +141,22 @@ def _rel_bias_text(score) -> str:
 
 
 def _backward_lines(plan) -> list[str]:
-    """How a routed plan trains: its generated backward's steps (the forward's selection
-    laid out for the backward's tiles and transposed for dK/dV), or the torch path."""
-    if not has_generated_backward(plan.pattern):
-        return ["backward    torch ops (this rule has no generated backward yet; block "
-                "routing: static tiles per row chunk plus each selected bucket's rows, memory "
-                "linear in the length); decode: the forward kernel"]
+    """How a routed plan with a kernel trains: its generated backward's steps (the
+    forward's selection laid out for the backward's tiles and transposed for dK/dV)."""
     node = kernel_routing_node(plan.pattern)
     dq, dkdv = plan.backward_dq, plan.backward_dkdv
-    steps = backward_steps(plan.routing_steps, node, plan.q_len, plan.kv_len, plan.block_m,
-                           dq.block_m, dkdv.block_m)
+    steps = backward_steps(plan.routing_steps, node, plan.q_len, plan.kv_len,
+                           (plan.block_m, plan.block_n), (dq.block_m, dq.block_n),
+                           (dkdv.block_m, dkdv.block_n))
+    turned = ("per key tile the query tiles its map marks" if isinstance(node, VerticalSlash)
+              else "per key bucket the query tiles that selected it")
+    decode = ("the split-KV decode kernel walks each routing head's selected tiles per split"
+              if has_routed_decode(plan.pattern) else "the forward kernel")
     lines = [f"backward    generated, on the forward's selection (no gradient flows through "
              f"the routing): dQ {dq.block_m}x{dq.block_n} walks the static segments and "
              f"each query tile's selected tiles; dK/dV {dkdv.block_m}x{dkdv.block_n} walks the "
-             "static part's inverted bounds, then per key bucket the query tiles that selected "
-             "it, each once; deterministic, no atomics; decode (1-16 new tokens): the "
-             "split-KV decode kernel walks each routing head's selected tiles per split"]
+             f"static part's inverted bounds, then {turned}, each once; deterministic, no "
+             f"atomics; decode (1-16 new tokens): {decode}"]
     for s in steps:
         lines.append(f"  {s.name:10s} {s.op:32s} <- {', '.join(s.inputs):18s} -> {s.output}"
                      + (f" ({s.work} ops)" if s.work else ""))

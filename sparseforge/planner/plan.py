@@ -29,7 +29,7 @@ from ..ir.nodes import (
     document_terms,
     walk,
 )
-from ..ir.routing import TopkKeys, is_dynamic
+from ..ir.routing import Clusters, TopkKeys, VerticalSlash, is_dynamic
 from ..ir.scores import ScoreSpec, score_spec, score_terms, strip_scores
 from ..ir.split import envelope, static_part
 from ..semantics import pair_mask
@@ -407,9 +407,13 @@ def _plan_routed(canonical: Pattern, r: PlanRequest) -> Plan:
                                  block_n=min(static.backward_dq.block_n, MAX_ROUTED_BLOCK_N))
     if r.target == "sm_90":  # MoBA's dQ at D = 128 stacked 8 bytes in two stages (Triton 3.6)
         dq_cfg = dataclasses.replace(dq_cfg, num_stages=1)
-        if isinstance(node, TopkKeys):  # with the key bias, 24 bytes at 64 keys (Triton 3.6)
+        # with the key bias, lines or sorted positions: 24-32 stack bytes at 64 keys (D = 128,
+        # Triton 3.6); 32 keys compile clean
+        if isinstance(node, (TopkKeys, VerticalSlash, Clusters)):
             dq_cfg = dataclasses.replace(dq_cfg, block_n=min(dq_cfg.block_n, 32))
-    dkdv_cfg = static.backward_dkdv
+    # (lines: each key's rows in one 64-bit mask, so at most 64 rows on any target)
+    dkdv_cfg = dataclasses.replace(static.backward_dkdv,
+                                   block_m=min(static.backward_dkdv.block_m, MAX_ROUTED_BLOCK_N))
     if r.target in ("sm_80", "sm_90"):
         dkdv_cfg = dataclasses.replace(dkdv_cfg, block_m=min(dkdv_cfg.block_m, 32),
                                        block_n=min(dkdv_cfg.block_n, 32), num_warps=4,

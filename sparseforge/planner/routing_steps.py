@@ -23,7 +23,7 @@ from ..ir.routing import (
     TopkKeys,
     VerticalSlash,
 )
-from ..ir.scores import Alibi, RelBias
+from ..ir.scores import Alibi, PairBias, RelBias
 from ..ir.split import static_part
 
 #: a routed kernel's key tiles hold at most this many keys (one bit each per row)
@@ -139,12 +139,8 @@ def tile_list_step(steps: tuple[RoutingStep, ...], node, q_len: int, kv_len: int
                            f"permutations [{q_len}], [{kv_len}] + per-tile cluster lists",
                            (q_len + kv_len) * log)
     select = next(s for s in reversed(steps) if s.name.startswith(("select", "refine")))
-    q_tiles = -(-q_len // block_m)
     if isinstance(node, VerticalSlash):
-        kv_tiles = -(-kv_len // block_n)
-        return RoutingStep(f"tiles{_tag(select.name)}", "tiles the lines cross",
-                           (select.name,), f"tile byte map [{q_tiles}, {kv_tiles}] + spans",
-                           4 * q_tiles * kv_tiles)
+        return _tile_map(f"tiles{_tag(select.name)}", select.name, q_len, kv_len, block_m, block_n)
     return _bucket_lists(f"tiles{_tag(select.name)}", select.name, node, q_len, kv_len, block_m)
 
 
@@ -167,51 +163,89 @@ def _bucket_lists(name: str, source: str, node, q_len: int, kv_len: int,
 
 def has_generated_backward(pattern: Pattern) -> bool:
     """Whether a routed pattern trains with generated backward kernels (dQ, dK/dV): one
-    routing node, a bucket rule (``topk_blocks``, ``topk_chunks``, ``threshold_blocks``,
-    ``hierarchical``, and ``topk_keys`` with its key bias's gradient). Not yet:
-    ``vertical_slash`` (lines) and ``clusters`` (sorted tokens); those train with torch
-    ops."""
-    nodes = [n for n in walk(pattern) if isinstance(n, DynamicPattern)]
-    return len(nodes) == 1 and not isinstance(nodes[0], (VerticalSlash, Clusters))
+    routing node, any rule (``topk_blocks``, ``topk_chunks``, ``threshold_blocks``,
+    ``hierarchical``, ``topk_keys`` with its key bias's gradient, ``vertical_slash``
+    through its transposed tile map, ``clusters`` on the cluster-sorted tokens)."""
+    return kernel_routing_node(pattern) is not None
 
 
 def has_routed_decode(pattern: Pattern) -> bool:
     """Whether a few new tokens of a routed pattern run the split-KV decode kernel: the
     bucket rules but ``topk_keys`` (whose per-head key bias the decode kernel's rows,
     which hold several heads, do not read); the others run the forward kernel."""
-    return has_generated_backward(pattern) and not any(isinstance(n, TopkKeys)
-                                                       for n in walk(pattern))
+    nodes = [n for n in walk(pattern) if isinstance(n, DynamicPattern)]
+    return len(nodes) == 1 and not isinstance(nodes[0], (VerticalSlash, Clusters, TopkKeys))
 
 
 def backward_steps(steps: tuple[RoutingStep, ...], node, q_len: int, kv_len: int,
-                   forward_block_m: int, dq_block_m: int, dkdv_block_m: int
-                   ) -> tuple[RoutingStep, ...]:
+                   forward_tiles: tuple[int, int], dq_tiles: tuple[int, int],
+                   dkdv_tiles: tuple[int, int]) -> tuple[RoutingStep, ...]:
     """What the routed backward adds to the forward's routing (no step routes again: the
-    forward's selection is kept): the selection's bucket lists per dQ and per dK/dV query
-    tile where their tiles differ from the forward's, and dK/dV's transpose of the latter
-    (per key bucket, the query tiles listing it: a counting sort on the device), feeding
-    the ``dq`` and ``dkdv`` kernels."""
-    select = next(s for s in reversed(steps) if s.name.startswith(("select", "refine")))
+    forward's selection is kept), for tiles ``(block_m, block_n)``: the selection laid out
+    per dQ and per dK/dV query tile where their tiles differ from the forward's, and
+    dK/dV's transpose of the latter, feeding the ``dq`` and ``dkdv`` kernels. Buckets
+    and clusters: per key bucket, the query tiles listing it (a counting sort on the
+    device); lines: the tile map turned around (per key tile, the query tiles a selected
+    line crosses)."""
+    lines = isinstance(node, VerticalSlash)
+    if isinstance(node, Clusters):
+        select = next(s for s in reversed(steps) if s.name.startswith("sort"))
+    else:
+        select = next(s for s in reversed(steps) if s.name.startswith(("select", "refine")))
     tag = _tag(select.name)
-    forward_lists = next(s.name for s in steps if s.name == f"tiles{tag}")
+    forward_lists = f"tiles{tag}" if not isinstance(node, Clusters) else select.name
     out = []
+    made = {}  # the layouts built so far, by what they depend on (lines: both tile sizes)
 
-    def lists(block_m: int, name: str) -> str:
-        if block_m == forward_block_m:
+    def laid_out(tiles: tuple[int, int], name: str) -> str:
+        key = tiles if lines else tiles[0]
+        if key == (forward_tiles if lines else forward_tiles[0]):
             return forward_lists
-        out.append(_bucket_lists(f"{name}{tag}", select.name, node, q_len, kv_len, block_m))
+        if key in made:
+            return made[key]
+        if lines:
+            out.append(_tile_map(f"{name}{tag}", select.name, q_len, kv_len, *tiles))
+        elif isinstance(node, Clusters):
+            c = node.centroids.shape[1]
+            out.append(RoutingStep(f"{name}{tag}", f"clusters per {tiles[0]}-row tile",
+                                   (select.name,), f"cluster lists [{-(-q_len // tiles[0])}, <= {c}]",
+                                   2 * q_len))
+        else:
+            out.append(_bucket_lists(f"{name}{tag}", select.name, node, q_len, kv_len, tiles[0]))
+        made[key] = out[-1].name
         return out[-1].name
 
-    dq_lists = lists(dq_block_m, "tiles_dq")
-    kv_lists = lists(dkdv_block_m, "tiles_kv")
-    _, ck = _bucket_counts(node, q_len, kv_len)
-    entries = -(-q_len // dkdv_block_m) * _list_width(node, q_len, kv_len, dkdv_block_m)[1]
+    dq_lists = laid_out(dq_tiles, "tiles_dq")
+    kv_lists = laid_out(dkdv_tiles, "tiles_kv")
+    q_tiles, kv_tiles = -(-q_len // dkdv_tiles[0]), -(-kv_len // dkdv_tiles[1])
+    if lines:
+        out.append(RoutingStep(f"transpose{tag}", "tile map turned around", (kv_lists,),
+                               f"per key tile: byte map [{kv_tiles}, {q_tiles}] + spans",
+                               2 * q_tiles * kv_tiles))
+        out.append(RoutingStep("dq", "dQ kernel", (dq_lists, select.name), "dQ", 0))
+        out.append(RoutingStep("dkdv", "dK/dV kernel", (f"transpose{tag}", select.name),
+                               "dK, dV", 0))
+        return tuple(out)
+    if isinstance(node, Clusters):
+        ck = node.centroids.shape[1]
+        width = ck
+    else:
+        _, ck = _bucket_counts(node, q_len, kv_len)
+        width = _list_width(node, q_len, kv_len, dkdv_tiles[0])[1]
+    entries = q_tiles * width
     out.append(RoutingStep(f"transpose{tag}", "counting sort by key bucket", (kv_lists,),
                            f"CSR: pointers [{ck + 1}], query tiles [{entries}]",
                            entries * max(1, math.ceil(math.log2(max(entries, 2)))) + ck))
     out.append(RoutingStep("dq", "dQ kernel", (dq_lists,), "dQ", 0))
     out.append(RoutingStep("dkdv", "dK/dV kernel", (f"transpose{tag}", kv_lists), "dK, dV", 0))
     return tuple(out)
+
+
+def _tile_map(name: str, source: str, q_len: int, kv_len: int, block_m: int,
+              block_n: int) -> RoutingStep:
+    q_tiles, kv_tiles = -(-q_len // block_m), -(-kv_len // block_n)
+    return RoutingStep(name, "tiles the lines cross", (source,),
+                       f"tile byte map [{q_tiles}, {kv_tiles}] + spans", 4 * q_tiles * kv_tiles)
 
 
 def routing_dag(steps: tuple[RoutingStep, ...]) -> nx.DiGraph:
@@ -244,7 +278,9 @@ def kernel_routing_node(pattern: Pattern):
 def cluster_kernel_ok(pattern: Pattern, node) -> bool:
     """Clusters run sorted by cluster in the kernel when nothing else needs token order:
     nearest-centroid mode (a permutation; balanced clusters overlap), no static part
-    outside the intersection, no documents, ALiBi or rel_bias (softcap is fine)."""
+    outside the intersection, no documents, ALiBi, rel_bias or pair bias (softcap is fine:
+    it reads no position)."""
     if node.balanced is not None or not isinstance(static_part(pattern), Empty):
         return False
-    return not any(isinstance(n, (Documents, MaskTable, Alibi, RelBias)) for n in walk(pattern))
+    return not any(isinstance(n, (Documents, MaskTable, Alibi, RelBias, PairBias))
+                   for n in walk(pattern))

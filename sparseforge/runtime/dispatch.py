@@ -26,7 +26,7 @@ from ..ir.routing import Clusters, TopkKeys, is_dynamic
 from ..ir.scores import learned_tensors, score_spec, window_tables
 from ..ir.split import static_siblings
 from ..planner.plan import Plan, default_target, dtype_name, head_groups, plan
-from ..planner.routing_steps import has_generated_backward, kernel_routing_node
+from ..planner.routing_steps import kernel_routing_node
 from ..validate import check_attention_inputs
 from . import cpu_flash, torch_exec, triton_launch
 from .cache import interpreter_active
@@ -186,8 +186,9 @@ def execute_backward(executor: Executor, p: Plan, compiled: CompiledPattern, q, 
         return triton_launch.run_backward(p, compiled.head_patterns, q, k, v, out, lse, grad_out,
                                           grad_lse, scale, interpret=executor.interpret)
     node = compiled.routed_node[0]  # the forward's selection, laid out for the backward's tiles
-    routed = backward_routing(node, routed, q.shape[2], k.shape[2], p.backward_dq.block_m,
-                              p.backward_dkdv.block_m)
+    dq_cfg, dkdv_cfg = p.backward_dq, p.backward_dkdv
+    routed = backward_routing(node, routed, q.shape[2], k.shape[2],
+                              (dq_cfg.block_m, dq_cfg.block_n), (dkdv_cfg.block_m, dkdv_cfg.block_n))
     dq, dk, dv, grads = triton_launch.run_backward(p, compiled.head_patterns, q, k, v, out, lse,
                                                    grad_out, grad_lse, scale,
                                                    interpret=executor.interpret, routed=routed)
@@ -271,29 +272,27 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
 def _run_routed(executor: Executor, target: str, backend: str, q, k, v, pattern: Pattern, shape):
     """A routed pattern: the generated pre-kernels route, then the routed forward kernel
     walks the static segments plus the selected tiles; with a gradient wanted, the
-    generated backward walks the same selection (the bucket rules). The torch executor,
-    patterns without a kernel (two routing nodes, per-head patterns, balanced clusters)
-    and training the rules without a generated backward run ``routed_attention`` (torch
-    ops, exact, differentiable); ``backend='triton'`` refuses what it cannot run rather
-    than fall back silently."""
+    generated backward walks the same selection. The torch executor and patterns without
+    a kernel (two routing nodes, per-head patterns, balanced clusters) run
+    ``routed_attention`` (torch ops, exact, differentiable); ``backend='triton'`` refuses
+    what it cannot run rather than fall back silently."""
     compiled = compile_pattern(pattern)
     node, siblings = compiled.routed_node or (None, ())
-    bias = (node.bias,) if isinstance(node, TopkKeys) else ()
-    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *bias,
-                                                                            *compiled.tables))
-    why_not = ("it has no generated kernel (one routing node per pattern, not clusters)"
-               if node is None else
-               f"{type(node).__name__}'s routed kernel has no generated backward yet"
-               if wants_grad and not has_generated_backward(compiled.canonical) else None)
+    why_not = ("it has no generated kernel (one routing node per pattern, no per-head "
+               "patterns; clusters: nearest-centroid, no static part, documents or "
+               "position-reading score modifiers)" if node is None else None)
     if executor is not Executor.TORCH and why_not is None and shape.q_len and shape.kv_len:
         p = cached_plan(compiled, shape.q_len, shape.kv_len, shape.head_dim, q.dtype, target,
                         shape.value_dim)
         prekernels = executor.prekernels
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         if isinstance(node, Clusters):  # gather in cluster order, attend, scatter back
-            order = ClusterOrder(*cluster_tiles(node, q, k, p.block_m, prekernels))
-            return order.scatter(*execute_forward(executor, p, compiled, *order.gather(q, k, v),
-                                                  shape.scale, routed=order.tiles))
+            with torch.no_grad():
+                order = ClusterOrder(*cluster_tiles(node, q, k, p.block_m, prekernels))
+            # (the gather and scatter carry the gradient: the backward kernels run on the
+            # sorted tokens too)
+            return order.scatter(*attend(executor, p, compiled, *order.gather(q, k, v),
+                                         shape.scale, order.tiles))
         # bucket lists per forward query tile, or for decode one tile of all new tokens
         rows = max(shape.q_len, 1) if triton_launch.decode_eligible(p) else p.block_m
         with torch.no_grad():  # routing decisions are not differentiated

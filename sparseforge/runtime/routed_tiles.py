@@ -170,25 +170,35 @@ def transposed_selection(tiles: RoutedTiles) -> tuple[torch.Tensor, torch.Tensor
 
 def relaid(node, tiles: RoutedTiles, q_len: int, kv_len: int, block_m: int) -> RoutedTiles:
     """The call's selection (``tiles``) with its per-tile bucket lists for query tiles of
-    ``block_m`` rows (no routing again)."""
+    ``block_m`` rows (no routing again). Clusters: the cluster lists of the sorted rows."""
     if block_m == tiles.block_m:
         return tiles
+    if tiles.positions is not None:
+        tile_list, tile_count = _cluster_lists(tiles.q_bucket, tiles.sel_count.bool(), block_m)
+        return dataclasses.replace(tiles, tile_list=tile_list, tile_count=tile_count,
+                                   block_m=block_m)
     laid_out = routed_tiles(node, tiles.sel, tiles.sel_count, tiles.q_starts, tiles.k_starts,
                             tiles.head_map, q_len, kv_len, block_m)
     return dataclasses.replace(laid_out, key_bias=tiles.key_bias)
 
 
-def backward_routing(node, tiles: RoutedTiles, q_len: int, kv_len: int, dq_block_m: int,
-                     dkdv_block_m: int) -> RoutedBackward:
-    """The forward's routing (``tiles``) as the dQ and dK/dV kernels read it: the same
-    selection, per query tile of their own sizes."""
-    dkdv = relaid(node, tiles, q_len, kv_len, dkdv_block_m)
+def backward_routing(node, tiles, q_len: int, kv_len: int, dq_tiles: tuple[int, int],
+                     dkdv_tiles: tuple[int, int]):
+    """The forward's routing (``tiles``: ``RoutedTiles`` or ``RoutedLines``) as the dQ and
+    dK/dV kernels read it: the same selection, per tile of their own sizes ``(block_m,
+    block_n)``, and dK/dV's transpose (``RoutedBackward`` or ``LinesBackward``)."""
+    if isinstance(tiles, RoutedLines):
+        dq = tiles.relaid(q_len, kv_len, *dq_tiles)
+        dkdv = dq if dkdv_tiles == dq_tiles else tiles.relaid(q_len, kv_len, *dkdv_tiles)
+        return LinesBackward(dq, dkdv.transposed())
+    dq = relaid(node, tiles, q_len, kv_len, dq_tiles[0])
+    dkdv = dq if dkdv_tiles[0] == dq_tiles[0] else relaid(node, tiles, q_len, kv_len,
+                                                          dkdv_tiles[0])
     grad = None
     if tiles.key_bias is not None:  # per batch row: each dK/dV program writes its own keys
         grad = torch.zeros((tiles.sel.shape[0], *tiles.key_bias.shape[1:]), dtype=torch.float32,
                            device=tiles.key_bias.device)
-    return RoutedBackward(relaid(node, tiles, q_len, kv_len, dq_block_m), dkdv,
-                          *transposed_selection(dkdv), grad)
+    return RoutedBackward(dq, dkdv, *transposed_selection(dkdv), grad)
 
 
 @dataclass(frozen=True)
@@ -197,7 +207,9 @@ class RoutedLines:
     ``[B, Hq, V]`` selected key columns ascending and ``col_count`` ``[B, Hq]``; ``offs``
     ``[B, Hq, S]`` selected diagonal offsets ``p - j`` ascending and ``off_count``;
     ``tile_map`` uint8 ``[B, Hq, Tq, Tk]``: does a selected line cross kv tile t for query
-    tile m; ``tile_span`` ``[B, Hq, Tq, 2]`` its first and one-past-last set tile."""
+    tile m; ``tile_span`` ``[B, Hq, Tq, 2]`` its first and one-past-last set tile. After
+    ``transposed`` (dK/dV) the map is ``[B, Hq, Tk, Tq]`` and the spans run over query
+    tiles per key tile."""
 
     cols: torch.Tensor
     col_count: torch.Tensor
@@ -206,11 +218,52 @@ class RoutedLines:
     tile_map: torch.Tensor
     tile_span: torch.Tensor
     head_map: torch.Tensor
+    #: the selection and the tiles the map is for (not kernel arguments): the backward
+    #: lays the same lines out for its own tiles (``relaid``)
+    selection: object = None
+    lines: tuple[int, int] = (0, 0)  # (n_vertical, n_slash)
+    tiles: tuple[int, int] = (0, 0)  # (block_m, block_n)
 
     def kernel_args(self) -> list:
         return [self.cols, self.col_count, self.offs, self.off_count, self.tile_map,
                 self.tile_span, self.head_map, self.cols.shape[1], self.cols.shape[2],
                 self.offs.shape[2], self.tile_map.shape[2], self.tile_map.shape[3]]
+
+    def relaid(self, q_len: int, kv_len: int, block_m: int, block_n: int) -> RoutedLines:
+        """The same lines with the tile map for tiles of ``block_m`` x ``block_n``."""
+        if (block_m, block_n) == self.tiles:
+            return self
+        return routed_lines(self.selection, *self.lines, q_len, kv_len, block_m, block_n)
+
+    def transposed(self) -> RoutedLines:
+        """The tile map turned around for dK/dV: per key tile, the query tiles a selected
+        line crosses, and their span."""
+        t_map = self.tile_map.transpose(-1, -2).contiguous()
+        return dataclasses.replace(self, tile_map=t_map, tile_span=_spans(t_map))
+
+
+@dataclass(frozen=True)
+class LinesBackward:
+    """What the routed backward kernels read for ``vertical_slash``: the lines with the
+    tile map for dQ's tiles (``dq``) and with dK/dV's map transposed (``dkdv``)."""
+
+    dq: RoutedLines
+    dkdv: RoutedLines
+    key_bias_grad: None = None
+
+    def dkdv_args(self) -> list:
+        return self.dkdv.kernel_args()
+
+
+def _spans(tile_map: torch.Tensor) -> torch.Tensor:
+    """Per row of a tile map ``[..., T]``: its first and one-past-last set tile (0, 0 if
+    none), int32 ``[..., 2]``."""
+    width = tile_map.shape[-1]
+    ticks = torch.arange(1, width + 1, device=tile_map.device)
+    set_ = tile_map != 0
+    last = torch.where(set_, ticks, 0).amax(-1)
+    first = torch.where(set_, ticks, width + 1).amin(-1) - 1
+    return torch.stack([torch.where(last > 0, first, 0), last], -1).to(torch.int32).contiguous()
 
 
 def _ascending(flags: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,15 +294,11 @@ def routed_lines(selection, n_vertical: int, n_slash: int, q_len: int, kv_len: i
     hi = (p_last[:, None] - j_first[None, :] + kv_len).clamp(0, 2 * kv_len - 1)  # exclusive
     count = (cum.gather(-1, hi.flatten()[None, None].expand(b, h, -1))
              - cum.gather(-1, lo.flatten()[None, None].expand(b, h, -1)))
-    tile_map = (count.view(b, h, tq, tk) > 0) | col_tiles[:, :, None, :]
-    ticks = torch.arange(1, tk + 1, device=device)
-    last = torch.where(tile_map, ticks, 0).amax(-1)
-    first = torch.where(tile_map, ticks, tk + 1).amin(-1) - 1
-    span = torch.stack([torch.where(last > 0, first, 0), last], -1).to(torch.int32)
+    tile_map = ((count.view(b, h, tq, tk) > 0) | col_tiles[:, :, None, :]).to(torch.uint8)
     heads = torch.arange(h, device=device, dtype=torch.int32)
     return RoutedLines(cols.contiguous(), col_count.contiguous(), offs.contiguous(),
-                       off_count.contiguous(), tile_map.to(torch.uint8).contiguous(),
-                       span.contiguous(), heads)
+                       off_count.contiguous(), tile_map.contiguous(), _spans(tile_map), heads,
+                       selection, (n_vertical, n_slash), (block_m, block_n))
 
 
 def route_tiles(node, siblings, q: torch.Tensor, k: torch.Tensor, scale: float, block_m: int,
@@ -319,18 +368,27 @@ def cluster_tiles(node, q: torch.Tensor, k: torch.Tensor, block_m: int,
     k_starts = torch.nn.functional.pad(counts.cumsum(-1), (1, 0)).to(torch.int32)
     own = counts[:, torch.arange(hq, device=q.device) // (hq // hkv)] > 0  # [B, Hq, C]
     sel = torch.arange(c, device=q.device, dtype=torch.int32).view(1, 1, c, 1).expand(b, hq, c, 1)
-    # per query tile: the clusters its sorted rows span that hold a key, ascending
-    firsts = sorted_q[..., ::block_m]
-    lasts = sorted_q[..., torch.clamp(torch.arange(firsts.shape[-1], device=q.device) * block_m
-                                      + block_m - 1, max=q_len - 1)]
-    cl = torch.arange(c, device=q.device)
-    listed = ((cl >= firsts[..., None]) & (cl <= lasts[..., None])
-              & torch.gather(own, 2, cl.expand(b, hq, c))[:, :, None, :])  # [B, Hq, Tq, C]
-    tile_list, tile_count = _ascending(listed, c)
+    tile_list, tile_count = _cluster_lists(sorted_q, own, block_m)
     tiles = RoutedTiles(sel.contiguous(), own.to(torch.int32).contiguous(),
                         sorted_q.to(torch.int32).contiguous(), sorted_k.to(torch.int32).contiguous(),
                         k_starts.contiguous(), tile_list.contiguous(), tile_count.contiguous(),
                         torch.arange(hq, device=q.device, dtype=torch.int32),
                         positions=((order_q + (kv_len - q_len)).to(torch.int32).contiguous(),
-                                   order_k.to(torch.int32).contiguous()))
+                                   order_k.to(torch.int32).contiguous()), block_m=block_m)
     return order_q, order_k, tiles
+
+
+def _cluster_lists(sorted_q: torch.Tensor, own: torch.Tensor, block_m: int):
+    """Per query tile of ``block_m`` cluster-sorted rows (cluster ids ``sorted_q`` ``[B,
+    Hq, Lq]``): the clusters its rows span that hold a key (``own`` ``[B, Hq, C]``),
+    ascending, and their count."""
+    q_len = sorted_q.shape[-1]
+    c = own.shape[-1]
+    firsts = sorted_q[..., ::block_m]
+    lasts = sorted_q[..., torch.clamp(torch.arange(firsts.shape[-1], device=sorted_q.device)
+                                      * block_m + block_m - 1, max=q_len - 1)]
+    cl = torch.arange(c, device=sorted_q.device)
+    listed = ((cl >= firsts[..., None]) & (cl <= lasts[..., None])
+              & own[:, :, None, :])  # [B, Hq, Tq, C]
+    tile_list, tile_count = _ascending(listed, c)
+    return tile_list.contiguous(), tile_count.contiguous()

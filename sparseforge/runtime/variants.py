@@ -141,7 +141,8 @@ def variant_specs() -> dict[str, tuple]:
 #: dQ, dK/dV and decode templates (the static part empty and three segments differ only
 #: in the segment-skip test; they compiled clean too when this set was chosen, and their
 #: forwards stay in it)
-ROUTED_TRAINING = ("routed_moba", "routed_chunks_scores", "routed_topk_keys")
+ROUTED_TRAINING = ("routed_moba", "routed_chunks_scores", "routed_topk_keys", "routed_clusters",
+                   "routed_vertical_slash")
 
 
 def variant_kinds(name: str) -> tuple[str, ...]:

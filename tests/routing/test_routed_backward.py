@@ -2,8 +2,9 @@
 its on-device transpose) under Triton's interpreter: q, k and v gradients through out and
 lse against fp64 autograd through the oracle, for every bucket rule with and without a
 static part, GQA, Lq != Lkv, odd head dims, empty rows, a score modifier, and key tiles
-spanning several buckets (where dK/dV must visit each query tile once); bitwise
-repeatable; and the rules without a generated backward say so."""
+spanning several buckets (where dK/dV must visit each query tile once); lines
+(vertical_slash, through the transposed tile map) and clusters (on the sorted tokens);
+bitwise repeatable; no host read in a warm training step."""
 
 import pytest
 import torch
@@ -25,6 +26,13 @@ PATTERNS = {
     "hierarchical": sf.hierarchical(2, 8) & sf.causal(),
     "many_buckets_per_tile": sf.topk_blocks(3, 4) & sf.causal(),  # ~11 buckets per key tile
     "softcap": (sf.topk_blocks(16, 2) | sf.sliding_window(8)) & sf.softcap(3.0),
+    # lines: dK/dV walks the tile map turned around; beside a static part, and alone
+    "vertical_slash_sinks": (sf.vertical_slash(6, 5, last_q=16) & sf.causal()) | sf.sinks(2),
+    "vertical_slash": sf.vertical_slash(3, 4, last_q=8) & sf.causal() & sf.softcap(4.0),
+    # the cluster-sorted tokens: dQ and dK/dV run sorted, the gather and scatter carry the
+    # gradient back to token order
+    "clusters": sf.clusters(torch.randn(2, 3, 12, generator=torch.Generator().manual_seed(2)))
+                & sf.causal() & sf.softcap(5.0),
 }
 
 
@@ -115,21 +123,9 @@ def test_topk_keys_gradients_include_the_key_bias(bias_shape, q_len, no_torch_pa
     assert got[-1].shape == bias.shape and got[-1].abs().max() > 0
 
 
-@pytest.mark.parametrize("pattern", [
-    sf.vertical_slash(4, 4) & sf.causal(),
-    sf.clusters(torch.randn(2, 3, 16)) & sf.causal(),
-], ids=["vertical_slash", "clusters"])
-def test_rules_without_a_generated_backward_say_so(pattern):
-    q, k, v = (t.requires_grad_() for t in random_qkv(1, 2, 2, 40, 40, 16, seed=1))
-    with pytest.raises(ValueError, match="no generated backward yet"):
-        sf.attention(q, k, v, pattern, backend="triton")
-    out = sf.attention(q, k, v, pattern, backend="auto")  # the torch path trains them
-    out.sum().backward()
-    assert q.grad is not None and torch.isfinite(q.grad).all()
-
-
-def test_explain_shows_the_backward_dag_at_the_sizes_a_call_builds(monkeypatch):
-    pattern = PATTERNS["nsa_selection"]
+@pytest.mark.parametrize("name", ["nsa_selection", "vertical_slash_sinks"])
+def test_explain_shows_the_backward_dag_at_the_sizes_a_call_builds(name, monkeypatch):
+    pattern = PATTERNS[name]
     built = []
     real = dispatch.backward_routing
     monkeypatch.setattr(dispatch, "backward_routing",
@@ -139,25 +135,27 @@ def test_explain_shows_the_backward_dag_at_the_sizes_a_call_builds(monkeypatch):
     p = dispatch.cached_plan(dispatch.compile_pattern(pattern), 70, 70, 16, torch.float32,
                              "interpret")
     text = p.explain()
-    assert "backward    generated" in text and "torch ops (this rule" not in text
+    assert "backward    generated" in text
     routed, = built
-    ck = routed.t_ptr.shape[-1] - 1
-    assert f"CSR: pointers [{ck + 1}], query tiles [{routed.t_idx.shape[-1]}]" in text
+    if name == "vertical_slash_sinks":  # the dK/dV tile map, turned around
+        kv_tiles, q_tiles = routed.dkdv.tile_map.shape[2:]
+        assert f"per key tile: byte map [{kv_tiles}, {q_tiles}]" in text
+        assert routed.dkdv.tile_span.shape[2] == kv_tiles
+    else:
+        ck = routed.t_ptr.shape[-1] - 1
+        assert f"CSR: pointers [{ck + 1}], query tiles [{routed.t_idx.shape[-1]}]" in text
     assert f"dK/dV {p.backward_dkdv.block_m}x{p.backward_dkdv.block_n}" in text
     for step in ("transpose0", "dq ", "dkdv "):
         assert f"\n  {step}" in text
-    # a rule without a generated backward says how it trains
-    lines = sf.plan(sf.vertical_slash(4, 4) & sf.causal(), q_len=70, kv_len=70, head_dim=16,
-                    target="interpret").explain()
-    assert "backward    torch ops" in lines
 
 
-@pytest.mark.parametrize("name", ["moba", "threshold_and_sinks", "topk_chunks", "hierarchical"])
+@pytest.mark.parametrize("name", ["moba", "threshold_and_sinks", "topk_chunks", "hierarchical",
+                                  "vertical_slash_sinks", "clusters"])
 def test_warm_training_steps_never_read_a_tensor_on_the_host(name, monkeypatch):
     """A warm forward + backward (routing, tile lists, their backward layout and
     transpose, the kernels) reads no tensor value on the host: on a GPU, no sync, and the
     step can be captured in a CUDA graph."""
-    q, k, v = random_qkv(1, 2, 1, 70, 70, 16, seed=13)
+    q, k, v = random_qkv(1, 2, 2, 70, 70, 12, seed=13)
     _grads(PATTERNS[name], q, k, v, "triton")  # warm: plans, caches
     reads = host_reads_during(lambda: _grads(PATTERNS[name], q, k, v, "triton"), monkeypatch)
     assert not reads, reads
