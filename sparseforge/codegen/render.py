@@ -211,8 +211,8 @@ def _routing_context(pattern, kv_len: int) -> dict:
 
 def routed_kernels(pattern, kind: str) -> bool:
     """Whether a routed pattern has a generated ``kind`` kernel: every routed pattern with
-    a kernel has its forward; the bucket rules their backward (dQ, dK/dV:
-    ``routing_steps.has_generated_backward``) and split-KV decode (``has_routed_decode``)."""
+    a kernel has its forward and backward (dQ, dK/dV: ``routing_steps.has_generated_backward``);
+    the bucket rules but ``topk_keys`` their split-KV decode (``has_routed_decode``)."""
     if kind == "decode":
         return has_routed_decode(pattern)
     return kind == "forward" or has_generated_backward(pattern)

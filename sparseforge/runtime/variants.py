@@ -137,8 +137,9 @@ def variant_specs() -> dict[str, tuple]:
 
 
 #: the routed variants whose backward and decode kernels are in the set: one segment
-#: (MoBA), score modifiers on chunks, and DMA's key bias span the routed branches of the
-#: dQ, dK/dV and decode templates (the static part empty and three segments differ only
+#: (MoBA), score modifiers on chunks, DMA's key bias, lines and sorted clusters span the
+#: routed branches of the dQ, dK/dV and decode templates (the static part empty and three
+#: segments differ only
 #: in the segment-skip test; they compiled clean too when this set was chosen, and their
 #: forwards stay in it)
 ROUTED_TRAINING = ("routed_moba", "routed_chunks_scores", "routed_topk_keys", "routed_clusters",

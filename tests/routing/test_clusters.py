@@ -143,3 +143,16 @@ def test_generated_assignment_compiles_for_sm80_and_sm90_without_spills():
     assert len(results) == 4
     for r in results:
         assert r["cubin_size"] > 0 and r["spills"] == 0 and r["stack"] == 0, r
+
+
+def test_a_pair_bias_keeps_clusters_out_of_the_sorted_kernel():
+    """A pair bias reads the pair's positions, which the sorted kernel does not have (it
+    once read sorted ones: a silent wrong answer). The kernel refuses; auto runs the torch
+    path, equal to the oracle."""
+    q, k, v = random_qkv(1, 2, 2, 40, 40, 16, seed=4)
+    bias = torch.randn(1, 2, 40, 40, generator=torch.Generator().manual_seed(5))
+    pattern = (sf.clusters(torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(6)))
+               & sf.causal() & sf.pair_bias(bias))
+    with pytest.raises(ValueError, match="no generated kernel"):
+        sf.attention(q, k, v, pattern, backend="triton")
+    assert_matches_oracle(pattern, q, k, v, "auto")
