@@ -171,12 +171,18 @@ def test_build_lists_the_routed_backward_and_decode_kernels():
     specs = [sf.BuildSpec("moba_train", PATTERNS["moba"], q_len=4096, kv_len=4096, head_dim=64,
                           dtype="bfloat16", heads=4, backward=True),
              sf.BuildSpec("moba_serve", PATTERNS["moba"], q_len=4, kv_len=4096, head_dim=64,
-                          dtype="bfloat16", heads=4)]
+                          dtype="bfloat16", heads=4),
+             sf.BuildSpec("lines_train", PATTERNS["vertical_slash_sinks"], q_len=4096,
+                          kv_len=4096, head_dim=64, dtype="bfloat16", heads=4, backward=True),
+             sf.BuildSpec("clusters_train", sf.causal() & sf.clusters(torch.randn(4, 8, 64)),
+                          q_len=4096, kv_len=4096, head_dim=64, dtype="bfloat16", heads=4,
+                          backward=True)]
     jobs, uses = plan_jobs(specs, ["sm_80", "sm_90"])
     kinds = {name: {(jobs[key].arch, jobs[key].kind) for key in keys}
              for name, keys in uses.items()}
     for arch in ("sm_80", "sm_90"):
-        assert {(arch, k) for k in ("forward", "backward_dq", "backward_dkdv")} <= kinds["moba_train"]
+        for name in ("moba_train", "lines_train", "clusters_train"):
+            assert {(arch, k) for k in ("forward", "backward_dq", "backward_dkdv")} <= kinds[name]
         assert (arch, "decode") in kinds["moba_serve"]
 
 

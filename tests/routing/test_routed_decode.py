@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import sparseforge as sf
+from sparseforge.planner.routing_steps import has_routed_decode
 from sparseforge.runtime import triton_launch
 from tests.helpers import host_reads_during, random_qkv
 
@@ -30,7 +31,7 @@ def splits(monkeypatch):
 
 
 @pytest.mark.parametrize("q_len", [1, 5])
-@pytest.mark.parametrize("name", list(PATTERNS))
+@pytest.mark.parametrize("name", [n for n, p in PATTERNS.items() if has_routed_decode(p)])
 def test_routed_decode_equals_the_oracle(name, q_len, launched_kinds, splits):
     q, k, v = random_qkv(2, 4, 2, q_len, 70, 16, seed=q_len + len(name))
     out, lse = sf.attention(q, k, v, PATTERNS[name], enable_gqa=True, backend="triton",
@@ -64,3 +65,15 @@ def test_warm_routed_decode_never_reads_a_tensor_on_the_host(monkeypatch):
     reads = host_reads_during(
         lambda: sf.attention(q, k, v, pattern, enable_gqa=True, backend="triton"), monkeypatch)
     assert not reads, reads
+
+
+@pytest.mark.parametrize("name", ["vertical_slash_sinks", "clusters"])
+def test_rules_without_a_routed_decode_run_the_forward_kernel(name, launched_kinds):
+    """Lines and sorted clusters have no decode kernel: a few new tokens run the routed
+    forward kernel, still exact."""
+    q, k, v = random_qkv(1, 4, 2, 3, 70, 12, seed=1)
+    out = sf.attention(q, k, v, PATTERNS[name], enable_gqa=True, backend="triton")
+    assert "forward" in launched_kinds and "decode" not in launched_kinds
+    ref = sf.reference_attention(q.double(), k.double(), v.double(), PATTERNS[name],
+                                 enable_gqa=True)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
