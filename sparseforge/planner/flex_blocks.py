@@ -91,6 +91,19 @@ def _neighborhood_blocks(pattern: Neighborhood, q_len: int, kv_len: int,
     """The BlockMask counts of a neighbourhood from its allowed pairs, listed query by
     query (the rule keeps at most ``prod(kernel)`` keys per query): exact, and linear
     in the sequence where the dense count is quadratic (a 16x64x64 video grid)."""
+    pairs = neighborhood_block_pairs(pattern, q_len, kv_len, block)
+    if pairs is None:
+        return None
+    q_of, kv_of, counts = pairs
+    whole = ((q_of + 1) * block <= q_len) & ((kv_of + 1) * block <= kv_len)
+    full = int(((counts == block * block) & whole).sum())
+    return FlexBlocks(len(q_of), full, int(counts.sum()), block)
+
+
+def neighborhood_block_pairs(pattern: Neighborhood, q_len: int, kv_len: int, block: int):
+    """``(query block, key block, allowed pairs)`` int64 vectors, one entry per block pair
+    holding an allowed pair of a lone neighbourhood, from its pairs listed query by query;
+    None past ``MAX_PAIRS`` pairs."""
     delta = kv_len - q_len
     first = max(0, -delta)
     rows = torch.arange(first, max(first, min(q_len, pattern.size - delta)))  # grid queries
@@ -110,7 +123,4 @@ def _neighborhood_blocks(pattern: Neighborhood, q_len: int, kv_len: int,
     kv_blocks = -(-kv_len // block)
     ids, counts = torch.unique(q_block * kv_blocks + torch.div(keys[kept], block, rounding_mode="floor"),
                                return_counts=True)
-    q_of, kv_of = torch.div(ids, kv_blocks, rounding_mode="floor"), ids % kv_blocks
-    whole = ((q_of + 1) * block <= q_len) & ((kv_of + 1) * block <= kv_len)
-    full = int(((counts == block * block) & whole).sum())
-    return FlexBlocks(len(ids), full, int(kept.sum()), block)
+    return torch.div(ids, kv_blocks, rounding_mode="floor"), ids % kv_blocks, counts

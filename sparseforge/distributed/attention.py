@@ -1,0 +1,162 @@
+"""Context-parallel attention: each rank attends its queries to its own keys while the
+keys it needs from the others arrive, then to those, and merges the two by log-sum-exp.
+
+The pattern is evaluated on the tokens' original positions (``semantics.pair_mask``,
+score modifiers by ``semantics.modified_scores``), so every static pattern means on a
+shard exactly what it means on the whole sequence. The attention itself is torch ops
+over row chunks (the keys a rank holds or received are already only those its queries
+may reach); autograd carries the gradient through it and through the exchange, whose
+backward returns dK/dV of the received rows to their owners.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from ..merging import merge
+from ..planner.plan import head_groups
+from ..semantics import modified_scores, pair_mask
+from .exchange import finish_exchange, start_exchange
+from .layout import ShardLayout, self_attention_pattern
+
+#: query rows per chunk of the torch attention (bounds its [rows, keys] temporaries)
+ROW_CHUNK = 256
+
+
+def attend_at(q, k, v, canonical, pos_q: torch.Tensor, pos_k: torch.Tensor, seq_len: int,
+              scale: float):
+    """(out, lse) of queries at positions ``pos_q`` against keys at ``pos_k`` (original
+    positions in a sequence of ``seq_len``) under ``canonical``; k/v heads are repeated
+    for GQA. Rows with no allowed key give 0 and -inf."""
+    b, hq, rows_total, _ = q.shape
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    group = hq // k.shape[1]
+    kk = k.to(compute).repeat_interleave(group, dim=1)
+    vv = v.to(compute).repeat_interleave(group, dim=1)
+    j = pos_k.to(q.device)[None, :]
+    if rows_total == 0 or k.shape[2] == 0:
+        return (q.new_zeros((b, hq, rows_total, v.shape[-1])),
+                q.new_full((b, hq, rows_total), float("-inf"), dtype=torch.float32))
+    groups = head_groups(canonical)
+    outs, lses = [], []
+    for r0 in range(0, rows_total, ROW_CHUNK):
+        rows = slice(r0, min(rows_total, r0 + ROW_CHUNK))
+        p = pos_q[rows].to(q.device)[:, None]
+        s = q[:, :, rows].to(compute) @ kk.transpose(-1, -2) * scale
+        parts = []
+        for head, heads in groups:  # per_head: each head group under its own pattern
+            hs = torch.arange(hq) if heads is None else torch.tensor(heads)
+            mask = pair_mask(head, p, j, seq_len, seq_len)
+            while mask.dim() < 3:
+                mask = mask[None]
+            part = modified_scores(head, s if heads is None else s[:, hs], hs, p, j)
+            parts.append(part.masked_fill(~mask[:, None], float("-inf")))
+        if len(parts) == 1:
+            masked = parts[0]
+        else:  # back in head order
+            order = torch.cat([torch.tensor(h) for _, h in groups]).argsort()
+            masked = torch.cat(parts, 1)[:, order]
+        chunk_lse = torch.logsumexp(masked, dim=-1)
+        probs = torch.exp(masked - torch.where(torch.isinf(chunk_lse), 0.0, chunk_lse)[..., None])
+        outs.append(probs @ vv)
+        lses.append(chunk_lse)
+    return torch.cat(outs, 2).to(q.dtype), torch.cat(lses, 2).float()
+
+
+def _local_rows(layout: ShardLayout, rank: int) -> dict[int, int]:
+    """Block -> its first row in rank ``rank``'s local tensors."""
+    offsets, row = {}, 0
+    for b in layout.blocks_of(rank):
+        offsets[int(b)] = row
+        row += layout.block_len(int(b))
+    return offsets
+
+
+def _rows_of(layout: ShardLayout, blocks, offsets: dict[int, int]) -> torch.Tensor:
+    parts = [torch.arange(offsets[b], offsets[b] + layout.block_len(b)) for b in blocks]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
+def _check(q, k, v, layout: ShardLayout, rank: int, world: int, enable_gqa: bool):
+    if not isinstance(layout, ShardLayout):
+        raise TypeError(f"layout={type(layout).__name__}: expected a ShardLayout from "
+                        "sparseforge.distributed.plan_shards")
+    if world != layout.world_size:
+        raise ValueError(f"layout: planned for world_size={layout.world_size}, the process group "
+                         f"has {world} ranks")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name}: expected a [B, H, L_local, D] tensor")
+        if t.shape[2] != layout.local_len(rank):
+            raise ValueError(f"{name}: rank {rank} holds {layout.local_len(rank)} tokens in this "
+                             f"layout, got L_local={t.shape[2]} (use sparseforge.distributed.shard)")
+    if k.shape[:2] != v.shape[:2] or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected "
+                         "matching batch, kv heads and q/k head dims")
+    if k.dtype != v.dtype or q.dtype != k.dtype:
+        raise ValueError(f"q, k, v dtypes {q.dtype}, {k.dtype}, {v.dtype}: expected one dtype")
+    if q.shape[1] != k.shape[1] and (not enable_gqa or q.shape[1] % k.shape[1]):
+        raise ValueError(f"q has {q.shape[1]} heads, k {k.shape[1]}: pass enable_gqa=True with "
+                         "Hq a multiple of Hkv")
+
+
+def attention(q, k, v, pattern, layout: ShardLayout, *, scale: float | None = None,
+              enable_gqa: bool = False, return_lse: bool = False, group=None):
+    """This rank's attention output ``[B, Hq, L_local, Dv]`` (and lse) for its shard of
+    the sequence (``shard``), exact and differentiable: the keys it needs from each other
+    rank (``layout.needs``) are exchanged once (all-to-all-v, overlapped with the
+    attention to its own keys), the two parts merged by log-sum-exp."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    _check(q, k, v, layout, rank, world, enable_gqa)
+    canonical = self_attention_pattern(pattern)
+    if layout.pattern is not None and self_attention_pattern(layout.pattern) != canonical:
+        raise ValueError(f"pattern {pattern!r}: the layout was planned for {layout.pattern!r}; "
+                         "plan_shards again for this pattern")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    offsets = _local_rows(layout, rank)
+    # this rank's rows each other rank needs, in rank order, K and V side by side
+    dk = k.shape[-1]
+    kv = torch.cat([k, v], -1).permute(2, 0, 1, 3)  # [L_local, B, Hkv, Dk + Dv]
+    sends = [_rows_of(layout, layout.needs[d][rank], offsets) for d in range(world)]
+    in_splits = [len(s) for s in sends]
+    out_splits = [sum(layout.block_len(b) for b in layout.needs[rank][s]) for s in range(world)]
+    send = kv.index_select(0, torch.cat(sends).to(kv.device))
+    buffer, pending = start_exchange(send, in_splits, out_splits, group)
+    pos = layout.positions(rank)
+    local_out, local_lse = attend_at(q, k, v, canonical, pos, pos, layout.seq_len, scale)
+    received, local_out, local_lse = finish_exchange(buffer, pending, local_out, local_lse)
+    received = received.permute(1, 2, 0, 3)  # [B, Hkv, N, Dk + Dv]
+    remote_pos = layout.token_positions([b for s in range(world) for b in layout.needs[rank][s]])
+    remote = attend_at(q, received[..., :dk], received[..., dk:], canonical, pos, remote_pos,
+                       layout.seq_len, scale)
+    out, lse = merge([local_out, remote[0]], [local_lse, remote[1]])
+    return (out, lse) if return_lse else out
+
+
+def shard(x: torch.Tensor, layout: ShardLayout, *, dim: int = 2, group=None) -> torch.Tensor:
+    """This rank's part of ``x`` (the whole sequence along ``dim``, on every rank): its
+    blocks' tokens, in the layout's local order."""
+    rank = dist.get_rank(group)
+    if x.shape[dim] != layout.seq_len:
+        raise ValueError(f"x: expected the whole sequence ({layout.seq_len} tokens) along dim "
+                         f"{dim}, got {x.shape[dim]}")
+    return x.index_select(dim, layout.positions(rank).to(x.device))
+
+
+def unshard(y: torch.Tensor, layout: ShardLayout, *, dim: int = 2, group=None) -> torch.Tensor:
+    """The whole sequence in original order, on every rank, from each rank's part ``y``
+    (an all-gather; not differentiable)."""
+    world = dist.get_world_size(group)
+    longest = max(layout.local_len(r) for r in range(world))
+    y = y.detach().movedim(dim, 0)
+    padded = y.new_zeros((longest, *y.shape[1:]))
+    padded[:y.shape[0]] = y
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    full = y.new_empty((layout.seq_len, *y.shape[1:]))
+    for r in range(world):
+        full[layout.positions(r).to(y.device)] = parts[r][:layout.local_len(r)]
+    return full.movedim(0, dim)
