@@ -21,16 +21,18 @@ from ..planner.plan import head_groups
 from ..semantics import modified_scores, pair_mask
 from .exchange import finish_exchange, start_exchange
 from .layout import ShardLayout, self_attention_pattern
+from .routing import ask_owners, pooled_node, route_across, selected_blocks
 
 #: query rows per chunk of the torch attention (bounds its [rows, keys] temporaries)
 ROW_CHUNK = 256
 
 
 def attend_at(q, k, v, canonical, pos_q: torch.Tensor, pos_k: torch.Tensor, seq_len: int,
-              scale: float):
+              scale: float, routing: dict | None = None):
     """(out, lse) of queries at positions ``pos_q`` against keys at ``pos_k`` (original
-    positions in a sequence of ``seq_len``) under ``canonical``; k/v heads are repeated
-    for GQA. Rows with no allowed key give 0 and -inf."""
+    positions in a sequence of ``seq_len``) under ``canonical`` (its routing node's
+    selection in ``routing``); k/v heads are repeated for GQA. Rows with no allowed key
+    give 0 and -inf."""
     b, hq, rows_total, _ = q.shape
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     group = hq // k.shape[1]
@@ -49,11 +51,12 @@ def attend_at(q, k, v, canonical, pos_q: torch.Tensor, pos_k: torch.Tensor, seq_
         parts = []
         for head, heads in groups:  # per_head: each head group under its own pattern
             hs = torch.arange(hq) if heads is None else torch.tensor(heads)
-            mask = pair_mask(head, p, j, seq_len, seq_len)
-            while mask.dim() < 3:
-                mask = mask[None]
+            mask = pair_mask(head, p, j, seq_len, seq_len, routing)
+            mask = mask if mask.dim() == 4 else (mask[:, None] if mask.dim() == 3 else mask[None, None])
+            if heads is not None and mask.shape[1] > 1:
+                mask = mask[:, hs]
             part = modified_scores(head, s if heads is None else s[:, hs], hs, p, j)
-            parts.append(part.masked_fill(~mask[:, None], float("-inf")))
+            parts.append(part.masked_fill(~mask, float("-inf")))
         if len(parts) == 1:
             masked = parts[0]
         else:  # back in head order
@@ -117,21 +120,36 @@ def attention(q, k, v, pattern, layout: ShardLayout, *, scale: float | None = No
                          "plan_shards again for this pattern")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     offsets = _local_rows(layout, rank)
+    pos = layout.positions(rank)
+    receive = [layout.needs[rank][s] for s in range(world)]
+    send_to = [layout.needs[d][rank] for d in range(world)]
+    routing = None
+    node = pooled_node(canonical)
+    if node is not None:  # route on the whole sequence's pooled summaries, fetch what was chosen
+        with torch.no_grad():
+            selection = route_across(node, canonical, q.detach(), k.detach(), pos,
+                                     layout.seq_len, scale, group)
+        routing = {node: selection}
+        chosen = selected_blocks(selection, pos, layout.seq_len, layout.block)
+        chosen &= layout.reachable[rank]
+        receive = [tuple(sorted(set(receive[s]) | {b for b in chosen if layout.owner[b] == s}))
+                   if s != rank else () for s in range(world)]
+        send_to = ask_owners(receive, group)
     # this rank's rows each other rank needs, in rank order, K and V side by side
     dk = k.shape[-1]
     kv = torch.cat([k, v], -1).permute(2, 0, 1, 3)  # [L_local, B, Hkv, Dk + Dv]
-    sends = [_rows_of(layout, layout.needs[d][rank], offsets) for d in range(world)]
+    sends = [_rows_of(layout, send_to[d], offsets) for d in range(world)]
     in_splits = [len(s) for s in sends]
-    out_splits = [sum(layout.block_len(b) for b in layout.needs[rank][s]) for s in range(world)]
+    out_splits = [sum(layout.block_len(b) for b in receive[s]) for s in range(world)]
     send = kv.index_select(0, torch.cat(sends).to(kv.device))
     buffer, pending = start_exchange(send, in_splits, out_splits, group)
-    pos = layout.positions(rank)
-    local_out, local_lse = attend_at(q, k, v, canonical, pos, pos, layout.seq_len, scale)
+    local_out, local_lse = attend_at(q, k, v, canonical, pos, pos, layout.seq_len, scale,
+                                     routing)
     received, local_out, local_lse = finish_exchange(buffer, pending, local_out, local_lse)
     received = received.permute(1, 2, 0, 3)  # [B, Hkv, N, Dk + Dv]
-    remote_pos = layout.token_positions([b for s in range(world) for b in layout.needs[rank][s]])
+    remote_pos = layout.token_positions([b for s in range(world) for b in receive[s]])
     remote = attend_at(q, received[..., :dk], received[..., dk:], canonical, pos, remote_pos,
-                       layout.seq_len, scale)
+                       layout.seq_len, scale, routing)
     out, lse = merge([local_out, remote[0]], [local_lse, remote[1]])
     return (out, lse) if return_lse else out
 

@@ -19,16 +19,19 @@ import torch.distributed as dist
 @dataclass
 class Counters:
     """Bytes this process sent and received through ``exchange`` (forward and backward
-    separately), and how many exchanges ran."""
+    separately), how many exchanges ran, and the bytes routing across ranks contributed
+    (pooled summaries and block requests: ``distributed/routing.py``)."""
 
     sent: int = 0
     received: int = 0
     grad_sent: int = 0
     grad_received: int = 0
     calls: int = 0
+    routing: int = 0
 
     def reset(self) -> None:
-        self.sent = self.received = self.grad_sent = self.grad_received = self.calls = 0
+        self.sent = self.received = self.grad_sent = self.grad_received = 0
+        self.calls = self.routing = 0
 
 
 counters = Counters()

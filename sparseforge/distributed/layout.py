@@ -21,6 +21,7 @@ fewest tokens wins.
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -31,11 +32,13 @@ from ..ir.affine import data_conjuncts, drop_top_left, without_data_conjuncts
 from ..ir.canonicalize import canonicalize
 from ..ir.neighborhood import Neighborhood
 from ..ir.nodes import Pattern, PerHead
-from ..ir.routing import is_dynamic
+from ..ir.routing import ThresholdBlocks, TopkChunks, is_dynamic
 from ..ir.scores import strip_scores
+from ..ir.split import envelope, static_part
 from ..planner.data_hulls import tile_hulls
 from ..planner.flex_blocks import neighborhood_block_pairs
 from ..planner.ranges import environment, tile_segments
+from .routing import pooled_node
 
 LAYOUTS = ("contiguous", "zigzag", "cost_cut", "balanced")
 #: candidates whose max/mean work is within this factor of the best are compared by traffic
@@ -48,7 +51,9 @@ class ShardLayout:
 
     ``owner[b]``: the rank holding block ``b`` (tokens ``[b * block, (b + 1) * block)``);
     ``cost[r]``: rank r's work, in key tiles its query blocks visit; ``needs[r][s]``:
-    the key blocks rank r receives from rank s (ascending; ``needs[r][r]`` is empty)."""
+    the key blocks rank r receives from rank s (ascending; ``needs[r][r]`` is empty); for
+    a routed pattern, those its static part needs (the selected blocks join at run
+    time)."""
 
     seq_len: int
     world_size: int
@@ -58,6 +63,10 @@ class ShardLayout:
     cost: tuple[int, ...]
     needs: tuple[tuple[tuple[int, ...], ...], ...]
     pattern: Pattern = field(repr=False, compare=False, default=None)
+    #: a routed pattern: per rank, the other ranks' blocks its envelope reaches (what a
+    #: selection may add to ``needs``; a query bucket straddling ranks may select blocks
+    #: only its rows on another rank reach)
+    reachable: tuple[frozenset, ...] = field(repr=False, compare=False, default=())
 
     @property
     def n_blocks(self) -> int:
@@ -114,13 +123,13 @@ class ShardLayout:
 
 
 def self_attention_pattern(pattern: Pattern) -> Pattern:
-    """The canonical pattern for Lq = Lkv (both alignments agree), as ``plan`` reads it."""
+    """The canonical pattern for Lq = Lkv (both alignments agree), as ``plan`` reads it;
+    a routed one must be routable across ranks (``routing.pooled_node``)."""
     if not isinstance(pattern, Pattern):
         raise TypeError(f"pattern={type(pattern).__name__}: expected a sparseforge pattern")
-    if is_dynamic(pattern):
-        raise ValueError(f"{pattern!r}: sparseforge.distributed plans static patterns (closed-form "
-                         "tile bounds); routed patterns across ranks are not supported yet")
-    return canonicalize(drop_top_left(canonicalize(pattern)))
+    canonical = canonicalize(drop_top_left(canonicalize(pattern)))
+    pooled_node(canonical)
+    return canonical
 
 
 @dataclass(frozen=True)
@@ -172,6 +181,8 @@ def reach(pattern: Pattern, seq_len: int, block: int) -> Reach:
     tile bounds of every distinct head pattern, narrowed to the tiles holding pairs of
     its documents and mask tables (any batch row), or a lone neighbourhood's block pairs."""
     canonical = self_attention_pattern(pattern)
+    if is_dynamic(canonical):  # what is allowed whatever is selected (the selection: at run time)
+        canonical = static_part(canonical)
     heads = tuple(dict.fromkeys(canonical.patterns if isinstance(canonical, PerHead)
                                 else (canonical,)))  # a rank serves every head
     tiles = -(-seq_len // block)
@@ -195,6 +206,23 @@ def reach(pattern: Pattern, seq_len: int, block: int) -> Reach:
                     lo, hi = np.maximum(lo, hull[0]), np.minimum(hi, hull[1])
                 out.append((lo, np.maximum(hi, lo)))
     return Reach(tiles, tuple(out))
+
+
+def _selected_cost(pattern: Pattern, seq_len: int, block: int) -> np.ndarray:
+    """A routed pattern's expected work on its selected buckets per query block (the
+    selection is made at run time): k buckets of the rule's mean size, in key tiles,
+    at most what its envelope allows; coverage rules are priced at their envelope."""
+    canonical = self_attention_pattern(pattern)
+    node = pooled_node(canonical)
+    n_blocks = -(-seq_len // block)
+    if node is None:
+        return np.zeros(n_blocks, dtype=np.int64)
+    bound = reach(envelope(canonical), seq_len, block).costs()
+    if isinstance(node, ThresholdBlocks):
+        return bound
+    bucket = (seq_len / max(1, node.boundaries.shape[-1] - 1) if isinstance(node, TopkChunks)
+              else node.block)
+    return np.minimum(bound, node.k * (math.ceil(bucket / block) + 1))
 
 
 def _contiguous(n_blocks: int, world: int) -> np.ndarray:
@@ -234,8 +262,13 @@ def _layout(kind: str, owner: np.ndarray, costs: np.ndarray, visits: Reach, seq_
         need = visits.needed(np.flatnonzero(owner == r))
         needs.append(tuple(tuple(int(b) for b in np.flatnonzero(need & (owner == s)))
                            if s != r else () for s in range(world)))
+    reachable = ()
+    if is_dynamic(pattern):
+        whole = reach(envelope(self_attention_pattern(pattern)), seq_len, block)
+        reachable = tuple(frozenset(int(b) for b in np.flatnonzero(
+            whole.needed(np.flatnonzero(owner == r)) & (owner != r))) for r in range(world))
     return ShardLayout(seq_len, world, block, kind, tuple(int(o) for o in owner), cost,
-                       tuple(needs), pattern)
+                       tuple(needs), pattern, reachable)
 
 
 def plan_shards(pattern: Pattern, seq_len: int, world_size: int, *, block: int = 128,
@@ -256,7 +289,7 @@ def plan_shards(pattern: Pattern, seq_len: int, world_size: int, *, block: int =
         raise ValueError(f"plan_shards: {seq_len} tokens in blocks of {block} make {n_blocks} "
                          f"blocks, fewer than world_size={world_size}; use a smaller block")
     visits = reach(pattern, seq_len, block)
-    costs = visits.costs()
+    costs = visits.costs() + _selected_cost(pattern, seq_len, block)
     owners = {"contiguous": _contiguous(n_blocks, world_size),
               "zigzag": _zigzag(n_blocks, world_size),
               "cost_cut": _cost_cut(costs, world_size),

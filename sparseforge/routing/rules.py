@@ -217,11 +217,26 @@ def route_node(node: DynamicPattern, siblings, q: torch.Tensor, k: torch.Tensor,
         scores = scores.expand(max(scores.shape[0], cand.shape[0], q.shape[0]), hq, cq, kv_len)
         selected = select_topk(scores, cand[:, None].expand_as(scores), node.k)
         return BlockSelection(selected, q_starts, k_starts, head_map("head", hq, hkv, str(device)))
-    sqrt_len = isinstance(node, TopkChunks) or getattr(node, "scale_by_sqrt_len", False)
+    sqrt_len = pooled_with_sqrt_len(node)
     how = getattr(node, "pool", "mean")
     positions_q = torch.arange(q_len, device=device) + (kv_len - q_len)
     qbar, _ = pool(q, positions_q, q_starts, how, sqrt_len)
     kbar, _ = pool(k, torch.arange(kv_len, device=device), k_starts, how, sqrt_len)
+    return select_pooled(node, siblings, qbar, kbar, q_starts, k_starts, q_len, kv_len, scale)
+
+
+def pooled_with_sqrt_len(node) -> bool:
+    """Whether a pooled rule scales each bucket's vector by sqrt(its size) (DHSA)."""
+    return isinstance(node, TopkChunks) or getattr(node, "scale_by_sqrt_len", False)
+
+
+def select_pooled(node, siblings, qbar: torch.Tensor, kbar: torch.Tensor, q_starts, k_starts,
+                  q_len: int, kv_len: int, scale: float) -> BlockSelection:
+    """The selection of a pooled rule (``topk_blocks``, ``topk_chunks``,
+    ``threshold_blocks``) from the pooled queries ``[B, Hq, Cq, D]`` and keys ``[B, Hkv,
+    Ck, D]``: scored, restricted to the candidates its static siblings allow, selected.
+    Context parallelism calls it with the pooled vectors summed across ranks."""
+    hq, hkv, device = qbar.shape[1], kbar.shape[1], qbar.device
     scores = bucket_scores(qbar, kbar, node.share)
     cand = node_candidates(node, siblings, q_starts, k_starts, q_len, kv_len, device)[:, None]
     cand = cand.expand(scores.shape[0], scores.shape[1], -1, -1)

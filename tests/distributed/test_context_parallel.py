@@ -2,8 +2,9 @@
 its shard of a sequence whose length is not a multiple of the world size; the output,
 lse and the q, k, v gradients of ``sfd.attention`` equal single-process
 ``sf.attention`` (fp32, 1e-5) for causal, sliding window + sinks, documents of uneven
-lengths and a 2-D neighbourhood (GQA); and every rank receives exactly the bytes its
-layout plans, no more."""
+lengths, a 2-D neighbourhood, a softcap and top-k routing across ranks (GQA); every
+rank receives exactly the bytes its layout plans (routed: its static needs plus the
+blocks it selected, within the envelope's)."""
 
 import os
 import tempfile
@@ -15,6 +16,9 @@ import torch.multiprocessing as mp
 
 import sparseforge as sf
 import sparseforge.distributed as sfd
+from sparseforge.ir.routing import is_dynamic
+from sparseforge.distributed.layout import reach
+from sparseforge.ir.split import envelope
 
 L = 100  # 13 blocks of 8 tokens, the last of 4: no world size divides it
 BLOCK = 8
@@ -28,6 +32,10 @@ def cases():
         "documents": sf.documents(ids) & sf.causal(),
         "neighborhood_2d": sf.neighborhood((10, 10), (3, 5)),
         "softcap_causal": sf.causal() & sf.softcap(2.0),
+        # routed across ranks: 12-key buckets straddle the 8-token blocks (and ranks)
+        "topk_blocks": (sf.causal() & sf.topk_blocks(12, 2)) | sf.sliding_window(6),
+        "topk_blocks_max": sf.topk_blocks(10, 3, pool="max", share="group") & sf.causal(),
+        "topk_chunks": sf.topk_chunks(torch.tensor([0, 30, 41, 77, 100]), 2) | sf.sinks(2),
     }
 
 
@@ -73,7 +81,16 @@ def _worker(rank, world, init_file, names):
                                            rtol=1e-5, msg=f"{name} {label} rank {rank}")
             # bytes: each received token carries K and V rows of every batch row and kv head
             row = 2 * 2 * (8 + 8) * 4
-            assert sfd.counters.received == layout.received_tokens(rank) * row, name
+            if is_dynamic(pattern):  # the static needs, the selected blocks, at most the envelope
+                need = reach(envelope(pattern), L, BLOCK).needed(layout.blocks_of(rank))
+                owner = torch.tensor(layout.owner)
+                bound = sum(layout.block_len(b) for b in range(len(owner))
+                            if need[b] and owner[b] != rank)
+                assert layout.received_tokens(rank) * row <= sfd.counters.received
+                assert sfd.counters.received <= bound * row, name
+                assert 0 < sfd.counters.routing, name
+            else:
+                assert sfd.counters.received == layout.received_tokens(rank) * row, name
             assert sfd.counters.grad_sent == sfd.counters.received, name
             full = sfd.unshard(got[0], layout)
             torch.testing.assert_close(full, want[0], atol=1e-5, rtol=1e-5)
