@@ -73,7 +73,7 @@ class ShardLayout:
         return len(self.owner)
 
     def block_len(self, b: int) -> int:
-        return min(self.block, self.seq_len - b * self.block)
+        return int(min(self.block, self.seq_len - int(b) * self.block))
 
     @cached_property
     def _blocks(self) -> tuple[np.ndarray, ...]:
@@ -111,6 +111,12 @@ class ShardLayout:
         """max / mean work over the ranks (1.0: perfectly balanced)."""
         mean = sum(self.cost) / self.world_size
         return max(self.cost) / mean if mean else 1.0
+
+    def save_png(self, path) -> None:
+        """Draw the layout and the exchange plan (``distributed/picture.py``)."""
+        from .picture import save_png
+
+        save_png(self, path)
 
     def describe(self) -> str:
         lines = [f"{self.kind} layout: {self.seq_len} tokens in {self.n_blocks} blocks of "
