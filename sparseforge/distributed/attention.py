@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -28,17 +29,18 @@ ROW_CHUNK = 256
 
 
 def attend_at(q, k, v, canonical, pos_q: torch.Tensor, pos_k: torch.Tensor, seq_len: int,
-              scale: float, routing: dict | None = None):
+              scale: float, routing: dict | None = None, reach=None, block: int = 1):
     """(out, lse) of queries at positions ``pos_q`` against keys at ``pos_k`` (original
     positions in a sequence of ``seq_len``) under ``canonical`` (its routing node's
     selection in ``routing``); k/v heads are repeated for GQA. Rows with no allowed key
-    give 0 and -inf."""
+    give 0 and -inf. ``reach`` (``layout.Reach`` over blocks of ``block`` tokens): each
+    chunk of rows scores only the keys its blocks may reach, not every key held."""
     b, hq, rows_total, _ = q.shape
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     group = hq // k.shape[1]
     kk = k.to(compute).repeat_interleave(group, dim=1)
     vv = v.to(compute).repeat_interleave(group, dim=1)
-    j = pos_k.to(q.device)[None, :]
+    j_all = pos_k.to(q.device)[None, :]
     if rows_total == 0 or k.shape[2] == 0:
         return (q.new_zeros((b, hq, rows_total, v.shape[-1])),
                 q.new_full((b, hq, rows_total), float("-inf"), dtype=torch.float32))
@@ -47,7 +49,12 @@ def attend_at(q, k, v, canonical, pos_q: torch.Tensor, pos_k: torch.Tensor, seq_
     for r0 in range(0, rows_total, ROW_CHUNK):
         rows = slice(r0, min(rows_total, r0 + ROW_CHUNK))
         p = pos_q[rows].to(q.device)[:, None]
-        s = q[:, :, rows].to(compute) @ kk.transpose(-1, -2) * scale
+        keys, values, j = kk, vv, j_all
+        if reach is not None:  # only the keys these rows' blocks may reach
+            near = torch.from_numpy(reach.needed(np.unique(pos_q[rows].numpy() // block)))
+            cols = torch.nonzero(near[pos_k // block]).flatten().to(q.device)
+            keys, values, j = kk.index_select(2, cols), vv.index_select(2, cols), j_all[:, cols]
+        s = q[:, :, rows].to(compute) @ keys.transpose(-1, -2) * scale
         parts = []
         for head, heads in groups:  # per_head: each head group under its own pattern
             hs = torch.arange(hq) if heads is None else torch.tensor(heads)
@@ -64,7 +71,7 @@ def attend_at(q, k, v, canonical, pos_q: torch.Tensor, pos_k: torch.Tensor, seq_
             masked = torch.cat(parts, 1)[:, order]
         chunk_lse = torch.logsumexp(masked, dim=-1)
         probs = torch.exp(masked - torch.where(torch.isinf(chunk_lse), 0.0, chunk_lse)[..., None])
-        outs.append(probs @ vv)
+        outs.append(probs @ values)
         lses.append(chunk_lse)
     return torch.cat(outs, 2).to(q.dtype), torch.cat(lses, 2).float()
 
@@ -144,12 +151,12 @@ def attention(q, k, v, pattern, layout: ShardLayout, *, scale: float | None = No
     send = kv.index_select(0, torch.cat(sends).to(kv.device))
     buffer, pending = start_exchange(send, in_splits, out_splits, group)
     local_out, local_lse = attend_at(q, k, v, canonical, pos, pos, layout.seq_len, scale,
-                                     routing)
+                                     routing, layout.reach, layout.block)
     received, local_out, local_lse = finish_exchange(buffer, pending, local_out, local_lse)
     received = received.permute(1, 2, 0, 3)  # [B, Hkv, N, Dk + Dv]
     remote_pos = layout.token_positions([b for s in range(world) for b in receive[s]])
     remote = attend_at(q, received[..., :dk], received[..., dk:], canonical, pos, remote_pos,
-                       layout.seq_len, scale, routing)
+                       layout.seq_len, scale, routing, layout.reach, layout.block)
     out, lse = merge([local_out, remote[0]], [local_lse, remote[1]])
     return (out, lse) if return_lse else out
 

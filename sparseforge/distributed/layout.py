@@ -67,6 +67,9 @@ class ShardLayout:
     #: selection may add to ``needs``; a query bucket straddling ranks may select blocks
     #: only its rows on another rank reach)
     reachable: tuple[frozenset, ...] = field(repr=False, compare=False, default=())
+    #: the key blocks every query block may reach (the envelope's, for a routed pattern):
+    #: the attention restricts each chunk of rows to their keys
+    reach: Reach | None = field(repr=False, compare=False, default=None)
 
     @property
     def n_blocks(self) -> int:
@@ -268,13 +271,13 @@ def _layout(kind: str, owner: np.ndarray, costs: np.ndarray, visits: Reach, seq_
         need = visits.needed(np.flatnonzero(owner == r))
         needs.append(tuple(tuple(int(b) for b in np.flatnonzero(need & (owner == s)))
                            if s != r else () for s in range(world)))
-    reachable = ()
+    reachable, whole = (), visits
     if is_dynamic(pattern):
         whole = reach(envelope(self_attention_pattern(pattern)), seq_len, block)
         reachable = tuple(frozenset(int(b) for b in np.flatnonzero(
             whole.needed(np.flatnonzero(owner == r)) & (owner != r))) for r in range(world))
     return ShardLayout(seq_len, world, block, kind, tuple(int(o) for o in owner), cost,
-                       tuple(needs), pattern, reachable)
+                       tuple(needs), pattern, reachable, whole)
 
 
 def plan_shards(pattern: Pattern, seq_len: int, world_size: int, *, block: int = 128,
