@@ -108,3 +108,34 @@ def _worker(rank, init_file, names):
 def test_sharded_attention_equals_one_process_at_2_3_and_4_ranks():
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(os.path.join(tmp, "init"), tuple(cases())), nprocs=4, join=True)
+
+
+def test_one_rank_and_bad_inputs(tmp_path):
+    """World size 1 runs in this process (nothing is exchanged); wrong shapes, a layout
+    for another world size or pattern, and mixed dtypes are refused by name."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0,
+                            world_size=1)
+    try:
+        pattern = sf.sliding_window(20) | sf.sinks(3)
+        q, k, v, _, _ = _inputs(seed=0)
+        layout = sfd.plan_shards(pattern, L, 1, block=BLOCK)
+        out = sfd.attention(q, k, v, pattern, layout, enable_gqa=True)
+        torch.testing.assert_close(out, sf.attention(q, k, v, pattern, enable_gqa=True),
+                                   atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="planned for world_size=2"):
+            sfd.attention(q, k, v, pattern, sfd.plan_shards(pattern, L, 2, block=BLOCK),
+                          enable_gqa=True)
+        with pytest.raises(ValueError, match="L_local=99"):
+            sfd.attention(q[:, :, 1:], k, v, pattern, layout, enable_gqa=True)
+        with pytest.raises(ValueError, match="enable_gqa=True"):
+            sfd.attention(q, k, v, pattern, layout)
+        with pytest.raises(ValueError, match="plan_shards again"):
+            sfd.attention(q, k, v, sf.causal(), layout, enable_gqa=True)
+        with pytest.raises(ValueError, match="one dtype"):
+            sfd.attention(q.double(), k, v, pattern, layout, enable_gqa=True)
+        with pytest.raises(TypeError, match="ShardLayout"):
+            sfd.attention(q, k, v, pattern, "contiguous", enable_gqa=True)
+        with pytest.raises(ValueError, match="whole sequence"):
+            sfd.shard(q[:, :, :50], layout)
+    finally:
+        dist.destroy_process_group()
