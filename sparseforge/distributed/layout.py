@@ -38,6 +38,7 @@ from ..ir.split import envelope, static_part
 from ..planner.data_hulls import tile_hulls
 from ..planner.flex_blocks import neighborhood_block_pairs
 from ..planner.ranges import environment, tile_segments
+from .picture import save_png
 from .routing import pooled_node
 
 LAYOUTS = ("contiguous", "zigzag", "cost_cut", "balanced")
@@ -117,8 +118,6 @@ class ShardLayout:
 
     def save_png(self, path) -> None:
         """Draw the layout and the exchange plan (``distributed/picture.py``)."""
-        from .picture import save_png
-
         save_png(self, path)
 
     def describe(self) -> str:

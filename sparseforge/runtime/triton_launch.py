@@ -347,7 +347,8 @@ def merge_partials(out_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Te
 
 def decode_eligible(plan: Plan) -> bool:
     """Whether the split-KV decode kernel serves this call: a few new tokens (decode
-    BLOCK_M >= 16), and a decode kernel for the pattern (the routed bucket rules but ``topk_keys`` have one)."""
+    BLOCK_M >= 16), and a decode kernel for the pattern (the routed bucket rules but
+    ``topk_keys`` have one)."""
     return (1 <= plan.q_len <= DECODE_MAX_Q and plan.kv_len > 0
             and (not plan.routing_steps or has_routed_decode(plan.pattern)))
 
