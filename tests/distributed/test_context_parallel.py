@@ -34,6 +34,8 @@ def cases():
         "neighborhood_2d": sf.neighborhood((10, 10), (3, 5)),
         "softcap_causal": sf.causal() & sf.softcap(2.0),
         "prefix_lm": sf.prefix_lm(30),
+        "per_head": sf.per_head([sf.causal(), sf.sliding_window(10),
+                                 sf.sinks(4) | sf.sliding_window(5), sf.causal()]),
         "chunks_or_dilated_window": sf.chunks(24) | sf.window(6, 0, dilation=3),
         # routed across ranks: 12-key buckets straddle the 8-token blocks (and ranks)
         "topk_blocks": (sf.causal() & sf.topk_blocks(12, 2)) | sf.sliding_window(6),
