@@ -137,6 +137,13 @@ def correctness(device: str, dtype, small: bool) -> list[dict]:
         "backward_routed_moba": ((sf.causal() & sf.topk_blocks(16 if small else 128, 3,
                                                                query_block=1))
                                  | (sf.causal() & sf.chunks(16 if small else 128)), n, n, True),
+        # lines (dK/dV on the turned-around tile map) and the cluster-sorted tokens
+        "backward_routed_lines": ((sf.causal() & sf.vertical_slash(8 if small else 200, 8 if small
+                                                                   else 400, last_q=16 if small
+                                                                   else 64))
+                                  | (sf.causal() & sf.sinks(4)), n, n, True),
+        "backward_routed_clusters": (sf.causal() & sf.clusters(torch.randn(
+            kv_heads, 4, d, generator=torch.Generator().manual_seed(0)).to(device)), n, n, True),
     }
     rows = []
     for name, (pattern, lq, lkv, grad) in cases.items():

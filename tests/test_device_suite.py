@@ -64,7 +64,8 @@ def test_smoke_run_writes_every_section(tmp_path):
         assert key in result
     assert {r["case"] for r in result["correctness"]} >= {
         "forward_window_sinks", "tiled_neighborhood_2d", "backward_causal", "decode_causal",
-        "routed_topk_blocks", "backward_routed_moba"}
+        "routed_topk_blocks", "backward_routed_moba", "backward_routed_lines",
+        "backward_routed_clusters"}
     assert all(r["ok"] for r in result["correctness"]), result["correctness"]
     assert all(r.get("dq_rel_error", 0) < 1e-4 for r in result["correctness"])
     names = [r["case"] for r in result["timing"]]
