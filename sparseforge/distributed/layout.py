@@ -14,8 +14,8 @@ patterns), zig-zag (rank r holds chunks r and 2W-1-r, the standard balancing for
 masks), cost cut (contiguous runs of equal work: the prefix sum of the block costs cut
 in W) and cost-balanced (the blocks, dearest first, each to the rank with the least
 work so far: balances any pattern, documents of long-tailed lengths included, at the
-price of scattered blocks). Among those within 5 % of the best max/mean work, the one that moves the
-fewest tokens wins.
+price of scattered blocks). Among those within 5 % of the best max/mean work, the one
+that moves the fewest tokens wins.
 """
 
 from __future__ import annotations
