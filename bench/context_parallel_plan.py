@@ -60,7 +60,8 @@ def main() -> None:
               f"(contiguous {contiguous.balance:.3f}); received {sum(received)} tokens in all, "
               f"{max(received)} at most per rank; a ring: {sum(ring)} ({seconds:.1f} s to plan)")
     if args.out:
-        meta = dict(machine=platform.machine(), python=platform.python_version(),
+        meta = dict(device="none: planned on the CPU from the layout, nothing run on a device",
+                    machine=platform.machine(), python=platform.python_version(),
                     torch=torch.__version__, sparseforge=sf.__version__,
                     note="planned from the layout (no device run): tokens of K and V received")
         with open(args.out, "w") as f:
