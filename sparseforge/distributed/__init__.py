@@ -8,8 +8,10 @@
 
 ``plan_shards`` balances the pattern's tile work over the ranks and lists, for every
 pair of ranks, exactly the key blocks one needs from the other (``layout.py``);
-``attention`` moves only those (``exchange.py``) and attends on original positions
-(``attention.py``). See docs/distributed.md.
+``attention`` moves only those (``exchange.py``) and attends with ``sf.attention`` on
+each (query run, key run) part, the pattern rewritten over the part (``parts.py``), or
+on original positions where it has no such form (``attention.py``). See
+docs/distributed.md.
 """
 
 from .attention import attention, shard, unshard

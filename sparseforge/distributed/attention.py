@@ -1,11 +1,15 @@
 """Context-parallel attention: each rank attends its queries to its own keys while the
 keys it needs from the others arrive, then to those, and merges the two by log-sum-exp.
 
-The pattern is evaluated on the tokens' original positions (``semantics.pair_mask``,
-score modifiers by ``semantics.modified_scores``), so every static pattern means on a
-shard exactly what it means on the whole sequence. The attention itself is torch ops
-over row chunks (the keys a rank holds or received are already only those its queries
-may reach); autograd carries the gradient through it and through the exchange, whose
+A rank's queries and the keys it holds or received come in runs of consecutive
+positions. Each (query run, key run) pair that the layout's reach connects is one call
+of ``sf.attention`` with the pattern rewritten over the part (``parts.part_pattern``):
+the ordinary plan and kernels (Triton on CUDA, the CPU executor on CPU), their backward
+included. Patterns with no form on a part (N-D neighbourhoods, routing across ranks,
+position-dependent score modifiers), and layouts scattered into more runs than
+``MAX_PART_CALLS``, are evaluated on the tokens' original positions instead
+(``attend_at``: ``semantics.pair_mask``, torch ops over row chunks), exact the same
+way. Autograd carries the gradient through either and through the exchange, whose
 backward returns dK/dV of the received rows to their owners.
 """
 
@@ -17,15 +21,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..api import attention as single_attention
 from ..merging import merge
 from ..planner.plan import head_groups
 from ..semantics import modified_scores, pair_mask
-from .exchange import finish_exchange, start_exchange
+from .exchange import counters, finish_exchange, start_exchange
 from .layout import ShardLayout, self_attention_pattern
+from .parts import part_pattern
 from .routing import ask_owners, pooled_node, route_across, selected_blocks
 
 #: query rows per chunk of the torch attention (bounds its [rows, keys] temporaries)
 ROW_CHUNK = 256
+#: more (query run, key run) calls than this (a layout scattered into many runs): one
+#: torch pass over original positions costs less than that many small kernel calls
+MAX_PART_CALLS = 64
 
 
 def attend_at(q, k, v, canonical, pos_q: torch.Tensor, pos_k: torch.Tensor, seq_len: int,
@@ -74,6 +83,77 @@ def attend_at(q, k, v, canonical, pos_q: torch.Tensor, pos_k: torch.Tensor, seq_
         outs.append(probs @ values)
         lses.append(chunk_lse)
     return torch.cat(outs, 2).to(q.dtype), torch.cat(lses, 2).float()
+
+
+def runs(layout: ShardLayout, blocks) -> list[tuple[int, int, np.ndarray]]:
+    """``blocks`` (in tensor order) as runs of consecutive blocks: (first row in the
+    tensor, rows, the run's blocks)."""
+    out, row = [], 0
+    for b in blocks:
+        b = int(b)
+        if out and out[-1][2][-1] == b - 1:
+            first, count, members = out[-1]
+            out[-1] = (first, count + layout.block_len(b), np.append(members, b))
+        else:
+            out.append((row, layout.block_len(b), np.array([b])))
+        row += layout.block_len(b)
+    return out
+
+
+def attend_parts(q, k, v, canonical, layout: ShardLayout, q_runs, k_runs, scale: float,
+                 enable_gqa: bool):
+    """(out, lse) of the queries of ``q_runs`` against the keys of ``k_runs`` through
+    ``sf.attention``, one call per connected (query run, key run) pair with the pattern
+    rewritten over the part, merged by log-sum-exp; None when some pair's pattern has no
+    such form or the pairs are more than ``MAX_PART_CALLS``."""
+    calls = []
+    for row, count, q_blocks in q_runs:
+        near = layout.reach.needed(q_blocks)
+        for k_row, _, k_blocks in k_runs:
+            hit = np.flatnonzero(near[k_blocks])
+            if not len(hit):
+                continue
+            first, last = k_blocks[hit[0]], k_blocks[hit[-1]]  # trimmed to the reached blocks
+            k_first = k_row + sum(layout.block_len(b) for b in k_blocks[:hit[0]])
+            k_count = sum(layout.block_len(b) for b in range(first, last + 1))
+            part = part_pattern(canonical, int(q_blocks[0]) * layout.block, int(first) * layout.block,
+                                count, k_count, layout.seq_len)
+            if part is None:
+                return None
+            calls.append((row, count, slice(k_first, k_first + k_count), part))
+    if len(calls) > MAX_PART_CALLS:
+        return None
+    outs, lses = [], []
+    for row, count, _ in q_runs:
+        mine = [c for c in calls if c[0] == row]
+        rows = slice(row, row + count)
+        if not mine:
+            outs.append(q.new_zeros((*q.shape[:2], count, v.shape[-1])))
+            lses.append(q.new_full((*q.shape[:2], count), float("-inf"), dtype=torch.float32))
+            continue
+        counters.part_calls += len(mine)
+        parts = [single_attention(q[:, :, rows], k[:, :, keys], v[:, :, keys], part, scale=scale,
+                                  enable_gqa=enable_gqa, return_lse=True)
+                 for _, _, keys, part in mine]
+        out, lse = merge([o for o, _ in parts], [s for _, s in parts]) if len(parts) > 1 else parts[0]
+        outs.append(out)
+        lses.append(lse.float())
+    return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+def _attend(q, k, v, canonical, layout: ShardLayout, q_blocks, k_blocks, scale: float,
+            enable_gqa: bool, routing):
+    """The kernels on the parts where the pattern allows (``attend_parts``), else torch
+    ops on original positions (``attend_at``)."""
+    if routing is None:
+        done = attend_parts(q, k, v, canonical, layout, runs(layout, q_blocks),
+                            runs(layout, k_blocks), scale, enable_gqa)
+        if done is not None:
+            return done
+    counters.position_passes += 1
+    return attend_at(q, k, v, canonical, layout.token_positions(q_blocks),
+                     layout.token_positions(k_blocks), layout.seq_len, scale, routing,
+                     layout.reach, layout.block)
 
 
 def _local_rows(layout: ShardLayout, rank: int) -> dict[int, int]:
@@ -150,13 +230,14 @@ def attention(q, k, v, pattern, layout: ShardLayout, *, scale: float | None = No
     out_splits = [sum(layout.block_len(b) for b in receive[s]) for s in range(world)]
     send = kv.index_select(0, torch.cat(sends).to(kv.device))
     buffer, pending = start_exchange(send, in_splits, out_splits, group)
-    local_out, local_lse = attend_at(q, k, v, canonical, pos, pos, layout.seq_len, scale,
-                                     routing, layout.reach, layout.block)
+    mine = layout.blocks_of(rank)
+    local_out, local_lse = _attend(q, k, v, canonical, layout, mine, mine, scale, enable_gqa,
+                                   routing)
     received, local_out, local_lse = finish_exchange(buffer, pending, local_out, local_lse)
     received = received.permute(1, 2, 0, 3)  # [B, Hkv, N, Dk + Dv]
-    remote_pos = layout.token_positions([b for s in range(world) for b in receive[s]])
-    remote = attend_at(q, received[..., :dk], received[..., dk:], canonical, pos, remote_pos,
-                       layout.seq_len, scale, routing, layout.reach, layout.block)
+    arrived = [b for s in range(world) for b in receive[s]]
+    remote = _attend(q, received[..., :dk], received[..., dk:], canonical, layout, mine, arrived,
+                     scale, enable_gqa, routing)
     out, lse = merge([local_out, remote[0]], [local_lse, remote[1]])
     return (out, lse) if return_lse else out
 

@@ -19,8 +19,10 @@ import torch.distributed as dist
 @dataclass
 class Counters:
     """Bytes this process sent and received through ``exchange`` (forward and backward
-    separately), how many exchanges ran, and the bytes routing across ranks contributed
-    (pooled summaries and block requests: ``distributed/routing.py``)."""
+    separately), how many exchanges ran, the bytes routing across ranks contributed
+    (pooled summaries and block requests: ``distributed/routing.py``), and how the
+    attention ran: ``sf.attention`` calls on (query run, key run) parts, and passes of
+    the torch evaluation on original positions (``distributed/attention.py``)."""
 
     sent: int = 0
     received: int = 0
@@ -28,10 +30,12 @@ class Counters:
     grad_received: int = 0
     calls: int = 0
     routing: int = 0
+    part_calls: int = 0
+    position_passes: int = 0
 
     def reset(self) -> None:
         self.sent = self.received = self.grad_sent = self.grad_received = 0
-        self.calls = self.routing = 0
+        self.calls = self.routing = self.part_calls = self.position_passes = 0
 
 
 counters = Counters()
