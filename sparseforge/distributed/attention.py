@@ -35,6 +35,9 @@ ROW_CHUNK = 256
 #: more (query run, key run) calls than this (a layout scattered into many runs): one
 #: torch pass over original positions costs less than that many small kernel calls
 MAX_PART_CALLS = 64
+#: (layout, pattern, blocks) entries ``part_calls`` keeps
+PART_CALLS_KEPT = 256
+_PART_CALLS: dict = {}
 
 
 def attend_at(q, k, v, canonical, pos_q: torch.Tensor, pos_k: torch.Tensor, seq_len: int,
@@ -100,29 +103,44 @@ def runs(layout: ShardLayout, blocks) -> list[tuple[int, int, np.ndarray]]:
     return out
 
 
-def attend_parts(q, k, v, canonical, layout: ShardLayout, q_runs, k_runs, scale: float,
-                 enable_gqa: bool):
-    """(out, lse) of the queries of ``q_runs`` against the keys of ``k_runs`` through
-    ``sf.attention``, one call per connected (query run, key run) pair with the pattern
-    rewritten over the part, merged by log-sum-exp; None when some pair's pattern has no
-    such form or the pairs are more than ``MAX_PART_CALLS``."""
+def part_calls(canonical, layout: ShardLayout, q_blocks, k_blocks) -> tuple | None:
+    """The ``sf.attention`` calls attending the queries of ``q_blocks`` to the keys of
+    ``k_blocks`` (both in tensor order): per connected (query run, key run) pair, (first
+    query row, rows, key rows, the pattern over the part); None when some pair's pattern
+    has no such form. Kept across calls (``_PART_CALLS``): the parts' data (document
+    ids, table slices) then stays the same tensors, and the plan caches keyed by their
+    identity hit on every later step."""
+    key = (id(layout), id(canonical), tuple(map(int, q_blocks)), tuple(map(int, k_blocks)))
+    hit = _PART_CALLS.get(key)
+    if hit is not None and hit[0] is layout and hit[1] is canonical:
+        return hit[2]
     calls = []
-    for row, count, q_blocks in q_runs:
-        near = layout.reach.needed(q_blocks)
-        for k_row, _, k_blocks in k_runs:
-            hit = np.flatnonzero(near[k_blocks])
+    for row, count, q_run in runs(layout, q_blocks):
+        near = layout.reach.needed(q_run)
+        for k_row, _, k_run in runs(layout, k_blocks):
+            hit = np.flatnonzero(near[k_run])
             if not len(hit):
                 continue
-            first, last = k_blocks[hit[0]], k_blocks[hit[-1]]  # trimmed to the reached blocks
-            k_first = k_row + sum(layout.block_len(b) for b in k_blocks[:hit[0]])
+            first, last = k_run[hit[0]], k_run[hit[-1]]  # trimmed to the reached blocks
+            k_first = k_row + sum(layout.block_len(b) for b in k_run[:hit[0]])
             k_count = sum(layout.block_len(b) for b in range(first, last + 1))
-            part = part_pattern(canonical, int(q_blocks[0]) * layout.block, int(first) * layout.block,
+            part = part_pattern(canonical, int(q_run[0]) * layout.block, int(first) * layout.block,
                                 count, k_count, layout.seq_len)
             if part is None:
-                return None
+                calls = None
+                break
             calls.append((row, count, slice(k_first, k_first + k_count), part))
-    if len(calls) > MAX_PART_CALLS:
-        return None
+        if calls is None:
+            break
+    if len(_PART_CALLS) >= PART_CALLS_KEPT:
+        _PART_CALLS.clear()
+    _PART_CALLS[key] = (layout, canonical, None if calls is None else tuple(calls))
+    return _PART_CALLS[key][2]
+
+
+def attend_parts(q, k, v, calls, q_runs, scale: float, enable_gqa: bool):
+    """(out, lse) of the queries of ``q_runs`` through ``sf.attention``, one call per
+    part of ``calls`` (``part_calls``), merged by log-sum-exp per run of queries."""
     outs, lses = [], []
     for row, count, _ in q_runs:
         mine = [c for c in calls if c[0] == row]
@@ -145,11 +163,9 @@ def _attend(q, k, v, canonical, layout: ShardLayout, q_blocks, k_blocks, scale: 
             enable_gqa: bool, routing):
     """The kernels on the parts where the pattern allows (``attend_parts``), else torch
     ops on original positions (``attend_at``)."""
-    if routing is None:
-        done = attend_parts(q, k, v, canonical, layout, runs(layout, q_blocks),
-                            runs(layout, k_blocks), scale, enable_gqa)
-        if done is not None:
-            return done
+    calls = part_calls(canonical, layout, q_blocks, k_blocks) if routing is None else None
+    if calls is not None and len(calls) <= MAX_PART_CALLS:
+        return attend_parts(q, k, v, calls, runs(layout, q_blocks), scale, enable_gqa)
     counters.position_passes += 1
     return attend_at(q, k, v, canonical, layout.token_positions(q_blocks),
                      layout.token_positions(k_blocks), layout.seq_len, scale, routing,

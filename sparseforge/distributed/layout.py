@@ -130,13 +130,24 @@ class ShardLayout:
         return "\n".join(lines)
 
 
+#: canonical patterns by the id of the pattern they came from (held, so the id stays its)
+_canonical: dict[int, tuple[Pattern, Pattern]] = {}
+
+
 def self_attention_pattern(pattern: Pattern) -> Pattern:
     """The canonical pattern for Lq = Lkv (both alignments agree), as ``plan`` reads it;
-    a routed one must be routable across ranks (``routing.pooled_node``)."""
+    a routed one must be routable across ranks (``routing.pooled_node``). The same
+    object for the same pattern on every call, so caches keyed by it hit."""
+    hit = _canonical.get(id(pattern))
+    if hit is not None and hit[0] is pattern:
+        return hit[1]
     if not isinstance(pattern, Pattern):
         raise TypeError(f"pattern={type(pattern).__name__}: expected a sparseforge pattern")
     canonical = canonicalize(drop_top_left(canonicalize(pattern)))
     pooled_node(canonical)
+    if len(_canonical) > 4096:
+        _canonical.clear()
+    _canonical[id(pattern)] = (pattern, canonical)
     return canonical
 
 
