@@ -4,11 +4,11 @@ select.
 
 Each rank pools its own queries and keys per bucket (sums, or maxima, and token counts:
 a bucket may straddle ranks), one all-reduce makes them the whole sequence's (``[C, D]``
-per head: L / block x D), and every rank then scores and selects exactly as one process
-would (``routing.rules.select_pooled``). The key blocks its queries selected join the
-layout's static needs, and each rank asks the owners for them (an all-to-all of the
-block ids) before the key/value exchange. The routing is not differentiated (as in
-MoBA and NSA).
+per head: L / block x D), and every rank then scores and selects its own query buckets
+exactly as one process would (``routing.rules.select_pooled``), leaving the others'
+buckets unscored. The key blocks its queries selected join the layout's static needs,
+and each rank asks the owners for them (an all-to-all of the block ids) before the
+key/value exchange. The routing is not differentiated (as in MoBA and NSA).
 """
 
 from __future__ import annotations
@@ -79,15 +79,17 @@ def _global_pool(x, positions, starts, how: str, sqrt_len: bool, group) -> torch
 
 def route_across(node, canonical: Pattern, q: torch.Tensor, k: torch.Tensor,
                  positions: torch.Tensor, seq_len: int, scale: float, group) -> BlockSelection:
-    """The selection one process would make on the whole sequence, from this rank's
-    tokens (``q``, ``k`` at ``positions``) and the others' pooled summaries."""
+    """The selection one process would make on the whole sequence for the query buckets
+    of this rank's tokens (``q``, ``k`` at ``positions``; other buckets select nothing),
+    from its tokens and the others' pooled summaries."""
     q_starts, k_starts = node_buckets(node, seq_len, seq_len, q.device)
     how, sqrt_len = getattr(node, "pool", "mean"), pooled_with_sqrt_len(node)
     positions = positions.to(q.device)
     qbar = _global_pool(q, positions, q_starts, how, sqrt_len, group)
     kbar = _global_pool(k, positions, k_starts, how, sqrt_len, group)
+    mine = bucket_of(positions, q_starts).clamp(0, q_starts.shape[-1] - 2).unique()
     return select_pooled(node, static_siblings(canonical, node), qbar, kbar, q_starts, k_starts,
-                         seq_len, seq_len, scale)
+                         seq_len, seq_len, scale, rows=mine)
 
 
 def selected_blocks(selection: BlockSelection, positions: torch.Tensor, seq_len: int,

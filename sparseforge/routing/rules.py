@@ -231,19 +231,28 @@ def pooled_with_sqrt_len(node) -> bool:
 
 
 def select_pooled(node, siblings, qbar: torch.Tensor, kbar: torch.Tensor, q_starts, k_starts,
-                  q_len: int, kv_len: int, scale: float) -> BlockSelection:
+                  q_len: int, kv_len: int, scale: float,
+                  rows: torch.Tensor | None = None) -> BlockSelection:
     """The selection of a pooled rule (``topk_blocks``, ``topk_chunks``,
     ``threshold_blocks``) from the pooled queries ``[B, Hq, Cq, D]`` and keys ``[B, Hkv,
     Ck, D]``: scored, restricted to the candidates its static siblings allow, selected.
-    Context parallelism calls it with the pooled vectors summed across ranks."""
+    Context parallelism calls it with the pooled vectors summed across ranks, and
+    ``rows``: the query buckets it serves, the only ones scored (the others select
+    nothing)."""
     hq, hkv, device = qbar.shape[1], kbar.shape[1], qbar.device
-    scores = bucket_scores(qbar, kbar, node.share)
+    scores = bucket_scores(qbar if rows is None else qbar[:, :, rows], kbar, node.share)
     cand = node_candidates(node, siblings, q_starts, k_starts, q_len, kv_len, device)[:, None]
     cand = cand.expand(scores.shape[0], scores.shape[1], -1, -1)
+    if rows is not None:
+        cand = cand[:, :, rows]
     if isinstance(node, ThresholdBlocks):
         selected = select_coverage(scores, cand, node.coverage, scale)
     else:
         selected = select_topk(scores, cand, node.k)
+    if rows is not None:
+        served = selected.new_zeros((*selected.shape[:2], qbar.shape[2], selected.shape[-1]))
+        served[:, :, rows] = selected
+        selected = served
     return BlockSelection(selected, q_starts, k_starts, head_map(node.share, hq, hkv, str(device)))
 
 

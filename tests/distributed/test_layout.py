@@ -9,7 +9,12 @@ import torch
 
 import sparseforge as sf
 import sparseforge.distributed as sfd
-from sparseforge.ir.routing import is_dynamic
+from sparseforge.ir.canonicalize import canonicalize
+from sparseforge.ir.nodes import walk
+from sparseforge.ir.routing import DynamicPattern, is_dynamic
+from sparseforge.ir.split import static_siblings
+from sparseforge.routing.geometry import node_buckets
+from sparseforge.routing.rules import pool, select_pooled
 
 from .test_context_parallel import BLOCK, L, cases
 
@@ -86,3 +91,27 @@ def test_bad_arguments_say_what_was_expected():
         sfd.plan_shards(sf.causal(), 100, 2, layout="ring")
     with pytest.raises(ValueError, match="other routed patterns are not supported"):
         sfd.plan_shards(sf.vertical_slash(4, 4) & sf.causal(), 100, 2, block=8)
+
+
+@pytest.mark.parametrize("pattern", [sf.topk_blocks(12, 2) & sf.causal(),
+                                     sf.threshold_blocks(10, 0.6, share="group"),
+                                     sf.topk_chunks(torch.tensor([0, 30, 41, 77, 100]), 2)])
+def test_a_rank_scores_only_its_query_buckets_and_selects_as_one_process(pattern):
+    """``select_pooled(rows=...)``: the served rows select exactly what the whole
+    selection does, the others nothing."""
+    canonical = canonicalize(pattern)
+    node = next(n for n in walk(canonical) if isinstance(n, DynamicPattern))
+    g = torch.Generator().manual_seed(4)
+    q, k = torch.randn(2, 4, L, 8, generator=g), torch.randn(2, 2, L, 8, generator=g)
+    q_starts, k_starts = node_buckets(node, L, L, q.device)
+    qbar, _ = pool(q, torch.arange(L), q_starts)
+    kbar, _ = pool(k, torch.arange(L), k_starts)
+    args = (node, static_siblings(canonical, node), qbar, kbar, q_starts, k_starts, L, L, 0.3)
+    whole = select_pooled(*args).selected
+    rows = torch.tensor([1, 3])
+    served = select_pooled(*args, rows=rows).selected
+    assert whole[:, :, rows].any()
+    assert torch.equal(served[:, :, rows], whole[:, :, rows])
+    others = torch.ones(whole.shape[2], dtype=torch.bool)
+    others[rows] = False
+    assert not served[:, :, others].any()
