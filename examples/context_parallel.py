@@ -6,8 +6,10 @@ reach, against one process attending the whole sequence.
     python examples/context_parallel.py          # spawns the 4 processes itself
 
 For each pattern it prints the layout plan_shards chose (work per rank, tokens received
-against a ring that passes every shard), then checks the output and the q, k, v
-gradients against single-process sf.attention.
+against a ring that passes every shard), how the ranks attended (sf.attention on each
+part of their queries and keys, or, for neighbourhoods and routing, torch ops on
+original positions), then checks the output and the q, k, v gradients against
+single-process sf.attention.
 """
 
 import os
@@ -47,6 +49,8 @@ def run(rank: int, world: int) -> None:
         out.square().sum().backward()
         received = torch.tensor([sfd.counters.received])
         dist.all_reduce(received)
+        calls = torch.tensor([sfd.counters.part_calls, sfd.counters.position_passes])
+        dist.all_reduce(calls)
         whole = [t.clone().requires_grad_() for t in (q, k, v)]
         ref = sf.attention(*whole, pattern, enable_gqa=True)
         ref.square().sum().backward()
@@ -63,6 +67,8 @@ def run(rank: int, world: int) -> None:
                   f"work per rank {list(layout.cost)} tiles")
             print(f"  K/V received by all ranks: {int(received) // kv_bytes} tokens "
                   f"(a ring: {ring})")
+            print(f"  attention: {int(calls[0])} sf.attention calls on parts, "
+                  f"{int(calls[1])} passes on original positions (all ranks)")
             print(f"  max abs difference to one process (out, dq, dk, dv): {float(worst):.2e}")
 
 
