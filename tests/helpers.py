@@ -52,17 +52,40 @@ def assert_matches_oracle(pattern, q, k, v, backend, **kw):
     return out, lse
 
 
-def compile_in_subprocess(code: str, timeout: int = 600) -> list[dict]:
+#: cross-compilation on a fresh machine compiles every kernel cold (no Triton or kernel
+#: cache): the variants' ~320 kernels take 20-30 minutes on 2 busy cores
+COMPILE_TIMEOUT = 3600
+
+
+def run_compiler(args: list[str], env: dict | None = None, timeout: int = COMPILE_TIMEOUT,
+                 cwd=None):
+    """Run a compiling command (``args``) with Triton's interpreter off, as
+    cross-compilation needs; its own process group, killed whole on a timeout, so the
+    compile workers it spawned do not outlive it and slow the rest of the suite."""
+    import os
+    import signal
+    import subprocess
+
+    if env is None:
+        env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    proc = subprocess.Popen(args, env=env, cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError(f"{' '.join(args[:4])}...: still compiling after {timeout} s") from None
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def compile_in_subprocess(code: str, timeout: int = COMPILE_TIMEOUT) -> list[dict]:
     """Run ``code`` (which prints a JSON list last) in a fresh interpreter with Triton's
     interpreter off, as cross-compilation needs, and return what it printed."""
     import json
-    import os
-    import subprocess
     import sys
 
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = run_compiler([sys.executable, "-c", code], timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

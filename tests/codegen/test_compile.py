@@ -3,14 +3,13 @@ compiles to cubin for sm_80 and sm_90 on this CPU-only machine, with no register
 spills, and sm_90 bf16/fp16 kernels use wgmma (HGMMA in SASS) where their tiles allow."""
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 
 from sparseforge.codegen.render import KINDS
 from sparseforge.runtime.variants import variant_kinds, variant_specs
+from tests.helpers import run_compiler
 
 # one xdist worker runs this module: its session-scoped fixture is built once
 pytestmark = pytest.mark.xdist_group("compile")
@@ -20,9 +19,8 @@ ARCHS = ("sm_80", "sm_90")
 
 @pytest.fixture(scope="session")
 def compiled():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "sparseforge.runtime.variants", "--arch",
-                           ",".join(ARCHS)], env=env, capture_output=True, text=True, timeout=1500)
+    proc = run_compiler([sys.executable, "-m", "sparseforge.runtime.variants", "--arch",
+                         ",".join(ARCHS)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {(r["variant"], r["arch"], r["template"]): r for r in json.loads(proc.stdout)}
 

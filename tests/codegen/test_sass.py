@@ -3,8 +3,6 @@ forward against the Triton tutorial's FlashAttention (issue work per 1000 scores
 the planner's tile cost table against what the compiler produces today."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import triton
 
 from sparseforge.planner.tiles import COST_TABLE_PATH
 from sparseforge.runtime.sass import Loop, full_tile_loop, tensor_core_loops
+from tests.helpers import run_compiler
 
 pytestmark = pytest.mark.xdist_group("compile")
 
@@ -55,9 +54,7 @@ def test_loop_finder_reads_innermost_tensor_core_loops():
 
 
 def _run(code: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=900, cwd=ROOT)
+    proc = run_compiler([sys.executable, "-c", code], cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import run_compiler
+
 pytestmark = pytest.mark.xdist_group("triton36")
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,9 +40,8 @@ def compiled36():
     version = subprocess.run([str(PYTHON), "-c", "import triton; print(triton.__version__)"],
                              env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert version.startswith("3.6"), version
-    proc = subprocess.run([str(PYTHON), "-m", "sparseforge.runtime.variants", "--arch",
-                           "sm_80,sm_90", "--variants", VARIANTS], env=env, capture_output=True,
-                          text=True, timeout=1200)
+    proc = run_compiler([str(PYTHON), "-m", "sparseforge.runtime.variants", "--arch",
+                         "sm_80,sm_90", "--variants", VARIANTS], env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
 

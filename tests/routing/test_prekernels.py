@@ -148,7 +148,7 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def compiled():
-    return compile_in_subprocess(_COMPILE, timeout=900)
+    return compile_in_subprocess(_COMPILE)
 
 
 def test_prekernels_compile_for_sm80_and_sm90_without_spills(compiled):
