@@ -118,11 +118,11 @@ def part_calls(canonical, layout: ShardLayout, q_blocks, k_blocks) -> tuple | No
     for row, count, q_run in runs(layout, q_blocks):
         near = layout.reach.needed(q_run)
         for k_row, _, k_run in runs(layout, k_blocks):
-            hit = np.flatnonzero(near[k_run])
-            if not len(hit):
+            reached = np.flatnonzero(near[k_run])
+            if not len(reached):
                 continue
-            first, last = k_run[hit[0]], k_run[hit[-1]]  # trimmed to the reached blocks
-            k_first = k_row + sum(layout.block_len(b) for b in k_run[:hit[0]])
+            first, last = k_run[reached[0]], k_run[reached[-1]]  # trimmed to the reached blocks
+            k_first = k_row + sum(layout.block_len(b) for b in k_run[:reached[0]])
             k_count = sum(layout.block_len(b) for b in range(first, last + 1))
             part = part_pattern(canonical, int(q_run[0]) * layout.block, int(first) * layout.block,
                                 count, k_count, layout.seq_len)
