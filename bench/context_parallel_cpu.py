@@ -76,7 +76,8 @@ def _worker(rank, world, init, args, queue):
             local = [sfd.shard(t, layout) for t in (q, k, v)]
             want = sfd.shard(sf.attention(q, k, v, pattern), layout)
             row = dict(pattern=name, layout=layout.kind)
-            for path, limit in (("parts", cp_attention.MAX_PART_CALLS), ("positions", -1)):
+            default = cp_attention.MAX_PART_CALLS
+            for path, limit in (("parts", default), ("positions", -1)):
                 cp_attention.MAX_PART_CALLS = limit  # -1: every call on original positions
 
                 forward = partial(_forward, local, pattern, layout)
@@ -86,7 +87,7 @@ def _worker(rank, world, init, args, queue):
                 row[f"{path}_forward_ms"] = round(_time(forward, args.repeats), 2)
                 dist.barrier()
                 row[f"{path}_forward_backward_ms"] = round(_time(train, args.repeats), 2)
-                cp_attention.MAX_PART_CALLS = 64
+                cp_attention.MAX_PART_CALLS = default
             if rank == 0:
                 whole = partial(sf.attention, q, k, v, pattern)
                 row["one_process_forward_ms"] = round(_time(whole, args.repeats), 2)

@@ -105,9 +105,9 @@ def runs(layout: ShardLayout, blocks) -> list[tuple[int, int, np.ndarray]]:
 
 def part_calls(canonical, layout: ShardLayout, q_blocks, k_blocks) -> tuple | None:
     """The ``sf.attention`` calls attending the queries of ``q_blocks`` to the keys of
-    ``k_blocks`` (both in tensor order): per connected (query run, key run) pair, (first
-    query row, rows, key rows, the pattern over the part); None when some pair's pattern
-    has no such form. Kept across calls (``_PART_CALLS``): the parts' data (document
+    ``k_blocks`` (both in tensor order): per run of queries, (its first row, its rows,
+    ((key rows, the pattern over the part), ...) for each key run it reaches); None when
+    some pair's pattern has no such form. Kept across calls (``_PART_CALLS``): the parts' data (document
     ids, table slices) then stays the same tensors, and the plan caches keyed by their
     identity hit on every later step."""
     key = (id(layout), id(canonical), tuple(map(int, q_blocks)), tuple(map(int, k_blocks)))
@@ -116,7 +116,7 @@ def part_calls(canonical, layout: ShardLayout, q_blocks, k_blocks) -> tuple | No
         return hit[2]
     calls = []
     for row, count, q_run in runs(layout, q_blocks):
-        near = layout.reach.needed(q_run)
+        near, parts = layout.reach.needed(q_run), []
         for k_row, _, k_run in runs(layout, k_blocks):
             reached = np.flatnonzero(near[k_run])
             if not len(reached):
@@ -129,31 +129,30 @@ def part_calls(canonical, layout: ShardLayout, q_blocks, k_blocks) -> tuple | No
             if part is None:
                 calls = None
                 break
-            calls.append((row, count, slice(k_first, k_first + k_count), part))
+            parts.append((slice(k_first, k_first + k_count), part))
         if calls is None:
             break
+        calls.append((row, count, tuple(parts)))
     if len(_PART_CALLS) >= PART_CALLS_KEPT:
         _PART_CALLS.clear()
     _PART_CALLS[key] = (layout, canonical, None if calls is None else tuple(calls))
     return _PART_CALLS[key][2]
 
 
-def attend_parts(q, k, v, calls, q_runs, scale: float, enable_gqa: bool):
-    """(out, lse) of the queries of ``q_runs`` through ``sf.attention``, one call per
-    part of ``calls`` (``part_calls``), merged by log-sum-exp per run of queries."""
+def attend_parts(q, k, v, calls, scale: float, enable_gqa: bool):
+    """(out, lse) of the queries through ``sf.attention``, one call per part of ``calls``
+    (``part_calls``), merged by log-sum-exp per run of queries."""
     outs, lses = [], []
-    for row, count, _ in q_runs:
-        mine = [c for c in calls if c[0] == row]
+    for row, count, parts in calls:
         rows = slice(row, row + count)
-        if not mine:
+        if not parts:
             outs.append(q.new_zeros((*q.shape[:2], count, v.shape[-1])))
             lses.append(q.new_full((*q.shape[:2], count), float("-inf"), dtype=torch.float32))
             continue
-        counters.part_calls += len(mine)
-        parts = [single_attention(q[:, :, rows], k[:, :, keys], v[:, :, keys], part, scale=scale,
-                                  enable_gqa=enable_gqa, return_lse=True)
-                 for _, _, keys, part in mine]
-        out, lse = merge([o for o, _ in parts], [s for _, s in parts]) if len(parts) > 1 else parts[0]
+        counters.part_calls += len(parts)
+        done = [single_attention(q[:, :, rows], k[:, :, keys], v[:, :, keys], part, scale=scale,
+                                 enable_gqa=enable_gqa, return_lse=True) for keys, part in parts]
+        out, lse = merge([o for o, _ in done], [s for _, s in done]) if len(done) > 1 else done[0]
         outs.append(out)
         lses.append(lse.float())
     return torch.cat(outs, 2), torch.cat(lses, 2)
@@ -164,8 +163,8 @@ def _attend(q, k, v, canonical, layout: ShardLayout, q_blocks, k_blocks, scale: 
     """The kernels on the parts where the pattern allows (``attend_parts``), else torch
     ops on original positions (``attend_at``)."""
     calls = part_calls(canonical, layout, q_blocks, k_blocks) if routing is None else None
-    if calls is not None and len(calls) <= MAX_PART_CALLS:
-        return attend_parts(q, k, v, calls, runs(layout, q_blocks), scale, enable_gqa)
+    if calls is not None and sum(len(parts) for _, _, parts in calls) <= MAX_PART_CALLS:
+        return attend_parts(q, k, v, calls, scale, enable_gqa)
     counters.position_passes += 1
     return attend_at(q, k, v, canonical, layout.token_positions(q_blocks),
                      layout.token_positions(k_blocks), layout.seq_len, scale, routing,
