@@ -34,13 +34,15 @@ import sparseforge.distributed as sfd
 cp_attention = importlib.import_module("sparseforge.distributed.attention")
 
 
-def scenarios(length: int):
+def scenarios(length: int, heads: int):
     ids = torch.repeat_interleave(torch.arange(4), torch.tensor(
         [length // 2, length // 8, length // 4, length - length // 2 - length // 8 - length // 4]))
     return {
         "causal": sf.causal(),
         "sliding_window_256_sinks_4": sf.sliding_window(256) | sf.sinks(4),
         "documents_causal": sf.documents(ids[None]) & sf.causal(),
+        f"neighborhood_{length // 64}x64_7x7": sf.neighborhood((length // 64, 64), 7),
+        "sliding_window_256_alibi": sf.sliding_window(256) & sf.alibi(sf.alibi_slopes(heads)),
     }
 
 
@@ -71,7 +73,7 @@ def _worker(rank, world, init, args, queue):
         q, k, v = (torch.randn(1, args.heads, args.length, args.head_dim, generator=g)
                    for _ in range(3))
         rows = []
-        for name, pattern in scenarios(args.length).items():
+        for name, pattern in scenarios(args.length, args.heads).items():
             layout = sfd.plan_shards(pattern, args.length, world)
             local = [sfd.shard(t, layout) for t in (q, k, v)]
             want = sfd.shard(sf.attention(q, k, v, pattern), layout)

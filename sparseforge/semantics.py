@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .ir.affine import Affine, TopLeft
-from .ir.neighborhood import Neighborhood, neighborhood_keep
+from .ir.neighborhood import Neighborhood, NeighborhoodPart, neighborhood_keep
 from .ir.nodes import (
     Causal,
     Chunks,
@@ -80,7 +80,7 @@ def _eval(pat: Pattern, i, p, j, q_len, kv_len, routing=None) -> torch.Tensor:
         return (pat.q * p + pat.kv * j + pat.const >= 0) | _no_pairs(p, j)
     if isinstance(pat, TopLeft):  # the query's position is its row
         return _eval(pat.pattern, i, i, j, q_len, kv_len, routing)
-    if isinstance(pat, Neighborhood):
+    if isinstance(pat, (Neighborhood, NeighborhoodPart)):
         return neighborhood_keep(pat, p, j, TorchOps)
     if isinstance(pat, DynamicPattern):
         if routing is None or pat not in routing:

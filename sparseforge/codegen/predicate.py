@@ -10,7 +10,7 @@ Only integers from validated IR nodes reach the text: never a user string.
 from __future__ import annotations
 
 from ..ir.affine import Affine, TopLeft
-from ..ir.neighborhood import Neighborhood, neighborhood_keep
+from ..ir.neighborhood import Neighborhood, NeighborhoodPart, neighborhood_keep
 from ..ir.nodes import (
     Causal,
     Chunks,
@@ -83,7 +83,7 @@ def triton_predicate(pattern: Pattern, leaf=None, p: str = "p", root=None) -> st
         return _half_plane(int(pattern.q), int(pattern.kv), int(pattern.const), p)
     if isinstance(pattern, TopLeft):
         return triton_predicate(pattern.pattern, leaf, "i", root)
-    if isinstance(pattern, Neighborhood):
+    if isinstance(pattern, (Neighborhood, NeighborhoodPart)):
         return str(neighborhood_keep(pattern, TritonText(p), TritonText("j"), TritonOps))
     if isinstance(pattern, DynamicPattern):  # the routed kernel's per-pair lookup (_routed)
         return "routed"
@@ -128,6 +128,9 @@ def slug(pattern: Pattern) -> str:
                                                    ("c", "causal", False))
                         if any(x != default for x in getattr(pattern, name)))
         return f"na{pattern.ndim}d-{dims[0]}-k{dims[1]}{extra}"
+    if isinstance(pattern, NeighborhoodPart):
+        offsets = "_".join(str(v).replace("-", "m") for v in (pattern.q_offset, pattern.kv_offset))
+        return f"{slug(pattern.grid)}-at{offsets}"
     if isinstance(pattern, Affine):
         return "affine" + "_".join(str(v).replace("-", "m")
                                    for v in (pattern.q, pattern.kv, pattern.const))

@@ -5,8 +5,8 @@ A rank's queries and the keys it holds or received come in runs of consecutive
 positions. Each (query run, key run) pair that the layout's reach connects is one call
 of ``sf.attention`` with the pattern rewritten over the part (``parts.part_pattern``):
 the ordinary plan and kernels (Triton on CUDA, the CPU executor on CPU), their backward
-included. Patterns with no form on a part (N-D neighbourhoods, routing across ranks,
-position-dependent score modifiers), and layouts scattered into more runs than
+included. Patterns with no form on a part (routing across ranks, window-offset bias
+tables, ALiBi under a softcap), and layouts scattered into more runs than
 ``MAX_PART_CALLS``, are evaluated on the tokens' original positions instead
 (``attend_at``: ``semantics.pair_mask``, torch ops over row chunks), exact the same
 way. Autograd carries the gradient through either and through the exchange, whose
@@ -22,12 +22,13 @@ import torch
 import torch.distributed as dist
 
 from ..api import attention as single_attention
+from ..ir.nodes import ScoreModifier, walk
 from ..merging import merge
 from ..planner.plan import head_groups
 from ..semantics import modified_scores, pair_mask
 from .exchange import counters, finish_exchange, start_exchange
 from .layout import ShardLayout, self_attention_pattern
-from .parts import part_pattern
+from .parts import lse_offset, part_pattern
 from .routing import ask_owners, pooled_node, route_across, selected_blocks
 
 #: query rows per chunk of the torch attention (bounds its [rows, keys] temporaries)
@@ -106,10 +107,12 @@ def runs(layout: ShardLayout, blocks) -> list[tuple[int, int, np.ndarray]]:
 def part_calls(canonical, layout: ShardLayout, q_blocks, k_blocks) -> tuple | None:
     """The ``sf.attention`` calls attending the queries of ``q_blocks`` to the keys of
     ``k_blocks`` (both in tensor order): per run of queries, (its first row, its rows,
-    ((key rows, the pattern over the part), ...) for each key run it reaches); None when
-    some pair's pattern has no such form. Kept across calls (``_PART_CALLS``): the parts' data (document
-    ids, table slices) then stays the same tensors, and the plan caches keyed by their
-    identity hit on every later step."""
+    ((key rows, the pattern over the part, its ``lse_offset``), ...) for each key run it
+    reaches); None when some pair's pattern has no such form. Kept across calls
+    (``_PART_CALLS``): the parts' data (document ids, table slices) then stays the same
+    tensors, and the plan caches keyed by their identity hit on every later step; not
+    kept when a modifier's tensor is trained (its moved copies are differentiated
+    through, so each step builds its own)."""
     key = (id(layout), id(canonical), tuple(map(int, q_blocks)), tuple(map(int, k_blocks)))
     hit = _PART_CALLS.get(key)
     if hit is not None and hit[0] is layout and hit[1] is canonical:
@@ -124,19 +127,28 @@ def part_calls(canonical, layout: ShardLayout, q_blocks, k_blocks) -> tuple | No
             first, last = k_run[reached[0]], k_run[reached[-1]]  # trimmed to the reached blocks
             k_first = k_row + sum(layout.block_len(b) for b in k_run[:reached[0]])
             k_count = sum(layout.block_len(b) for b in range(first, last + 1))
-            part = part_pattern(canonical, int(q_run[0]) * layout.block, int(first) * layout.block,
-                                count, k_count, layout.seq_len)
+            q_start, k_start = int(q_run[0]) * layout.block, int(first) * layout.block
+            part = part_pattern(canonical, q_start, k_start, count, k_count, layout.seq_len)
             if part is None:
                 calls = None
                 break
-            parts.append((slice(k_first, k_first + k_count), part))
+            parts.append((slice(k_first, k_first + k_count), part,
+                          lse_offset(canonical, q_start, k_start, count, k_count)))
         if calls is None:
             break
         calls.append((row, count, tuple(parts)))
-    if len(_PART_CALLS) >= PART_CALLS_KEPT:
-        _PART_CALLS.clear()
-    _PART_CALLS[key] = (layout, canonical, None if calls is None else tuple(calls))
-    return _PART_CALLS[key][2]
+    calls = None if calls is None else tuple(calls)
+    if not _trained_tensors(canonical):
+        if len(_PART_CALLS) >= PART_CALLS_KEPT:
+            _PART_CALLS.clear()
+        _PART_CALLS[key] = (layout, canonical, calls)
+    return calls
+
+
+def _trained_tensors(canonical) -> bool:
+    """Whether some score modifier of ``canonical`` holds a tensor that requires grad."""
+    return any(isinstance(node, ScoreModifier) and getattr(node, "tensor_name", "")
+               and getattr(node, node.tensor_name).requires_grad for node in walk(canonical))
 
 
 def attend_parts(q, k, v, calls, scale: float, enable_gqa: bool):
@@ -150,12 +162,19 @@ def attend_parts(q, k, v, calls, scale: float, enable_gqa: bool):
             lses.append(q.new_full((*q.shape[:2], count), float("-inf"), dtype=torch.float32))
             continue
         counters.part_calls += len(parts)
-        done = [single_attention(q[:, :, rows], k[:, :, keys], v[:, :, keys], part, scale=scale,
-                                 enable_gqa=enable_gqa, return_lse=True) for keys, part in parts]
+        done = [_attend_part(q[:, :, rows], k[:, :, keys], v[:, :, keys], part, shift, scale,
+                             enable_gqa) for keys, part, shift in parts]
         out, lse = merge([o for o, _ in done], [s for _, s in done]) if len(done) > 1 else done[0]
         outs.append(out)
         lses.append(lse.float())
     return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+def _attend_part(q, k, v, part, shift, scale: float, enable_gqa: bool):
+    """One part through ``sf.attention``; its lse moved to the whole's by ``shift``."""
+    out, lse = single_attention(q, k, v, part, scale=scale, enable_gqa=enable_gqa,
+                                return_lse=True)
+    return out, lse if shift is None else lse + shift.to(lse.device)[None, :, None]
 
 
 def _attend(q, k, v, canonical, layout: ShardLayout, q_blocks, k_blocks, scale: float,

@@ -12,10 +12,17 @@ dilated windows off their phase become document ids (``p // size``, ``p % dilati
 ``sf.attention`` then plans that part like any call: closed-form tile bounds, full tiles
 without a mask, empty tiles skipped, its own backward.
 
-Some patterns have no such form: N-D neighbourhoods (their windows clamp at the whole
-grid's borders, which a part does not hold), routing, and position-dependent score
-modifiers (ALiBi, relative-position tables, pair biases). ``part_pattern`` returns None
-for them and the caller evaluates them on original positions instead.
+An N-D neighbourhood becomes a ``NeighborhoodPart``: the grid's own rule at the part's
+offsets on it (NATTEN's windows clamp at the whole grid's borders, which no part holds).
+Score modifiers that read positions move too: a pair bias takes its slice, a token-offset
+``rel_bias`` table is re-indexed by the part's offsets (a gather, so the table's gradient
+flows back), and ALiBi, whose ``j - p`` only gains a constant ``delta`` per part, stays
+ALiBi on the part while ``lse_offset`` adds ``slopes[h] * delta`` to the part's lse (the
+output is unchanged: softmax ignores a constant). Some patterns have no such form:
+routing (decided on the whole sequence's pooled summaries), window-offset ``rel_bias``
+tables (read on a whole grid), and ALiBi under a softcap (the cap bends the constant).
+``part_pattern`` returns None for them and the caller evaluates them on original
+positions instead.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from ..ir.affine import MAX_CONSTANT, Affine
+from ..ir.neighborhood import Neighborhood, NeighborhoodPart
 from ..ir.nodes import (
     Causal,
     Chunks,
@@ -40,7 +48,7 @@ from ..ir.nodes import (
     Window,
     walk,
 )
-from ..ir.scores import Softcap, strip_scores
+from ..ir.scores import MAX_REL_BIAS_WIDTH, Alibi, PairBias, RelBias, Softcap, strip_scores
 
 
 class _NoPartForm(Exception):
@@ -58,14 +66,60 @@ def part_pattern(pattern: Pattern, q_start: int, k_start: int, q_len: int, kv_le
         return None
 
 
+def lse_offset(pattern: Pattern, q_start: int, k_start: int, q_len: int,
+               kv_len: int) -> torch.Tensor | None:
+    """What to add to the lse of a call on ``part_pattern``'s part (``[Hq]``, one per query
+    head) for the whole sequence's: ALiBi's ``slopes[h] * delta``, where the part's ``j -
+    p`` is the whole's less ``delta``; None without ALiBi. The output needs nothing."""
+    delta = _Part(q_start, k_start, q_len, kv_len, 0).delta
+    if isinstance(pattern, PerHead):
+        found = [_alibi(h) for h in pattern.patterns]
+        if all(a is None for a in found):
+            return None
+        return torch.stack([a.slopes[h].float() * delta if a is not None else
+                            torch.zeros((), dtype=torch.float32)
+                            for h, a in enumerate(found)])
+    alibi = _alibi(pattern)
+    return None if alibi is None else alibi.slopes.float() * delta
+
+
+def _alibi(head: Pattern) -> Alibi | None:
+    return next((node for node in walk(head) if isinstance(node, Alibi)), None)
+
+
 def _part(pattern, a, c, n, m, seq_len):
     if isinstance(pattern, PerHead):
         return PerHead(tuple(_part(h, a, c, n, m, seq_len) for h in pattern.patterns))
-    modifiers = [node for node in walk(pattern) if isinstance(node, ScoreModifier)]
-    if any(not isinstance(node, Softcap) for node in modifiers):
-        raise _NoPartForm  # ALiBi, rel_bias, pair_bias read positions the part shifts
-    mask = _shift(strip_scores(pattern), _Part(a, c, n, m, seq_len))
+    part = _Part(a, c, n, m, seq_len)
+    modifiers = [_move_modifier(node, part) for node in walk(pattern)
+                 if isinstance(node, ScoreModifier)]
+    if any(isinstance(x, Alibi) for x in modifiers) and any(isinstance(x, Softcap) for x in modifiers):
+        raise _NoPartForm  # the cap bends ALiBi's constant: lse_offset would not hold
+    mask = _shift(strip_scores(pattern), part)
     return Intersection((mask, *modifiers)) if modifiers else mask
+
+
+def _move_modifier(node: ScoreModifier, part: _Part) -> ScoreModifier:
+    """A score modifier over the part's rows and keys (see the module doc)."""
+    if isinstance(node, (Softcap, Alibi)):
+        return node
+    if isinstance(node, PairBias):  # indexed by row, which is the position here
+        return PairBias(node.bias4[..., part.a:part.a + part.n, part.c:part.c + part.m])
+    if isinstance(node, RelBias) and not node.window_dims:
+        return _moved_rel_bias(node, part)
+    raise _NoPartForm  # a window-offset table reads a whole grid's coordinates
+
+
+def _moved_rel_bias(node: RelBias, part: _Part) -> RelBias:
+    """``table[h, clamp(x + delta, -R, R) + R]`` as a table over the part's own offsets
+    ``x = t - P`` in ``[-(m - 1), n - 1]``: radius ``R + |delta|`` (beyond it both clamp to
+    the same end), or less when the part's offsets never reach that far."""
+    r, delta = node.radius, part.delta
+    radius = min(r + abs(delta), max(part.m - 1, part.n - 1, 0))
+    if 2 * radius + 1 > MAX_REL_BIAS_WIDTH:
+        raise _NoPartForm
+    x = torch.arange(-radius, radius + 1, device=node.table.device)
+    return RelBias(node.table.index_select(1, (x + delta).clamp(-r, r) + r))
 
 
 class _Part:
@@ -76,6 +130,8 @@ class _Part:
     def __init__(self, a: int, c: int, n: int, m: int, seq_len: int):
         self.a, self.c, self.n, self.m, self.seq_len = a, c, n, m, seq_len
         self.shift = a - (m - n)
+        #: the whole's ``j - p`` less the part's ``t - P``
+        self.delta = c - self.shift
 
     def ids(self, divisor: int, modulo: bool = False) -> Documents:
         """Document ids ``x // divisor`` (or ``x % divisor``) of the part's queries and keys."""
@@ -115,15 +171,19 @@ def _shift(node, part: _Part):
     if isinstance(node, MaskTable):
         table = node.table(part.seq_len, part.seq_len)
         return MaskTable(table[..., part.a:part.a + part.n, c:c + part.m])
+    if isinstance(node, Neighborhood):  # the grid's rule, at the part's offsets on it
+        if s == 0 and c == 0 and part.n == part.m == node.size:
+            return node
+        return NeighborhoodPart(node, s, c)
     if isinstance(node, (Union, Intersection)):
         return type(node)(tuple(_shift(x, part) for x in node.parts))
-    raise _NoPartForm  # neighbourhoods, routing, anything without a shifted form
+    raise _NoPartForm  # routing, anything without a shifted form
 
 
 def _window(node: Window, part: _Part) -> Pattern:
     """``(j - p) % d == 0`` and ``-left <= (j - p) / d <= right`` with ``j - p = (t - P) +
     delta``."""
-    d, delta = node.dilation, part.c - part.shift
+    d, delta = node.dilation, part.delta
     low = _affine(-1, 1, delta + node.left * d)    # t - P + delta >= -left * d
     high = _affine(1, -1, node.right * d - delta)  # t - P + delta <= right * d
     if d == 1:

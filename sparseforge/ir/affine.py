@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .neighborhood import Neighborhood
+from .neighborhood import Neighborhood, NeighborhoodPart
 from .nodes import (
     Causal,
     Chunks,
@@ -100,7 +100,8 @@ def top_left(pattern: Pattern) -> Pattern:
 def reads_query_position(pattern: Pattern) -> bool:
     """Whether the mask depends on the query's position (so its alignment matters)."""
     for node in walk(pattern):
-        if isinstance(node, (Causal, Window, GlobalQueries, Chunks, Neighborhood)):
+        if isinstance(node, (Causal, Window, GlobalQueries, Chunks, Neighborhood,
+                             NeighborhoodPart)):
             return True
         if isinstance(node, Affine) and node.q != 0:
             return True

@@ -107,6 +107,32 @@ class Neighborhood(Pattern):
         return f"neighborhood({dims(self.shape)}, {dims(self.kernel)}{extra})"
 
 
+@dataclass(frozen=True)
+class NeighborhoodPart(Pattern):
+    """``grid`` seen from a part of its tokens: query position ``p`` keeps key ``j`` iff the
+    grid's rule keeps ``(p + q_offset, j + kv_offset)``. Context parallelism attends a run
+    of a rank's queries to a run of keys (``distributed/parts.py``); their positions in
+    the grid are offsets away from the part's own, and NATTEN's windows clamp at the
+    whole grid's borders, which no part holds. Not a ``Neighborhood``: the paths built on
+    a whole grid (the planner's tiled layout, window-offset biases, halo shards) do not
+    apply to a part, so they never see one."""
+
+    grid: Neighborhood
+    q_offset: int
+    kv_offset: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.grid, Neighborhood):
+            raise TypeError(f"NeighborhoodPart(grid={self.grid!r}): expected a neighborhood")
+        for name in ("q_offset", "kv_offset"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"NeighborhoodPart({name}={value!r}): expected an int")
+
+    def __repr__(self) -> str:
+        return f"{self.grid!r}.part(q_offset={self.q_offset}, kv_offset={self.kv_offset})"
+
+
 def neighborhood(shape, kernel, dilation=1, stride=1, causal=False) -> Pattern:
     """Neighbourhood attention over a row-major token grid of ``shape`` (1 to 3 dims).
 
@@ -286,8 +312,11 @@ def grid_coordinate(flat, shape: tuple[int, ...], dim: int, ops):
     return x if dim == 0 else x - ops.fdiv(x, shape[dim]) * shape[dim]
 
 
-def neighborhood_keep(pattern: Neighborhood, p, j, ops):
-    """The whole N-D rule on flat positions: query ``p``, key ``j`` (both row-major)."""
+def neighborhood_keep(pattern: Neighborhood | NeighborhoodPart, p, j, ops):
+    """The whole N-D rule on flat positions: query ``p``, key ``j`` (both row-major; a
+    part's positions are first moved to the grid's)."""
+    if isinstance(pattern, NeighborhoodPart):
+        return neighborhood_keep(pattern.grid, p + pattern.q_offset, j + pattern.kv_offset, ops)
     keep = (p >= 0) & (p < pattern.size) & (j < pattern.size)
     for dim in range(pattern.ndim):
         xq, xk = (grid_coordinate(x, pattern.shape, dim, ops) for x in (p, j))

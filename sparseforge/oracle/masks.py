@@ -15,7 +15,7 @@ import dataclasses
 import torch
 
 from ..ir.affine import Affine, TopLeft
-from ..ir.neighborhood import Neighborhood
+from ..ir.neighborhood import Neighborhood, NeighborhoodPart
 from ..ir.nodes import (
     Causal,
     Chunks,
@@ -116,6 +116,8 @@ def static_rule(pat: Pattern, g: Grid) -> torch.Tensor:
         return (pat.q * p + pat.kv * j + pat.const >= 0).expand(g.q_len, g.kv_len)
     if isinstance(pat, Neighborhood):
         return neighborhood_rule(pat, p, j)
+    if isinstance(pat, NeighborhoodPart):  # a part of the grid: positions moved onto it
+        return neighborhood_rule(pat.grid, p + pat.q_offset, j + pat.kv_offset)
     raise TypeError(f"the oracle has no rule for {type(pat).__name__}")
 
 

@@ -18,7 +18,7 @@ import torch
 
 from ..ir.affine import data_conjuncts, drop_top_left, without_data_conjuncts
 from ..ir.canonicalize import canonicalize
-from ..ir.neighborhood import Neighborhood
+from ..ir.neighborhood import Neighborhood, NeighborhoodPart
 from ..ir.nodes import (
     Documents,
     Intersection,
@@ -489,7 +489,8 @@ def _lean_walk(kernel: KernelPlan) -> bool:
     (``tiles.backward_configs``)."""
     return (len(kernel.key_segments) == 1 and kernel.groups == 1 and not kernel.has_documents
             and not kernel.has_tables
-            and not any(isinstance(n, Neighborhood) for n in walk(kernel.analysed)))
+            and not any(isinstance(n, (Neighborhood, NeighborhoodPart))
+                    for n in walk(kernel.analysed)))
 
 
 #: keys a mask table's word holds: the kernels read one word per row and key tile, so key

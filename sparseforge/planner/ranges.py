@@ -28,7 +28,7 @@ import numpy as np
 import sympy
 
 from ..ir.affine import Affine, TopLeft
-from ..ir.neighborhood import Neighborhood, group_extent, na_key_range, na_query_range
+from ..ir.neighborhood import Neighborhood, NeighborhoodPart, group_extent, na_key_range, na_query_range
 from ..ir.nodes import (
     Causal,
     Chunks,
@@ -226,6 +226,10 @@ def primitive_segment(pat: Pattern, top_left: bool = False) -> TileSegment:
         return _tiles(0, -1, *_NO_FULL)
     if isinstance(pat, Neighborhood):
         return _tiles(*_neighborhood_bounds(pat, p_first, p_last, na_key_range))
+    if isinstance(pat, NeighborhoodPart):  # the grid's bounds, moved to the part's keys
+        q_off, kv_off = pat.q_offset, pat.kv_offset
+        bounds = _neighborhood_bounds(pat.grid, p_first + q_off, p_last + q_off, na_key_range)
+        return _tiles(*(b - kv_off for b in bounds))
     if isinstance(pat, Affine):
         return _tiles(*_half_plane(pat.q, pat.kv, pat.const, p_first, p_last, 0, last_key,
                                    KV_LEN))
@@ -337,6 +341,10 @@ def key_side_segment(pat: Pattern, top_left: bool = False) -> TileSegment:
         return _query_tiles(0, -1, *_NO_FULL)
     if isinstance(pat, Neighborhood):  # absolute positions of the queries, from the keys'
         return rows(*_neighborhood_bounds(pat, J_FIRST, J_LAST, na_query_range))
+    if isinstance(pat, NeighborhoodPart):  # the grid's, from the keys' grid positions
+        q_off, kv_off = pat.q_offset, pat.kv_offset
+        bounds = _neighborhood_bounds(pat.grid, J_FIRST + kv_off, J_LAST + kv_off, na_query_range)
+        return rows(*(b - q_off for b in bounds))
     if isinstance(pat, Affine):  # the same half-plane, solved for the query position
         return rows(*_half_plane(pat.kv, pat.q, pat.const, J_FIRST, J_LAST, delta,
                                  last_row + delta, Q_LEN))

@@ -2,7 +2,8 @@
 its shard of a sequence whose length is not a multiple of the world size; the output,
 lse and the q, k, v gradients of ``sfd.attention`` equal single-process
 ``sf.attention`` (fp32, 1e-5) for causal, sliding window + sinks, documents of uneven
-lengths, a 2-D neighbourhood, a softcap and top-k routing across ranks (GQA); every
+lengths, a 2-D neighbourhood, ALiBi with a relative-position table and a pair
+bias, a softcap and top-k routing across ranks (GQA); every
 rank receives exactly the bytes its layout plans (routed: its static needs plus the
 blocks it selected, within the envelope's), and the static patterns with a form on a
 part run through ``sf.attention`` on every part, none on original positions."""
@@ -25,16 +26,20 @@ from sparseforge.ir.split import envelope
 L = 100  # 13 blocks of 8 tokens, the last of 4: no world size divides it
 BLOCK = 8
 #: cases with no form on a part of the sequence: evaluated on original positions
-ON_POSITIONS = {"neighborhood_2d", "topk_blocks", "topk_blocks_max", "topk_chunks"}
+ON_POSITIONS = {"topk_blocks", "topk_blocks_max", "topk_chunks"}
 
 
 def cases():
     ids = torch.repeat_interleave(torch.arange(3), torch.tensor([37, 11, 52]))[None]
+    g = torch.Generator().manual_seed(11)
+    table, bias = torch.randn(4, 9, generator=g), torch.randn(4, L, L, generator=g)
     return {
         "causal": sf.causal(),
         "window_sinks": sf.sliding_window(20) | sf.sinks(3),
         "documents": sf.documents(ids) & sf.causal(),
         "neighborhood_2d": sf.neighborhood((10, 10), (3, 5)),
+        "positional_biases": (sf.sliding_window(24) & sf.alibi(sf.alibi_slopes(4))
+                              & sf.rel_bias(table) & sf.pair_bias(bias)),
         "softcap_causal": sf.causal() & sf.softcap(2.0),
         "prefix_lm": sf.prefix_lm(30),
         "per_head": sf.per_head([sf.causal(), sf.sliding_window(10),

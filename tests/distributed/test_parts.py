@@ -10,7 +10,7 @@ import torch
 
 import sparseforge as sf
 from sparseforge.distributed.layout import self_attention_pattern
-from sparseforge.distributed.parts import part_pattern
+from sparseforge.distributed.parts import lse_offset, part_pattern
 from sparseforge.semantics import pair_mask
 
 L = 90
@@ -32,6 +32,10 @@ def patterns():
         "mask_table": sf.mask_table(table),
         "softcap": sf.causal() & sf.softcap(5.0),
         "per_head": sf.per_head([sf.causal(), sf.chunks(10)]),
+        "neighborhood_1d": sf.neighborhood(L, 7, stride=2),
+        "neighborhood_2d": sf.neighborhood((9, 10), (3, 5), dilation=(2, 1)),
+        "neighborhood_3d_causal": sf.neighborhood((3, 5, 6), (2, 3, 3), causal=(True, False, False)),
+        "neighborhood_or_sinks": sf.neighborhood((10, 9), 3) | sf.sinks(2),
     }
 
 
@@ -55,7 +59,8 @@ def test_part_mask_is_the_slice_of_the_whole(name):
             assert torch.equal(*torch.broadcast_tensors(got, want)), (name, a, c)
 
 
-@pytest.mark.parametrize("name", ["window_sinks", "documents", "chunks_or_dilated", "softcap"])
+@pytest.mark.parametrize("name", ["window_sinks", "documents", "chunks_or_dilated", "softcap",
+                                  "neighborhood_2d", "neighborhood_3d_causal"])
 def test_attention_on_a_part_matches_the_oracle(name):
     canonical = self_attention_pattern(patterns()[name])
     g = torch.Generator().manual_seed(1)
@@ -69,9 +74,75 @@ def test_attention_on_a_part_matches_the_oracle(name):
         torch.testing.assert_close(out, want.float(), atol=1e-5, rtol=1e-5)
 
 
+def modified_patterns():
+    """Score modifiers that read positions: each moves with its part."""
+    g = torch.Generator().manual_seed(5)
+    slopes = sf.alibi_slopes(4)
+    table = torch.randn(4, 15, generator=g)
+    bias = torch.randn(2, 4, L, L, generator=g)
+    return {
+        "alibi": sf.sliding_window(30) & sf.alibi(slopes),
+        "rel_bias": sf.causal() & sf.rel_bias(table),
+        "pair_bias": sf.causal() & sf.pair_bias(bias),
+        "all_three": sf.sliding_window(40) & sf.alibi(slopes) & sf.rel_bias(table)
+                     & sf.pair_bias(bias[:, :1]),
+        "per_head_alibi": sf.per_head([sf.causal() & sf.alibi(slopes), sf.causal(),
+                                       sf.sinks(2) | sf.sliding_window(9),
+                                       sf.causal() & sf.alibi(slopes)]),
+        "rel_bias_softcap": sf.causal() & sf.rel_bias(table) & sf.softcap(3.0),
+        "neighborhood_2d": patterns()["neighborhood_2d"],
+    }
+
+
+@pytest.mark.parametrize("name", list(modified_patterns()))
+def test_parts_merged_equal_the_whole(name):
+    """A query run attended to the sequence cut into three key runs, each through
+    ``sf.attention`` on its part (lse moved by ``lse_offset``), merged by log-sum-exp:
+    the whole sequence's oracle rows, output, lse and the gradients of q, k, v and of the
+    modifiers' tensors."""
+    pattern = modified_patterns()[name]
+    canonical = self_attention_pattern(pattern)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 4, L, 12, generator=g, dtype=torch.float64) for _ in range(3))
+    want, want_lse = sf.reference_attention(q, k, v, pattern, return_lse=True)
+    for a, n, cuts in ((33, 25, (0, 21, 58, L)), (0, 40, (0, 40, 41, L)), (71, 19, (0, 8, 70, L))):
+        outs, lses = [], []
+        for c, end in zip(cuts, cuts[1:]):
+            part = part_pattern(canonical, a, c, n, end - c, L)
+            assert part is not None, name
+            out, lse = sf.attention(q[:, :, a:a + n].float(), k[:, :, c:end].float(),
+                                    v[:, :, c:end].float(), part, return_lse=True)
+            shift = lse_offset(canonical, a, c, n, end - c)
+            outs.append(out)
+            lses.append(lse if shift is None else lse + shift[None, :, None])
+        out, lse = sf.merge(outs, lses)
+        rows = want_lse[:, :, a:a + n].float()
+        assert torch.equal(torch.isinf(lse), torch.isinf(rows)), (name, a)
+        torch.testing.assert_close(torch.nan_to_num(lse, neginf=0.0),
+                                   torch.nan_to_num(rows, neginf=0.0), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(out, want[:, :, a:a + n].float(), atol=1e-5, rtol=1e-5)
+
+
+def test_a_moved_rel_bias_table_passes_its_gradient_back():
+    g = torch.Generator().manual_seed(8)
+    table = torch.randn(4, 9, generator=g, requires_grad=True)
+    q, k, v = (torch.randn(1, 4, L, 8, generator=g) for _ in range(3))
+    pattern = sf.sliding_window(11) & sf.rel_bias(table)
+    part = part_pattern(self_attention_pattern(pattern), 50, 40, 30, 40, L)
+    sf.attention(q[:, :, 50:80], k[:, :, 40:80], v[:, :, 40:80], part).sum().backward()
+    got = table.grad.clone()
+    table.grad = None
+    whole = sf.reference_attention(q.double(), k.double(), v.double(), pattern)
+    whole[:, :, 50:80].sum().backward()  # rows 50..79 see keys 40..79 only
+    assert got.abs().sum() > 0
+    torch.testing.assert_close(got, table.grad.float(), atol=1e-4, rtol=1e-4)
+
+
 def test_patterns_with_no_form_on_a_part():
-    """Windows of a whole grid, routing and positional score modifiers read positions a
-    part does not hold: the caller evaluates them on original positions."""
-    for pattern in (sf.neighborhood((9, 10), 3), sf.topk_blocks(8, 2) & sf.causal(),
-                    sf.causal() & sf.alibi(sf.alibi_slopes(4))):
+    """Routing, window-offset tables and ALiBi under a softcap read positions or
+    constants a part does not hold: the caller evaluates them on original positions."""
+    grid_table = torch.randn(4, 5, 5)
+    for pattern in (sf.topk_blocks(8, 2) & sf.causal(),
+                    sf.neighborhood((9, 10), 3) & sf.rel_bias(grid_table),
+                    sf.causal() & sf.alibi(sf.alibi_slopes(4)) & sf.softcap(4.0)):
         assert part_pattern(self_attention_pattern(pattern), 10, 0, 20, 20, L) is None, pattern

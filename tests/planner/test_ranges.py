@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 import sparseforge as sf
 from sparseforge.ir.canonicalize import canonicalize
+from sparseforge.ir.neighborhood import NeighborhoodPart
 from sparseforge.planner.ranges import hull_segment, tile_segments
 from sparseforge.planner.schedule import visit_matrices
 from tests.strategies import neighbourhoods, static_patterns
@@ -88,6 +89,19 @@ def test_neighbourhood_bounds_in_original_order(pattern, extra_q, extra_kv, bm, 
     per dilation group, from both sides, with tokens past the grid and Lq != Lkv."""
     lkv = pattern.size + extra_kv
     check_segments(pattern, max(1, lkv + extra_q), lkv, bm, bn, side=side)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pattern=neighbourhoods(), data=st.data(), bm=st.sampled_from([16, 32]),
+       bn=st.sampled_from([16, 32]), side=st.sampled_from(["query", "key"]))
+def test_neighbourhood_part_bounds(pattern, data, bm, bn, side):
+    """A part of a grid (context parallelism: queries and keys offset into it, the
+    windows clamped at the whole grid's borders): the grid's bounds, moved."""
+    size = pattern.size
+    lq, lkv = data.draw(st.integers(1, size)), data.draw(st.integers(1, size))
+    q_offset = data.draw(st.integers(-lkv, size)) + lq - lkv  # any query run, aligned
+    kv_offset = data.draw(st.integers(0, size - 1))
+    check_segments(NeighborhoodPart(pattern, q_offset, kv_offset), lq, lkv, bm, bn, side=side)
 
 
 def test_neighbourhood_decode_visits_only_the_window_rows():
