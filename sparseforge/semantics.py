@@ -180,7 +180,7 @@ def biased_scores(pattern: Pattern, s: torch.Tensor, heads: torch.Tensor, p: tor
     view = (len(heads),) + (1,) * off.dim()
     if Alibi in terms:
         slopes = terms[Alibi].slopes.to(device=s.device, dtype=s.dtype)
-        s = s + slopes[heads].view(view) * off.to(s.dtype)
+        s = s + slopes[heads].view(view) * (off + terms[Alibi].offset).to(s.dtype)
     if RelBias in terms:
         table = terms[RelBias].table.to(device=s.device, dtype=s.dtype)
         idx = rel_index(score_spec(pattern), p, j, TorchOps).to(s.device)

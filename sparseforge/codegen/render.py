@@ -172,7 +172,8 @@ def _score_context(score: ScoreSpec, cfg) -> dict:
     gradient (table entries padded to a power of two; diagonals of a dK/dV tile)."""
     rel_text = (str(rel_index(score, TritonText("p"), TritonText("j"), TritonOps))
                 if score.rel_bias else "")
-    return dict(score_any=score.any, alibi=score.alibi, softcap=score.softcap,
+    return dict(score_any=score.any, alibi=score.alibi, alibi_offset=score.alibi_offset,
+                softcap=score.softcap,
                 rel_bias=score.rel_bias, rel_index=rel_text,
                 rel_grad=score.rel_grad, pair_bias=score.pair_bias,
                 rel_wide=2 * score.rel_radius + 1 > REGISTER_REL_BIAS_WIDTH,

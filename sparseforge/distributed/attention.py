@@ -6,7 +6,7 @@ positions. Each (query run, key run) pair that the layout's reach connects is on
 of ``sf.attention`` with the pattern rewritten over the part (``parts.part_pattern``):
 the ordinary plan and kernels (Triton on CUDA, the CPU executor on CPU), their backward
 included. Patterns with no form on a part (routing across ranks, window-offset bias
-tables, ALiBi under a softcap), and layouts scattered into more runs than
+tables), and layouts scattered into more runs than
 ``MAX_PART_CALLS``, are evaluated on the tokens' original positions instead
 (``attend_at``: ``semantics.pair_mask``, torch ops over row chunks), exact the same
 way. Autograd carries the gradient through either and through the exchange, whose
@@ -28,7 +28,7 @@ from ..planner.plan import head_groups
 from ..semantics import modified_scores, pair_mask
 from .exchange import counters, finish_exchange, start_exchange
 from .layout import ShardLayout, self_attention_pattern
-from .parts import lse_offset, part_pattern
+from .parts import part_pattern
 from .routing import ask_owners, pooled_node, route_across, selected_blocks
 
 #: query rows per chunk of the torch attention (bounds its [rows, keys] temporaries)
@@ -107,12 +107,12 @@ def runs(layout: ShardLayout, blocks) -> list[tuple[int, int, np.ndarray]]:
 def part_calls(canonical, layout: ShardLayout, q_blocks, k_blocks) -> tuple | None:
     """The ``sf.attention`` calls attending the queries of ``q_blocks`` to the keys of
     ``k_blocks`` (both in tensor order): per run of queries, (its first row, its rows,
-    ((key rows, the pattern over the part, its ``lse_offset``), ...) for each key run it
-    reaches); None when some pair's pattern has no such form. Kept across calls
-    (``_PART_CALLS``): the parts' data (document ids, table slices) then stays the same
-    tensors, and the plan caches keyed by their identity hit on every later step; not
-    kept when a modifier's tensor is trained (its moved copies are differentiated
-    through, so each step builds its own)."""
+    ((key rows, the pattern over the part), ...) for each key run it reaches); None
+    when some pair's pattern has no such form. Kept across calls (``_PART_CALLS``): the
+    parts' data (document ids, table slices) then stays the same tensors, and the plan
+    caches keyed by their identity hit on every later step; not kept when a modifier's
+    tensor is trained (its moved copies are differentiated through, so each step builds
+    its own)."""
     key = (id(layout), id(canonical), tuple(map(int, q_blocks)), tuple(map(int, k_blocks)))
     hit = _PART_CALLS.get(key)
     if hit is not None and hit[0] is layout and hit[1] is canonical:
@@ -132,8 +132,7 @@ def part_calls(canonical, layout: ShardLayout, q_blocks, k_blocks) -> tuple | No
             if part is None:
                 calls = None
                 break
-            parts.append((slice(k_first, k_first + k_count), part,
-                          lse_offset(canonical, q_start, k_start, count, k_count)))
+            parts.append((slice(k_first, k_first + k_count), part))
         if calls is None:
             break
         calls.append((row, count, tuple(parts)))
@@ -162,19 +161,12 @@ def attend_parts(q, k, v, calls, scale: float, enable_gqa: bool):
             lses.append(q.new_full((*q.shape[:2], count), float("-inf"), dtype=torch.float32))
             continue
         counters.part_calls += len(parts)
-        done = [_attend_part(q[:, :, rows], k[:, :, keys], v[:, :, keys], part, shift, scale,
-                             enable_gqa) for keys, part, shift in parts]
+        done = [single_attention(q[:, :, rows], k[:, :, keys], v[:, :, keys], part, scale=scale,
+                                 enable_gqa=enable_gqa, return_lse=True) for keys, part in parts]
         out, lse = merge([o for o, _ in done], [s for _, s in done]) if len(done) > 1 else done[0]
         outs.append(out)
         lses.append(lse.float())
     return torch.cat(outs, 2), torch.cat(lses, 2)
-
-
-def _attend_part(q, k, v, part, shift, scale: float, enable_gqa: bool):
-    """One part through ``sf.attention``; its lse moved to the whole's by ``shift``."""
-    out, lse = single_attention(q, k, v, part, scale=scale, enable_gqa=enable_gqa,
-                                return_lse=True)
-    return out, lse if shift is None else lse + shift.to(lse.device)[None, :, None]
 
 
 def _attend(q, k, v, canonical, layout: ShardLayout, q_blocks, k_blocks, scale: float,

@@ -14,15 +14,14 @@ without a mask, empty tiles skipped, its own backward.
 
 An N-D neighbourhood becomes a ``NeighborhoodPart``: the grid's own rule at the part's
 offsets on it (NATTEN's windows clamp at the whole grid's borders, which no part holds).
-Score modifiers that read positions move too: a pair bias takes its slice, a token-offset
-``rel_bias`` table is re-indexed by the part's offsets (a gather, so the table's gradient
-flows back), and ALiBi, whose ``j - p`` only gains a constant ``delta`` per part, stays
-ALiBi on the part while ``lse_offset`` adds ``slopes[h] * delta`` to the part's lse (the
-output is unchanged: softmax ignores a constant). Some patterns have no such form:
-routing (decided on the whole sequence's pooled summaries), window-offset ``rel_bias``
-tables (read on a whole grid), and ALiBi under a softcap (the cap bends the constant).
-``part_pattern`` returns None for them and the caller evaluates them on original
-positions instead.
+Score modifiers that read positions move too. The part's ``t - P`` is the whole's ``j -
+p`` less a constant ``delta``: ALiBi takes ``offset=delta`` (an integer added before the
+product, so the part's scores are the whole's to the bit), a token-offset ``rel_bias``
+table is re-indexed by ``delta`` (a gather, so the table's gradient flows back), and a
+pair bias takes its slice. Some patterns have no such form: routing (decided on the
+whole sequence's pooled summaries) and window-offset ``rel_bias`` tables (read on a
+whole grid). ``part_pattern`` returns None for them and the caller evaluates them on
+original positions instead.
 """
 
 from __future__ import annotations
@@ -66,43 +65,22 @@ def part_pattern(pattern: Pattern, q_start: int, k_start: int, q_len: int, kv_le
         return None
 
 
-def lse_offset(pattern: Pattern, q_start: int, k_start: int, q_len: int,
-               kv_len: int) -> torch.Tensor | None:
-    """What to add to the lse of a call on ``part_pattern``'s part (``[Hq]``, one per query
-    head) for the whole sequence's: ALiBi's ``slopes[h] * delta``, where the part's ``j -
-    p`` is the whole's less ``delta``; None without ALiBi. The output needs nothing."""
-    delta = _Part(q_start, k_start, q_len, kv_len, 0).delta
-    if isinstance(pattern, PerHead):
-        found = [_alibi(h) for h in pattern.patterns]
-        if all(a is None for a in found):
-            return None
-        return torch.stack([a.slopes[h].float() * delta if a is not None else
-                            torch.zeros((), dtype=torch.float32)
-                            for h, a in enumerate(found)])
-    alibi = _alibi(pattern)
-    return None if alibi is None else alibi.slopes.float() * delta
-
-
-def _alibi(head: Pattern) -> Alibi | None:
-    return next((node for node in walk(head) if isinstance(node, Alibi)), None)
-
-
 def _part(pattern, a, c, n, m, seq_len):
     if isinstance(pattern, PerHead):
         return PerHead(tuple(_part(h, a, c, n, m, seq_len) for h in pattern.patterns))
     part = _Part(a, c, n, m, seq_len)
     modifiers = [_move_modifier(node, part) for node in walk(pattern)
                  if isinstance(node, ScoreModifier)]
-    if any(isinstance(x, Alibi) for x in modifiers) and any(isinstance(x, Softcap) for x in modifiers):
-        raise _NoPartForm  # the cap bends ALiBi's constant: lse_offset would not hold
     mask = _shift(strip_scores(pattern), part)
     return Intersection((mask, *modifiers)) if modifiers else mask
 
 
 def _move_modifier(node: ScoreModifier, part: _Part) -> ScoreModifier:
     """A score modifier over the part's rows and keys (see the module doc)."""
-    if isinstance(node, (Softcap, Alibi)):
+    if isinstance(node, Softcap):
         return node
+    if isinstance(node, Alibi):
+        return Alibi(node.slopes, node.offset + part.delta)
     if isinstance(node, PairBias):  # indexed by row, which is the position here
         return PairBias(node.bias4[..., part.a:part.a + part.n, part.c:part.c + part.m])
     if isinstance(node, RelBias) and not node.window_dims:

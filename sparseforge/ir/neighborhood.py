@@ -130,7 +130,8 @@ class NeighborhoodPart(Pattern):
                 raise TypeError(f"NeighborhoodPart({name}={value!r}): expected an int")
 
     def __repr__(self) -> str:
-        return f"{self.grid!r}.part(q_offset={self.q_offset}, kv_offset={self.kv_offset})"
+        return (f"neighborhood_part({self.grid!r}, q_offset={self.q_offset}, "
+                f"kv_offset={self.kv_offset})")
 
 
 def neighborhood(shape, kernel, dilation=1, stride=1, causal=False) -> Pattern:

@@ -124,8 +124,8 @@ def _repr_constructors() -> dict:
     table = dict(CONSTRUCTORS)
     table.update(empty=nodes.Empty, documents=nodes.documents, mask_table=nodes.mask_table,
                  per_head=nodes.per_head,
-                 softcap=scores.softcap, alibi=scores.alibi, rel_bias=scores.rel_bias,
-                 pair_bias=scores.pair_bias)
+                 softcap=scores.softcap, alibi=scores.Alibi, rel_bias=scores.rel_bias,
+                 pair_bias=scores.pair_bias, neighborhood_part=neighborhood.NeighborhoodPart)
     return table
 
 

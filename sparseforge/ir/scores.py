@@ -92,9 +92,14 @@ class _TensorModifier(ScoreModifier):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Alibi(_TensorModifier):
-    """``s += slopes[h] * (j - p)``; ``slopes`` is ``[Hq]`` (one per query head)."""
+    """``s += slopes[h] * (j - p + offset)``; ``slopes`` is ``[Hq]`` (one per query head).
+    ``offset`` is 0 from ``alibi``; context parallelism sets it on a part of the sequence
+    (``distributed/parts.py``), whose own ``j - p`` is the whole's less that constant: an
+    integer added before the product, so a part's scores are the whole's to the bit.
+    Kernels print it as a constant, so it is part of the plan key (``repr``)."""
 
     slopes: Any
+    offset: int = 0
     tensor_name = "slopes"
     kind = "alibi"
 
@@ -103,6 +108,18 @@ class Alibi(_TensorModifier):
         if self.slopes.requires_grad:
             raise ValueError("alibi(slopes=...): slopes are fixed (not trained) here; pass "
                              "slopes.detach()")
+        if isinstance(self.offset, bool) or not isinstance(self.offset, int):
+            raise TypeError(f"alibi(offset={self.offset!r}): expected an int")
+
+    def __hash__(self) -> int:
+        return hash((super().__hash__(), self.offset))
+
+    def __eq__(self, other: object) -> bool:
+        return super().__eq__(other) and other.offset == self.offset
+
+    def __repr__(self) -> str:
+        text = super().__repr__()
+        return text if not self.offset else f"{text[:-1]}, offset={self.offset})"
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -192,6 +209,7 @@ class ScoreSpec:
     """What a kernel is specialised on: which modifiers are present (not their values)."""
 
     alibi: bool = False
+    alibi_offset: int = 0  # added to j - p (a part of the sequence; see Alibi)
     rel_radius: int = -1  # half the flattened rel_bias width, -1 without one
     softcap: bool = False
     rel_grid: RelGrid | None = None  # window offsets; None: token offsets j - p
@@ -232,7 +250,9 @@ def score_spec(pattern: Pattern) -> ScoreSpec:
     terms = score_terms(pattern)
     rel = terms.get(RelBias)
     grid = _rel_grid(pattern, rel) if rel is not None and rel.window_dims else None
-    return ScoreSpec(Alibi in terms, rel.radius if rel is not None else -1, Softcap in terms, grid,
+    alibi = terms.get(Alibi)
+    return ScoreSpec(alibi is not None, alibi.offset if alibi is not None else 0,
+                     rel.radius if rel is not None else -1, Softcap in terms, grid,
                      PairBias in terms)
 
 

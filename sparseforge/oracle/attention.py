@@ -80,7 +80,7 @@ def modified_scores(head: Pattern, s: torch.Tensor, heads: list[int], q_len: int
     rows = torch.tensor(heads, device=s.device)
     for m in mods:
         if isinstance(m, Alibi):
-            s = s + m.slopes.double().to(s.device)[rows][:, None, None] * (j - p)
+            s = s + m.slopes.double().to(s.device)[rows][:, None, None] * (j - p + m.offset)
     for m in mods:
         if isinstance(m, RelBias):
             s = s + _rel_bias(m, head, rows, p, j)

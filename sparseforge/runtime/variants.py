@@ -102,9 +102,11 @@ def variant_specs() -> dict[str, tuple]:
     shapes["na2d_original"] = (neighborhood((64, 64), (5, 9), stride=(1, 3)), 64, "bfloat16",
                                {"tiled": False})
     # a part of a grid (context parallelism: a rank's query run against a key run, both
-    # offset into the whole grid): the grid's rule at the offsets, in original order
-    shapes["na2d_part"] = (NeighborhoodPart(neighborhood((128, 64), 7), L // 2, L // 2), 64,
-                           "bfloat16", {"q_len": L // 2})
+    # offset into the whole grid): the grid's rule at the offsets, in original order, and
+    # ALiBi with the part's integer offset to j - p
+    shapes["na2d_part"] = (NeighborhoodPart(neighborhood((128, 64), 7), L // 2, L // 2)
+                           & scores.Alibi(torch.ones(heads), -L // 2), 64, "bfloat16",
+                           {"q_len": L // 2})
     # window-offset rel_bias (Swin / MaxViT / NATTEN rpb) on a dilated 2-D neighbourhood:
     # inside the table's windows (one difference per pair), and clipped per dimension
     # beside sinks and every other modifier

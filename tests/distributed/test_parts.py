@@ -3,14 +3,16 @@ keys at ``c + t``) exactly: its mask on the part equals the whole sequence's mas
 sliced, for offsets on and off the block, chunk and dilation grids, and ``sf.attention``
 on the part equals the oracle's on the sliced mask."""
 
+import importlib
 import itertools
 
 import pytest
 import torch
 
 import sparseforge as sf
+import sparseforge.distributed as sfd
 from sparseforge.distributed.layout import self_attention_pattern
-from sparseforge.distributed.parts import lse_offset, part_pattern
+from sparseforge.distributed.parts import part_pattern
 from sparseforge.semantics import pair_mask
 
 L = 90
@@ -90,6 +92,7 @@ def modified_patterns():
                                        sf.sinks(2) | sf.sliding_window(9),
                                        sf.causal() & sf.alibi(slopes)]),
         "rel_bias_softcap": sf.causal() & sf.rel_bias(table) & sf.softcap(3.0),
+        "alibi_softcap": sf.causal() & sf.alibi(slopes) & sf.softcap(4.0),
         "neighborhood_2d": patterns()["neighborhood_2d"],
     }
 
@@ -97,9 +100,8 @@ def modified_patterns():
 @pytest.mark.parametrize("name", list(modified_patterns()))
 def test_parts_merged_equal_the_whole(name):
     """A query run attended to the sequence cut into three key runs, each through
-    ``sf.attention`` on its part (lse moved by ``lse_offset``), merged by log-sum-exp:
-    the whole sequence's oracle rows, output, lse and the gradients of q, k, v and of the
-    modifiers' tensors."""
+    ``sf.attention`` on its part, merged by log-sum-exp: the whole sequence's oracle
+    rows, output and lse."""
     pattern = modified_patterns()[name]
     canonical = self_attention_pattern(pattern)
     g = torch.Generator().manual_seed(2)
@@ -112,15 +114,36 @@ def test_parts_merged_equal_the_whole(name):
             assert part is not None, name
             out, lse = sf.attention(q[:, :, a:a + n].float(), k[:, :, c:end].float(),
                                     v[:, :, c:end].float(), part, return_lse=True)
-            shift = lse_offset(canonical, a, c, n, end - c)
             outs.append(out)
-            lses.append(lse if shift is None else lse + shift[None, :, None])
+            lses.append(lse)
         out, lse = sf.merge(outs, lses)
         rows = want_lse[:, :, a:a + n].float()
         assert torch.equal(torch.isinf(lse), torch.isinf(rows)), (name, a)
         torch.testing.assert_close(torch.nan_to_num(lse, neginf=0.0),
                                    torch.nan_to_num(rows, neginf=0.0), atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(out, want[:, :, a:a + n].float(), atol=1e-5, rtol=1e-5)
+
+
+def test_alibi_on_a_far_part_is_exact_in_fp32():
+    """ALiBi on a part far from its keys' frame: the part's own ``t - P`` is ~1800, the
+    whole's ``j - p`` within the window; the offset is added as an integer, so the
+    part's output equals the whole's rows at fp32 precision (a bias of hundreds added
+    and taken off again in floats would not)."""
+    length, window = 4096, 256
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 4, length, 16, generator=g) for _ in range(3))
+    pattern = sf.sliding_window(window) & sf.alibi(sf.alibi_slopes(4))
+    a, c = 2048, 2048 - window  # the run's queries against the keys just before them
+    part = part_pattern(self_attention_pattern(pattern), a, c, 2048, window, length)
+    assert "offset=" in repr(part)
+    out, lse = sf.attention(q[:, :, a:], k[:, :, c:a], v[:, :, c:a], part, return_lse=True)
+    rows = slice(a, a + 64)  # the first rows see only keys before the run
+    mask = torch.zeros(length, length, dtype=torch.bool)
+    mask[rows, c:a] = True
+    want, want_lse = sf.reference_attention(q, k, v, sf.mask_table(mask) & pattern,
+                                            return_lse=True)
+    torch.testing.assert_close(lse[:, :, :64], want_lse[:, :, rows].float(), atol=2e-6, rtol=1e-6)
+    torch.testing.assert_close(out[:, :, :64], want[:, :, rows].float(), atol=2e-6, rtol=1e-6)
 
 
 def test_a_moved_rel_bias_table_passes_its_gradient_back():
@@ -139,10 +162,30 @@ def test_a_moved_rel_bias_table_passes_its_gradient_back():
 
 
 def test_patterns_with_no_form_on_a_part():
-    """Routing, window-offset tables and ALiBi under a softcap read positions or
-    constants a part does not hold: the caller evaluates them on original positions."""
+    """Routing and window-offset tables read what a part does not hold (the whole
+    sequence's selection, a whole grid's coordinates): the caller evaluates them on
+    original positions."""
     grid_table = torch.randn(4, 5, 5)
     for pattern in (sf.topk_blocks(8, 2) & sf.causal(),
-                    sf.neighborhood((9, 10), 3) & sf.rel_bias(grid_table),
-                    sf.causal() & sf.alibi(sf.alibi_slopes(4)) & sf.softcap(4.0)):
+                    sf.neighborhood((9, 10), 3) & sf.rel_bias(grid_table)):
         assert part_pattern(self_attention_pattern(pattern), 10, 0, 20, 20, L) is None, pattern
+
+
+def test_parts_of_a_trained_table_are_built_each_step():
+    """A ``rel_bias`` table that is trained: each step's parts gather from it anew (kept
+    parts would hold the first step's graph), and its gradient arrives every step."""
+    cp = importlib.import_module("sparseforge.distributed.attention")
+    table = torch.randn(4, 9, requires_grad=True)
+    pattern = sf.sliding_window(11) & sf.rel_bias(table)
+    layout = sfd.plan_shards(pattern, L, 2, block=8)
+    canonical = self_attention_pattern(pattern)
+    rows = layout.positions(1)
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 4, L, 8, generator=g)[:, :, rows] for _ in range(3))
+    blocks = layout.blocks_of(1)
+    for _ in range(2):
+        table.grad = None
+        out, _ = cp.attend_parts(q, k, v, cp.part_calls(canonical, layout, blocks, blocks),
+                                 0.3, False)
+        out.sum().backward()
+        assert table.grad is not None and table.grad.abs().sum() > 0

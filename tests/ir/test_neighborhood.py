@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import sparseforge as sf
+from sparseforge.ir.neighborhood import NeighborhoodPart
 from sparseforge.ir.patterns_parse import parse_pattern, parse_repr
+from sparseforge.ir.scores import Alibi
 
 
 @pytest.fixture()
@@ -216,3 +218,18 @@ def test_repr_round_trips_through_both_parsers():
               sf.neighborhood(10, 3, stride=2) | sf.sinks(2), sf.maxvit_grid((8, 8), 2)):
         assert parse_pattern(repr(p)) == p
         assert parse_repr(repr(p), []) == p
+
+
+def test_a_part_of_a_grid_round_trips_and_names_its_offsets():
+    """``NeighborhoodPart`` (context parallelism's part of a grid) and ALiBi's offset are
+    in the repr: the plan key, and what the torch.compile custom op rebuilds."""
+    slopes = sf.alibi_slopes(2)
+    part = NeighborhoodPart(sf.neighborhood((5, 6), 3), 7, -4) & Alibi(slopes, -12)
+    rebuilt = parse_repr(repr(part), [slopes])
+    assert rebuilt == part and repr(rebuilt) == repr(part)
+    assert "q_offset=7" in repr(part) and "offset=-12" in repr(part)
+    assert Alibi(slopes, 3) != Alibi(slopes) and hash(Alibi(slopes, 0)) == hash(Alibi(slopes))
+    with pytest.raises(TypeError, match="NeighborhoodPart"):
+        NeighborhoodPart((5, 6), 0, 0)
+    with pytest.raises(TypeError, match="offset"):
+        Alibi(slopes, 1.5)
