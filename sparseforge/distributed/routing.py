@@ -3,12 +3,15 @@
 select.
 
 Each rank pools its own queries and keys per bucket (sums, or maxima, and token counts:
-a bucket may straddle ranks), one all-reduce makes them the whole sequence's (``[C, D]``
-per head: L / block x D), and every rank then scores and selects its own query buckets
-exactly as one process would (``routing.rules.select_pooled``), leaving the others'
-buckets unscored. The key blocks its queries selected join the layout's static needs,
-and each rank asks the owners for them (an all-to-all of the block ids) before the
-key/value exchange. The routing is not differentiated (as in MoBA and NSA).
+a bucket may straddle ranks). One all-reduce makes the key summaries the whole
+sequence's (``[C, D]`` per head: L / block x D); a rank scores only its own query
+buckets, so of the query summaries only the buckets that straddle ranks are reduced
+(a few per boundary between ranks' runs; none travel when every bucket lies in one
+rank). Every rank then scores and selects its own query buckets exactly as one process
+would (``routing.rules.select_pooled``), leaving the others' buckets unscored. The key
+blocks its queries selected join the layout's static needs, and each rank asks the
+owners for them (an all-to-all of the block ids) before the key/value exchange. The
+routing is not differentiated (as in MoBA and NSA).
 """
 
 from __future__ import annotations
@@ -63,13 +66,36 @@ def _local_pool(x: torch.Tensor, positions: torch.Tensor, starts: torch.Tensor, 
     return out[:, :, :c].contiguous(), sizes[:, :c].contiguous()  # (collectives need dense)
 
 
-def _global_pool(x, positions, starts, how: str, sqrt_len: bool, group) -> torch.Tensor:
-    """The whole sequence's pooled vectors ``[B, H, C, D]``, as one process pools them."""
+def shared_buckets(positions_by_rank, starts: torch.Tensor) -> torch.Tensor:
+    """The buckets (of ``starts``) holding tokens of two or more ranks in some batch row:
+    the only ones whose pooled sums need another rank's part."""
+    c = starts.shape[-1] - 1
+    holders = torch.zeros(c, dtype=torch.long)
+    for positions in positions_by_rank:
+        idx = bucket_of(positions.to(starts.device), starts).flatten()
+        holders[idx[(idx >= 0) & (idx < c)].unique().cpu()] += 1
+    return torch.nonzero(holders > 1).flatten()
+
+
+def _global_pool(x, positions, starts, how: str, sqrt_len: bool, group,
+                 only=None) -> torch.Tensor:
+    """The whole sequence's pooled vectors ``[B, H, C, D]``, as one process pools them;
+    with ``only`` (bucket indices, the same on every rank), only those buckets are
+    reduced across ranks and the others keep this rank's own part."""
     out, sizes = _local_pool(x, positions, starts, how)
-    dist.all_reduce(sizes, group=group)
-    dist.all_reduce(out, op=dist.ReduceOp.SUM if how == "mean" else dist.ReduceOp.MAX,
-                    group=group)
-    counters.routing += (out.numel() * out.element_size() + sizes.numel() * sizes.element_size())
+    op = dist.ReduceOp.SUM if how == "mean" else dist.ReduceOp.MAX
+    if only is None:
+        dist.all_reduce(sizes, group=group)
+        dist.all_reduce(out, op=op, group=group)
+        counters.routing += out.numel() * out.element_size() + sizes.numel() * sizes.element_size()
+    elif len(only):
+        only = only.to(x.device)
+        part_out, part_sizes = out[:, :, only].contiguous(), sizes[:, only].contiguous()
+        dist.all_reduce(part_sizes, group=group)
+        dist.all_reduce(part_out, op=op, group=group)
+        out[:, :, only], sizes[:, only] = part_out, part_sizes
+        counters.routing += (part_out.numel() * part_out.element_size()
+                             + part_sizes.numel() * part_sizes.element_size())
     if how == "mean":
         out = out / sizes.clamp(min=1)[:, None, :, None]
     else:
@@ -78,14 +104,16 @@ def _global_pool(x, positions, starts, how: str, sqrt_len: bool, group) -> torch
 
 
 def route_across(node, canonical: Pattern, q: torch.Tensor, k: torch.Tensor,
-                 positions: torch.Tensor, seq_len: int, scale: float, group) -> BlockSelection:
+                 positions_by_rank: list, rank: int, seq_len: int, scale: float,
+                 group) -> BlockSelection:
     """The selection one process would make on the whole sequence for the query buckets
-    of this rank's tokens (``q``, ``k`` at ``positions``; other buckets select nothing),
-    from its tokens and the others' pooled summaries."""
+    of this rank's tokens (``q``, ``k`` at ``positions_by_rank[rank]``; other buckets
+    select nothing), from its tokens and the others' pooled summaries."""
     q_starts, k_starts = node_buckets(node, seq_len, seq_len, q.device)
     how, sqrt_len = getattr(node, "pool", "mean"), pooled_with_sqrt_len(node)
-    positions = positions.to(q.device)
-    qbar = _global_pool(q, positions, q_starts, how, sqrt_len, group)
+    positions = positions_by_rank[rank].to(q.device)
+    qbar = _global_pool(q, positions, q_starts, how, sqrt_len, group,
+                        only=shared_buckets(positions_by_rank, q_starts))
     kbar = _global_pool(k, positions, k_starts, how, sqrt_len, group)
     mine = bucket_of(positions, q_starts).clamp(0, q_starts.shape[-1] - 2).unique()
     return select_pooled(node, static_siblings(canonical, node), qbar, kbar, q_starts, k_starts,

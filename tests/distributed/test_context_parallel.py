@@ -19,9 +19,11 @@ import torch.multiprocessing as mp
 
 import sparseforge as sf
 import sparseforge.distributed as sfd
-from sparseforge.distributed.layout import reach
+from sparseforge.distributed.layout import reach, self_attention_pattern
+from sparseforge.distributed.routing import pooled_node, shared_buckets
 from sparseforge.ir.routing import is_dynamic
 from sparseforge.ir.split import envelope
+from sparseforge.routing.geometry import node_buckets
 
 L = 100  # 13 blocks of 8 tokens, the last of 4: no world size divides it
 BLOCK = 8
@@ -95,7 +97,15 @@ def _check_cases(rank, world, group, names):
                         if need[b] and owner[b] != rank)
             assert layout.received_tokens(rank) * row <= sfd.counters.received
             assert sfd.counters.received <= bound * row, name
-            assert sfd.counters.routing > 0, name
+            # routing traffic: the key summaries whole, the query summaries of the buckets
+            # that straddle ranks only, and the block ids asked of the owners
+            node = pooled_node(self_attention_pattern(pattern))
+            q_starts, k_starts = node_buckets(node, L, L, "cpu")
+            shared = len(shared_buckets([layout.positions(r) for r in range(world)], q_starts))
+            k_buckets = k_starts.shape[-1] - 1  # [B, Hkv, C, D] sums and [B, C] counts, fp32
+            summaries = 4 * (2 * 2 * k_buckets * 8 + 2 * k_buckets + 2 * 4 * shared * 8 + 2 * shared)
+            asked = 8 * (world + len(owner))
+            assert summaries <= sfd.counters.routing <= summaries + asked, name
         else:
             assert sfd.counters.received == layout.received_tokens(rank) * row, name
         if name == "window_sinks":  # the window before each run of blocks, one block more, sinks

@@ -9,6 +9,7 @@ import torch
 
 import sparseforge as sf
 import sparseforge.distributed as sfd
+from sparseforge.distributed.routing import shared_buckets
 from sparseforge.ir.canonicalize import canonicalize
 from sparseforge.ir.nodes import walk
 from sparseforge.ir.routing import DynamicPattern, is_dynamic
@@ -115,3 +116,19 @@ def test_a_rank_scores_only_its_query_buckets_and_selects_as_one_process(pattern
     others = torch.ones(whole.shape[2], dtype=torch.bool)
     others[rows] = False
     assert not served[:, :, others].any()
+
+
+def test_only_the_query_buckets_that_straddle_ranks_are_shared():
+    """Of the query summaries, a rank needs only its own buckets; those lying in one rank
+    need nothing from the others, so only straddling buckets are reduced."""
+    pattern = sf.causal() & sf.topk_blocks(12, 2)
+    layout = sfd.plan_shards(pattern, 100, 2, block=8, layout="contiguous")
+    starts = torch.arange(0, 109, 12).clamp(max=100)[None]  # 12-token buckets, the last short
+    everyone = [layout.positions(r) for r in range(2)]
+    boundary = int(everyone[1].min())  # contiguous: rank 1 starts here
+    shared = shared_buckets(everyone, starts)
+    assert shared.tolist() == ([boundary // 12] if boundary % 12 else [])
+    assert shared_buckets([torch.arange(100)], starts).numel() == 0
+    zigzag = sfd.plan_shards(pattern, 100, 2, block=8, layout="zigzag")
+    mixed = shared_buckets([zigzag.positions(r) for r in range(2)], starts)
+    assert 0 < mixed.numel() < starts.shape[-1] - 1
