@@ -7,8 +7,8 @@ reach, against one process attending the whole sequence.
 
 For each pattern it prints the layout plan_shards chose (work per rank, tokens received
 against a ring that passes every shard), how the ranks attended (sf.attention on each
-part of their queries and keys, or, for neighbourhoods and routing, torch ops on
-original positions), then checks the output and the q, k, v gradients against
+part of their queries and keys, the pattern rewritten over the part, or, for routing,
+torch ops on original positions), then checks the output and the q, k, v gradients against
 single-process sf.attention.
 """
 
@@ -32,6 +32,7 @@ def patterns():
         "sliding window 64 + 4 sinks": sf.sliding_window(64) | sf.sinks(4),
         "4 documents, causal": sf.documents(docs) & sf.causal(),
         "2-D neighbourhood 20x50, 5x7": sf.neighborhood((20, 50), (5, 7)),
+        "sliding window 64 with ALiBi": sf.sliding_window(64) & sf.alibi(sf.alibi_slopes(4)),
         "MoBA-style top-3 of 64-token blocks": ((sf.causal() & sf.topk_blocks(64, 3))
                                                 | (sf.causal() & sf.chunks(64))),
     }
