@@ -240,9 +240,8 @@ def attention(q, k, v, pattern, layout: ShardLayout, *, scale: float | None = No
     node = pooled_node(canonical)
     if node is not None:  # route on the whole sequence's pooled summaries, fetch what was chosen
         with torch.no_grad():
-            everyone = [layout.positions(r) for r in range(world)]
-            selection = route_across(node, canonical, q.detach(), k.detach(), everyone, rank,
-                                     layout.seq_len, scale, group)
+            selection = route_across(node, canonical, q.detach(), k.detach(), layout, rank,
+                                     scale, group)
         routing = {node: selection}
         chosen = selected_blocks(selection, pos, layout.seq_len, layout.block)
         chosen &= layout.reachable[rank]

@@ -66,15 +66,29 @@ def _local_pool(x: torch.Tensor, positions: torch.Tensor, starts: torch.Tensor, 
     return out[:, :, :c].contiguous(), sizes[:, :c].contiguous()  # (collectives need dense)
 
 
-def shared_buckets(positions_by_rank, starts: torch.Tensor) -> torch.Tensor:
-    """The buckets (of ``starts``) holding tokens of two or more ranks in some batch row:
-    the only ones whose pooled sums need another rank's part."""
+#: ``shared_buckets`` per (layout, bucket starts), with the layout held (its id stays
+#: unique while kept)
+_SHARED: dict = {}
+SHARED_KEPT = 64
+
+
+def shared_buckets(layout, starts: torch.Tensor) -> torch.Tensor:
+    """The buckets (of ``starts``) holding tokens of two or more of ``layout``'s ranks in
+    some batch row: the only ones whose pooled sums need another rank's part. The same
+    on every rank (from the layout alone); kept, since every step asks again."""
+    key = (id(layout), tuple(starts.shape), tuple(starts.flatten().tolist()))
+    hit = _SHARED.get(key)
+    if hit is not None and hit[0] is layout:
+        return hit[1]
     c = starts.shape[-1] - 1
     holders = torch.zeros(c, dtype=torch.long)
-    for positions in positions_by_rank:
-        idx = bucket_of(positions.to(starts.device), starts).flatten()
+    for rank in range(layout.world_size):
+        idx = bucket_of(layout.positions(rank).to(starts.device), starts).flatten()
         holders[idx[(idx >= 0) & (idx < c)].unique().cpu()] += 1
-    return torch.nonzero(holders > 1).flatten()
+    if len(_SHARED) >= SHARED_KEPT:
+        _SHARED.clear()
+    _SHARED[key] = (layout, torch.nonzero(holders > 1).flatten())
+    return _SHARED[key][1]
 
 
 def _global_pool(x, positions, starts, how: str, sqrt_len: bool, group,
@@ -103,17 +117,17 @@ def _global_pool(x, positions, starts, how: str, sqrt_len: bool, group,
     return out * sizes.sqrt()[:, None, :, None] if sqrt_len else out
 
 
-def route_across(node, canonical: Pattern, q: torch.Tensor, k: torch.Tensor,
-                 positions_by_rank: list, rank: int, seq_len: int, scale: float,
-                 group) -> BlockSelection:
+def route_across(node, canonical: Pattern, q: torch.Tensor, k: torch.Tensor, layout,
+                 rank: int, scale: float, group) -> BlockSelection:
     """The selection one process would make on the whole sequence for the query buckets
-    of this rank's tokens (``q``, ``k`` at ``positions_by_rank[rank]``; other buckets
+    of this rank's tokens (``q``, ``k`` at ``layout.positions(rank)``; other buckets
     select nothing), from its tokens and the others' pooled summaries."""
+    seq_len = layout.seq_len
     q_starts, k_starts = node_buckets(node, seq_len, seq_len, q.device)
     how, sqrt_len = getattr(node, "pool", "mean"), pooled_with_sqrt_len(node)
-    positions = positions_by_rank[rank].to(q.device)
+    positions = layout.positions(rank).to(q.device)
     qbar = _global_pool(q, positions, q_starts, how, sqrt_len, group,
-                        only=shared_buckets(positions_by_rank, q_starts))
+                        only=shared_buckets(layout, q_starts))
     kbar = _global_pool(k, positions, k_starts, how, sqrt_len, group)
     mine = bucket_of(positions, q_starts).clamp(0, q_starts.shape[-1] - 2).unique()
     return select_pooled(node, static_siblings(canonical, node), qbar, kbar, q_starts, k_starts,

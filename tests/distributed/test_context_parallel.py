@@ -101,7 +101,7 @@ def _check_cases(rank, world, group, names):
             # that straddle ranks only, and the block ids asked of the owners
             node = pooled_node(self_attention_pattern(pattern))
             q_starts, k_starts = node_buckets(node, L, L, "cpu")
-            shared = len(shared_buckets([layout.positions(r) for r in range(world)], q_starts))
+            shared = len(shared_buckets(layout, q_starts))
             k_buckets = k_starts.shape[-1] - 1  # [B, Hkv, C, D] sums and [B, C] counts, fp32
             summaries = 4 * (2 * 2 * k_buckets * 8 + 2 * k_buckets + 2 * 4 * shared * 8 + 2 * shared)
             asked = 8 * (world + len(owner))

@@ -124,11 +124,12 @@ def test_only_the_query_buckets_that_straddle_ranks_are_shared():
     pattern = sf.causal() & sf.topk_blocks(12, 2)
     layout = sfd.plan_shards(pattern, 100, 2, block=8, layout="contiguous")
     starts = torch.arange(0, 109, 12).clamp(max=100)[None]  # 12-token buckets, the last short
-    everyone = [layout.positions(r) for r in range(2)]
-    boundary = int(everyone[1].min())  # contiguous: rank 1 starts here
-    shared = shared_buckets(everyone, starts)
+    boundary = int(layout.positions(1).min())  # contiguous: rank 1 starts here
+    shared = shared_buckets(layout, starts)
     assert shared.tolist() == ([boundary // 12] if boundary % 12 else [])
-    assert shared_buckets([torch.arange(100)], starts).numel() == 0
+    assert shared_buckets(layout, starts) is shared  # kept for the next step
+    alone = sfd.plan_shards(pattern, 100, 1, block=8)
+    assert shared_buckets(alone, starts).numel() == 0
     zigzag = sfd.plan_shards(pattern, 100, 2, block=8, layout="zigzag")
-    mixed = shared_buckets([zigzag.positions(r) for r in range(2)], starts)
+    mixed = shared_buckets(zigzag, starts)
     assert 0 < mixed.numel() < starts.shape[-1] - 1
