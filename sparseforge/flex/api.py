@@ -194,19 +194,12 @@ def flex_attention(q, k, v, score_mod=None, block_mask=None, scale=None, enable_
     q_len, kv_len = q.shape[-2], k.shape[-2]
     _check_block_mask(block_mask, q_len, kv_len)
     try:
-        pattern, factor, alibi = _call_pattern(q, score_mod, block_mask, q_len, kv_len)
+        pattern, factor = _call_pattern(q, score_mod, block_mask, q_len, kv_len)
     except FlexTraceError as exc:
         return _on_flex(exc, q, k, v, score_mod, block_mask, scale, enable_gqa, return_lse)
     scale = (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale) * factor
-    out = attention(q, k, v, pattern, scale=scale, enable_gqa=enable_gqa,
-                    return_lse=return_lse, backend=backend)
-    if return_lse and alibi is not None and q_len != kv_len:
-        # Flex's ALiBi offsets rows from the first key: a constant per row and head, which
-        # leaves the output as it is and moves the lse by slope * (Lkv - Lq)
-        out, lse = out
-        shift = alibi.slopes.to(device=lse.device, dtype=lse.dtype) * (kv_len - q_len)
-        return out, lse + shift[None, :, None]
-    return out
+    return attention(q, k, v, pattern, scale=scale, enable_gqa=enable_gqa,
+                     return_lse=return_lse, backend=backend)
 
 
 def _check_block_mask(block_mask, q_len: int, kv_len: int) -> None:
@@ -222,7 +215,7 @@ def _check_block_mask(block_mask, q_len: int, kv_len: int) -> None:
 
 
 def _call_pattern(q, score_mod, block_mask, q_len, kv_len):
-    """(pattern, factor on the scale, the ALiBi node or None) of one call."""
+    """(pattern, factor on the scale) of one call."""
     # FlexAttention's module loads its compiler stack: imported when a block mask is given
     from torch.nn.attention.flex_attention import noop_mask
 
@@ -234,18 +227,22 @@ def _call_pattern(q, score_mod, block_mask, q_len, kv_len):
                              "the mask")
     else:
         mask = from_mask_mod(block_mask.mask_mod, heads=heads)
-    factor, alibi, parts = 1.0, None, []
+    factor, parts = 1.0, []
     if score_mod is not None:
         found = _recognised_scores(score_mod, heads)
         factor, parts = found.scale, list(found.modifiers)
         if q_len != kv_len and any(isinstance(m, RelBias) for m in parts):
             raise FlexTraceError("a relative-position table with Lq != Lkv: Flex offsets "
                                  "rows from the first key, sparseforge from the last")
-        alibi = next((m for m in parts if isinstance(m, Alibi)), None)
+        # Flex's ALiBi reads kv_idx - q_idx with rows aligned to the first key; sparseforge's
+        # j - p aligns them to the last: the same scores with offset Lkv - Lq (exact, and
+        # right under a softcap, which a shifted lse is not)
+        parts = [Alibi(m.slopes, m.offset + kv_len - q_len) if isinstance(m, Alibi) else m
+                 for m in parts]
     pattern = mask if mask is not None else Full()
     if parts:
         pattern = _with_modifiers(pattern, parts)
-    return pattern, factor, alibi
+    return pattern, factor
 
 
 def _with_modifiers(pattern: Pattern, modifiers: list) -> Pattern:

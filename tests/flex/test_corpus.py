@@ -141,7 +141,7 @@ SCORES = {
     relative_position: ("causal", {}, WIDE),
     shared_relative_position: (None, {"heads": H}, SQUARE),
     graph_bias: ("symmetric_window", {}, SQUARE), batch_pair_bias: ("offset_causal", {}, WIDE),
-    capped_alibi: ("prefix_lm", {}, SQUARE), scaled: ("causal", {}, TALL),
+    capped_alibi: ("prefix_lm", {}, WIDE), scaled: ("causal", {}, TALL),
     alibi_and_relative: ("streaming_llm", {}, SQUARE),
 }
 assert len(SCORES) >= 8
