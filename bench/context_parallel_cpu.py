@@ -1,7 +1,7 @@
 """Context-parallel attention run for real on CPU processes (gloo): forward and
 forward+backward time per call of ``sfd.attention`` with each part through
 ``sf.attention`` (the plan and its executor: what runs by default) against the same call
-evaluated on original positions (``attend_at``, the path neighbourhoods and routing
+evaluated on original positions (``attend_at``, the path patterns without a part form
 take), beside one process's ``sf.attention`` on the whole sequence. Every rank checks its
 output against the one-process result before timing.
 
@@ -43,6 +43,9 @@ def scenarios(length: int, heads: int):
         "documents_causal": sf.documents(ids[None]) & sf.causal(),
         f"neighborhood_{length // 64}x64_7x7": sf.neighborhood((length // 64, 64), 7),
         "sliding_window_256_alibi": sf.sliding_window(256) & sf.alibi(sf.alibi_slopes(heads)),
+        # MoBA-style routing across ranks: 4 selected blocks of 128 keys and the local window
+        "topk_blocks_128_k4_or_window_128": ((sf.causal() & sf.topk_blocks(128, 4))
+                                             | sf.sliding_window(128)),
     }
 
 

@@ -5,8 +5,11 @@ A rank's queries and the keys it holds or received come in runs of consecutive
 positions. Each (query run, key run) pair that the layout's reach connects is one call
 of ``sf.attention`` with the pattern rewritten over the part (``parts.part_pattern``):
 the ordinary plan and kernels (Triton on CUDA, the CPU executor on CPU), their backward
-included. Patterns with no form on a part (routing across ranks, window-offset bias
-tables), and layouts scattered into more runs than
+included. A routed pattern's part runs the routed kernels (the torch routed path on
+CPU) with the whole sequence's selection cut to the part (``parts.part_selection``,
+``dispatch.attention_with_selection``); a part where nothing is selected and the
+static part allows nothing is not called. Patterns with no form on a part
+(window-offset bias tables), and layouts scattered into more runs than
 ``MAX_PART_CALLS``, are evaluated on the tokens' original positions instead
 (``attend_at``: ``semantics.pair_mask``, torch ops over row chunks), exact the same
 way. Autograd carries the gradient through either and through the exchange, whose
@@ -22,13 +25,16 @@ import torch
 import torch.distributed as dist
 
 from ..api import attention as single_attention
-from ..ir.nodes import ScoreModifier, walk
+from ..ir.canonicalize import canonicalize
+from ..ir.nodes import Empty, ScoreModifier, walk
+from ..ir.split import static_part
 from ..merging import merge
 from ..planner.plan import head_groups
+from ..runtime.dispatch import attention_with_selection
 from ..semantics import modified_scores, pair_mask
 from .exchange import counters, finish_exchange, start_exchange
 from .layout import ShardLayout, self_attention_pattern
-from .parts import part_pattern
+from .parts import part_pattern, part_selection
 from .routing import ask_owners, pooled_node, route_across, selected_blocks
 
 #: query rows per chunk of the torch attention (bounds its [rows, keys] temporaries)
@@ -107,12 +113,12 @@ def runs(layout: ShardLayout, blocks) -> list[tuple[int, int, np.ndarray]]:
 def part_calls(canonical, layout: ShardLayout, q_blocks, k_blocks) -> tuple | None:
     """The ``sf.attention`` calls attending the queries of ``q_blocks`` to the keys of
     ``k_blocks`` (both in tensor order): per run of queries, (its first row, its rows,
-    ((key rows, the pattern over the part), ...) for each key run it reaches); None
-    when some pair's pattern has no such form. Kept across calls (``_PART_CALLS``): the
-    parts' data (document ids, table slices) then stays the same tensors, and the plan
-    caches keyed by their identity hit on every later step; not kept when a modifier's
-    tensor is trained (its moved copies are differentiated through, so each step builds
-    its own)."""
+    ((key rows, the pattern over the part, (its first query and key positions)), ...)
+    for each key run it reaches); None when some pair's pattern has no such form. Kept
+    across calls (``_PART_CALLS``): the parts' data (document ids, table slices) then
+    stays the same tensors, and the plan caches keyed by their identity hit on every
+    later step; not kept when a modifier's tensor is trained (its moved copies are
+    differentiated through, so each step builds its own)."""
     key = (id(layout), id(canonical), tuple(map(int, q_blocks)), tuple(map(int, k_blocks)))
     hit = _PART_CALLS.get(key)
     if hit is not None and hit[0] is layout and hit[1] is canonical:
@@ -132,7 +138,7 @@ def part_calls(canonical, layout: ShardLayout, q_blocks, k_blocks) -> tuple | No
             if part is None:
                 calls = None
                 break
-            parts.append((slice(k_first, k_first + k_count), part))
+            parts.append((slice(k_first, k_first + k_count), part, (q_start, k_start)))
         if calls is None:
             break
         calls.append((row, count, tuple(parts)))
@@ -150,32 +156,52 @@ def _trained_tensors(canonical) -> bool:
                and getattr(node, node.tensor_name).requires_grad for node in walk(canonical))
 
 
-def attend_parts(q, k, v, calls, scale: float, enable_gqa: bool):
+def attend_parts(q, k, v, calls, scale: float, enable_gqa: bool, selection=None,
+                 seq_len: int = 0):
     """(out, lse) of the queries through ``sf.attention``, one call per part of ``calls``
-    (``part_calls``), merged by log-sum-exp per run of queries."""
+    (``part_calls``), merged by log-sum-exp per run of queries. ``selection``: a routed
+    pattern's decision on the whole sequence (of ``seq_len`` tokens), cut to each part."""
     outs, lses = [], []
     for row, count, parts in calls:
         rows = slice(row, row + count)
-        if not parts:
+        done = []
+        for keys, part, (q_start, k_start) in parts:
+            qs, ks, vs = q[:, :, rows], k[:, :, keys], v[:, :, keys]
+            if selection is None:
+                done.append(single_attention(qs, ks, vs, part, scale=scale,
+                                             enable_gqa=enable_gqa, return_lse=True))
+                continue
+            cut = part_selection(selection, q_start, k_start, count, ks.shape[2])
+            if not _may_allow(part, cut):
+                continue
+            done.append(attention_with_selection(qs, ks, vs, part, cut, scale=scale,
+                                                 enable_gqa=enable_gqa,
+                                                 origin=(q_start, k_start, seq_len)))
+        counters.part_calls += len(done)
+        if not done:
             outs.append(q.new_zeros((*q.shape[:2], count, v.shape[-1])))
             lses.append(q.new_full((*q.shape[:2], count), float("-inf"), dtype=torch.float32))
             continue
-        counters.part_calls += len(parts)
-        done = [single_attention(q[:, :, rows], k[:, :, keys], v[:, :, keys], part, scale=scale,
-                                 enable_gqa=enable_gqa, return_lse=True) for keys, part in parts]
         out, lse = merge([o for o, _ in done], [s for _, s in done]) if len(done) > 1 else done[0]
         outs.append(out)
         lses.append(lse.float())
     return torch.cat(outs, 2), torch.cat(lses, 2)
 
 
+def _may_allow(part, cut) -> bool:
+    """Whether a routed part may allow a pair: something selected in it, or a static
+    part (allowed whatever is selected) that is not empty."""
+    return bool(cut.selected.any()) or not isinstance(canonicalize(static_part(part)), Empty)
+
+
 def _attend(q, k, v, canonical, layout: ShardLayout, q_blocks, k_blocks, scale: float,
             enable_gqa: bool, routing):
     """The kernels on the parts where the pattern allows (``attend_parts``), else torch
     ops on original positions (``attend_at``)."""
-    calls = part_calls(canonical, layout, q_blocks, k_blocks) if routing is None else None
+    calls = part_calls(canonical, layout, q_blocks, k_blocks)
     if calls is not None and sum(len(parts) for _, _, parts in calls) <= MAX_PART_CALLS:
-        return attend_parts(q, k, v, calls, scale, enable_gqa)
+        selection = None if routing is None else next(iter(routing.values()))
+        return attend_parts(q, k, v, calls, scale, enable_gqa, selection, layout.seq_len)
     counters.position_passes += 1
     return attend_at(q, k, v, canonical, layout.token_positions(q_blocks),
                      layout.token_positions(k_blocks), layout.seq_len, scale, routing,

@@ -18,10 +18,12 @@ Score modifiers that read positions move too. The part's ``t - P`` is the whole'
 p`` less a constant ``delta``: ALiBi takes ``offset=delta`` (an integer added before the
 product, so the part's scores are the whole's to the bit), a token-offset ``rel_bias``
 table is re-indexed by ``delta`` (a gather, so the table's gradient flows back), and a
-pair bias takes its slice. Some patterns have no such form: routing (decided on the
-whole sequence's pooled summaries) and window-offset ``rel_bias`` tables (read on a
-whole grid). ``part_pattern`` returns None for them and the caller evaluates them on
-original positions instead.
+pair bias takes its slice. A routing node stays as it is: it is decided on the whole
+sequence's pooled summaries, and ``part_selection`` cuts that decision to the part (the
+buckets the part's rows and keys fall in, their starts moved onto the part), which the
+routed kernels then read like one they routed themselves. Window-offset ``rel_bias``
+tables (read on a whole grid) have no form on a part: ``part_pattern`` returns None and
+the caller evaluates them on original positions instead.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ from ..ir.nodes import (
     walk,
 )
 from ..ir.scores import MAX_REL_BIAS_WIDTH, Alibi, PairBias, RelBias, Softcap, strip_scores
+from ..routing.selection import BlockSelection, bucket_of
+from .routing import POOLED_RULES
 
 
 class _NoPartForm(Exception):
@@ -98,6 +102,29 @@ def _moved_rel_bias(node: RelBias, part: _Part) -> RelBias:
         raise _NoPartForm
     x = torch.arange(-radius, radius + 1, device=node.table.device)
     return RelBias(node.table.index_select(1, (x + delta).clamp(-r, r) + r))
+
+
+def part_selection(selection: BlockSelection, q_start: int, k_start: int, q_len: int,
+                   kv_len: int) -> BlockSelection:
+    """The whole sequence's ``selection`` seen from the part ``part_pattern`` made for the
+    same arguments: the query buckets its rows fall in and the key buckets its keys fall
+    in (in every batch row), their starts on the part's own positions (queries ``P``,
+    keys clamped to ``[0, kv_len]``), the selected pairs among them. Buckets keep their
+    order, so a pair of the part is selected iff the whole's pair is."""
+    shift = q_start - (kv_len - q_len)
+
+    def buckets(starts, first: int, last: int) -> tuple[int, int]:
+        c = starts.shape[-1] - 1
+        ends = torch.tensor([first, last], device=starts.device)
+        idx = bucket_of(ends, starts).clamp(0, c - 1)
+        return int(idx[:, 0].min()), int(idx[:, 1].max()) + 1
+
+    q0, q1 = buckets(selection.q_starts, q_start, q_start + q_len - 1)
+    k0, k1 = buckets(selection.k_starts, k_start, k_start + kv_len - 1)
+    return BlockSelection(selection.selected[:, :, q0:q1, k0:k1].contiguous(),
+                          selection.q_starts[:, q0:q1 + 1] - shift,
+                          (selection.k_starts[:, k0:k1 + 1] - k_start).clamp(0, kv_len),
+                          selection.heads)
 
 
 class _Part:
@@ -155,7 +182,9 @@ def _shift(node, part: _Part):
         return NeighborhoodPart(node, s, c)
     if isinstance(node, (Union, Intersection)):
         return type(node)(tuple(_shift(x, part) for x in node.parts))
-    raise _NoPartForm  # routing, anything without a shifted form
+    if isinstance(node, POOLED_RULES):  # its decision is cut to the part: part_selection
+        return node
+    raise _NoPartForm  # anything without a shifted form
 
 
 def _window(node: Window, part: _Part) -> Pattern:

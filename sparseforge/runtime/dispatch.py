@@ -22,15 +22,16 @@ import torch
 
 from ..ir.canonicalize import canonicalize
 from ..ir.nodes import Pattern
-from ..ir.routing import Clusters, TopkKeys, is_dynamic
+from ..ir.routing import Clusters, Hierarchical, TopkKeys, VerticalSlash, is_dynamic
 from ..ir.scores import learned_tensors, score_spec, window_tables
 from ..ir.split import static_siblings
 from ..planner.plan import Plan, default_target, dtype_name, head_groups, plan
 from ..planner.routing_steps import kernel_routing_node
+from ..routing.selection import BlockSelection
 from ..validate import check_attention_inputs
 from . import cpu_flash, torch_exec, triton_launch
 from .cache import interpreter_active
-from .routed_tiles import backward_routing, cluster_tiles, relaid, route_tiles
+from .routed_tiles import backward_routing, cluster_tiles, relaid, route_tiles, selection_tiles
 from .routed_torch import routed_attention
 
 log = logging.getLogger("sparseforge")
@@ -269,13 +270,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     return (out, lse) if return_lse else out
 
 
-def _run_routed(executor: Executor, target: str, backend: str, q, k, v, pattern: Pattern, shape):
+def _run_routed(executor: Executor, target: str, backend: str, q, k, v, pattern: Pattern, shape,
+                selection=None):
     """A routed pattern: the generated pre-kernels route, then the routed forward kernel
     walks the static segments plus the selected tiles; with a gradient wanted, the
     generated backward walks the same selection. The torch executor and patterns without
     a kernel (two routing nodes, per-head patterns, balanced clusters) run
     ``routed_attention`` (torch ops, exact, differentiable); ``backend='triton'`` refuses
-    what it cannot run rather than fall back silently."""
+    what it cannot run rather than fall back silently. ``selection`` (a
+    ``(BlockSelection, origin)`` pair, ``attention_with_selection``): no routing, that
+    selection is attended."""
     compiled = compile_pattern(pattern)
     node, siblings = compiled.routed_node or (None, ())
     why_not = ("it has no generated kernel (one routing node per pattern, no per-head "
@@ -296,12 +300,34 @@ def _run_routed(executor: Executor, target: str, backend: str, q, k, v, pattern:
         # bucket lists per forward query tile, or for decode one tile of all new tokens
         rows = max(shape.q_len, 1) if triton_launch.decode_eligible(p) else p.block_m
         with torch.no_grad():  # routing decisions are not differentiated
-            routed = route_tiles(node, siblings, q, k, shape.scale, rows, prekernels, p.block_n)
+            routed = (route_tiles(node, siblings, q, k, shape.scale, rows, prekernels, p.block_n)
+                      if selection is None else
+                      selection_tiles(node, selection[0], shape.q_len, shape.kv_len, rows,
+                                      selection[1]))
         return attend(executor, p, compiled, q, k, v, shape.scale, routed)
     if backend == "triton" and why_not is not None:
         raise ValueError(f"backend='triton' with {pattern!r}: {why_not}; backend='auto' or "
                          "'torch' runs it with torch ops")
-    return routed_attention(q, k, v, pattern, shape.scale, "compiled" if q.is_cuda else None)
+    return routed_attention(q, k, v, pattern, shape.scale, "compiled" if q.is_cuda else None,
+                            None if selection is None else selection[0])
+
+
+def attention_with_selection(q, k, v, pattern: Pattern, selection: BlockSelection, *,
+                             scale: float | None = None, enable_gqa: bool = False,
+                             backend: str = "auto", origin: tuple = ()):
+    """(out, lse) of ``pattern`` (one top-k / coverage routing node) with its node's
+    ``selection`` given instead of routed here: the same kernels, the same torch path,
+    the same backward as a routed ``sf.attention`` call. Context parallelism attends a
+    part of a longer sequence this way, with the whole sequence's selection cut to the
+    part (``origin`` names where the part sits, for the bucket geometry's cache)."""
+    shape = check_attention_inputs(q, k, v, pattern, scale=scale, enable_gqa=enable_gqa)
+    node = compile_pattern(pattern).routed_node
+    if not isinstance(selection, BlockSelection) or not node or isinstance(
+            node[0], (Clusters, TopkKeys, VerticalSlash, Hierarchical)):
+        raise ValueError(f"pattern {pattern!r}: attention_with_selection takes one "
+                         "topk_blocks, topk_chunks or threshold_blocks node and a BlockSelection")
+    executor, target = resolve_backend(backend, q)
+    return _run_routed(executor, target, backend, q, k, v, pattern, shape, (selection, origin))
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,9 @@ class RoutedTiles:
     #: their own query tiles (``relaid``)
     q_starts: torch.Tensor | None = None
     block_m: int = 0
+    #: where the buckets sit when they are not the call's own grid (a part of a longer
+    #: sequence, ``selection_tiles``): part of the geometry cache's key
+    origin: tuple = ()
 
     def kernel_args(self) -> list:
         def batch_stride(t):
@@ -76,12 +79,13 @@ class RoutedTiles:
 _geometry = ShapeCache(256)
 
 
-def _tile_geometry(node, q_starts, k_starts, q_len: int, kv_len: int, block_m: int, span: int):
+def _tile_geometry(node, q_starts, k_starts, q_len: int, kv_len: int, block_m: int, span: int,
+                   origin: tuple = ()):
     """(q bucket per row, k bucket per key, query buckets each query tile spans
     ``[B or 1, Tq, span]``, repeats of the last one where it spans fewer). Fixed blocks
-    depend on the shapes only and are cached; chunk boundaries are data."""
+    depend on the shapes (and ``origin``) only and are cached; chunk boundaries are data."""
     key = (None if isinstance(node, TopkChunks) else
-           (q_len, kv_len, block_m, span, str(q_starts.device), node.q_block, node.block))
+           (q_len, kv_len, block_m, span, str(q_starts.device), node.q_block, node.block, origin))
     return _geometry.get(key, lambda: _build_tile_geometry(q_starts, k_starts, q_len, kv_len,
                                                            block_m, span))
 
@@ -103,7 +107,7 @@ def _build_tile_geometry(q_starts, k_starts, q_len: int, kv_len: int, block_m: i
 
 def routed_tiles(node, sel: torch.Tensor, sel_count: torch.Tensor, q_starts: torch.Tensor,
                  k_starts: torch.Tensor, head_map: torch.Tensor, q_len: int, kv_len: int,
-                 block_m: int) -> RoutedTiles:
+                 block_m: int, origin: tuple = ()) -> RoutedTiles:
     """The kernel's tensors from a selection in the fixed-k layout ``sel`` ``[B, Hr, Cq,
     S]`` (ascending, -1 padded: the pre-kernels' output) and its counts."""
     b, hr, cq, s = sel.shape
@@ -111,7 +115,7 @@ def routed_tiles(node, sel: torch.Tensor, sel_count: torch.Tensor, q_starts: tor
     # query buckets one tile of block_m rows can span: blocks of q_block rows, or any chunk
     span = cq if isinstance(node, TopkChunks) else min(cq, (block_m - 1) // node.q_block + 2)
     q_bucket, k_bucket, spanned = _tile_geometry(node, q_starts, k_starts, q_len, kv_len, block_m,
-                                                 span)
+                                                 span, origin)
     tq = spanned.shape[1]
     batch = torch.arange(b, device=sel.device)[:, None, None]
     gathered = sel.permute(0, 2, 1, 3)[batch, spanned.expand(b, -1, -1)]  # [B, Tq, span, Hr, S]
@@ -126,7 +130,7 @@ def routed_tiles(node, sel: torch.Tensor, sel_count: torch.Tensor, q_starts: tor
                        q_bucket, k_bucket, k_starts.to(torch.int32).contiguous(),
                        tile_list.contiguous(), tile_count.contiguous(),
                        head_map.to(device=sel.device, dtype=torch.int32).contiguous(),
-                       q_starts=q_starts, block_m=block_m)
+                       q_starts=q_starts, block_m=block_m, origin=origin)
 
 
 @dataclass(frozen=True)
@@ -178,7 +182,7 @@ def relaid(node, tiles: RoutedTiles, q_len: int, kv_len: int, block_m: int) -> R
         return dataclasses.replace(tiles, tile_list=tile_list, tile_count=tile_count,
                                    block_m=block_m)
     laid_out = routed_tiles(node, tiles.sel, tiles.sel_count, tiles.q_starts, tiles.k_starts,
-                            tiles.head_map, q_len, kv_len, block_m)
+                            tiles.head_map, q_len, kv_len, block_m, tiles.origin)
     return dataclasses.replace(laid_out, key_bias=tiles.key_bias)
 
 
@@ -326,19 +330,35 @@ def route_tiles(node, siblings, q: torch.Tensor, k: torch.Tensor, scale: float, 
                                                         interpret=prekernels == "interpret")
         q_starts, k_starts = call.q_starts, call.k_starts
     else:
-        selection: BlockSelection = route_node(node, siblings, q, k, scale)
-        ck = selection.selected.shape[-1]
-        indices = selection.fixed_k_indices(min(getattr(node, "k", ck), ck))
-        counts, heads = None, selection.heads
-        q_starts, k_starts = selection.q_starts, selection.k_starts
+        tiles = selection_tiles(node, route_node(node, siblings, q, k, scale), q_len, kv_len,
+                                block_m)
+        return _with_key_bias(node, tiles, q)
     if counts is None:
         counts = (indices >= 0).sum(-1)
     tiles = routed_tiles(node, indices, counts, q_starts.to(q.device), k_starts.to(q.device),
                          heads, q_len, kv_len, block_m)
-    if isinstance(node, TopkKeys):
-        bias = key_bias(node, q.shape[1], kv_len, q.device).contiguous()
-        tiles = dataclasses.replace(tiles, key_bias=bias)
-    return tiles
+    return _with_key_bias(node, tiles, q)
+
+
+def _with_key_bias(node, tiles: RoutedTiles, q: torch.Tensor) -> RoutedTiles:
+    """``topk_keys``: the tiles with the bias the kernel adds to every score."""
+    if not isinstance(node, TopkKeys):
+        return tiles
+    bias = key_bias(node, q.shape[1], tiles.k_bucket.shape[-1], q.device).contiguous()
+    return dataclasses.replace(tiles, key_bias=bias)
+
+
+def selection_tiles(node, selection: BlockSelection, q_len: int, kv_len: int, block_m: int,
+                    origin: tuple = ()) -> RoutedTiles:
+    """The kernel's tensors from a ``BlockSelection`` made elsewhere: the torch rules, or
+    (``origin`` set) the whole sequence's selection cut to a part of it
+    (``distributed.parts.part_selection``)."""
+    device = selection.selected.device
+    ck = selection.selected.shape[-1]
+    indices = selection.fixed_k_indices(max(1, min(getattr(node, "k", ck), ck)))
+    return routed_tiles(node, indices, (indices >= 0).sum(-1), selection.q_starts.to(device),
+                        selection.k_starts.to(device), selection.heads, q_len, kv_len, block_m,
+                        origin)
 
 
 def cluster_tiles(node, q: torch.Tensor, k: torch.Tensor, block_m: int,

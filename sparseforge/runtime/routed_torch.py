@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 
 from ..ir.canonicalize import canonicalize
+from ..ir.nodes import walk
+from ..ir.routing import DynamicPattern
 from ..routing.rules import route
 from ..semantics import modified_scores, pair_mask
 from .prekernels import route_with_prekernels
@@ -24,18 +26,24 @@ from .routed_gather import gathered_routed_attention
 ROW_CHUNK = 256
 
 
-def routed_attention(q, k, v, pattern, scale: float, prekernels: str | None = None):
+def routed_attention(q, k, v, pattern, scale: float, prekernels: str | None = None,
+                     selection=None):
     """(out ``[B, Hq, Lq, D]`` in q's dtype, lse ``[B, Hq, Lq]`` fp32) of a routed pattern;
     GQA by head groups. Rows with no allowed key give 0 and lse -inf. ``prekernels``
     (``"compiled"`` on CUDA, ``"interpret"`` in tests): route top-k rules with the
-    generated pre-kernels instead of the torch reference."""
+    generated pre-kernels instead of the torch reference. ``selection``: the pattern's
+    one routing node's decision, given (nothing is routed here)."""
     canonical = canonicalize(pattern)
     b, hq, q_len, _ = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
-    with torch.no_grad():
-        routing = (route(canonical, q.detach(), k.detach(), scale) if prekernels is None else
-                   route_with_prekernels(canonical, q.detach(), k.detach(), scale,
-                                         interpret=prekernels == "interpret"))
+    if selection is not None:
+        node, = dict.fromkeys(n for n in walk(canonical) if isinstance(n, DynamicPattern))
+        routing = {node: selection}
+    else:
+        with torch.no_grad():
+            routing = (route(canonical, q.detach(), k.detach(), scale) if prekernels is None
+                       else route_with_prekernels(canonical, q.detach(), k.detach(), scale,
+                                                  interpret=prekernels == "interpret"))
     gathered = gathered_routed_attention(q, k, v, canonical, routing, scale)
     if gathered is not None:  # block routing: only the reachable key tiles, memory O(L)
         return gathered

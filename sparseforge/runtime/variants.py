@@ -139,6 +139,12 @@ def variant_specs() -> dict[str, tuple]:
                                  & scores.softcap(30.0), 128, "bfloat16", {})
     shapes["routed_vertical_slash"] = ((ir.causal() & routing.vertical_slash(1000, 2000))
                                        | (ir.causal() & ir.sinks(64)), 128, "bfloat16", {})
+    # a part of a routed sequence (context parallelism: 2048 queries at 6144 against keys
+    # at 3072 of 8192, ``distributed.parts.part_pattern`` of causal & top-k | a window):
+    # half-planes beside the selection the whole sequence made
+    shapes["routed_part"] = ((affine(1, -1, 1024) & routing.topk_blocks(64, 4))
+                             | (affine(-1, 1, -897) & affine(1, -1, 1024)), 64, "bfloat16",
+                             {"q_len": L // 2})
     return shapes
 
 
@@ -149,7 +155,7 @@ def variant_specs() -> dict[str, tuple]:
 #: in the segment-skip test; they compiled clean too when this set was chosen, and their
 #: forwards stay in it)
 ROUTED_TRAINING = ("routed_moba", "routed_chunks_scores", "routed_topk_keys", "routed_clusters",
-                   "routed_vertical_slash")
+                   "routed_vertical_slash", "routed_part")
 
 
 def variant_kinds(name: str) -> tuple[str, ...]:

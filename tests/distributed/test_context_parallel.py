@@ -5,8 +5,9 @@ lse and the q, k, v gradients of ``sfd.attention`` equal single-process
 lengths, a 2-D neighbourhood, ALiBi with a relative-position table and a pair
 bias, a softcap and top-k routing across ranks (GQA); every
 rank receives exactly the bytes its layout plans (routed: its static needs plus the
-blocks it selected, within the envelope's), and the static patterns with a form on a
-part run through ``sf.attention`` on every part, none on original positions."""
+blocks it selected, within the envelope's), and every case runs through the ordinary
+plan on every part (routed: with the whole sequence's selection cut to the part), none
+on original positions."""
 
 import os
 import tempfile
@@ -27,8 +28,6 @@ from sparseforge.routing.geometry import node_buckets
 
 L = 100  # 13 blocks of 8 tokens, the last of 4: no world size divides it
 BLOCK = 8
-#: cases with no form on a part of the sequence: evaluated on original positions
-ON_POSITIONS = {"topk_blocks", "topk_blocks_max", "topk_chunks"}
 
 
 def cases():
@@ -113,10 +112,8 @@ def _check_cases(rank, world, group, names):
             runs = int((blocks[0] > 0) + (blocks[1:] != blocks[:-1] + 1).sum())
             assert sfd.counters.received <= (runs * (19 + BLOCK) + BLOCK) * row
         assert sfd.counters.grad_sent == sfd.counters.received, name
-        if name in ON_POSITIONS:
-            assert sfd.counters.position_passes > 0 and sfd.counters.part_calls == 0, name
-        else:  # the ordinary kernels ran every part
-            assert sfd.counters.position_passes == 0 and sfd.counters.part_calls > 0, name
+        # the ordinary kernels ran every part (routed: with the whole's selection cut to it)
+        assert sfd.counters.position_passes == 0 and sfd.counters.part_calls > 0, name
         full = sfd.unshard(got[0], layout, group=group)
         torch.testing.assert_close(full, want[0], atol=1e-5, rtol=1e-5)
 

@@ -12,7 +12,9 @@ import torch
 import sparseforge as sf
 import sparseforge.distributed as sfd
 from sparseforge.distributed.layout import self_attention_pattern
-from sparseforge.distributed.parts import part_pattern
+from sparseforge.distributed.parts import part_pattern, part_selection
+from sparseforge.routing.rules import route
+from sparseforge.runtime.dispatch import attention_with_selection
 from sparseforge.semantics import pair_mask
 
 L = 90
@@ -162,13 +164,75 @@ def test_a_moved_rel_bias_table_passes_its_gradient_back():
 
 
 def test_patterns_with_no_form_on_a_part():
-    """Routing and window-offset tables read what a part does not hold (the whole
-    sequence's selection, a whole grid's coordinates): the caller evaluates them on
-    original positions."""
-    grid_table = torch.randn(4, 5, 5)
-    for pattern in (sf.topk_blocks(8, 2) & sf.causal(),
-                    sf.neighborhood((9, 10), 3) & sf.rel_bias(grid_table)):
-        assert part_pattern(self_attention_pattern(pattern), 10, 0, 20, 20, L) is None, pattern
+    """A window-offset table reads a whole grid's coordinates, which a part does not
+    hold: the caller evaluates it on original positions."""
+    pattern = sf.neighborhood((9, 10), 3) & sf.rel_bias(torch.randn(4, 5, 5))
+    assert part_pattern(self_attention_pattern(pattern), 10, 0, 20, 20, L) is None
+
+
+def routed_patterns():
+    """Routing across ranks: buckets of 12 and 10 keys (and uneven chunks) that the
+    parts cut off their grid."""
+    return {
+        "topk_or_window": (sf.causal() & sf.topk_blocks(12, 2)) | sf.sliding_window(6),
+        "topk_max_group": sf.topk_blocks(10, 3, query_block=7, pool="max", share="group")
+                          & sf.causal(),
+        "chunks_or_sinks": sf.topk_chunks(torch.tensor([0, 30, 41, 77, L]), 2) | sf.sinks(2),
+        "coverage": sf.threshold_blocks(9, 0.6) & sf.causal(),
+    }
+
+
+@pytest.mark.parametrize("name,backend", [
+    *((name, "torch") for name in routed_patterns()),
+    ("topk_or_window", "triton"), ("chunks_or_sinks", "triton")])  # (the interpreter is slow)
+def test_routed_parts_with_the_whole_selection_equal_the_whole(name, backend):
+    """The whole sequence routed once; each part attended with that selection cut to it
+    (``part_selection``: the routed kernels in Triton's interpreter, or the torch routed
+    path) and merged: the whole sequence's oracle rows, output and lse, and the gradient
+    of q, k and v."""
+    pattern = routed_patterns()[name]
+    canonical = self_attention_pattern(pattern)
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, h, L, 12, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    scale = 12 ** -0.5
+    selection, = route(canonical, q, k, scale).values()
+    want, want_lse = sf.reference_attention(q, k, v, pattern, enable_gqa=True, return_lse=True)
+    qf, kf, vf = (t.float().requires_grad_() for t in (q, k, v))
+    runs = ((33, 25, (0, 21, 58, L)), (0, 40, (0, 40, 41, L)), (71, 19, (0, 8, 70, L)))
+    for a, n, cuts in runs if backend == "torch" else runs[:1]:
+        outs, lses = [], []
+        for c, end in zip(cuts, cuts[1:]):
+            part = part_pattern(canonical, a, c, n, end - c, L)
+            cut = part_selection(selection, a, c, n, end - c)
+            out, lse = attention_with_selection(qf[:, :, a:a + n], kf[:, :, c:end],
+                                                vf[:, :, c:end], part, cut, scale=scale,
+                                                enable_gqa=True, backend=backend,
+                                                origin=(a, c, L))
+            outs.append(out)
+            lses.append(lse)
+        out, lse = sf.merge(outs, lses)
+        rows = want_lse[:, :, a:a + n].float()
+        assert torch.equal(torch.isinf(lse), torch.isinf(rows)), (name, a)
+        torch.testing.assert_close(torch.nan_to_num(lse, neginf=0.0),
+                                   torch.nan_to_num(rows, neginf=0.0), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(out, want[:, :, a:a + n].float(), atol=1e-5, rtol=1e-5)
+    # gradients: every row's parts against the whole's
+    g_out = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch.autograd.backward(sf.reference_attention(*leaves, pattern, enable_gqa=True), g_out)
+    outs = []
+    for a, n in ((0, 50), (50, L - 50)):
+        parts = []
+        for c, end in ((0, 45), (45, L)):
+            parts.append(attention_with_selection(
+                qf[:, :, a:a + n], kf[:, :, c:end], vf[:, :, c:end],
+                part_pattern(canonical, a, c, n, end - c, L),
+                part_selection(selection, a, c, n, end - c), scale=scale, enable_gqa=True,
+                backend=backend, origin=(a, c, L)))
+        outs.append(sf.merge([o for o, _ in parts], [s for _, s in parts])[0])
+    torch.autograd.backward(torch.cat(outs, 2), g_out.float())
+    for got, leaf in zip((qf, kf, vf), leaves):
+        torch.testing.assert_close(got.grad, leaf.grad.float(), atol=1e-4, rtol=1e-4)
 
 
 def test_parts_of_a_trained_table_are_built_each_step():
