@@ -7,9 +7,9 @@ reach, against one process attending the whole sequence.
 
 For each pattern it prints the layout plan_shards chose (work per rank, tokens received
 against a ring that passes every shard), how the ranks attended (sf.attention on each
-part of their queries and keys, the pattern rewritten over the part, or, for routing,
-torch ops on original positions), then checks the output and the q, k, v gradients against
-single-process sf.attention.
+part of their queries and keys, the pattern rewritten over the part; routing with the
+whole sequence's selection cut to each part), then checks the output and the q, k, v
+gradients against single-process sf.attention.
 """
 
 import os

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from ..api import attention as single_attention
 from ..ir.canonicalize import canonicalize
 from ..ir.nodes import Empty, ScoreModifier, walk
+from ..ir.routing import is_dynamic
 from ..ir.split import static_part
 from ..merging import merge
 from ..planner.plan import head_groups
@@ -42,6 +43,9 @@ ROW_CHUNK = 256
 #: more (query run, key run) calls than this (a layout scattered into many runs): one
 #: torch pass over original positions costs less than that many small kernel calls
 MAX_PART_CALLS = 64
+#: a routed rank fills gaps of up to this many blocks between the runs it received
+#: (``filled_spans``)
+GAP_BLOCKS = 4
 #: (layout, pattern, blocks) entries ``part_calls`` keeps
 PART_CALLS_KEPT = 256
 _PART_CALLS: dict = {}
@@ -113,8 +117,9 @@ def runs(layout: ShardLayout, blocks) -> list[tuple[int, int, np.ndarray]]:
 def part_calls(canonical, layout: ShardLayout, q_blocks, k_blocks) -> tuple | None:
     """The ``sf.attention`` calls attending the queries of ``q_blocks`` to the keys of
     ``k_blocks`` (both in tensor order): per run of queries, (its first row, its rows,
-    ((key rows, the pattern over the part, (its first query and key positions)), ...)
-    for each key run it reaches); None when some pair's pattern has no such form. Kept
+    ((key rows, the pattern over the part, (its first query and key positions), whether
+    it is routed with an empty static part), ...) for each key run it reaches); None
+    when some pair's pattern has no such form. Kept
     across calls (``_PART_CALLS``): the parts' data (document ids, table slices) then
     stays the same tensors, and the plan caches keyed by their identity hit on every
     later step; not kept when a modifier's tensor is trained (its moved copies are
@@ -123,7 +128,7 @@ def part_calls(canonical, layout: ShardLayout, q_blocks, k_blocks) -> tuple | No
     hit = _PART_CALLS.get(key)
     if hit is not None and hit[0] is layout and hit[1] is canonical:
         return hit[2]
-    calls = []
+    calls, routed = [], is_dynamic(canonical)
     for row, count, q_run in runs(layout, q_blocks):
         near, parts = layout.reach.needed(q_run), []
         for k_row, _, k_run in runs(layout, k_blocks):
@@ -138,7 +143,9 @@ def part_calls(canonical, layout: ShardLayout, q_blocks, k_blocks) -> tuple | No
             if part is None:
                 calls = None
                 break
-            parts.append((slice(k_first, k_first + k_count), part, (q_start, k_start)))
+            # (a routed part whose static part is empty is skipped where nothing is selected)
+            bare = routed and isinstance(canonicalize(static_part(part)), Empty)
+            parts.append((slice(k_first, k_first + k_count), part, (q_start, k_start), bare))
         if calls is None:
             break
         calls.append((row, count, tuple(parts)))
@@ -165,14 +172,14 @@ def attend_parts(q, k, v, calls, scale: float, enable_gqa: bool, selection=None,
     for row, count, parts in calls:
         rows = slice(row, row + count)
         done = []
-        for keys, part, (q_start, k_start) in parts:
+        for keys, part, (q_start, k_start), bare in parts:
             qs, ks, vs = q[:, :, rows], k[:, :, keys], v[:, :, keys]
             if selection is None:
                 done.append(single_attention(qs, ks, vs, part, scale=scale,
                                              enable_gqa=enable_gqa, return_lse=True))
                 continue
             cut = part_selection(selection, q_start, k_start, count, ks.shape[2])
-            if not _may_allow(part, cut):
+            if bare and not cut.selected.any():  # nothing this part could allow
                 continue
             done.append(attention_with_selection(qs, ks, vs, part, cut, scale=scale,
                                                  enable_gqa=enable_gqa,
@@ -188,11 +195,6 @@ def attend_parts(q, k, v, calls, scale: float, enable_gqa: bool, selection=None,
     return torch.cat(outs, 2), torch.cat(lses, 2)
 
 
-def _may_allow(part, cut) -> bool:
-    """Whether a routed part may allow a pair: something selected in it, or a static
-    part (allowed whatever is selected) that is not empty."""
-    return bool(cut.selected.any()) or not isinstance(canonicalize(static_part(part)), Empty)
-
 
 def _attend(q, k, v, canonical, layout: ShardLayout, q_blocks, k_blocks, scale: float,
             enable_gqa: bool, routing):
@@ -206,6 +208,29 @@ def _attend(q, k, v, canonical, layout: ShardLayout, q_blocks, k_blocks, scale: 
     return attend_at(q, k, v, canonical, layout.token_positions(q_blocks),
                      layout.token_positions(k_blocks), layout.seq_len, scale, routing,
                      layout.reach, layout.block)
+
+
+def filled_spans(layout: ShardLayout, arrived, rank: int) -> tuple[list[int], torch.Tensor]:
+    """A routed rank's received blocks (``arrived``, in the order they came) as spans:
+    ascending, with gaps of at most ``GAP_BLOCKS`` blocks of other ranks between them
+    filled. No query of this rank allows a key of a gap block (it is neither in the
+    static needs nor selected), so zero rows there change nothing, and a selection
+    scattered over many runs makes a few part calls instead of one per run. Returns the
+    blocks in span order and, per token of them, its row in the received tensor (a gap
+    token: the row one past the last, which the caller makes a zero row)."""
+    first_row, row = {}, 0
+    for b in arrived:
+        first_row[b] = row
+        row += layout.block_len(b)
+    blocks: list[int] = []
+    for b in sorted(arrived):
+        gap = range(blocks[-1] + 1, b) if blocks else range(0)
+        if len(gap) <= GAP_BLOCKS and all(layout.owner[g] != rank for g in gap):
+            blocks.extend(gap)
+        blocks.append(b)
+    rows = [torch.arange(first_row[b], first_row[b] + layout.block_len(b)) if b in first_row
+            else torch.full((layout.block_len(b),), row) for b in blocks]
+    return blocks, torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
 
 
 def _local_rows(layout: ShardLayout, rank: int) -> dict[int, int]:
@@ -288,6 +313,11 @@ def attention(q, k, v, pattern, layout: ShardLayout, *, scale: float | None = No
     received, local_out, local_lse = finish_exchange(buffer, pending, local_out, local_lse)
     received = received.permute(1, 2, 0, 3)  # [B, Hkv, N, Dk + Dv]
     arrived = [b for s in range(world) for b in receive[s]]
+    if routing is not None:  # few spans of selected blocks, not one part per run
+        arrived, rows = filled_spans(layout, arrived, rank)
+        received = torch.cat([received, received.new_zeros((*received.shape[:2], 1,
+                                                            received.shape[-1]))], 2)
+        received = received.index_select(2, rows.to(received.device))
     remote = _attend(q, received[..., :dk], received[..., dk:], canonical, layout, mine, arrived,
                      scale, enable_gqa, routing)
     out, lse = merge([local_out, remote[0]], [local_lse, remote[1]])

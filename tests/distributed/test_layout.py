@@ -3,6 +3,8 @@ those its queries reach (against the dense mask), a sliding window moves only th
 window across each boundary where a ring moves every shard, and the work is balanced
 for causal masks and for documents of long-tailed lengths at 8 and 64 ranks."""
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -133,3 +135,32 @@ def test_only_the_query_buckets_that_straddle_ranks_are_shared():
     zigzag = sfd.plan_shards(pattern, 100, 2, block=8, layout="zigzag")
     mixed = shared_buckets(zigzag, starts)
     assert 0 < mixed.numel() < starts.shape[-1] - 1
+
+
+def test_received_runs_become_spans_over_small_gaps_of_other_ranks():
+    """``filled_spans``: the received blocks ascending, with gaps of at most
+    ``GAP_BLOCKS`` blocks of other ranks filled (never across a block this rank holds,
+    never a longer gap); every received token keeps its row, gap tokens point one past
+    the last row (the zero row)."""
+    cp = importlib.import_module("sparseforge.distributed.attention")
+    layout = sfd.plan_shards(sf.causal() & sf.topk_blocks(8, 2), 200, 3, block=8,
+                             layout="zigzag")
+    rank = 1
+    held = set(layout.blocks_of(rank).tolist())
+    others = [b for b in range(layout.n_blocks) if b not in held]
+    g = np.random.default_rng(0)
+    for _ in range(20):
+        arrived = list(g.choice(others, size=g.integers(1, len(others)), replace=False))
+        blocks, rows = cp.filled_spans(layout, arrived, rank)
+        assert blocks == sorted(blocks) and set(arrived) <= set(blocks)
+        gaps = [b for b in blocks if b not in arrived]
+        assert not held & set(gaps)
+        for a, b in zip(sorted(arrived), sorted(arrived)[1:]):
+            between = set(range(a + 1, b))
+            filled = between <= set(blocks)
+            assert filled == (len(between) <= cp.GAP_BLOCKS and not between & held), (a, b)
+        received = layout.token_positions(arrived)  # positions in the order they came
+        pad = len(received)
+        at = dict(zip(received.tolist(), range(pad)))
+        want = [at.get(p, pad) for p in layout.token_positions(blocks).tolist()]
+        assert rows.tolist() == want
