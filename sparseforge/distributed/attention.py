@@ -9,7 +9,7 @@ included. A routed pattern's part runs the routed kernels (the torch routed path
 CPU) with the whole sequence's selection cut to the part (``parts.part_selection``,
 ``dispatch.attention_with_selection``); a part where nothing is selected and the
 static part allows nothing is not called. Patterns with no form on a part
-(window-offset bias tables), and layouts scattered into more runs than
+(a token-offset table too wide once moved), and layouts scattered into more runs than
 ``MAX_PART_CALLS``, are evaluated on the tokens' original positions instead
 (``attend_at``: ``semantics.pair_mask``, torch ops over row chunks), exact the same
 way. Autograd carries the gradient through either and through the exchange, whose

@@ -18,12 +18,14 @@ Score modifiers that read positions move too. The part's ``t - P`` is the whole'
 p`` less a constant ``delta``: ALiBi takes ``offset=delta`` (an integer added before the
 product, so the part's scores are the whole's to the bit), a token-offset ``rel_bias``
 table is re-indexed by ``delta`` (a gather, so the table's gradient flows back), and a
-pair bias takes its slice. A routing node stays as it is: it is decided on the whole
-sequence's pooled summaries, and ``part_selection`` cuts that decision to the part (the
-buckets the part's rows and keys fall in, their starts moved onto the part), which the
-routed kernels then read like one they routed themselves. Window-offset ``rel_bias``
-tables (read on a whole grid) have no form on a part: ``part_pattern`` returns None and
-the caller evaluates them on original positions instead.
+pair bias takes its slice; a window-offset ``rel_bias`` table (NATTEN's rpb) stays as it
+is, read at the grid coordinates of the part's positions moved by the
+``NeighborhoodPart``'s offsets (``scores.RelGrid``). A routing node stays as it is: it
+is decided on the whole sequence's pooled summaries, and ``part_selection`` cuts that
+decision to the part (the buckets the part's rows and keys fall in, their starts moved
+onto the part), which the routed kernels then read like one they routed themselves.
+``part_pattern`` returns None for a pattern with no form on a part (a token-offset table
+too wide once moved), and the caller evaluates it on original positions instead.
 """
 
 from __future__ import annotations
@@ -89,7 +91,9 @@ def _move_modifier(node: ScoreModifier, part: _Part) -> ScoreModifier:
         return PairBias(node.bias4[..., part.a:part.a + part.n, part.c:part.c + part.m])
     if isinstance(node, RelBias) and not node.window_dims:
         return _moved_rel_bias(node, part)
-    raise _NoPartForm  # a window-offset table reads a whole grid's coordinates
+    if isinstance(node, RelBias):  # window offsets: read on the grid, at the part's offsets
+        return node               # (the neighbourhood's NeighborhoodPart carries them)
+    raise _NoPartForm
 
 
 def _moved_rel_bias(node: RelBias, part: _Part) -> RelBias:

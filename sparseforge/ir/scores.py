@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .neighborhood import Neighborhood, grid_coordinate
+from .neighborhood import Neighborhood, NeighborhoodPart, grid_coordinate
 from .nodes import Documents, Full, Intersection, MaskTable, Pattern, ScoreModifier, walk
 
 #: widest rel_bias table (2R + 1 entries) the kernels accept (a radius of 64k tokens)
@@ -202,6 +202,10 @@ class RelGrid:
     #: of NATTEN's rule is within kernel - 1), so the entry is a difference of two
     #: per-token numbers: cheaper in the kernel's [BM, BN] registers
     clipped: bool = True
+    #: a part of the grid (``NeighborhoodPart``): its query and key positions are these
+    #: offsets away from their positions on the grid
+    q_offset: int = 0
+    kv_offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -259,13 +263,15 @@ def score_spec(pattern: Pattern) -> ScoreSpec:
 def _rel_grid(pattern: Pattern, rel: RelBias) -> RelGrid:
     """The grid a window-offset table is read on: that of the pattern's neighbourhood
     (all of its neighbourhoods must share one grid and dilation)."""
-    grids = {(n.shape, n.dilation) for n in walk(pattern) if isinstance(n, Neighborhood)}
+    grids = {(n.shape, n.dilation, 0, 0) for n in walk(pattern) if isinstance(n, Neighborhood)}
+    grids |= {(n.grid.shape, n.grid.dilation, n.q_offset, n.kv_offset) for n in walk(pattern)
+              if isinstance(n, NeighborhoodPart)}
     shape_text = "x".join(str(e) for e in rel.table.shape[1:])
     if len(grids) != 1:
         raise ValueError(f"{rel!r}: a window-offset table [{shape_text}] reads coordinates from "
                          f"the pattern's sf.neighborhood; expected exactly one grid and dilation, "
                          f"found {len(grids)}")
-    (shape, dilation), = grids
+    (shape, dilation, q_offset, kv_offset), = grids
     if len(shape) != rel.window_dims:
         raise ValueError(f"{rel!r}: the table has {rel.window_dims} window dimensions but the "
                          f"neighbourhood's grid {shape} has {len(shape)}")
@@ -273,11 +279,12 @@ def _rel_grid(pattern: Pattern, rel: RelBias) -> RelGrid:
     mask = strip_scores(pattern)
     if hasattr(mask, "original_positions"):  # a planner's tiled layout of the mask
         mask = mask.pattern
-    bounding = [mask] if isinstance(mask, Neighborhood) else [
-        p for p in getattr(mask, "parts", ()) if isinstance(mask, Intersection)
-        and isinstance(p, Neighborhood)]
+    operands = [mask] if not isinstance(mask, Intersection) else list(mask.parts)
+    bounding = [n.grid if isinstance(n, NeighborhoodPart) else n for n in operands
+                if isinstance(n, (Neighborhood, NeighborhoodPart))]
     covered = any(all(h >= k - 1 for h, k in zip(halves, n.kernel)) for n in bounding)
-    return RelGrid(shape, dilation, halves, clipped=not covered)
+    return RelGrid(shape, dilation, halves, clipped=not covered, q_offset=q_offset,
+                   kv_offset=kv_offset)
 
 
 def rel_index(spec: ScoreSpec, p, j, ops):
@@ -292,6 +299,7 @@ def rel_index(spec: ScoreSpec, p, j, ops):
         r = spec.rel_radius
         return ops.min(ops.max(j - p, -r), r) + r
     grid = spec.rel_grid
+    p, j = p + grid.q_offset, j + grid.kv_offset  # a part's positions, on the grid
     index = 0
     flat_q = flat_k = 0
     for dim, (dil, half) in enumerate(zip(grid.dilation, grid.halves)):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ir.neighborhood import Neighborhood
+from ..ir.neighborhood import Neighborhood, NeighborhoodPart
 from ..ir.nodes import Documents, Intersection, MaskTable, Pattern, PerHead, walk
 from ..ir.routing import TopkKeys, is_dynamic
 from ..ir.scores import Alibi, PairBias, RelBias, Softcap
@@ -107,11 +107,13 @@ def _rel_bias(m: RelBias, head: Pattern, rows, p, j) -> torch.Tensor:
     if table.dim() == 2:
         r = (table.shape[1] - 1) // 2
         return table[:, (j - p).clamp(-r, r) + r]
-    grids = {(n.shape, n.dilation) for n in walk(head) if isinstance(n, Neighborhood)}
+    grids = {(n.shape, n.dilation, 0, 0) for n in walk(head) if isinstance(n, Neighborhood)}
+    grids |= {(n.grid.shape, n.grid.dilation, n.q_offset, n.kv_offset) for n in walk(head)
+              if isinstance(n, NeighborhoodPart)}  # a part: its positions, on the grid
     if len(grids) != 1:
         raise ValueError(f"{m!r}: a window-offset table needs exactly one neighbourhood grid")
-    (shape, dilation), = grids
-    xq, xk = coordinates(p, shape), coordinates(j, shape)
+    (shape, dilation, q_offset, kv_offset), = grids
+    xq, xk = coordinates(p + q_offset, shape), coordinates(j + kv_offset, shape)
     entry = [torch.clamp(floor_div(xk[d], dilation[d]) - floor_div(xq[d], dilation[d]),
                          -(e - 1) // 2, (e - 1) // 2) + (e - 1) // 2
              for d, e in enumerate(table.shape[1:])]

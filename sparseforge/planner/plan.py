@@ -56,6 +56,7 @@ from .tiles import (
     candidate_configs,
     decode_config,
     estimated_cost,
+    grid_part_forward_config,
     padded_head_dim,
     priced,
     tiled_forward_config,
@@ -528,6 +529,9 @@ def _candidates(heads, scored: bool, r: PlanRequest) -> list[Candidate]:
         if _has_tables(heads) and configs[0].block_n > TABLE_WORD:
             raise ValueError(f"plan(block_n={configs[0].block_n}): a pattern with a mask_table "
                              f"needs key tiles of at most {TABLE_WORD} (one table word per row)")
+    if not (r.block_m or r.block_n) and any(_reads_a_grid_part(p) for p, _ in heads):
+        configs = list(dict.fromkeys(grid_part_forward_config(c, r.target, r.dtype)
+                                     for c in configs))
     backward = backward_configs(r.target, r.tile_dim, r.dtype, scored)
     node = _tileable(heads, r.q_len, r.kv_len, r.groups) if r.tiled is not False else None
     if r.tiled and node is None:
@@ -555,6 +559,12 @@ def _candidates(heads, scored: bool, r: PlanRequest) -> list[Candidate]:
         out.append(Candidate(cfg, layout, tiled_heads, layout[0].run_len, layout[1].run_len,
                              tiled_backward))
     return out
+
+
+def _reads_a_grid_part(pattern: Pattern) -> bool:
+    """Whether a window-offset table is read on a part of its grid (``RelGrid`` offsets)."""
+    grid = score_spec(pattern).rel_grid
+    return grid is not None and (grid.q_offset, grid.kv_offset) != (0, 0)
 
 
 def _tileable(heads, q_len: int, kv_len: int, groups):

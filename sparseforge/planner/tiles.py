@@ -159,6 +159,18 @@ def tiled_forward_config(cfg: TileConfig, target: str, head_dim: int, dtype: str
     return cfg
 
 
+def grid_part_forward_config(cfg: TileConfig, target: str, dtype: str) -> TileConfig:
+    """The forward tiles of a pattern whose window-offset rel_bias table is read on a part
+    of its grid (context parallelism: ``scores.RelGrid`` offsets). The table's grid
+    coordinates come from positions moved by the part's offsets, beside the predicate's
+    own: 128 x 64 over 8 warps kept 40 stack bytes on sm_90 (cuobjdump, a 7 x 7 window on
+    a 128 x 64 grid with a 13 x 13 table, D=64); 64 x 64 over 8 warps compiles clean on
+    sm_80 and sm_90."""
+    if target in ("sm_80", "sm_90") and dtype != "float32" and cfg.block_m * cfg.block_n > 64 * 64:
+        return TileConfig(64, 64, 8, cfg.num_stages, 0.85)
+    return cfg
+
+
 def backward_configs(target: str, head_dim: int, dtype: str, scored: bool = False,
                      tiled: bool = False, lean_walk: bool = True) -> tuple[TileConfig, TileConfig]:
     """Tiles of the backward (dQ kernel, dK/dV kernel). Smaller than the forward's: a

@@ -103,10 +103,13 @@ def variant_specs() -> dict[str, tuple]:
                                {"tiled": False})
     # a part of a grid (context parallelism: a rank's query run against a key run, both
     # offset into the whole grid): the grid's rule at the offsets, in original order, and
-    # ALiBi with the part's integer offset to j - p
-    shapes["na2d_part"] = (NeighborhoodPart(neighborhood((128, 64), 7), L // 2, L // 2)
-                           & scores.Alibi(torch.ones(heads), -L // 2), 64, "bfloat16",
+    # ALiBi with the part's integer offset to j - p; or a window-offset table read at the
+    # part's positions moved onto the grid
+    part = NeighborhoodPart(neighborhood((128, 64), 7), L // 2, L // 2)
+    shapes["na2d_part"] = (part & scores.Alibi(torch.ones(heads), -L // 2), 64, "bfloat16",
                            {"q_len": L // 2})
+    shapes["na2d_part_rel_bias"] = (part & scores.rel_bias(torch.zeros(heads, 13, 13)), 64,
+                                    "bfloat16", {"q_len": L // 2})
     # window-offset rel_bias (Swin / MaxViT / NATTEN rpb) on a dilated 2-D neighbourhood:
     # inside the table's windows (one difference per pair), and clipped per dimension
     # beside sinks and every other modifier

@@ -2,8 +2,8 @@
 its shard of a sequence whose length is not a multiple of the world size; the output,
 lse and the q, k, v gradients of ``sfd.attention`` equal single-process
 ``sf.attention`` (fp32, 1e-5) for causal, sliding window + sinks, documents of uneven
-lengths, a 2-D neighbourhood, ALiBi with a relative-position table and a pair
-bias, a softcap and top-k routing across ranks (GQA); every
+lengths, a 2-D neighbourhood with a window-offset bias table, ALiBi with a
+relative-position table and a pair bias, a softcap and top-k routing across ranks (GQA); every
 rank receives exactly the bytes its layout plans (routed: its static needs plus the
 blocks it selected, within the envelope's), and every case runs through the ordinary
 plan on every part (routed: with the whole sequence's selection cut to the part), none
@@ -34,11 +34,12 @@ def cases():
     ids = torch.repeat_interleave(torch.arange(3), torch.tensor([37, 11, 52]))[None]
     g = torch.Generator().manual_seed(11)
     table, bias = torch.randn(4, 9, generator=g), torch.randn(4, L, L, generator=g)
+    window_table = torch.randn(4, 5, 9, generator=g)  # NATTEN's rpb on the 2-D grid
     return {
         "causal": sf.causal(),
         "window_sinks": sf.sliding_window(20) | sf.sinks(3),
         "documents": sf.documents(ids) & sf.causal(),
-        "neighborhood_2d": sf.neighborhood((10, 10), (3, 5)),
+        "neighborhood_2d": sf.neighborhood((10, 10), (3, 5)) & sf.rel_bias(window_table),
         "positional_biases": (sf.sliding_window(24) & sf.alibi(sf.alibi_slopes(4))
                               & sf.rel_bias(table) & sf.pair_bias(bias)),
         "softcap_causal": sf.causal() & sf.softcap(2.0),

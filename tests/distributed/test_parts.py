@@ -96,6 +96,11 @@ def modified_patterns():
         "rel_bias_softcap": sf.causal() & sf.rel_bias(table) & sf.softcap(3.0),
         "alibi_softcap": sf.causal() & sf.alibi(slopes) & sf.softcap(4.0),
         "neighborhood_2d": patterns()["neighborhood_2d"],
+        # window-offset tables (NATTEN's rpb): covering the windows, and clipped beside sinks
+        "neighborhood_window_table": (patterns()["neighborhood_2d"]
+                                      & sf.rel_bias(torch.randn(4, 5, 9, generator=g))),
+        "neighborhood_clipped_table": ((sf.neighborhood((10, 9), 3) | sf.sinks(2))
+                                       & sf.rel_bias(torch.randn(4, 3, 3, generator=g))),
     }
 
 
@@ -164,10 +169,27 @@ def test_a_moved_rel_bias_table_passes_its_gradient_back():
 
 
 def test_patterns_with_no_form_on_a_part():
-    """A window-offset table reads a whole grid's coordinates, which a part does not
-    hold: the caller evaluates it on original positions."""
-    pattern = sf.neighborhood((9, 10), 3) & sf.rel_bias(torch.randn(4, 5, 5))
-    assert part_pattern(self_attention_pattern(pattern), 10, 0, 20, 20, L) is None
+    """A token-offset table moved 200k positions over a 70k-token part would need more
+    entries than the kernels take: the caller evaluates it on original positions."""
+    pattern = sf.causal() & sf.rel_bias(torch.randn(4, 9))
+    canonical = self_attention_pattern(pattern)
+    assert part_pattern(canonical, 200_000, 0, 70_000, 70_000, 300_000) is None
+    assert part_pattern(canonical, 200_000, 190_000, 70_000, 70_000, 300_000) is not None
+
+
+def test_window_table_on_a_part_in_the_kernels():
+    """A window-offset table on a grid part, in Triton's interpreter (the kernels read it
+    at the part's positions moved onto the grid), against the oracle on the part."""
+    canonical = self_attention_pattern(modified_patterns()["neighborhood_window_table"])
+    g = torch.Generator().manual_seed(4)
+    for a, c, n, m in ((40, 17, 21, 30), (24, 48, 33, 9)):
+        part = part_pattern(canonical, a, c, n, m, L)
+        q = torch.randn(1, 4, n, 16, generator=g)
+        k, v = (torch.randn(1, 4, m, 16, generator=g) for _ in range(2))
+        out, lse = sf.attention(q, k, v, part, return_lse=True, backend="triton")
+        want, want_lse = sf.reference_attention(q, k, v, part, return_lse=True)
+        assert torch.equal(torch.isinf(lse), torch.isinf(want_lse)), (a, c)
+        torch.testing.assert_close(out, want.float(), atol=1e-5, rtol=1e-5)
 
 
 def routed_patterns():
@@ -194,6 +216,8 @@ def test_routed_parts_with_the_whole_selection_equal_the_whole(name, backend):
     canonical = self_attention_pattern(pattern)
     g = torch.Generator().manual_seed(7)
     q, k, v = (torch.randn(2, h, L, 12, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    if backend == "triton":  # one batch row: the interpreter runs every program in turn
+        q, k, v = q[:1], k[:1], v[:1]
     scale = 12 ** -0.5
     selection, = route(canonical, q, k, scale).values()
     want, want_lse = sf.reference_attention(q, k, v, pattern, enable_gqa=True, return_lse=True)

@@ -1,6 +1,8 @@
 import pytest
+import torch
 
 import sparseforge as sf
+from sparseforge.ir.neighborhood import NeighborhoodPart
 from sparseforge.planner.ranges import tile_segments
 
 
@@ -100,3 +102,18 @@ def test_tiles_are_priced_by_their_sass_issue_work():
     routed = sf.plan(sf.causal() & sf.topk_blocks(256, 2), q_len=4096, kv_len=4096,
                      head_dim=128, target="sm_90")
     assert routed.tile_choices == () and "<- chosen" not in routed.explain()
+
+
+@pytest.mark.parametrize("target", ["sm_80", "sm_90"])
+def test_a_window_table_on_a_grid_part_takes_smaller_forward_tiles(target):
+    """A window-offset table read on a part of its grid (context parallelism) moves its
+    positions onto the grid beside the predicate's own coordinates: 128 x 64 spilled on
+    sm_90, so the forward takes 64 x 64 over 8 warps; the whole grid keeps its tiles."""
+    grid = sf.neighborhood((128, 64), 7)
+    table = sf.rel_bias(torch.zeros(8, 13, 13))
+    part = sf.plan(NeighborhoodPart(grid, 2048, 2048) & table, q_len=2048, kv_len=4096,
+                   head_dim=64, dtype="bfloat16", target=target)
+    whole = sf.plan(grid & table, q_len=8192, kv_len=8192, head_dim=64, dtype="bfloat16",
+                    target=target, tiled=False)
+    assert (part.block_m, part.block_n, part.config.num_warps) == (64, 64, 8)
+    assert whole.block_m * whole.block_n > 64 * 64
