@@ -79,7 +79,7 @@ def main() -> None:
         print(json.dumps(row))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(machine=f"cpu: {platform.processor() or platform.machine()} (counts "
+            json.dump(dict(device=f"cpu: {platform.processor() or platform.machine()} (counts "
                                    "only, nothing attended)",
                            torch=torch.__version__, sparseforge=sf.__version__,
                            heads=args.heads, head_dim=args.head_dim,

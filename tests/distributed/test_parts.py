@@ -114,16 +114,26 @@ def test_parts_merged_equal_the_whole(name):
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(2, 4, L, 12, generator=g, dtype=torch.float64) for _ in range(3))
     want, want_lse = sf.reference_attention(q, k, v, pattern, return_lse=True)
-    for a, n, cuts in ((33, 25, (0, 21, 58, L)), (0, 40, (0, 40, 41, L)), (71, 19, (0, 8, 70, L))):
-        outs, lses = [], []
-        for c, end in zip(cuts, cuts[1:]):
-            part = part_pattern(canonical, a, c, n, end - c, L)
-            assert part is not None, name
-            out, lse = sf.attention(q[:, :, a:a + n].float(), k[:, :, c:end].float(),
-                                    v[:, :, c:end].float(), part, return_lse=True)
-            outs.append(out)
-            lses.append(lse)
-        out, lse = sf.merge(outs, lses)
+
+    def attend(a, n, c, end):
+        part = part_pattern(canonical, a, c, n, end - c, L)
+        assert part is not None, name
+        return sf.attention(q[:, :, a:a + n].float(), k[:, :, c:end].float(),
+                            v[:, :, c:end].float(), part, return_lse=True)
+
+    _merged_parts_equal_the_rows(attend, RUNS, want, want_lse, name)
+
+
+#: (first query, queries, key cuts covering the sequence): runs on and off the grids
+RUNS = ((33, 25, (0, 21, 58, L)), (0, 40, (0, 40, 41, L)), (71, 19, (0, 8, 70, L)))
+
+
+def _merged_parts_equal_the_rows(attend, runs, want, want_lse, name):
+    """Each run of queries attended to each key cut by ``attend(a, n, c, end)`` (out,
+    lse), merged by log-sum-exp: the whole's rows ``want``/``want_lse``."""
+    for a, n, cuts in runs:
+        done = [attend(a, n, c, end) for c, end in zip(cuts, cuts[1:])]
+        out, lse = sf.merge([o for o, _ in done], [s for _, s in done])
         rows = want_lse[:, :, a:a + n].float()
         assert torch.equal(torch.isinf(lse), torch.isinf(rows)), (name, a)
         torch.testing.assert_close(torch.nan_to_num(lse, neginf=0.0),
@@ -222,37 +232,23 @@ def test_routed_parts_with_the_whole_selection_equal_the_whole(name, backend):
     selection, = route(canonical, q, k, scale).values()
     want, want_lse = sf.reference_attention(q, k, v, pattern, enable_gqa=True, return_lse=True)
     qf, kf, vf = (t.float().requires_grad_() for t in (q, k, v))
-    runs = ((33, 25, (0, 21, 58, L)), (0, 40, (0, 40, 41, L)), (71, 19, (0, 8, 70, L)))
-    for a, n, cuts in runs if backend == "torch" else runs[:1]:
-        outs, lses = [], []
-        for c, end in zip(cuts, cuts[1:]):
-            part = part_pattern(canonical, a, c, n, end - c, L)
-            cut = part_selection(selection, a, c, n, end - c)
-            out, lse = attention_with_selection(qf[:, :, a:a + n], kf[:, :, c:end],
-                                                vf[:, :, c:end], part, cut, scale=scale,
-                                                enable_gqa=True, backend=backend,
-                                                origin=(a, c, L))
-            outs.append(out)
-            lses.append(lse)
-        out, lse = sf.merge(outs, lses)
-        rows = want_lse[:, :, a:a + n].float()
-        assert torch.equal(torch.isinf(lse), torch.isinf(rows)), (name, a)
-        torch.testing.assert_close(torch.nan_to_num(lse, neginf=0.0),
-                                   torch.nan_to_num(rows, neginf=0.0), atol=1e-4, rtol=1e-5)
-        torch.testing.assert_close(out, want[:, :, a:a + n].float(), atol=1e-5, rtol=1e-5)
+
+    def attend(a, n, c, end):
+        return attention_with_selection(qf[:, :, a:a + n], kf[:, :, c:end], vf[:, :, c:end],
+                                        part_pattern(canonical, a, c, n, end - c, L),
+                                        part_selection(selection, a, c, n, end - c),
+                                        scale=scale, enable_gqa=True, backend=backend,
+                                        origin=(a, c, L))
+
+    _merged_parts_equal_the_rows(attend, RUNS if backend == "torch" else RUNS[:1], want,
+                                 want_lse, name)
     # gradients: every row's parts against the whole's
     g_out = torch.randn(want.shape, generator=g, dtype=torch.float64)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     torch.autograd.backward(sf.reference_attention(*leaves, pattern, enable_gqa=True), g_out)
     outs = []
     for a, n in ((0, 50), (50, L - 50)):
-        parts = []
-        for c, end in ((0, 45), (45, L)):
-            parts.append(attention_with_selection(
-                qf[:, :, a:a + n], kf[:, :, c:end], vf[:, :, c:end],
-                part_pattern(canonical, a, c, n, end - c, L),
-                part_selection(selection, a, c, n, end - c), scale=scale, enable_gqa=True,
-                backend=backend, origin=(a, c, L)))
+        parts = [attend(a, n, c, end) for c, end in ((0, 45), (45, L))]
         outs.append(sf.merge([o for o, _ in parts], [s for _, s in parts])[0])
     torch.autograd.backward(torch.cat(outs, 2), g_out.float())
     for got, leaf in zip((qf, kf, vf), leaves):
