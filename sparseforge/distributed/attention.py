@@ -119,11 +119,11 @@ def part_calls(canonical, layout: ShardLayout, q_blocks, k_blocks) -> tuple | No
     ``k_blocks`` (both in tensor order): per run of queries, (its first row, its rows,
     ((key rows, the pattern over the part, (its first query and key positions), whether
     it is routed with an empty static part), ...) for each key run it reaches); None
-    when some pair's pattern has no such form. Kept
-    across calls (``_PART_CALLS``): the parts' data (document ids, table slices) then
-    stays the same tensors, and the plan caches keyed by their identity hit on every
-    later step; not kept when a modifier's tensor is trained (its moved copies are
-    differentiated through, so each step builds its own)."""
+    when some pair's pattern has no such form. Kept across calls (``_PART_CALLS``): the
+    parts' data (document ids, table slices) then stays the same tensors, and the plan
+    caches keyed by their identity hit on every later step; not kept when a modifier's
+    tensor is trained (its moved copies are differentiated through, so each step builds
+    its own)."""
     key = (id(layout), id(canonical), tuple(map(int, q_blocks)), tuple(map(int, k_blocks)))
     hit = _PART_CALLS.get(key)
     if hit is not None and hit[0] is layout and hit[1] is canonical:
@@ -193,7 +193,6 @@ def attend_parts(q, k, v, calls, scale: float, enable_gqa: bool, selection=None,
         outs.append(out)
         lses.append(lse.float())
     return torch.cat(outs, 2), torch.cat(lses, 2)
-
 
 
 def _attend(q, k, v, canonical, layout: ShardLayout, q_blocks, k_blocks, scale: float,

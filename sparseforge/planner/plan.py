@@ -562,9 +562,10 @@ def _candidates(heads, scored: bool, r: PlanRequest) -> list[Candidate]:
 
 
 def _reads_a_grid_part(pattern: Pattern) -> bool:
-    """Whether a window-offset table is read on a part of its grid (``RelGrid`` offsets)."""
-    grid = score_spec(pattern).rel_grid
-    return grid is not None and (grid.q_offset, grid.kv_offset) != (0, 0)
+    """Whether a window-offset table is read on a part of its grid (a ``NeighborhoodPart``
+    beside it)."""
+    return (score_spec(pattern).rel_grid is not None
+            and any(isinstance(n, NeighborhoodPart) for n in walk(pattern)))
 
 
 def _tileable(heads, q_len: int, kv_len: int, groups):
