@@ -22,7 +22,14 @@ import torch
 
 from ..ir.canonicalize import canonicalize
 from ..ir.nodes import Pattern
-from ..ir.routing import Clusters, Hierarchical, TopkKeys, VerticalSlash, is_dynamic
+from ..ir.routing import (
+    Clusters,
+    ThresholdBlocks,
+    TopkBlocks,
+    TopkChunks,
+    TopkKeys,
+    is_dynamic,
+)
 from ..ir.scores import learned_tensors, score_spec, window_tables
 from ..ir.split import static_siblings
 from ..planner.plan import Plan, default_target, dtype_name, head_groups, plan
@@ -322,8 +329,8 @@ def attention_with_selection(q, k, v, pattern: Pattern, selection: BlockSelectio
     part (``origin`` names where the part sits, for the bucket geometry's cache)."""
     shape = check_attention_inputs(q, k, v, pattern, scale=scale, enable_gqa=enable_gqa)
     node = compile_pattern(pattern).routed_node
-    if not isinstance(selection, BlockSelection) or not node or isinstance(
-            node[0], (Clusters, TopkKeys, VerticalSlash, Hierarchical)):
+    if not isinstance(selection, BlockSelection) or not node or not isinstance(
+            node[0], (TopkBlocks, TopkChunks, ThresholdBlocks)):
         raise ValueError(f"pattern {pattern!r}: attention_with_selection takes one "
                          "topk_blocks, topk_chunks or threshold_blocks node and a BlockSelection")
     executor, target = resolve_backend(backend, q)

@@ -273,3 +273,17 @@ def test_parts_of_a_trained_table_are_built_each_step():
                                  0.3, False)
         out.sum().backward()
         assert table.grad is not None and table.grad.abs().sum() > 0
+
+
+def test_attention_with_selection_refuses_what_it_cannot_attend():
+    """A rule whose decision is not a block selection, or no selection at all: a
+    ValueError naming what it takes, not a kernel error."""
+    q = k = v = torch.randn(1, 2, 32, 8)
+    pattern = sf.causal() & sf.topk_blocks(8, 2)
+    selection, = route(self_attention_pattern(pattern), q, k, 8 ** -0.5).values()
+    for bad_pattern, bad_selection in ((sf.causal() & sf.vertical_slash(2, 2), selection),
+                                       (sf.causal(), selection), (pattern, "selection")):
+        with pytest.raises(ValueError, match="BlockSelection"):
+            attention_with_selection(q, k, v, bad_pattern, bad_selection)
+    out = attention_with_selection(q, k, v, pattern, selection)[0]
+    torch.testing.assert_close(out, sf.attention(q, k, v, pattern), atol=1e-5, rtol=1e-5)
