@@ -186,7 +186,8 @@ def bench(length: int = typer.Option(4096, help="sequence length of the CPU atte
     if attention:
         result = cpu_bench.run(length=length, repeats=repeats, with_flex=flex, busy=busy)
         typer.echo(cpu_bench.table(result))
-        typer.echo(f"warm dispatch overhead {result['dispatch_overhead_us']:.1f} us; "
+        typer.echo(f"warm dispatch overhead {result['dispatch_overhead_us']:.1f} us (best of "
+                   f"{len(result['dispatch_overhead_loops_us'])} loops); "
                    "JSON: bench/results/cpu_attention.json")
     if build:
         typer.echo(json.dumps(benchmarks.build_and_dispatch(), indent=1))

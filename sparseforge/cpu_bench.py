@@ -20,7 +20,7 @@ import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from .api import attention
-from .benchmarks import dispatch_overhead_us, save_result
+from .benchmarks import dispatch_overhead_spread_us, save_result
 from .ir.neighborhood import neighborhood
 from .ir.nodes import causal, documents, sliding_window
 from .oracle import dense_mask, reference_attention
@@ -213,7 +213,9 @@ def run(length=4096, heads=4, head_dim=64, repeats=5, with_flex=True, busy=True,
         for (_, pattern, _), row in zip(cases(length), rows):
             row["sparseforge_quiet_and_busy"] = quiet_and_busy(pattern, length, heads,
                                                                head_dim, repeats)
-    result["dispatch_overhead_us"] = dispatch_overhead_us()
+    loops = dispatch_overhead_spread_us()
+    result["dispatch_overhead_us"] = min(loops)  # the best loop: see dispatch_overhead_us
+    result["dispatch_overhead_loops_us"] = loops
     result["machine_matmul_ms"] = {"before": speed_before, "after": machine_speed()}
     if results_dir is not None:
         save_result(result, results_dir, "cpu_attention")

@@ -39,3 +39,12 @@ def test_tiny_run_without_flex_makes_the_table(tmp_path):
         assert row["max_abs_error_vs_oracle"] < 1e-5
         assert row["sparseforge_forward"]["median_ms"] > 0
     assert "sliding_window(256)" in cpu_bench.table(result)
+
+
+def test_warm_dispatch_overhead_stays_in_microseconds():
+    """The issue's budget is 20 us per warm call on the dev machine; the bound here is
+    looser (CI shares its cores), but a per-call re-plan, re-compile or mask evaluation
+    costs milliseconds and fails it."""
+    from sparseforge.benchmarks import dispatch_overhead_spread_us
+    loops = dispatch_overhead_spread_us(n=500, loops=5)
+    assert min(loops) < 60, loops
