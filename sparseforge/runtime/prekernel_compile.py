@@ -40,7 +40,7 @@ def _compile(fn, signature: dict, constexprs: dict, arch: str, num_warps: int) -
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", parse_arch(arch), 32),
                               options={"num_warps": num_warps, "num_stages": 1})
-    usage = resource_usage(compiled.asm["cubin"])
+    usage = resource_usage(compiled.asm["cubin"], compiled.asm["ptx"])
     return {"arch": arch, "registers": usage["registers"], "spills": usage["local"],
             "stack": usage["stack"], "shared_memory": compiled.metadata.shared,
             "cubin_size": len(compiled.asm["cubin"])}

@@ -106,3 +106,28 @@ print(json.dumps(measure("sm_90", 128, TileConfig(128, 128, {entry['num_warps']}
 """)
     assert table["triton"] == triton.__version__, "regenerate: python -m sparseforge.aot.tile_costs"
     assert fresh == entry
+
+
+def test_wgmma_and_tma_read_from_ptx_equal_the_sass():
+    """``compile.resource_usage`` reads wgmma and TMA use from the PTX (disassembling
+    every build cost 0.85 s a kernel); the SASS of kernels with each combination (sm_90
+    forward: both; sm_90 dK/dV: wgmma only; sm_80: neither) says the same."""
+    flags = _run("""
+import json, sparseforge as sf
+from sparseforge.runtime.binary_cache import cached_binary
+from sparseforge.runtime.sass import kernel_report
+out = []
+for arch in ("sm_80", "sm_90"):
+    p = sf.plan(sf.sliding_window(256), q_len=1024, kv_len=1024, head_dim=64, dtype="bfloat16",
+                target=arch)
+    for r in kernel_report(p, archs=(arch,), kinds=("forward", "backward_dkdv")):
+        info = cached_binary(p, 0, arch, r.kind)[0].info
+        out.append([arch, r.kind, r.hgmma, r.tma, info.uses_wgmma, info.uses_tma])
+print(json.dumps(out))
+""")
+    assert [row[:4] for row in flags] == [["sm_80", "forward", False, False],
+                                          ["sm_80", "backward_dkdv", False, False],
+                                          ["sm_90", "forward", True, True],
+                                          ["sm_90", "backward_dkdv", True, False]]
+    for arch, kind, hgmma, tma, ptx_wgmma, ptx_tma in flags:
+        assert (ptx_wgmma, ptx_tma) == (hgmma, tma), (arch, kind)
