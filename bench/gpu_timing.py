@@ -15,9 +15,12 @@ from pathlib import Path
 import torch
 
 
-def timed(fn, repeats: int, cuda: bool) -> float:
-    """Median seconds of ``fn()`` after one warm-up call (CUDA events on a GPU)."""
-    fn()
+def timed(fn, repeats: int, cuda: bool, warm_up: bool = True) -> float:
+    """Median seconds of ``fn()`` after one warm-up call (CUDA events on a GPU);
+    ``warm_up=False`` for smoke runs, which time nothing real and only need each path
+    run once."""
+    if warm_up:
+        fn()
     samples = []
     for _ in range(repeats):
         if cuda:
