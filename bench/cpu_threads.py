@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -37,19 +38,6 @@ from sparseforge.runtime import cpu_flash, cpu_threads
 def inline(units):
     for unit in units:
         unit()
-
-
-def pool_of(workers):
-    """run_units on a fixed number of workers (the default takes torch.get_num_threads())."""
-    def run(units):
-        units = list(units)
-
-        def guarded(unit):
-            with torch.no_grad():
-                unit()
-        for future in [cpu_threads._executor(workers).submit(guarded, u) for u in units]:
-            future.result()
-    return run
 
 
 def spell(modes, inputs, repeats):
@@ -103,7 +91,8 @@ def main():
     torch.manual_seed(0)
     inputs = [torch.randn(1, 4, 4096, 64) for _ in range(3)]
     threads = torch.get_num_threads()
-    modes = {"worker pool": cpu_threads.run_units, "pool, 2x threads": pool_of(2 * threads),
+    modes = {"worker pool": cpu_threads.run_units,
+             "pool, 2x threads": partial(cpu_threads.run_units, workers=2 * threads),
              "intra-op threads": inline}
     before = machine_speed()
     rounds = [one_round(modes, inputs, args.repeats) for _ in range(args.rounds)]

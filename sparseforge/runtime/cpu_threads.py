@@ -36,18 +36,23 @@ def _executor(workers: int) -> ThreadPoolExecutor:
         return _pool[1]
 
 
-def run_units(units) -> None:
-    """Run the callables in ``units`` (no results; exceptions propagate), on the pool
-    when there is more than one unit and more than one thread, else in this thread."""
+def run_units(units, workers: int | None = None) -> None:
+    """Run the callables in ``units`` (no results; exceptions propagate), on a pool of
+    ``workers`` threads (default ``torch.get_num_threads()``) when there is more than one
+    unit and more than one worker, else in this thread."""
     units = list(units)
-    workers = torch.get_num_threads()
+    workers = torch.get_num_threads() if workers is None else workers
     if workers <= 1 or len(units) <= 1:
         for unit in units:
             unit()
         return
 
+    # grad and inference mode are per thread: workers must not record graphs, and under
+    # the caller's inference mode they write its inference-mode tensors
+    inference = torch.is_inference_mode_enabled()
+
     def guarded(unit):
-        with torch.no_grad():  # grad mode is per thread: workers must not record graphs
+        with torch.inference_mode(inference), torch.no_grad():
             unit()
     for future in [_executor(workers).submit(guarded, u) for u in units]:
         future.result()

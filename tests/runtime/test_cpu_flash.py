@@ -44,6 +44,43 @@ def test_forward_backward_match_oracle(pattern):
         assert err <= 2e-4 * max(1.0, ref.abs().max().item()), f"{pattern!r}: d{name} error {err:.3g}"
 
 
+@pytest.fixture()
+def pool_units(monkeypatch):
+    """Two intra-op threads, so that the executor runs its units on the worker pool
+    (the suite's xdist workers run one thread, where it does not); yields the list of
+    units the pool was handed."""
+    from sparseforge.runtime import cpu_threads
+
+    handed = []
+    real = cpu_threads._executor
+
+    def spy(workers):
+        pool = real(workers)
+        return type("Spy", (), {"submit": lambda self, fn, unit: handed.append(unit)
+                                or pool.submit(fn, unit)})()
+    monkeypatch.setattr(cpu_threads, "_executor", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        yield handed
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("pattern", [PATTERNS[2], PATTERNS[7], PATTERNS[11]], ids=repr)
+def test_worker_pool_matches_oracle(pattern, pool_units):
+    """Forward and backward on the pool (every user with more than one core runs it):
+    the same bounds as on one thread, and gradients bitwise repeatable."""
+    q, k, v = random_qkv(2, 4, 2, 330, 330, 24, seed=3)
+    assert_matches_oracle(pattern, q, k, v, "torch")
+    grads = _grads(q, k, v, pattern, torch.float32)
+    for name, got, ref in zip("qkv", grads, _grads(q, k, v, pattern)):
+        err = (got.double() - ref).abs().max().item()
+        assert err <= 2e-4 * max(1.0, ref.abs().max().item()), f"{pattern!r}: d{name} error {err:.3g}"
+    assert all(torch.equal(a, b) for a, b in zip(grads, _grads(q, k, v, pattern, torch.float32)))
+    assert len(pool_units) > 2
+
+
 @pytest.mark.parametrize("lq, lkv", [(70, 300), (300, 70), (1, 129), (129, 1)])
 def test_unequal_lengths_empty_rows_and_odd_head_dim(lq, lkv):
     q, k, v = random_qkv(1, 3, 1, lq, lkv, 13, seed=4)
@@ -138,7 +175,16 @@ def test_programs_are_cached_and_follow_in_place_id_edits(monkeypatch):
 
 
 def test_inference_mode_ids_edited_in_place():
-    q, k, v = random_qkv(1, 2, 2, 330, 330, 16, seed=13)
+    _inference_mode_ids_edited_in_place(*random_qkv(1, 2, 2, 330, 330, 16, seed=13))
+
+
+def test_inference_mode_on_the_worker_pool(pool_units):
+    """Inference mode is per thread: the pool's workers take the caller's."""
+    _inference_mode_ids_edited_in_place(*random_qkv(1, 2, 2, 330, 330, 16, seed=13))
+    assert pool_units
+
+
+def _inference_mode_ids_edited_in_place(q, k, v):
     with torch.inference_mode():
         ids = IDS.clone()
         pattern = sf.documents(ids) & sf.causal()
